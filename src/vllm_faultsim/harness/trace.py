@@ -1,0 +1,99 @@
+"""The common trace: one versioned JSONL schema written by the simulator and every real driver.
+
+A trace is a sequence of events (dicts). The first is a ``header``; then, in time order:
+
+- ``step``    one engine step: ``step`` index, ``t`` (start), ``dur``, ``sched`` {req: tokens}
+              and, when non-empty, ``deferred`` (EC prefetch not ready), ``preempted``,
+              ``finished``, ``enc`` {req: [mm index]}, ``ec_loaded`` [identifier],
+              ``kv`` {store, load, flush, done} (KV offload jobs)
+- ``req``     a request's fate once it leaves the engine: arrival, first token, finish,
+              output tokens, preemptions, status (``length``, ``stop``, ``failed``, ``lost``)
+- ``fault``   a fault from the plan applied (time, the fault)
+- ``proc``    engine-process events: ``exit``, ``detect``, ``shutdown`` (issue: liveness)
+- ``end``     the run's end time and summary
+
+The checker compares events of both sides; it never looks at either side's internal state.
+Serialisation is canonical (fixed key order, compact separators, rounded floats), so the same
+seed and inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+SCHEMA = "vllm-faultsim.trace/1"
+TIME_DIGITS = 9  # nanosecond resolution: keeps float noise out of the bytes
+
+
+def t(x: float) -> float:
+    """Round a time for the trace."""
+    return round(x, TIME_DIGITS)
+
+
+def dumps(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":"), allow_nan=False)
+
+
+class Trace:
+    """Collects events in memory and, optionally, streams them to a JSONL file."""
+
+    def __init__(self, path: str | Path | None = None, *, keep: bool = True):
+        self.events: list[dict] = []
+        self._keep = keep
+        self._fh: IO[str] | None = open(path, "w", encoding="utf-8") if path else None
+
+    def emit(self, event: dict) -> None:
+        if self._keep:
+            self.events.append(event)
+        if self._fh is not None:
+            self._fh.write(dumps(event))
+            self._fh.write("\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> "Trace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [e for e in self.events if e["kind"] == kind]
+
+
+def header(side: str, seed: int, config: dict) -> dict:
+    return {"kind": "header", "schema": SCHEMA, "side": side, "seed": seed, "config": config}
+
+
+def read_trace(path: str | Path) -> list[dict]:
+    """Read a JSONL trace; refuses a file of another schema version."""
+    events = list(iter_jsonl(path))
+    if not events or events[0].get("kind") != "header":
+        raise ValueError(f"{path}: not a vllm-faultsim trace (no header line)")
+    if events[0].get("schema") != SCHEMA:
+        raise ValueError(f"{path}: trace schema {events[0].get('schema')!r}, this version reads {SCHEMA!r}")
+    return events
+
+
+def iter_jsonl(path: str | Path) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+
+
+def write_jsonl(path: str | Path, events: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for e in events:
+            fh.write(dumps(e))
+            fh.write("\n")

@@ -1,0 +1,265 @@
+"""Workloads: Poisson and bursty arrivals with length distributions, and JSONL trace replay.
+
+A workload is a tuple of :class:`RequestSpec` sorted by arrival. Both the simulator and the
+real drivers consume the same specs, so both sides see the same prompts (token ids are a pure
+function of the spec, see :func:`prompt_token_ids`), multimodal items and output lengths.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+IMAGE_TOKEN_ID = 1050  # the placeholder id of the tiny LLaVA model folder (see harness.model_dirs)
+
+
+class WorkloadError(ValueError):
+    """An invalid workload description; the message is one line."""
+
+
+@dataclass(frozen=True)
+class MMItem:
+    """A multimodal item (an image): its identifier (hash), placeholder range and prefetch latency.
+
+    ``prefetch`` is how long the EC connector needs to stage the encoder output from the remote
+    store after the request arrives (``None``: not in the remote store, encode locally).
+    """
+
+    identifier: str
+    offset: int
+    length: int
+    prefetch: float | None = 0.0
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    req_id: str
+    arrival: float
+    prompt_len: int
+    output_len: int
+    mm: tuple[MMItem, ...] = ()
+    # (group, length): the first `length` prompt tokens are shared by every request of `group`
+    prefix: tuple[int, int] | None = None
+    # emit the stop token (EOS) as output token number `stop_at` (1-based) instead of running to max
+    stop_at: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mm"] = [asdict(m) for m in self.mm]
+        return d
+
+
+def prompt_token_ids(spec: RequestSpec) -> list[int]:
+    """The prompt's token ids: deterministic, shared within a prefix group, placeholders for images."""
+    n = spec.prompt_len
+    seed = int.from_bytes(spec.req_id.encode(), "little") % (2**31)
+    rng = random.Random(seed)
+    toks = [3 + rng.randrange(1000) for _ in range(n)]
+    if spec.prefix is not None:
+        group, plen = spec.prefix
+        grng = random.Random(1_000_003 * (group + 1))
+        for i in range(min(plen, n)):
+            toks[i] = 3 + grng.randrange(1000)
+    for m in spec.mm:
+        for i in range(m.offset, min(m.offset + m.length, n)):
+            toks[i] = IMAGE_TOKEN_ID
+    return toks  # text ids lie in [3, 1003): never EOS (2) nor the image placeholder (1050)
+
+
+# ---- length distributions -------------------------------------------------------------------
+
+def length_sampler(spec: Any, what: str):
+    """int -> fixed; {"uniform": [lo, hi]}; {"lognormal": {"median": m, "sigma": s, "max": x}}."""
+    if isinstance(spec, bool):
+        raise WorkloadError(f"{what}: a length must be an integer or a distribution, got {spec!r}")
+    if isinstance(spec, int):
+        if spec < 1:
+            raise WorkloadError(f"{what}: length must be >= 1, got {spec}")
+        return lambda rng: spec
+    if isinstance(spec, dict) and len(spec) == 1:
+        (kind, arg), = spec.items()
+        if kind == "uniform" and isinstance(arg, list) and len(arg) == 2 and all(isinstance(a, int) for a in arg):
+            lo, hi = arg
+            if not 1 <= lo <= hi:
+                raise WorkloadError(f"{what}: uniform bounds must satisfy 1 <= lo <= hi, got {arg}")
+            return lambda rng: rng.randint(lo, hi)
+        if kind == "lognormal" and isinstance(arg, dict):
+            try:
+                median, sigma, mx = float(arg["median"]), float(arg["sigma"]), int(arg.get("max", 1 << 30))
+            except (KeyError, TypeError, ValueError):
+                raise WorkloadError(f"{what}: lognormal needs numeric 'median' and 'sigma' (and optional 'max')") from None
+            mu = math.log(median)
+            return lambda rng: max(1, min(mx, int(round(rng.lognormvariate(mu, sigma)))))
+    raise WorkloadError(f"{what}: unknown length distribution {spec!r} (use an int, "
+                        "{{uniform: [lo, hi]}} or {{lognormal: {{median, sigma, max}}}})")
+
+
+# ---- generators -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MMConfig:
+    """Multimodal mix: a fraction of requests carry one image of `tokens` placeholder tokens."""
+
+    fraction: float = 0.0
+    tokens: int = 100
+    prefetch: Any = 0.05  # seconds, or {"uniform": [lo, hi]} in seconds
+    offset: int = 0
+    reuse: float = 0.0  # probability an image repeats an earlier identifier (encoder-cache hits)
+
+
+def _prefetch_sampler(spec: Any):
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        return lambda rng: float(spec)
+    if isinstance(spec, dict) and set(spec) == {"uniform"}:
+        lo, hi = spec["uniform"]
+        return lambda rng: rng.uniform(lo, hi)
+    raise WorkloadError(f"mm.prefetch: expected seconds or {{uniform: [lo, hi]}}, got {spec!r}")
+
+
+def _attach_mm(rng: random.Random, i: int, prompt_len: int, mm: MMConfig, seen: list[str], sample_prefetch):
+    if mm.fraction <= 0 or rng.random() >= mm.fraction or prompt_len < mm.offset + mm.tokens + 1:
+        return ()
+    if seen and rng.random() < mm.reuse:
+        ident = seen[rng.randrange(len(seen))]
+    else:
+        ident = f"img{i}"
+        seen.append(ident)
+    return (MMItem(ident, mm.offset, mm.tokens, round(sample_prefetch(rng), 6)),)
+
+
+def poisson(rate: float, *, duration: float | None = None, num_requests: int | None = None,
+            prompt: Any = 512, output: Any = 128, seed: int = 0, mm: MMConfig | None = None,
+            start: float = 0.0) -> tuple[RequestSpec, ...]:
+    """Poisson arrivals at `rate` req/s for `duration` seconds or `num_requests` requests."""
+    if not (isinstance(rate, (int, float)) and rate > 0):
+        raise WorkloadError(f"rate must be > 0 req/s, got {rate!r}")
+    if (duration is None) == (num_requests is None):
+        raise WorkloadError("give exactly one of duration or num_requests")
+    rng = random.Random(seed)
+    sp, so = length_sampler(prompt, "prompt"), length_sampler(output, "output")
+    mm = mm or MMConfig()
+    spf = _prefetch_sampler(mm.prefetch)
+    out, seen, now = [], [], start
+    while True:
+        now += rng.expovariate(rate)
+        if duration is not None and now >= start + duration:
+            break
+        i = len(out)
+        if num_requests is not None and i >= num_requests:
+            break
+        p = sp(rng)
+        out.append(RequestSpec(f"r{i}", round(now, 6), p, so(rng), _attach_mm(rng, i, p, mm, seen, spf)))
+    return tuple(out)
+
+
+def bursty(rate_high: float, rate_low: float, *, on: float, off: float, duration: float,
+           prompt: Any = 512, output: Any = 128, seed: int = 0, mm: MMConfig | None = None) -> tuple[RequestSpec, ...]:
+    """On/off (two-state) arrivals: `rate_high` for `on` seconds, then `rate_low` for `off` seconds."""
+    if rate_high <= 0 or rate_low < 0 or on <= 0 or off <= 0 or duration <= 0:
+        raise WorkloadError("bursty needs rate_high > 0, rate_low >= 0, on > 0, off > 0, duration > 0")
+    rng = random.Random(seed)
+    sp, so = length_sampler(prompt, "prompt"), length_sampler(output, "output")
+    mm = mm or MMConfig()
+    spf = _prefetch_sampler(mm.prefetch)
+    out, seen = [], []
+    t0, high = 0.0, True
+    while t0 < duration:
+        rate, span = (rate_high, on) if high else (rate_low, off)
+        end = min(t0 + span, duration)
+        now = t0
+        while rate > 0:
+            now += rng.expovariate(rate)
+            if now >= end:
+                break
+            i = len(out)
+            p = sp(rng)
+            out.append(RequestSpec(f"r{i}", round(now, 6), p, so(rng), _attach_mm(rng, i, p, mm, seen, spf)))
+        t0, high = end, not high
+    return tuple(out)
+
+
+# ---- JSONL replay ---------------------------------------------------------------------------
+
+def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
+    """Replay a JSONL trace: one request per line, fields ``arrival`` (s), ``prompt_tokens``,
+    ``output_tokens``, optional ``id``, ``mm`` ([{id, offset, length, prefetch}]), ``prefix``
+    ([group, length]) and ``stop_at``."""
+    out = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot read workload ({exc.strerror})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
+        try:
+            out.append(spec_from_dict(d, default_id=f"r{len(out)}"))
+        except WorkloadError as exc:
+            raise WorkloadError(f"{where}: {exc}") from None
+    return validate(out)
+
+
+def spec_from_dict(d: dict, default_id: str) -> RequestSpec:
+    if not isinstance(d, dict):
+        raise WorkloadError(f"a request must be an object, got {type(d).__name__}")
+    for key in ("arrival", "prompt_tokens", "output_tokens"):
+        if key not in d:
+            raise WorkloadError(f"missing field {key!r}")
+    arrival = d["arrival"]
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or arrival < 0:
+        raise WorkloadError(f"field 'arrival' must be a number >= 0, got {arrival!r}")
+    for key in ("prompt_tokens", "output_tokens"):
+        if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1:
+            raise WorkloadError(f"field {key!r} must be an integer >= 1, got {d[key]!r}")
+    mm = []
+    for j, m in enumerate(d.get("mm", []) or []):
+        try:
+            mm.append(MMItem(str(m["id"]), int(m["offset"]), int(m["length"]),
+                             None if m.get("prefetch", 0.0) is None else float(m.get("prefetch", 0.0))))
+        except (KeyError, TypeError, ValueError):
+            raise WorkloadError(f"mm[{j}] needs id, offset, length (and optional prefetch seconds)") from None
+    prefix = tuple(d["prefix"]) if d.get("prefix") is not None else None
+    return RequestSpec(str(d.get("id", default_id)), float(arrival), d["prompt_tokens"], d["output_tokens"],
+                       tuple(mm), prefix, d.get("stop_at"))
+
+
+def validate(specs: Sequence[RequestSpec]) -> tuple[RequestSpec, ...]:
+    """Check ids are unique and multimodal items fit their prompt; sort by arrival (stable)."""
+    ids = set()
+    for s in specs:
+        if s.req_id in ids:
+            raise WorkloadError(f"duplicate request id {s.req_id!r}")
+        ids.add(s.req_id)
+        end = -1
+        for m in s.mm:
+            if m.offset < end or m.length < 1 or m.offset + m.length > s.prompt_len:
+                raise WorkloadError(f"request {s.req_id}: mm item {m.identifier} must lie inside the prompt, "
+                                    "sorted and non-overlapping")
+            end = m.offset + m.length
+        if s.stop_at is not None and not 1 <= s.stop_at <= s.output_len:
+            raise WorkloadError(f"request {s.req_id}: stop_at must be in [1, output_tokens]")
+    return tuple(sorted(specs, key=lambda s: s.arrival))
+
+
+def dump_jsonl(path: str | Path, specs: Sequence[RequestSpec]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for s in specs:
+            d: dict = {"id": s.req_id, "arrival": s.arrival, "prompt_tokens": s.prompt_len,
+                       "output_tokens": s.output_len}
+            if s.mm:
+                d["mm"] = [{"id": m.identifier, "offset": m.offset, "length": m.length, "prefetch": m.prefetch}
+                           for m in s.mm]
+            if s.prefix is not None:
+                d["prefix"] = list(s.prefix)
+            if s.stop_at is not None:
+                d["stop_at"] = s.stop_at
+            fh.write(json.dumps(d, separators=(",", ":")) + "\n")
