@@ -39,13 +39,15 @@ def dumps(event: dict) -> str:
 class Trace:
     """Collects events in memory and, optionally, streams them to a JSONL file."""
 
-    def __init__(self, path: str | Path | None = None, *, keep: bool = True):
+    def __init__(self, path: str | Path | None = None, *, keep: bool | frozenset[str] = True):
+        """keep: True keeps every event in memory, False none, a set of kinds only those."""
         self.events: list[dict] = []
         self._keep = keep
         self._fh: IO[str] | None = open(path, "w", encoding="utf-8") if path else None
 
     def emit(self, event: dict) -> None:
-        if self._keep:
+        keep = self._keep
+        if keep is True or (keep and event["kind"] in keep):
             self.events.append(event)
         if self._fh is not None:
             self._fh.write(dumps(event))

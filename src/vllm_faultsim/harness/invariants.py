@@ -1,0 +1,67 @@
+"""Invariants checked after every engine step; a violation stops the run naming the step.
+
+- the clock never goes back; a step ends after it starts
+- causality: only requests that have arrived and not finished are scheduled
+- limits: scheduled tokens <= max_num_batched_tokens, running <= max_num_seqs
+- requests are conserved: arrived = finished + failed + running + waiting
+- the core's own invariants (``core.check()``: KV blocks conserved, queues consistent)
+- work conservation: the engine never sleeps with work it could run and nothing to wake it
+"""
+
+from __future__ import annotations
+
+
+class InvariantViolation(RuntimeError):
+    def __init__(self, step: int, t: float, what: str):
+        super().__init__(f"invariant violated at step {step} (t={t:.6f}s): {what}")
+        self.step, self.t, self.what = step, t, what
+
+
+class Invariants:
+    def __init__(self, max_num_batched_tokens: int, max_num_seqs: int):
+        self.max_tokens = max_num_batched_tokens
+        self.max_seqs = max_num_seqs
+        self.last_t = 0.0
+
+    def _clock(self, step: int, start: float, end: float) -> None:
+        if start < self.last_t or end < start:
+            raise InvariantViolation(step, start, f"clock went back ({self.last_t} -> {start} -> {end})")
+        self.last_t = end
+
+    def scheduled(self, step: int, start: float, end: float, res, records) -> None:
+        """Before the step's output is applied: clock, causality, limits."""
+        self._clock(step, start, end)
+        total = 0
+        for rid, n in res.sched.items():
+            rec = records.get(rid)
+            if rec is None or rec.arrival > start:
+                raise InvariantViolation(step, start, f"request {rid} scheduled before it arrived or after it left")
+            if n <= 0:
+                raise InvariantViolation(step, start, f"request {rid} scheduled {n} tokens")
+            total += n
+        if total > self.max_tokens:
+            raise InvariantViolation(step, start, f"{total} tokens scheduled > max_num_batched_tokens {self.max_tokens}")
+
+    def after_step(self, step: int, t: float, core, stats) -> None:
+        """After the output is applied: conservation and the core's own invariants."""
+        self._conservation(step, t, core, stats)
+
+    def _conservation(self, step: int, t: float, core, stats) -> None:
+        running, waiting = core.counts()
+        if running > self.max_seqs:
+            raise InvariantViolation(step, t, f"{running} running > max_num_seqs {self.max_seqs}")
+        if stats.arrived != stats.finished + stats.failed + running + waiting:
+            raise InvariantViolation(step, t, f"requests not conserved: arrived {stats.arrived} != finished "
+                                              f"{stats.finished} + failed {stats.failed} + running {running} "
+                                              f"+ waiting {waiting}")
+        check = getattr(core, "check", None)
+        problem = check() if check is not None else None
+        if problem:
+            raise InvariantViolation(step, t, problem)
+
+    def idle(self, step: int, now: float, wake: float | None, core) -> None:
+        if wake is None:
+            running, waiting = core.counts()
+            raise InvariantViolation(step, now, f"engine stalled: nothing schedulable and nothing to wait for, "
+                                                f"with {running} running and {waiting} waiting requests "
+                                                "(a request larger than the KV cache?)")

@@ -1,0 +1,53 @@
+"""Serving metrics from a trace's ``req`` events: throughput, TTFT, TPOT, preemptions, failures."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (deterministic, no interpolation); None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))
+    return s[k]
+
+
+def summarize(req_events: Iterable[dict], *, steps: int, end: float) -> dict:
+    ttft, tpot, e2e = [], [], []
+    finished = failed = tokens = preemptions = 0
+    first_arrival = None
+    for e in req_events:
+        first_arrival = e["arrival"] if first_arrival is None else min(first_arrival, e["arrival"])
+        preemptions += e["preemptions"]
+        if e["status"] == "failed":
+            failed += 1
+            continue
+        finished += 1
+        tokens += e["num_output"]
+        ttft.append(e["first_token"] - e["arrival"])
+        e2e.append(e["finish"] - e["arrival"])
+        if e["num_output"] > 1:
+            tpot.append((e["finish"] - e["first_token"]) / (e["num_output"] - 1))
+    span = end - (first_arrival or 0.0)
+    return {
+        "requests": finished + failed,
+        "finished": finished,
+        "failed": failed,
+        "steps": steps,
+        "sim_time_s": round(end, 6),
+        "throughput_rps": round(finished / span, 4) if span > 0 else 0.0,
+        "output_tok_s": round(tokens / span, 2) if span > 0 else 0.0,
+        "ttft_p50_ms": _ms(percentile(ttft, 50)),
+        "ttft_p99_ms": _ms(percentile(ttft, 99)),
+        "tpot_p50_ms": _ms(percentile(tpot, 50)),
+        "tpot_p99_ms": _ms(percentile(tpot, 99)),
+        "e2e_p50_ms": _ms(percentile(e2e, 50)),
+        "preemptions": preemptions,
+    }
+
+
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 3)

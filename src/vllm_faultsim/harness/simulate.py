@@ -1,0 +1,135 @@
+"""One run: a config (engine limits, workload, step-time profile) + a fault plan -> trace + summary.
+
+``run_engine`` drives any scheduler core (simulated or real) through the SimPy engine loop;
+``simulate`` is the simulator's entry point: it builds the simulated core from the config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import simpy
+
+from ..faults.plan import FaultPlan
+from ..models.ec_connector import ECConnector, PrefetchSchedule
+from ..models.engine import DEFAULT_DETECTION_LATENCY, EngineCore
+from ..models.scheduler import Scheduler, SchedulerConfig
+from ..models.step_time import load_profile
+from . import workload as wl
+from .invariants import Invariants
+from .metrics import summarize
+from .trace import Trace, header
+
+WORKLOAD_KINDS = ("poisson", "bursty", "jsonl")
+
+
+class ConfigError(ValueError):
+    """An invalid run configuration; the message is one line."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    workload: dict = field(default_factory=lambda: {"kind": "poisson", "rate": 20.0, "duration": 60.0,
+                                                    "prompt": 512, "output": 128})
+    seed: int = 0
+    profile: str = "default"
+    ec_policy: str = "future-only"
+    detection_latency: float = DEFAULT_DETECTION_LATENCY
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["scheduler"] = {k: v for k, v in d["scheduler"].items() if v is not None}
+        return d
+
+
+def config_from_dict(d: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig from a parsed YAML/JSON mapping; unknown keys are errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+    top = {f.name for f in fields(RunConfig)}
+    unknown = set(d) - top
+    if unknown:
+        raise ConfigError(f"unknown config field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(top))})")
+    sched = d.get("scheduler", {}) or {}
+    known = {f.name for f in fields(SchedulerConfig)}
+    bad = set(sched) - known
+    if bad:
+        raise ConfigError(f"unknown scheduler field {sorted(bad)[0]!r} (fields: {', '.join(sorted(known))})")
+    try:
+        scfg = SchedulerConfig(**sched).validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"scheduler: {exc}") from None
+    cfg = RunConfig(scheduler=scfg, **{k: v for k, v in d.items() if k != "scheduler"})
+    build_workload(cfg)  # validates the workload description
+    return cfg
+
+
+def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
+    w = dict(cfg.workload)
+    kind = w.pop("kind", None)
+    if kind not in WORKLOAD_KINDS:
+        raise ConfigError(f"workload.kind must be one of {', '.join(WORKLOAD_KINDS)}, got {kind!r}")
+    try:
+        if kind == "jsonl":
+            return wl.load_jsonl(w["path"])
+        mm = w.pop("mm", None)
+        mmc = wl.MMConfig(**mm) if mm else None
+        fn = wl.poisson if kind == "poisson" else wl.bursty
+        return fn(**w, seed=cfg.seed, mm=mmc)
+    except KeyError as exc:
+        raise ConfigError(f"workload ({kind}): missing field {exc.args[0]!r}") from None
+    except TypeError as exc:
+        raise ConfigError(f"workload ({kind}): {exc}") from None
+    except wl.WorkloadError as exc:
+        raise ConfigError(f"workload ({kind}): {exc}") from None
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    events: list[dict]
+
+
+def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace_path: str | Path | None = None,
+               keep: bool | frozenset[str] = True, full_trace: bool = True, prefetch: PrefetchSchedule | None = None,
+               wakeups: tuple = (), progress: Callable[[float], None] | None = None) -> RunResult:
+    """Drive `core` through the engine loop over `specs`; write the trace; return summary + events."""
+    step_time = load_profile(cfg.profile)
+    kinds = True if keep is True else frozenset(keep or ()) | {"req"}  # req events feed the summary
+    with Trace(trace_path, keep=kinds) as trace:
+        trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()}))
+        env = simpy.Environment()
+        engine = EngineCore(env, core, specs, step_time, trace, plan=plan,
+                            wakeups=((prefetch,) if prefetch else ()) + tuple(wakeups),
+                            detection_latency=cfg.detection_latency,
+                            invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
+                            full_trace=full_trace, progress=progress)
+        try:
+            env.run()
+        finally:
+            core.shutdown()
+        if engine.stats.records:
+            lost = sorted(engine.stats.records)
+            raise RuntimeError(f"{len(lost)} requests neither finished nor failed (first: {lost[0]})")
+        summary = summarize(trace.of_kind("req"), steps=engine.stats.steps, end=env.now)
+        trace.emit({"kind": "end", "t": round(env.now, 9), "summary": summary})
+    return RunResult(summary, trace.events)
+
+
+def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str | Path | None = None,
+             keep: bool | frozenset[str] = True, full_trace: bool = True, specs=None,
+             progress: Callable[[float], None] | None = None) -> RunResult:
+    """Run the simulator on `cfg` (or on explicit `specs`) under `plan`."""
+    plan = plan or FaultPlan()
+    specs = build_workload(cfg) if specs is None else specs
+    prefetch = PrefetchSchedule(specs, plan)
+    core = Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy))
+    return run_engine(core, specs, cfg, plan, side="sim", trace_path=trace_path, keep=keep,
+                      full_trace=full_trace, prefetch=prefetch, progress=progress)
+
+
+def with_scheduler(cfg: RunConfig, **changes) -> RunConfig:
+    return replace(cfg, scheduler=replace(cfg.scheduler, **changes))

@@ -1,0 +1,207 @@
+"""The engine step loop, as SimPy processes: vLLM v1's ``EngineCore.step()``.
+
+Each step: requests that have arrived are added (``add_request``), the core schedules
+(``Scheduler.schedule()``), the batch executes for a time given by the step-time model (times the
+``slow_steps`` factor of the fault plan), then the core takes the output
+(``Scheduler.update_from_output()``). With nothing to run the loop sleeps until the next arrival;
+with waiting work it cannot run yet (EC prefetch in flight, KV transfer) it sleeps until the next
+wake-up (``next_event`` of the wake-up sources). A ``kill_engine`` fault interrupts the loop: after
+the liveness monitor's detection latency every unfinished request fails (EngineDeadError) and
+later arrivals fail at once.
+
+The loop owns the virtual clock, the trace and the invariants; the core only decides (see
+models/step.py). The same loop drives the simulated scheduler and the real vLLM adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Protocol
+
+import simpy
+
+from ..faults.plan import FaultPlan
+from ..harness.invariants import Invariants
+from ..harness.trace import Trace, t
+from ..harness.workload import RequestSpec
+from .step import StepResult
+
+# Client-side detection latency of an engine-core death when no liveness profile is given:
+# the real 0.26.0 engine on an H200 (recipes/gpu_engine_kill.py) took 124-128 ms.
+DEFAULT_DETECTION_LATENCY = 0.126
+
+
+class WakeupSource(Protocol):
+    def next_event(self, now: float) -> float | None: ...
+
+
+@dataclass
+class RequestRecord:
+    arrival: float
+    first_token: float | None = None
+    preemptions: int = 0
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    arrived: int = 0
+    finished: int = 0
+    failed: int = 0
+    preemptions: int = 0
+    tokens: int = 0
+    dead_at: float | None = None
+    records: dict[str, RequestRecord] = field(default_factory=dict)
+
+
+class EngineCore:
+    """One engine core: the step loop process plus the fault processes of the plan."""
+
+    def __init__(self, env: simpy.Environment, core, workload: Iterable[RequestSpec],
+                 step_time: Callable[[int, int, int], float], trace: Trace, *,
+                 plan: FaultPlan | None = None, wakeups: tuple[WakeupSource, ...] = (),
+                 detection_latency: float = DEFAULT_DETECTION_LATENCY,
+                 invariants: Invariants | None = None, full_trace: bool = True,
+                 progress: Callable[[float], None] | None = None):
+        self.env, self.core, self.trace = env, core, trace
+        self.workload = tuple(workload)
+        self.step_time = step_time
+        self.plan = plan or FaultPlan()
+        self.wakeups = wakeups
+        self.detection_latency = detection_latency
+        self.invariants = invariants
+        self.full_trace = full_trace
+        self.progress = progress
+        self.stats = EngineStats()
+        self.slow = [(f.start, f.end, f.factor) for f in self.plan.of_kind("slow_steps")]
+        self.alive = True
+        self.nxt = 0  # index of the next arrival the loop has not added yet
+        self.process = env.process(self._loop())
+        for f in self.plan.of_kind("kill_engine"):
+            env.process(self._kill(f))
+
+    # ---- the step loop -----------------------------------------------------------------
+
+    def _loop(self):
+        env, core, stats, trace = self.env, self.core, self.stats, self.trace
+        records = stats.records
+        arrivals = self.workload
+        try:
+            while True:
+                now = env.now
+                while self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= now:
+                    spec = arrivals[self.nxt]
+                    self.nxt += 1
+                    core.add_request(spec, now)
+                    records[spec.req_id] = RequestRecord(spec.arrival)
+                    stats.arrived += 1
+                nxt = self.nxt
+                if not core.has_unfinished_requests():
+                    if nxt == len(arrivals):
+                        return
+                    yield env.timeout(arrivals[nxt].arrival - now)
+                    continue
+                res = core.schedule(now)
+                if not res.sched:
+                    wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
+                    self._record_step(now, 0.0, res, ())
+                    if self.invariants is not None:
+                        self.invariants.idle(stats.steps, now, wake, core)
+                    yield env.timeout(wake - now)
+                    continue
+                dur = self.step_time(*res.shape())
+                for start, end, factor in self.slow:
+                    if start <= now < end:
+                        dur *= factor
+                yield env.timeout(dur)
+                finished = core.update_from_output(res, env.now)
+                self._account(res, finished, now, dur)
+        except simpy.Interrupt:
+            return  # killed: _kill fails the requests
+
+    def _next_wakeup(self, now: float, next_arrival: float | None) -> float | None:
+        times = [w for w in (src.next_event(now) for src in self.wakeups) if w is not None and w > now]
+        if next_arrival is not None:
+            times.append(next_arrival)
+        return min(times) if times else None
+
+    def _account(self, res: StepResult, finished, start: float, dur: float) -> None:
+        stats, records, end = self.stats, self.stats.records, self.env.now
+        if self.invariants is not None:
+            self.invariants.scheduled(stats.steps, start, end, res, records)
+        for rid, n in res.sched.items():
+            rec = records[rid]
+            if rec.first_token is None and res.computed_before[rid] + n >= res.prompt_len[rid]:
+                rec.first_token = end
+        for rid in res.preempted:
+            records[rid].preemptions += 1
+        stats.preemptions += len(res.preempted)
+        stats.tokens += sum(res.sched.values())
+        self._record_step(start, dur, res, finished)
+        for f in finished:
+            rec = records.pop(f.req_id)
+            stats.finished += 1
+            self.trace.emit({"kind": "req", "req": f.req_id, "status": f.status, "arrival": rec.arrival,
+                             "first_token": t(rec.first_token), "finish": t(end), "num_output": f.num_output,
+                             "preemptions": rec.preemptions})
+        if self.invariants is not None:
+            self.invariants.after_step(stats.steps - 1, start, self.core, stats)
+        if self.progress is not None:
+            self.progress(end)
+
+    def _record_step(self, start: float, dur: float, res: StepResult, finished) -> None:
+        stats = self.stats
+        step = stats.steps
+        stats.steps += 1
+        if not self.full_trace:
+            return
+        ev = {"kind": "step", "step": step, "t": t(start), "dur": t(dur), "sched": res.sched}
+        if res.deferred:
+            ev["deferred"] = res.deferred
+        if res.preempted:
+            ev["preempted"] = res.preempted
+        if finished:
+            ev["finished"] = [f.req_id for f in finished]
+        if res.enc:
+            ev["enc"] = res.enc
+        if res.ec_loaded:
+            ev["ec_loaded"] = res.ec_loaded
+        if res.kv:
+            ev["kv"] = res.kv
+        self.trace.emit(ev)
+
+    # ---- faults ------------------------------------------------------------------------
+
+    def _kill(self, fault):
+        env = self.env
+        yield env.timeout(fault.at)
+        if not self.alive:
+            return
+        self.alive = False
+        self.trace.emit({"kind": "fault", "t": t(env.now), "fault": fault.to_dict()})
+        if self.process.is_alive:
+            self.process.interrupt("killed")
+        yield env.timeout(self.detection_latency)
+        self.stats.dead_at = env.now
+        self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": f"EngineCore_DP{fault.rank}"})
+        self._fail(self.core.fail_all())
+        env.process(self._fail_late_arrivals())
+
+    def _fail(self, req_ids) -> None:
+        now, records = self.env.now, self.stats.records
+        for rid in req_ids:
+            rec = records.pop(rid)
+            self.stats.failed += 1
+            self.trace.emit({"kind": "req", "req": rid, "status": "failed", "arrival": rec.arrival,
+                             "first_token": t(rec.first_token), "finish": t(now), "num_output": None,
+                             "preemptions": rec.preemptions})
+
+    def _fail_late_arrivals(self):
+        """Requests sent to a dead engine: those sent before detection fail at detection."""
+        env, records = self.env, self.stats.records
+        for spec in self.workload[self.nxt:]:
+            if spec.arrival > env.now:
+                yield env.timeout(spec.arrival - env.now)
+            records[spec.req_id] = RequestRecord(spec.arrival)
+            self.stats.arrived += 1
+            self._fail([spec.req_id])

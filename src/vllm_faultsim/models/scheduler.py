@@ -1,0 +1,374 @@
+"""A small twin of vLLM 0.26.0's v1 ``Scheduler`` (FCFS): ``schedule()`` and ``update_from_output()``.
+
+Mirrored from ``vllm/v1/core/sched/scheduler.py``, for text and multimodal decoder-only models,
+no speculative decoding, no prefix caching, synchronous scheduling:
+
+- RUNNING requests first, in order: ``num_new_tokens = num_tokens - num_computed_tokens``,
+  clipped by ``long_prefill_token_threshold``, the token budget and ``max_model_len - 1``;
+  encoder inputs in the window are scheduled (``_try_schedule_encoder_inputs``); KV blocks are
+  allocated and, when the pool is short, the *last* running request is preempted (recompute:
+  blocks freed, ``num_computed_tokens = 0``, put at the front of ``waiting``) until the
+  allocation fits or the request itself was preempted.
+- Then, only if nothing was preempted, WAITING requests: ``skipped_waiting`` before ``waiting``;
+  stop at ``max_num_seqs``; a multimodal request whose EC items are still in flight
+  (``ensure_cache_available`` False) is popped onto ``step_skipped_waiting`` and the loop goes on;
+  admission requires the full sequence to fit (``scheduler_reserve_full_isl``) plus the
+  watermark; a failed allocation stops the loop. Requests skipped in this pass are re-queued,
+  order kept, ahead of older skipped ones.
+- ``update_from_output``: every scheduled request whose prefill is complete samples one token;
+  stop on EOS (unless ignored), then on ``max_tokens`` / ``max_model_len``; finished requests
+  free their blocks and encoder-cache references.
+
+Mutant policies (deliberately wrong variants the differential checker must catch) are selected
+with ``SchedulerConfig.mutant``; see :data:`MUTANTS`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from ..harness.workload import RequestSpec
+from .ec_connector import ECConnector
+from .kv_cache import BlockPool, EncoderCacheManager
+from .step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
+
+WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
+
+MUTANTS = {
+    None: "faithful to vLLM 0.26.0",
+    "ec-stop-at-deferred": "stop the waiting loop at the first deferred request instead of continuing",
+    "ec-requeue-back": "re-queue a deferred request at the back of the waiting queue",
+    "no-full-admission": "admit a request when its first chunk fits, not its full sequence",
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_gpu_blocks: int = 16384
+    max_model_len: int = 8192
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0
+    watermark: float = 0.0
+    encoder_compute_budget: int = 8192  # max_num_encoder_input_tokens
+    encoder_cache_size: int = 8192
+    mutant: str | None = None
+
+    def validate(self) -> "SchedulerConfig":
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_gpu_blocks < 2:
+            raise ValueError(f"num_gpu_blocks must be >= 2, got {self.num_gpu_blocks}")
+        if not 0.0 <= self.watermark < 1.0:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if self.mutant not in MUTANTS:
+            raise ValueError(f"unknown mutant {self.mutant!r} (known: {', '.join(m for m in MUTANTS if m)})")
+        return self
+
+
+class Request:
+    __slots__ = ("req_id", "num_prompt_tokens", "num_output_tokens", "num_computed_tokens", "max_tokens",
+                 "stop_at", "status", "mm")
+
+    def __init__(self, spec: RequestSpec):
+        self.req_id = spec.req_id
+        self.num_prompt_tokens = spec.prompt_len
+        self.num_output_tokens = 0
+        self.num_computed_tokens = 0
+        self.max_tokens = spec.output_len
+        self.stop_at = spec.stop_at
+        self.status = WAITING
+        self.mm = spec.mm
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    """The simulated scheduler core (see models/step.py for the protocol)."""
+
+    def __init__(self, config: SchedulerConfig, ec_connector: ECConnector | None = None):
+        self.config = config.validate()
+        self.ec_connector = ec_connector
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.skipped_waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.pool = BlockPool(config.num_gpu_blocks)
+        self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
+        self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
+
+    # ---- protocol ----------------------------------------------------------------------
+
+    def add_request(self, spec: RequestSpec, now: float) -> None:
+        req = Request(spec)
+        self.requests[req.req_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def counts(self) -> tuple[int, int]:
+        return len(self.running), len(self.waiting) + len(self.skipped_waiting)
+
+    def shutdown(self) -> None:
+        pass
+
+    def check(self) -> str | None:
+        """Internal invariants; None when they hold. Every running request holds exactly the blocks
+        its computed tokens need, waiting ones hold none, and held + free blocks = the pool."""
+        bs, max_len, req_blocks = self.config.block_size, self.config.max_model_len, self.pool.req_blocks
+        held = 0
+        for req in self.running:
+            blocks = req_blocks.get(req.req_id)
+            have = len(blocks) if blocks else 0
+            if have != cdiv(min(req.num_computed_tokens, max_len), bs):
+                return (f"request {req.req_id} holds {have} KV blocks for {req.num_computed_tokens} "
+                        f"computed tokens (block_size {bs})")
+            held += have
+        if len(req_blocks) > len(self.running):
+            return f"{len(req_blocks) - len(self.running)} requests outside running hold KV blocks"
+        err = self.pool.conservation_error(held)
+        if err:
+            return err
+        queued = len(self.running) + len(self.waiting) + len(self.skipped_waiting)
+        if queued != len(self.requests):
+            return f"requests not conserved: {queued} queued/running != {len(self.requests)} unfinished"
+        return None
+
+    # ---- schedule() --------------------------------------------------------------------
+
+    def schedule(self, now: float) -> StepResult:
+        cfg = self.config
+        res = StepResult()
+        sched, before, plen = res.sched, res.computed_before, res.prompt_len
+        token_budget = cfg.max_num_batched_tokens
+        encoder_budget = cfg.encoder_compute_budget
+        max_model_len, bs = cfg.max_model_len, cfg.block_size
+        threshold = cfg.long_prefill_token_threshold
+        pool, running = self.pool, self.running
+        req_blocks, free_blocks = pool.req_blocks, pool.free
+        if self.ec_connector is not None:
+            self.ec_connector.now = now
+
+        # First, the RUNNING requests.
+        req_index = 0
+        while req_index < len(running) and token_budget > 0:
+            req = running[req_index]
+            computed = req.num_computed_tokens
+            n = req.num_prompt_tokens + req.num_output_tokens - computed
+            if 0 < threshold < n:
+                n = threshold
+            if n > token_budget:
+                n = token_budget
+            if n > max_model_len - computed - 1:
+                n = max_model_len - computed - 1
+            enc = ext = None
+            new_encoder_budget = encoder_budget
+            if req.mm:
+                enc, n, new_encoder_budget, ext = self._try_schedule_encoder_inputs(req, computed, n, encoder_budget)
+            if n == 0:
+                req_index += 1
+                continue
+            rid = req.req_id
+            while True:
+                held = req_blocks.get(rid)
+                need = -(-min(computed + n, max_model_len) // bs) - (len(held) if held else 0)
+                if need <= len(free_blocks):
+                    if need > 0:
+                        pool.allocate(rid, need)
+                    break
+                victim = running.pop()
+                self._preempt_request(victim)
+                res.preempted.append(victim.req_id)
+                if victim is req:
+                    break
+            if req.status != RUNNING:
+                break
+            sched[rid] = n
+            before[rid] = computed
+            plen[rid] = req.num_prompt_tokens
+            token_budget -= n
+            req_index += 1
+            if enc or ext:
+                self._allocate_encoder_inputs(req, enc, ext, res)
+                encoder_budget = new_encoder_budget
+
+        # Next, the WAITING requests.
+        if not res.preempted:
+            step_skipped_waiting: deque[Request] = deque()
+            while (self.waiting or self.skipped_waiting) and token_budget > 0:
+                if len(running) >= cfg.max_num_seqs:
+                    break
+                queue = self.skipped_waiting or self.waiting
+                req = queue[0]
+                rid = req.req_id
+                if req.num_computed_tokens == 0:
+                    computed = 0  # no prefix caching, no KV connector hit
+                    if (self.ec_connector is not None and req.mm
+                            and not self.ec_connector.ensure_cache_available(req, computed)):
+                        res.deferred.append(rid)
+                        if cfg.mutant == "ec-stop-at-deferred":
+                            break
+                        queue.popleft()
+                        if cfg.mutant == "ec-requeue-back":
+                            self.waiting.append(req)
+                        else:
+                            step_skipped_waiting.appendleft(req)
+                        continue
+                else:
+                    computed = req.num_computed_tokens
+                num_tokens = req.num_prompt_tokens + req.num_output_tokens
+                n = num_tokens - computed
+                if 0 < threshold < n:
+                    n = threshold
+                if not cfg.enable_chunked_prefill and n > token_budget:
+                    break
+                if n > token_budget:
+                    n = token_budget
+                enc = ext = None
+                new_encoder_budget = encoder_budget
+                if req.mm:
+                    enc, n, new_encoder_budget, ext = self._try_schedule_encoder_inputs(
+                        req, computed, n, encoder_budget)
+                    if n == 0:
+                        break
+                watermark = self.watermark_blocks if running else 0
+                free = len(free_blocks)
+                full = num_tokens if cfg.mutant != "no-full-admission" else computed + n
+                if (cdiv(min(full, max_model_len), bs) + watermark > free
+                        or cdiv(min(computed + n, max_model_len), bs) + watermark > free):
+                    if req.mm:
+                        self.encoder_cache.free(req)
+                    break
+                pool.allocate(rid, cdiv(min(computed + n, max_model_len), bs))
+                queue.popleft()
+                running.append(req)
+                req.status = RUNNING
+                req.num_computed_tokens = computed
+                sched[rid] = n
+                before[rid] = computed
+                plen[rid] = req.num_prompt_tokens
+                token_budget -= n
+                if enc or ext:
+                    self._allocate_encoder_inputs(req, enc, ext, res)
+                    encoder_budget = new_encoder_budget
+            if step_skipped_waiting:
+                self.skipped_waiting.extendleft(step_skipped_waiting)
+
+        # _update_after_schedule
+        requests = self.requests
+        for rid, n in sched.items():
+            requests[rid].num_computed_tokens += n
+        return res
+
+    def _preempt_request(self, req: Request) -> None:
+        self.pool.free_request(req.req_id)
+        if req.mm:
+            self.encoder_cache.free(req)
+        req.status = PREEMPTED
+        req.num_computed_tokens = 0
+        self.waiting.appendleft(req)
+
+    def _try_schedule_encoder_inputs(self, req: Request, computed: int, n: int, budget: int):
+        """Which encoder inputs overlap [computed, computed + n); clip n where one cannot run."""
+        to_schedule: list[int] = []
+        external: list[int] = []
+        if n == 0:
+            return to_schedule, n, budget, external
+        scheduled_ids: set[str] = set()
+        num_embeds = 0
+        end = computed + n
+        cache, ec = self.encoder_cache, self.ec_connector
+        for i, m in enumerate(req.mm):
+            if m.offset + m.length <= computed:
+                continue
+            if m.offset >= end:
+                break
+            if m.identifier in scheduled_ids:
+                continue
+            if cache.check_and_update_cache(req, i):
+                continue
+            if not cache.can_allocate(req, i, budget, num_embeds):
+                n = m.offset - computed if computed < m.offset else 0
+                break
+            scheduled_ids.add(m.identifier)
+            num_embeds += m.length
+            if ec is not None and ec.has_cache_item(m.identifier):
+                external.append(i)
+                continue
+            budget -= m.length
+            to_schedule.append(i)
+        return to_schedule, n, budget, external
+
+    def _allocate_encoder_inputs(self, req: Request, enc: list[int], ext: list[int], res: StepResult) -> None:
+        for i in enc:
+            self.encoder_cache.allocate(req, i)
+        for i in ext:
+            self.encoder_cache.allocate(req, i)
+            res.ec_loaded.append(req.mm[i].identifier)
+        if enc:
+            res.enc[req.req_id] = enc
+
+    # ---- update_from_output() ----------------------------------------------------------
+
+    def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
+        finished: list[Finished] = []
+        requests, max_model_len = self.requests, self.config.max_model_len
+        stopped = None
+        for rid in res.sched:
+            req = requests.get(rid)
+            if req is None:
+                continue
+            if req.mm:
+                self._free_encoder_inputs(req)
+            if req.num_computed_tokens < req.num_prompt_tokens + req.num_output_tokens:
+                continue  # a partial prefill chunk samples nothing
+            req.num_output_tokens += 1
+            out = req.num_output_tokens
+            if req.stop_at is not None and sampled_token(rid, out, req.stop_at) == EOS_TOKEN_ID:
+                status = "stop"
+            elif req.num_prompt_tokens + out >= max_model_len or out >= req.max_tokens:
+                status = "length"
+            else:
+                continue
+            req.status = FINISHED
+            finished.append(Finished(rid, status, out))
+            if stopped is None:
+                stopped = set()
+            stopped.add(rid)
+            self._free_request(req)
+        if stopped:
+            self.running = [r for r in self.running if r.req_id not in stopped]
+        return finished
+
+    def _free_encoder_inputs(self, req: Request) -> None:
+        ids = self.encoder_cache.request_cached_ids.get(req.req_id)
+        if not ids:
+            return
+        for i in list(ids):
+            m = req.mm[i]
+            if m.offset + m.length <= req.num_computed_tokens:
+                self.encoder_cache.free_encoder_input(req, i)
+
+    def _free_request(self, req: Request) -> None:
+        if req.mm:
+            self.encoder_cache.free(req)
+        self.pool.free_request(req.req_id)
+        del self.requests[req.req_id]
+
+    def fail_all(self) -> list[str]:
+        """The engine died: every unfinished request fails (EngineDeadError); returns their ids."""
+        ids = list(self.requests)
+        for req in self.requests.values():
+            self.pool.free_request(req.req_id)
+        self.requests.clear()
+        self.waiting.clear()
+        self.skipped_waiting.clear()
+        self.running = []
+        return ids
