@@ -27,9 +27,9 @@ SCHEMA = "vllm-faultsim.trace/1"
 TIME_DIGITS = 9  # nanosecond resolution: keeps float noise out of the bytes
 
 
-def t(x: float) -> float:
-    """Round a time for the trace."""
-    return round(x, TIME_DIGITS)
+def t(x: float | None) -> float | None:
+    """Round a time for the trace (None stays None)."""
+    return None if x is None else round(x, TIME_DIGITS)
 
 
 def dumps(event: dict) -> str:

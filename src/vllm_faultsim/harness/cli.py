@@ -1,0 +1,157 @@
+"""The ``vllm-faultsim`` command line.
+
+    vllm-faultsim run     one simulation -> trace (JSONL) + summary
+    vllm-faultsim study   a what-if grid (embedded default without arguments) -> table, CSV, PNG
+    vllm-faultsim check-plan PLAN   validate a fault plan
+
+Bad input (fault plan, config, workload, profile) exits with code 2 and one line on stderr;
+an invariant violation exits with 1 and prints the command that replays it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+
+
+def _usage_errors():
+    from ..faults.plan import PlanError
+    from ..harness.workload import WorkloadError
+    from ..models.step_time import ProfileError
+    from .simulate import ConfigError
+    return (PlanError, ConfigError, WorkloadError, ProfileError)
+
+
+def _run_config(args):
+    import yaml
+
+    from .simulate import ConfigError, config_from_dict
+    d: dict = {}
+    if args.config:
+        try:
+            d = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
+        except OSError as exc:
+            raise ConfigError(f"{args.config}: cannot read config ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{args.config}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{args.config}: a run config must be a mapping")
+    d.setdefault("workload", {"kind": "poisson", "rate": 20.0, "duration": 60.0, "prompt": 512, "output": 128})
+    if args.workload:
+        d["workload"] = {"kind": "jsonl", "path": args.workload}
+    for key in ("rate", "duration", "prompt", "output"):
+        if getattr(args, key) is not None:
+            d["workload"][key] = getattr(args, key)
+    sched = d.setdefault("scheduler", {})
+    for key in ("max_num_seqs", "max_num_batched_tokens", "num_gpu_blocks", "block_size", "max_model_len"):
+        if getattr(args, key) is not None:
+            sched[key] = getattr(args, key)
+    if args.seed is not None:
+        d["seed"] = args.seed
+    if args.profile is not None:
+        d["profile"] = args.profile
+    return config_from_dict(d)
+
+
+def _replay_command(args) -> str:
+    return "vllm-faultsim " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def cmd_run(args) -> int:
+    from ..faults.plan import load_plan
+    from .invariants import InvariantViolation
+    from .simulate import simulate
+
+    plan = load_plan(args.plan)
+    cfg = _run_config(args)
+    try:
+        res = simulate(cfg, plan, trace_path=args.trace, keep=False)
+    except InvariantViolation as exc:
+        print(f"vllm-faultsim: {exc}\n  seed {cfg.seed}; replay: {_replay_command(args)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(res.summary, indent=2))
+    else:
+        width = max(len(k) for k in res.summary)
+        for k, v in res.summary.items():
+            print(f"{k.ljust(width)}  {'-' if v is None else v}")
+        print(f"trace: {args.trace}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from .study import format_table, load_study, plot, run_study
+
+    spec = load_study(args.spec)
+    out = Path(args.out)
+    rows = run_study(spec, out, progress=not args.no_progress)
+    print(format_table(rows))
+    print(f"\ncsv: {out / 'study.csv'}")
+    if plot(rows, spec, out / "study.png"):
+        print(f"plot: {out / 'study.png'}")
+    else:
+        print("plot: skipped (matplotlib not installed: pip install 'vllm-faultsim[plot]')")
+    return 0
+
+
+def cmd_check_plan(args) -> int:
+    from ..faults.plan import load_plan
+
+    plan = load_plan(args.plan)
+    print(f"{args.plan}: ok, {len(plan.faults)} fault(s): {', '.join(f.kind for f in plan.faults) or 'none'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-faultsim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="one simulation: trace + summary")
+    r.add_argument("--config", help="run config (YAML): scheduler, workload, seed, profile")
+    r.add_argument("--plan", help="fault plan (YAML or JSON)")
+    r.add_argument("--workload", help="JSONL workload to replay (arrival, prompt_tokens, output_tokens, mm)")
+    r.add_argument("--trace", default="vllm-faultsim-trace.jsonl", help="trace output (default: %(default)s)")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--profile", help="step-time profile name or JSON path")
+    r.add_argument("--rate", type=float, help="Poisson arrival rate (req/s)")
+    r.add_argument("--duration", type=float, help="seconds of arrivals")
+    r.add_argument("--prompt", type=int, help="prompt tokens")
+    r.add_argument("--output", type=int, help="output tokens")
+    for name in ("max-num-seqs", "max-num-batched-tokens", "num-gpu-blocks", "block-size", "max-model-len"):
+        r.add_argument(f"--{name}", type=int)
+    r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("study", help="what-if grid; no arguments: the embedded default study")
+    s.add_argument("--spec", help="study spec (YAML); default: the embedded study")
+    s.add_argument("--out", default="vllm-faultsim-study", help="output folder (default: %(default)s)")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=cmd_study)
+
+    c = sub.add_parser("check-plan", help="validate a fault plan")
+    c.add_argument("plan")
+    c.set_defaults(func=cmd_check_plan)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    try:
+        return args.func(args)
+    except _usage_errors() as exc:
+        print(f"vllm-faultsim: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vllm-faultsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""What-if studies: a grid of run configs x fault plans, simulated point by point.
+
+A study spec (YAML) has ``base`` (a run config), ``grid`` (dotted config paths -> values) and
+``plans`` (name -> list of faults). Results: a table on stdout, a CSV and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from ..faults.plan import PlanError, validate_plan
+from .simulate import ConfigError, config_from_dict, simulate
+
+COLUMNS = ("throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "preemptions", "failed")
+
+
+def load_study(path: str | None) -> dict:
+    if path is None:
+        text = (resources.files("vllm_faultsim.studies") / "default.yaml").read_text(encoding="utf-8")
+        source = "<embedded default study>"
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read study spec ({exc.strerror})") from None
+        source = path
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}), dict):
+        raise ConfigError(f"{source}: a study needs a mapping with 'base', 'grid' and 'plans'")
+    spec["source"] = source
+    return spec
+
+
+def _set(d: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def points(spec: dict):
+    """Yield (params, config, plan_name, plan) for every grid point x plan; everything validated first."""
+    grid = spec.get("grid", {}) or {}
+    plans = {name: validate_plan(faults, f"{spec['source']}: plans.{name}")
+             for name, faults in (spec.get("plans") or {"none": []}).items()}
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        d = copy.deepcopy(spec.get("base", {}))
+        for k, v in zip(keys, combo):
+            _set(d, k, v)
+        cfg = config_from_dict(d)
+        for name, plan in plans.items():
+            out.append((dict(zip(keys, combo)), cfg, name, plan))
+    return out
+
+
+def run_study(spec: dict, out_dir: Path, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    pts = points(spec)
+    rows = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for params, cfg, plan_name, plan in tqdm(pts, desc="study", unit="run", disable=not progress):
+        res = simulate(cfg, plan, keep=False, full_trace=False)
+        rows.append({**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name,
+                     **{c: res.summary[c] for c in COLUMNS}, "requests": res.summary["requests"]})
+    write_csv(out_dir / "study.csv", rows)
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = list(rows[0])
+    cells = [[("-" if r[c] is None else str(r[c])) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.rjust(w) for v, w in zip(vals, widths))
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def plot(rows: list[dict], spec: dict, path: Path) -> bool:
+    """TTFT p99 and throughput against the first grid axis, one line per other setting x plan."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    keys = [k.split(".")[-1] for k in (spec.get("grid") or {})]
+    x = keys[0] if keys else "plan"
+    series: dict[str, list[dict]] = {}
+    for r in rows:
+        label = ", ".join([f"{k}={r[k]}" for k in keys[1:]] + [f"plan={r['plan']}"])
+        series.setdefault(label, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, rs in series.items():
+        xs = [r[x] for r in rs]
+        axes[0].plot(xs, [r["ttft_p99_ms"] or float("nan") for r in rs], marker="o", label=label)
+        axes[1].plot(xs, [r["throughput_rps"] for r in rs], marker="o", label=label)
+    axes[0].set(xlabel=x, ylabel="TTFT p99 (ms)", yscale="log", title="Time to first token, p99")
+    axes[1].set(xlabel=x, ylabel="finished requests / s", title="Throughput")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"vllm-faultsim study: {spec.get('name', 'study')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
