@@ -13,8 +13,11 @@ from __future__ import annotations
 
 class InvariantViolation(RuntimeError):
     def __init__(self, step: int, t: float, what: str):
-        super().__init__(f"invariant violated at step {step} (t={t:.6f}s): {what}")
+        super().__init__(step, t, what)  # SimPy re-raises failures by re-creating them from args
         self.step, self.t, self.what = step, t, what
+
+    def __str__(self) -> str:
+        return f"invariant violated at step {self.step} (t={self.t:.6f}s): {self.what}"
 
 
 class Invariants:

@@ -1,0 +1,53 @@
+"""The engine loop: faults applied from the plan, invariants that stop a broken run."""
+
+import pytest
+
+from vllm_faultsim.faults.plan import validate_plan
+from vllm_faultsim.harness.invariants import InvariantViolation
+from vllm_faultsim.harness.simulate import RunConfig, run_engine, simulate, with_scheduler
+from vllm_faultsim.harness.workload import poisson
+from vllm_faultsim.models.scheduler import Scheduler
+
+CFG = RunConfig(workload={"kind": "poisson", "rate": 8.0, "duration": 10.0, "prompt": 128, "output": 16})
+
+
+def test_slow_steps_stretch_only_their_window():
+    base = simulate(CFG).events
+    slow = simulate(CFG, validate_plan([{"kind": "slow_steps", "start": 2.0, "end": 4.0, "factor": 5.0}])).events
+    dur = lambda evs, lo, hi: [e["dur"] for e in evs if e["kind"] == "step" and lo <= e["t"] < hi and e["sched"]]
+    assert dur(base, 0, 2) == dur(slow, 0, 2)
+    first = next(e for e in slow if e["kind"] == "step" and e["t"] >= 2.0 and e["sched"])
+    matching = next(e for e in base if e["kind"] == "step" and e["sched"] == first["sched"])
+    assert first["dur"] == pytest.approx(5 * matching["dur"])
+
+
+def test_kill_fails_every_unfinished_and_later_request():
+    plan = validate_plan([{"kind": "kill_engine", "at": 4.0}])
+    res = simulate(CFG, plan)
+    reqs = [e for e in res.events if e["kind"] == "req"]
+    assert len(reqs) == res.summary["requests"] == len(poisson(8.0, duration=10.0, prompt=128, output=16))
+    failed = [e for e in reqs if e["status"] == "failed"]
+    assert failed and all(e["finish"] >= 4.0 for e in failed)
+    assert all(e["finish"] <= 4.0 + CFG.detection_latency + 1e-9 for e in reqs if e["status"] != "failed")
+    dead = [e for e in res.events if e["kind"] == "proc"]
+    assert dead[0]["event"] == "engine_dead" and dead[0]["t"] == pytest.approx(4.0 + CFG.detection_latency)
+
+
+class LeakyScheduler(Scheduler):
+    """A broken core: finished requests keep their KV blocks."""
+
+    def _free_request(self, req):
+        del self.requests[req.req_id]
+
+
+def test_invariants_stop_a_broken_core_naming_the_step():
+    specs = poisson(8.0, duration=5.0, prompt=64, output=4, seed=1)
+    cfg = with_scheduler(CFG, num_gpu_blocks=512)
+    with pytest.raises(InvariantViolation, match=r"invariant violated at step \d+ .*KV blocks"):
+        run_engine(LeakyScheduler(cfg.scheduler), specs, cfg, validate_plan([]), side="sim")
+
+
+def test_stall_is_reported_not_hung():
+    cfg = with_scheduler(CFG, num_gpu_blocks=4, block_size=16)   # 3 usable blocks < a 128-token prompt
+    with pytest.raises(InvariantViolation, match="engine stalled"):
+        simulate(cfg)
