@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,11 +46,6 @@ class RequestSpec:
     prefix: tuple[int, int] | None = None
     # emit the stop token (EOS) as output token number `stop_at` (1-based) instead of running to max
     stop_at: int | None = None
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mm"] = [asdict(m) for m in self.mm]
-        return d
 
 
 def prompt_token_ids(spec: RequestSpec) -> list[int]:
@@ -250,16 +245,19 @@ def validate(specs: Sequence[RequestSpec]) -> tuple[RequestSpec, ...]:
     return tuple(sorted(specs, key=lambda s: s.arrival))
 
 
+def spec_to_dict(s: RequestSpec) -> dict:
+    """The JSONL replay form of a request (inverse of spec_from_dict)."""
+    d: dict = {"id": s.req_id, "arrival": s.arrival, "prompt_tokens": s.prompt_len, "output_tokens": s.output_len}
+    if s.mm:
+        d["mm"] = [{"id": m.identifier, "offset": m.offset, "length": m.length, "prefetch": m.prefetch} for m in s.mm]
+    if s.prefix is not None:
+        d["prefix"] = list(s.prefix)
+    if s.stop_at is not None:
+        d["stop_at"] = s.stop_at
+    return d
+
+
 def dump_jsonl(path: str | Path, specs: Sequence[RequestSpec]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for s in specs:
-            d: dict = {"id": s.req_id, "arrival": s.arrival, "prompt_tokens": s.prompt_len,
-                       "output_tokens": s.output_len}
-            if s.mm:
-                d["mm"] = [{"id": m.identifier, "offset": m.offset, "length": m.length, "prefetch": m.prefetch}
-                           for m in s.mm]
-            if s.prefix is not None:
-                d["prefix"] = list(s.prefix)
-            if s.stop_at is not None:
-                d["stop_at"] = s.stop_at
-            fh.write(json.dumps(d, separators=(",", ":")) + "\n")
+            fh.write(json.dumps(spec_to_dict(s), separators=(",", ":")) + "\n")

@@ -216,10 +216,7 @@ class Scheduler:
                         if cfg.mutant == "ec-stop-at-deferred":
                             break
                         queue.popleft()
-                        if cfg.mutant == "ec-requeue-back":
-                            self.waiting.append(req)
-                        else:
-                            step_skipped_waiting.appendleft(req)
+                        step_skipped_waiting.appendleft(req)
                         continue
                 else:
                     computed = req.num_computed_tokens
@@ -259,7 +256,10 @@ class Scheduler:
                     self._allocate_encoder_inputs(req, enc, ext, res)
                     encoder_budget = new_encoder_budget
             if step_skipped_waiting:
-                self.skipped_waiting.extendleft(step_skipped_waiting)
+                if cfg.mutant == "ec-requeue-back":
+                    self.waiting.extend(reversed(step_skipped_waiting))
+                else:
+                    self.skipped_waiting.extendleft(step_skipped_waiting)
 
         # _update_after_schedule
         requests = self.requests

@@ -1,0 +1,77 @@
+"""Differential runs: one case (workload + engine config + fault plan) through the simulator and
+through the real vLLM ``Scheduler`` on CPU, both driven by the same engine loop, then checked.
+
+A failing case is written as JSON and can be replayed with ``vllm-faultsim diff --replay FILE``.
+Mutants (deliberately wrong simulator policies) show the checker catches what it claims to.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..faults.plan import FaultPlan, validate_plan
+from ..models.ec_connector import ECConnector, PrefetchSchedule
+from ..models.scheduler import Scheduler, SchedulerConfig
+from .checker import Divergence, first_divergence
+from .simulate import RunConfig, run_engine
+from .workload import spec_from_dict, spec_to_dict, validate
+
+# mutant name -> (scheduler mutant, EC policy) applied to the simulator side
+MUTANTS: dict[str, tuple[str | None, str]] = {
+    "ec-stop-at-deferred": ("ec-stop-at-deferred", "future-only"),   # (a) break at the first deferred request
+    "ec-check-all-features": (None, "all-features"),                 # (b) wait for past features too
+    "ec-requeue-back": ("ec-requeue-back", "future-only"),           # (c) deferred request to the back
+    "no-full-admission": ("no-full-admission", "future-only"),       # admit when the first chunk fits
+}
+
+
+@dataclass(frozen=True)
+class DiffCase:
+    specs: tuple
+    scheduler: SchedulerConfig
+    plan: FaultPlan = FaultPlan()
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps({"seed": self.seed, "scheduler": asdict(self.scheduler), "plan": self.plan.to_dict(),
+                           "requests": [spec_to_dict(s) for s in self.specs]}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<case>") -> "DiffCase":
+        d = json.loads(text)
+        specs = validate([spec_from_dict(r, f"r{i}") for i, r in enumerate(d["requests"])])
+        return cls(specs, SchedulerConfig(**d["scheduler"]).validate(), validate_plan(d["plan"], source),
+                   d.get("seed", 0))
+
+
+def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]:
+    """Events of one side. side: "sim" or "real"; a mutant only changes the simulator."""
+    sched_mutant, ec_policy = MUTANTS[mutant] if mutant else (None, "future-only")
+    cfg = RunConfig(scheduler=case.scheduler, seed=case.seed)
+    prefetch = PrefetchSchedule(case.specs, case.plan)
+    if side == "sim":
+        core = Scheduler(replace(case.scheduler, mutant=sched_mutant), ECConnector(prefetch, ec_policy))
+    else:
+        from .real_scheduler import RealSchedulerCore
+        core = RealSchedulerCore(case.scheduler, ec=prefetch)
+    return run_engine(core, case.specs, cfg, case.plan, side=side, prefetch=prefetch).events
+
+
+def check_case(case: DiffCase, mutant: str | None = None) -> Divergence | None:
+    return first_divergence(run_side(case, "sim", mutant), run_side(case, "real"))
+
+
+def save_case(case: DiffCase, directory: str | Path, name: str = "divergence") -> Path:
+    path = Path(directory) / f"{name}-seed{case.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(case.to_json())
+    return path
+
+
+def report(case: DiffCase, div: Divergence, path: Path, mutant: str | None) -> str:
+    m = f" --mutant {mutant}" if mutant else ""
+    return (f"{div.explain()}\n  seed: {case.seed}; case written to {path}\n"
+            f"  replay: vllm-faultsim diff --replay {path}{m}")
+
