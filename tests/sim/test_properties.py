@@ -58,7 +58,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def add(self, data):
         spec = data.draw(request_specs(self.added))
         for m in spec.mm:
-            self.prefetch.latency.setdefault(m.identifier, m.prefetch)
+            self.prefetch.latency[(spec.req_id, m.identifier)] = m.prefetch
         self.sched.add_request(spec, self.now)
         self.added += 1
 

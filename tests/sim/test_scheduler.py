@@ -19,7 +19,7 @@ def make(specs, **cfg):
 def step(sch, now=0.0):
     res = sch.schedule(now)
     fin = sch.update_from_output(res, now)
-    assert sch.check() is None
+    assert sch.check(deep=True) is None
     return res, fin
 
 
@@ -113,10 +113,9 @@ def test_failed_prefetch_falls_back_to_local_encode():
 
 def test_only_future_features_are_checked():
     """A request resumed past its first image waits only for images after num_computed_tokens."""
-    prefetch = PrefetchSchedule((spec("x", 1, mm=()),))
-    prefetch.latency.update({"old": 10.0, "new": 0.0})
+    req = spec("x", 40, mm=[MMItem("old", 0, 10, prefetch=10.0), MMItem("new", 20, 10, prefetch=0.0)])
+    prefetch = PrefetchSchedule((req,))
     ec = ECConnector(prefetch)
-    req = type("R", (), {"mm": (MMItem("old", 0, 10), MMItem("new", 20, 10))})()
     assert ec.ensure_cache_available(req, num_computed_tokens=15) is True
     assert ECConnector(prefetch, "all-features").ensure_cache_available(req, 15) is False
 
@@ -126,3 +125,47 @@ def test_encoder_budget_clips_tokens_before_an_image():
     sch = _ec([a], encoder_compute_budget=30, encoder_cache_size=100)
     res = sch.schedule(0.0)
     assert res.sched == {"a": 40} and res.enc == {}
+
+
+def test_prefix_cache_hit_skips_computed_blocks_and_caps_at_num_tokens_minus_one():
+    a = RequestSpec("a", 0.0, 64, 10, (), (7, 64))
+    b = RequestSpec("b", 0.0, 64, 10, (), (7, 64))   # the same 64 prompt tokens
+    sch = make([a], block_size=16, num_gpu_blocks=32, enable_prefix_caching=True)
+    step(sch)
+    sch.add_request(b, 0.0)
+    res, _ = step(sch)
+    assert res.computed_before["b"] == 48 and res.sched["b"] == 16   # 4 full blocks, capped at 63 tokens
+    shared = set(sch.pool.req_blocks["a"][:3]) & set(sch.pool.req_blocks["b"])
+    assert len(shared) == 3 and all(sch.pool.ref_cnt[x] == 2 for x in shared)
+
+
+def test_freed_cached_blocks_are_evicted_last_and_reused():
+    a = RequestSpec("a", 0.0, 33, 1, (), (3, 33))
+    sch = make([a], block_size=16, num_gpu_blocks=8, enable_prefix_caching=True)
+    step(sch)                                   # a finishes after one step (1 output token)
+    assert not sch.has_unfinished_requests()
+    free = list(sch.pool.free)
+    hashed = [b for b in free if b in sch.pool.block_hash]
+    assert len(hashed) == 2 and free[-2:] == hashed        # cached blocks at the back
+    sch.add_request(RequestSpec("b", 0.0, 40, 1, (), (3, 33)), 0.0)
+    assert step(sch)[0].computed_before["b"] == 32
+
+
+def test_resumed_past_an_image_does_not_wait_for_it():
+    """With a prefix-cache hit covering the first image, only the later image is awaited."""
+    img_a = MMItem("pic", 0, 16, prefetch=0.0)
+    late = MMItem("late", 40, 8, prefetch=0.5)
+    first = RequestSpec("first", 0.0, 48, 1, (img_a,), (1, 32))
+    second = RequestSpec("second", 0.0, 64, 1, (img_a, late), (1, 32))
+    prefetch = PrefetchSchedule((first, second))
+    sch = Scheduler(SchedulerConfig(num_gpu_blocks=64, enable_prefix_caching=True), ECConnector(prefetch))
+    sch.add_request(first, 0.0)
+    res = sch.schedule(0.0)
+    sch.update_from_output(res, 0.0)
+    sch.add_request(second, 0.0)
+    res = sch.schedule(0.0)
+    assert res.deferred == ["second"]            # "late" is in flight; the hit covers "pic"
+    sch.update_from_output(res, 0.0)
+    res = sch.schedule(0.6)
+    assert res.computed_before["second"] == 32 and res.sched["second"] == 32
+    assert res.ec_loaded == ["late"]

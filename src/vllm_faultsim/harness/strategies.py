@@ -16,29 +16,36 @@ from ..models.scheduler import SchedulerConfig
 from .workload import MMItem, RequestSpec, validate
 
 
+PREFETCH = st.one_of(st.none(), st.sampled_from([0.0, 0.002, 0.02, 0.1]))
+
+
 @st.composite
 def request_specs(draw, index: int, *, max_prompt: int = 300, max_output: int = 24, mm: bool = True,
                   max_arrival: float = 0.5) -> RequestSpec:
+    """A request: text or multimodal, optionally sharing a prefix (and the image in it) with
+    others of its group, so prefix-cache hits can cover images."""
     prompt = draw(st.integers(1, max_prompt))
     output = draw(st.integers(1, max_output))
-    items: tuple[MMItem, ...] = ()
-    if mm and prompt >= 12 and draw(st.booleans()):
-        n = draw(st.integers(1, 2))
-        length = draw(st.integers(4, max(4, prompt // (2 * n))))
-        offsets = sorted(draw(st.lists(st.integers(0, prompt - length), min_size=n, max_size=n, unique=True)))
-        kept, end = [], -1
-        for off in offsets:
-            if off >= end:
-                kept.append(off)
-                end = off + length
-        # a shared identifier names the same image (same length) across requests: encoder-cache hits
-        names = [draw(st.sampled_from([f"img{index}_{j}", f"shared0_{length}", f"shared1_{length}"]))
-                 for j in range(len(kept))]
-        items = tuple(MMItem(name, off, length, draw(st.one_of(st.none(), st.sampled_from([0.0, 0.002, 0.02, 0.1]))))
-                      for name, off in zip(dict.fromkeys(names), kept))
+    prefix, items = None, []
+    if prompt >= 16 and draw(st.booleans()):
+        group = draw(st.integers(0, 1))
+        prefix = (group, min(prompt, draw(st.sampled_from([16, 32, 48]))))
+        if mm and draw(st.booleans()):
+            items.append(MMItem(f"pfx{group}", 0, 8, draw(PREFETCH)))   # the image inside the shared prefix
+    lo = items[-1].offset + items[-1].length if items else 0
+    if mm and prompt - lo >= 12 and draw(st.booleans()):
+        length = draw(st.integers(4, max(4, (prompt - lo) // 3)))
+        for j, off in enumerate(sorted(draw(st.lists(st.integers(lo, prompt - length), min_size=1, max_size=2,
+                                                      unique=True)))):
+            if off >= lo:
+                # a shared identifier names the same image (same length) across requests: encoder-cache hits
+                name = draw(st.sampled_from([f"img{index}_{j}", f"shared{length}"]))
+                if all(m.identifier != name for m in items):
+                    items.append(MMItem(name, off, length, draw(PREFETCH)))
+                    lo = off + length
     stop_at = draw(st.one_of(st.none(), st.integers(1, output)))
     arrival = draw(st.floats(0.0, max_arrival, allow_nan=False).map(lambda x: round(x, 4)))
-    return RequestSpec(f"r{index}", arrival, prompt, output, items, None, stop_at)
+    return RequestSpec(f"r{index}", arrival, prompt, output, tuple(items), prefix, stop_at)
 
 
 @st.composite
@@ -60,6 +67,7 @@ def scheduler_configs(draw, *, kv_pressure: bool | None = None, max_prompt: int 
     blocks = (draw(st.integers(one_request + 1, 2 * one_request)) if pressure
               else draw(st.integers(8 * one_request, 12 * one_request)))
     return SchedulerConfig(
+        enable_prefix_caching=draw(st.booleans()),
         max_num_seqs=draw(st.integers(1, 8)),
         max_num_batched_tokens=draw(st.sampled_from([32, 64, 128, 512, 2048])),
         block_size=block_size,

@@ -1,8 +1,8 @@
 """The EC (encoder-cache) connector's prefetch model: PR #41627's non-blocking lookup.
 
 Each multimodal item's encoder output lives in a remote store (``MMItem.prefetch`` is not
-``None``). The first time the scheduler asks for it (``ensure_cache_available``), the connector
-starts staging it; it is ready ``prefetch`` seconds later (plus any ``ec_prefetch_stall`` from
+``None``). The first time the scheduler asks for a request's item (``ensure_cache_available``),
+the connector starts staging it for that request; it is ready ``prefetch`` seconds later (plus any ``ec_prefetch_stall`` from
 the fault plan). An ``ec_prefetch_fail`` makes the prefetch fail: the request stops waiting
 and the item is encoded locally (``has_cache_item`` is False).
 
@@ -19,45 +19,51 @@ from ..harness.workload import RequestSpec
 
 
 class PrefetchSchedule:
-    """When each EC item is ready (or failed), on the virtual clock."""
+    """When each request's EC items are staged (or fail), on the virtual clock.
+
+    Staging is per (request, item): a request's encoder outputs are fetched for that request,
+    starting the first time the scheduler asks (``ensure``). ``has_item`` is per identifier: the
+    item can be loaded once any staging of it has landed (and it did not fail).
+    """
 
     def __init__(self, workload: tuple[RequestSpec, ...], plan: FaultPlan | None = None):
-        self.latency: dict[str, float | None] = {}
+        self.latency: dict[tuple[str, str], float | None] = {}
+        idents = set()
         for spec in workload:
             for m in spec.mm:
-                self.latency.setdefault(m.identifier, m.prefetch)
+                self.latency[(spec.req_id, m.identifier)] = m.prefetch
+                idents.add(m.identifier)
         self.stall: dict[str, float] = {}
         self.fail: set[str] = set()
         for f in (plan.of_kind("ec_prefetch_stall", "ec_prefetch_fail") if plan else ()):
-            targets = self.latency if f.item == "*" else [f.item]
-            for ident in targets:
+            for ident in (sorted(idents) if f.item == "*" else [f.item]):
                 if f.kind == "ec_prefetch_stall":
                     self.stall[ident] = self.stall.get(ident, 0.0) + f.delay
                 else:
                     self.fail.add(ident)
-        self.ready_at: dict[str, float] = {}  # started prefetches: identifier -> ready time
+        self.ready_at: dict[tuple[str, str], float] = {}   # started stagings -> ready time
+        self.landed: dict[str, float] = {}                 # identifier -> earliest ready time
 
-    def _start(self, ident: str, now: float) -> float | None:
-        at = self.ready_at.get(ident)
+    def ensure(self, req_id: str, ident: str, now: float) -> bool:
+        """True when nothing needs waiting for: staged, failed (encode locally) or not remote."""
+        key = (req_id, ident)
+        at = self.ready_at.get(key)
         if at is None:
-            lat = self.latency.get(ident)
+            lat = self.latency.get(key)
             if lat is None:
-                return None
-            at = self.ready_at[ident] = now + lat + self.stall.get(ident, 0.0)
-        return at
-
-    def ensure(self, ident: str, now: float) -> bool:
-        """True when nothing needs waiting for: ready, failed (encode locally) or not remote."""
-        at = self._start(ident, now)
-        return at is None or now >= at
+                return True
+            at = self.ready_at[key] = now + lat + self.stall.get(ident, 0.0)
+            if ident not in self.fail and at < self.landed.get(ident, float("inf")):
+                self.landed[ident] = at
+        return now >= at
 
     def has_item(self, ident: str, now: float) -> bool:
         """The item can be loaded from the remote store now."""
-        at = self.ready_at.get(ident)
-        return at is not None and now >= at and ident not in self.fail
+        at = self.landed.get(ident)
+        return at is not None and now >= at
 
     def next_event(self, now: float) -> float | None:
-        """The earliest future time an in-flight prefetch completes (the engine's wake-up)."""
+        """The earliest future time a started staging completes (the engine's wake-up)."""
         future = [at for at in self.ready_at.values() if at > now]
         return min(future) if future else None
 
@@ -78,12 +84,12 @@ class ECConnector:
 
     def ensure_cache_available(self, req, num_computed_tokens: int) -> bool:
         """PR #41627: only features ending after num_computed_tokens need their cache."""
-        now, ensure = self.now, self.schedule.ensure
+        now, ensure, rid = self.now, self.schedule.ensure, req.req_id
         ready = True
         for m in req.mm:
             if self.policy == "future-only" and m.offset + m.length <= num_computed_tokens:
                 continue
-            ready = ensure(m.identifier, now) and ready  # start every prefetch, not only the first
+            ready = ensure(rid, m.identifier, now) and ready  # start every prefetch, not only the first
         return ready
 
     def has_cache_item(self, identifier: str) -> bool:

@@ -1,8 +1,10 @@
 """The GPU KV block pool and the encoder cache, as vLLM 0.26.0 keeps them.
 
-``BlockPool`` mirrors ``vllm.v1.core.block_pool.BlockPool`` for full attention without prefix
-caching: block 0 is the null block; free blocks form a FIFO queue (allocation pops from the
-front, a freed request's blocks are appended in reverse order so its tail is reused first).
+``BlockPool`` mirrors ``vllm.v1.core.block_pool.BlockPool`` for one full-attention group: block 0
+is the null block; allocation pops the free queue's front (evicting the block's cached hash); a
+freed request's blocks are released in reverse order, hashless ones to the front of the queue,
+cached ones to the back (evicted last); with prefix caching, full blocks carry a hash and a
+waiting request reuses the longest run of cached blocks from its start (``touch``).
 ``EncoderCacheManager`` mirrors ``vllm.v1.core.encoder_cache_manager.EncoderCacheManager``:
 capacity in encoder embeddings, shared entries by identifier, lazy eviction of unreferenced
 entries (oldest first) when space is needed.
@@ -10,22 +12,68 @@ entries (oldest first) when space is needed.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 
 class BlockPool:
-    __slots__ = ("num_gpu_blocks", "free", "req_blocks")
+    """Block ids, ref counts, the free queue and (with prefix caching) the hash -> block map."""
 
-    def __init__(self, num_gpu_blocks: int):
+    __slots__ = ("num_gpu_blocks", "enable_caching", "free", "ref_cnt", "block_hash", "cached", "req_blocks",
+                 "num_cached_block")
+
+    def __init__(self, num_gpu_blocks: int, enable_caching: bool = False):
         if num_gpu_blocks < 2:
             raise ValueError(f"num_gpu_blocks must be >= 2 (block 0 is the null block), got {num_gpu_blocks}")
         self.num_gpu_blocks = num_gpu_blocks
-        self.free: deque[int] = deque(range(1, num_gpu_blocks))
+        self.enable_caching = enable_caching
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_gpu_blocks))
+        self.ref_cnt: dict[int, int] = {}
+        self.block_hash: dict[int, object] = {}
+        self.cached: dict[object, dict[int, None]] = {}   # hash -> blocks holding it, first = served
         self.req_blocks: dict[str, list[int]] = {}
+        self.num_cached_block: dict[str, int] = {}
+
+    def get_computed_blocks(self, block_hashes: list, max_length: int, block_size: int) -> list[int]:
+        """The longest run of cached full blocks from the start (find_longest_cache_hit)."""
+        hit = []
+        cached = self.cached
+        for h in block_hashes[:max_length // block_size]:
+            blocks = cached.get(h)
+            if not blocks:
+                break
+            hit.append(next(iter(blocks)))
+        return hit
+
+    def num_evictable(self, blocks: list[int]) -> int:
+        """Hit blocks that sit in the free queue: touching them takes them out of it."""
+        ref = self.ref_cnt
+        return sum(1 for b in blocks if b not in ref)
+
+    def allocate_computed(self, req_id: str, hit: list[int]) -> None:
+        """Touch the prefix-cache hit blocks and give them to the request."""
+        ref, free = self.ref_cnt, self.free
+        for b in hit:
+            if b in ref:
+                ref[b] += 1
+            else:
+                del free[b]
+                ref[b] = 1
+        self.req_blocks[req_id] = list(hit)
+        self.num_cached_block[req_id] = len(hit)
 
     def allocate(self, req_id: str, n: int) -> list[int]:
-        pop = self.free.popleft
-        new = [pop() for _ in range(n)]
+        popleft, ref = self.free.popitem, self.ref_cnt
+        new = [popleft(last=False)[0] for _ in range(n)]
+        if self.enable_caching:
+            for b in new:
+                h = self.block_hash.pop(b, None)
+                if h is not None:  # _maybe_evict_cached_block
+                    holders = self.cached[h]
+                    del holders[b]
+                    if not holders:
+                        del self.cached[h]
+        for b in new:
+            ref[b] = 1
         blocks = self.req_blocks.get(req_id)
         if blocks is None:
             self.req_blocks[req_id] = new
@@ -33,16 +81,53 @@ class BlockPool:
             blocks.extend(new)
         return new
 
+    def cache_blocks(self, req_id: str, block_hashes: list, num_tokens: int, block_size: int) -> None:
+        """Give the request's newly full blocks their hashes (cache_full_blocks)."""
+        start = self.num_cached_block.get(req_id, 0)
+        num_full = num_tokens // block_size
+        if start >= num_full:
+            return
+        blocks = self.req_blocks[req_id]
+        for i in range(start, num_full):
+            b, h = blocks[i], block_hashes[i]
+            self.block_hash[b] = h
+            self.cached.setdefault(h, {})[b] = None
+        self.num_cached_block[req_id] = num_full
+
     def free_request(self, req_id: str) -> list[int]:
+        """Free in reverse order: hashless blocks go to the front, cached ones to the back."""
         blocks = self.req_blocks.pop(req_id, [])
-        self.free.extend(reversed(blocks))
+        self.num_cached_block.pop(req_id, None)
+        ref, free, hashed = self.ref_cnt, self.free, self.block_hash
+        without_hash = []
+        for b in reversed(blocks):
+            if ref[b] > 1:
+                ref[b] -= 1
+                continue
+            del ref[b]
+            if b in hashed:
+                free[b] = None
+            else:
+                without_hash.append(b)
+        for b in reversed(without_hash):
+            free[b] = None
+            free.move_to_end(b, last=False)
         return blocks
 
-    def conservation_error(self, held: int) -> str | None:
-        """`held`: the blocks the scheduler believes its requests hold."""
+    def conservation_error(self, deep: bool = False) -> str | None:
+        """held + free = the pool; deep: also recount every request's references (O(blocks))."""
+        held = len(self.ref_cnt)
         if held + len(self.free) != self.num_gpu_blocks - 1:
             return (f"KV blocks not conserved: {held} held + {len(self.free)} free "
                     f"!= {self.num_gpu_blocks - 1} usable")
+        if not deep:
+            return None
+        refs: dict[int, int] = {}
+        for blocks in self.req_blocks.values():
+            for b in blocks:
+                refs[b] = refs.get(b, 0) + 1
+        if refs != self.ref_cnt:
+            return "KV block ref counts differ from the blocks requests hold"
         return None
 
 

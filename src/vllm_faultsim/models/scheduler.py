@@ -1,7 +1,8 @@
 """A small twin of vLLM 0.26.0's v1 ``Scheduler`` (FCFS): ``schedule()`` and ``update_from_output()``.
 
 Mirrored from ``vllm/v1/core/sched/scheduler.py``, for text and multimodal decoder-only models,
-no speculative decoding, no prefix caching, synchronous scheduling:
+one full-attention KV group, optional prefix caching, no speculative decoding, synchronous
+scheduling:
 
 - RUNNING requests first, in order: ``num_new_tokens = num_tokens - num_computed_tokens``,
   clipped by ``long_prefill_token_threshold``, the token budget and ``max_model_len - 1``;
@@ -10,7 +11,8 @@ no speculative decoding, no prefix caching, synchronous scheduling:
   blocks freed, ``num_computed_tokens = 0``, put at the front of ``waiting``) until the
   allocation fits or the request itself was preempted.
 - Then, only if nothing was preempted, WAITING requests: ``skipped_waiting`` before ``waiting``;
-  stop at ``max_num_seqs``; a multimodal request whose EC items are still in flight
+  stop at ``max_num_seqs``; a new request first takes its prefix-cache hit (full blocks, at most
+  ``num_tokens - 1`` tokens); a multimodal request whose EC items are still in flight
   (``ensure_cache_available`` False) is popped onto ``step_skipped_waiting`` and the loop goes on;
   admission requires the full sequence to fit (``scheduler_reserve_full_isl``) plus the
   watermark; a failed allocation stops the loop. Requests skipped in this pass are re-queued,
@@ -28,10 +30,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
-from ..harness.workload import RequestSpec
+from ..harness.workload import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
 from .kv_cache import BlockPool, EncoderCacheManager
-from .step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
+from .step import EOS_TOKEN_ID, Finished, StepResult, hash_str, sampled_token
 
 WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
 
@@ -55,6 +57,7 @@ class SchedulerConfig:
     watermark: float = 0.0
     encoder_compute_budget: int = 8192  # max_num_encoder_input_tokens
     encoder_cache_size: int = 8192
+    enable_prefix_caching: bool = False
     mutant: str | None = None
 
     def validate(self) -> "SchedulerConfig":
@@ -72,9 +75,9 @@ class SchedulerConfig:
 
 class Request:
     __slots__ = ("req_id", "num_prompt_tokens", "num_output_tokens", "num_computed_tokens", "max_tokens",
-                 "stop_at", "status", "mm")
+                 "stop_at", "status", "mm", "tokens", "block_hashes")
 
-    def __init__(self, spec: RequestSpec):
+    def __init__(self, spec: RequestSpec, block_size: int | None = None):
         self.req_id = spec.req_id
         self.num_prompt_tokens = spec.prompt_len
         self.num_output_tokens = 0
@@ -83,6 +86,20 @@ class Request:
         self.stop_at = spec.stop_at
         self.status = WAITING
         self.mm = spec.mm
+        self.tokens: list[int] | None = None
+        self.block_hashes: list[int] = []
+        if block_size is not None:  # prefix caching: hash every full block of tokens
+            self.tokens = prompt_token_ids(spec)
+            self.update_block_hashes(block_size)
+
+    def update_block_hashes(self, block_size: int) -> None:
+        """Chained hashes of the full blocks (tokens + the multimodal items they overlap)."""
+        hashes, toks = self.block_hashes, self.tokens
+        for i in range(len(hashes), len(toks) // block_size):
+            start, end = i * block_size, (i + 1) * block_size
+            extra = tuple((hash_str(m.identifier), m.offset - start) for m in self.mm
+                          if m.offset < end and m.offset + m.length > start)
+            hashes.append(hash((hashes[-1] if hashes else 0, tuple(toks[start:end]), extra)))
 
 
 def cdiv(a: int, b: int) -> int:
@@ -99,14 +116,15 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.skipped_waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.pool = BlockPool(config.num_gpu_blocks)
+        self.pool = BlockPool(config.num_gpu_blocks, config.enable_prefix_caching)
+        self.caching = config.enable_prefix_caching
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
 
     # ---- protocol ----------------------------------------------------------------------
 
     def add_request(self, spec: RequestSpec, now: float) -> None:
-        req = Request(spec)
+        req = Request(spec, self.config.block_size if self.caching else None)
         self.requests[req.req_id] = req
         self.waiting.append(req)
 
@@ -119,21 +137,20 @@ class Scheduler:
     def shutdown(self) -> None:
         pass
 
-    def check(self) -> str | None:
+    def check(self, deep: bool = False) -> str | None:
         """Internal invariants; None when they hold. Every running request holds exactly the blocks
-        its computed tokens need, waiting ones hold none, and held + free blocks = the pool."""
+        its computed tokens need, waiting ones hold none, and held + free blocks = the pool
+        (deep: every block's ref count recounted from the requests' block lists)."""
         bs, max_len, req_blocks = self.config.block_size, self.config.max_model_len, self.pool.req_blocks
-        held = 0
         for req in self.running:
             blocks = req_blocks.get(req.req_id)
             have = len(blocks) if blocks else 0
             if have != cdiv(min(req.num_computed_tokens, max_len), bs):
                 return (f"request {req.req_id} holds {have} KV blocks for {req.num_computed_tokens} "
                         f"computed tokens (block_size {bs})")
-            held += have
         if len(req_blocks) > len(self.running):
             return f"{len(req_blocks) - len(self.running)} requests outside running hold KV blocks"
-        err = self.pool.conservation_error(held)
+        err = self.pool.conservation_error(deep)
         if err:
             return err
         queued = len(self.running) + len(self.waiting) + len(self.skipped_waiting)
@@ -153,6 +170,7 @@ class Scheduler:
         threshold = cfg.long_prefill_token_threshold
         pool, running = self.pool, self.running
         req_blocks, free_blocks = pool.req_blocks, pool.free
+        caching = self.caching
         if self.ec_connector is not None:
             self.ec_connector.now = now
 
@@ -182,6 +200,9 @@ class Scheduler:
                 if need <= len(free_blocks):
                     if need > 0:
                         pool.allocate(rid, need)
+                    if caching:
+                        pool.cache_blocks(rid, req.block_hashes, min(computed + n, req.num_prompt_tokens
+                                                                      + req.num_output_tokens), bs)
                     break
                 victim = running.pop()
                 self._preempt_request(victim)
@@ -208,8 +229,12 @@ class Scheduler:
                 queue = self.skipped_waiting or self.waiting
                 req = queue[0]
                 rid = req.req_id
+                hit: list[int] = []
+                num_tokens = req.num_prompt_tokens + req.num_output_tokens
                 if req.num_computed_tokens == 0:
-                    computed = 0  # no prefix caching, no KV connector hit
+                    if caching:
+                        hit = pool.get_computed_blocks(req.block_hashes, num_tokens - 1, bs)
+                    computed = len(hit) * bs
                     if (self.ec_connector is not None and req.mm
                             and not self.ec_connector.ensure_cache_available(req, computed)):
                         res.deferred.append(rid)
@@ -220,7 +245,6 @@ class Scheduler:
                         continue
                 else:
                     computed = req.num_computed_tokens
-                num_tokens = req.num_prompt_tokens + req.num_output_tokens
                 n = num_tokens - computed
                 if 0 < threshold < n:
                     n = threshold
@@ -235,15 +259,21 @@ class Scheduler:
                         req, computed, n, encoder_budget)
                     if n == 0:
                         break
-                watermark = self.watermark_blocks if running else 0
+                # allocate_slots: hit blocks still in the free queue count against it
+                extra = (self.watermark_blocks if running else 0) + (pool.num_evictable(hit) if hit else 0)
                 free = len(free_blocks)
                 full = num_tokens if cfg.mutant != "no-full-admission" else computed + n
-                if (cdiv(min(full, max_model_len), bs) + watermark > free
-                        or cdiv(min(computed + n, max_model_len), bs) + watermark > free):
+                need = max(cdiv(min(computed + n, max_model_len), bs) - len(hit), 0)
+                if (max(cdiv(min(full, max_model_len), bs) - len(hit), 0) + extra > free
+                        or need + extra > free):
                     if req.mm:
                         self.encoder_cache.free(req)
                     break
-                pool.allocate(rid, cdiv(min(computed + n, max_model_len), bs))
+                if hit:
+                    pool.allocate_computed(rid, hit)
+                pool.allocate(rid, need)
+                if caching:
+                    pool.cache_blocks(rid, req.block_hashes, min(computed + n, num_tokens), bs)
                 queue.popleft()
                 running.append(req)
                 req.status = RUNNING
@@ -331,6 +361,9 @@ class Scheduler:
                 continue  # a partial prefill chunk samples nothing
             req.num_output_tokens += 1
             out = req.num_output_tokens
+            if req.tokens is not None:
+                req.tokens.append(sampled_token(rid, out, req.stop_at))
+                req.update_block_hashes(self.config.block_size)
             if req.stop_at is not None and sampled_token(rid, out, req.stop_at) == EOS_TOKEN_ID:
                 status = "stop"
             elif req.num_prompt_tokens + out >= max_model_len or out >= req.max_tokens:
