@@ -2,6 +2,7 @@
 
     vllm-faultsim run     one simulation -> trace (JSONL) + summary
     vllm-faultsim study   a what-if grid (embedded default without arguments) -> table, CSV, PNG
+    vllm-faultsim diff    simulator vs the real vLLM Scheduler (CPU), on generated or replayed cases
     vllm-faultsim check-plan PLAN   validate a fault plan
 
 Bad input (fault plan, config, workload, profile) exits with code 2 and one line on stderr;
@@ -98,6 +99,43 @@ def cmd_study(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    import importlib.util
+
+    from .checker import first_divergence
+    from .diff import MUTANTS, DiffCase, check_case, report, save_case, search
+    from .simulate import ConfigError
+    from .trace import read_trace
+
+    if args.mutant and args.mutant not in MUTANTS:
+        raise ConfigError(f"unknown mutant {args.mutant!r} (known: {', '.join(MUTANTS)})")
+    if args.traces:
+        div = first_divergence(read_trace(args.traces[0]), read_trace(args.traces[1]), sides=("left", "right"))
+        print("traces agree" if div is None else div.explain())
+        return 0 if div is None else 1
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("diff needs the real vLLM: pip install 'vllm-faultsim[vllm]' (vllm==0.26.0)")
+    if args.replay:
+        try:
+            case = DiffCase.from_json(Path(args.replay).read_text(encoding="utf-8"), args.replay)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{args.replay}: not a replayable case ({exc})") from None
+        div = check_case(case, args.mutant)
+        print("no divergence" if div is None else div.explain())
+        return 0 if div is None else 1
+    from tqdm import tqdm
+    with tqdm(total=args.examples, desc="diff", unit="case", disable=args.no_progress) as bar:
+        n, case, div = search(args.examples, args.seed, mutant=args.mutant, mm=args.kind != "text",
+                              kv_pressure={"any": None, "yes": True, "no": False}[args.kv_pressure],
+                              progress=bar.update)
+    if div is None:
+        print(f"{n} cases, 0 divergences (seed {args.seed}{', mutant ' + args.mutant if args.mutant else ''})")
+        return 0
+    path = save_case(case, args.out)
+    print(f"{n} cases tried; divergence found and shrunk:\n{report(case, div, path, args.mutant)}")
+    return 1
+
+
 def cmd_check_plan(args) -> int:
     from ..faults.plan import load_plan
 
@@ -132,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="vllm-faultsim-study", help="output folder (default: %(default)s)")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_study)
+
+    d = sub.add_parser("diff", help="simulator vs the real vLLM Scheduler on CPU (needs vllm)")
+    d.add_argument("--examples", type=int, default=100, help="generated cases (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default: %(default)s)")
+    d.add_argument("--kind", choices=("mixed", "text"), default="mixed", help="workload kind")
+    d.add_argument("--kv-pressure", choices=("any", "yes", "no"), default="any")
+    d.add_argument("--mutant", help="a deliberately wrong simulator policy, to see the checker catch it")
+    d.add_argument("--replay", help="replay a saved case (JSON)")
+    d.add_argument("--traces", nargs=2, metavar=("LEFT", "RIGHT"), help="compare two saved traces offline")
+    d.add_argument("--out", default="vllm-faultsim-diff", help="where failing cases go (default: %(default)s)")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_diff)
 
     c = sub.add_parser("check-plan", help="validate a fault plan")
     c.add_argument("plan")

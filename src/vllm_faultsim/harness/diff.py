@@ -75,3 +75,39 @@ def report(case: DiffCase, div: Divergence, path: Path, mutant: str | None) -> s
     return (f"{div.explain()}\n  seed: {case.seed}; case written to {path}\n"
             f"  replay: vllm-faultsim diff --replay {path}{m}")
 
+class DivergenceFound(AssertionError):
+    def __init__(self, case: DiffCase, div: Divergence):
+        super().__init__(div.explain())
+        self.case, self.div = case, div
+
+
+def search(examples: int, seed: int, *, mutant: str | None = None, mm: bool = True,
+           kv_pressure: bool | None = None, progress=None) -> tuple[int, DiffCase | None, Divergence | None]:
+    """Generate `examples` cases with Hypothesis; on a divergence, shrink it to a minimal case.
+    Returns (cases run, minimal failing case or None, its divergence)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hseed
+
+    from .strategies import fault_plans, scheduler_configs, workloads
+
+    count = 0
+
+    @hseed(seed)
+    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
+              suppress_health_check=list(HealthCheck))
+    @given(specs=workloads(mm=mm), sched=scheduler_configs(kv_pressure=kv_pressure), plan=fault_plans())
+    def prop(specs, sched, plan):
+        nonlocal count
+        count += 1
+        if progress is not None:
+            progress(1)
+        case = DiffCase(specs, sched, plan, seed)
+        div = check_case(case, mutant)
+        if div is not None:
+            raise DivergenceFound(case, div)
+
+    try:
+        prop()
+    except DivergenceFound as exc:
+        return count, exc.case, exc.div
+    return count, None, None
