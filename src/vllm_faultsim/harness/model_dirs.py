@@ -25,7 +25,7 @@ MARKER = ".vllm-faultsim-complete"
 VOCAB_SIZE = 1100  # text ids of workload.prompt_token_ids lie in [3, 1003)
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2  # models.step.EOS_TOKEN_ID
 _TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-             num_hidden_layers=2, vocab_size=VOCAB_SIZE, max_position_embeddings=4096,
+             num_hidden_layers=2, vocab_size=VOCAB_SIZE, max_position_embeddings=131072,
              rms_norm_eps=1e-5, bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID,
              tie_word_embeddings=False)
 
