@@ -20,7 +20,7 @@ from .workload import IMAGE_TOKEN_ID
 
 TINY_LLAMA = "tiny-llama"
 TINY_LLAVA = "tiny-llava"
-FORMAT = "1"  # bump when a folder's contents change: older caches are rebuilt
+FORMAT = "2"  # bump when a folder's contents change: older caches are rebuilt
 MARKER = ".vllm-faultsim-complete"
 VOCAB_SIZE = 1100  # text ids of workload.prompt_token_ids lie in [3, 1003)
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2  # models.step.EOS_TOKEN_ID
