@@ -1,0 +1,384 @@
+"""KV offloading: the engine step loop for offload runs, the per-step checker, the end invariants
+and the generated cases of the differential tests.
+
+``run_offload`` mirrors ``EngineCore.step()`` for a core with a KV connector: while the core
+``has_requests()`` (vLLM's ``Scheduler.has_requests()``: unfinished requests, finished ids not yet
+reported and, with 0.24+, ``has_pending_push_work``) it schedules, runs the step (an empty step
+takes ``idle_step`` seconds: the 1 ms sleep of ``EngineCore`` plus a no-forward pass; a step whose
+worker waits on flushed jobs takes that much longer) and applies the output -- empty steps included, since that is where the worker reports completions. A
+``kill_engine`` fault stops it; a failed transfer (``TransferFailed``) kills it too. Either way
+the ``end`` event lists the offloading jobs that were lost.
+
+The checker compares two traces step by step (scheduled tokens, preemptions, finishes and the
+``kv`` events) and reports every differing step (up to a limit). ``invariants`` checks one trace:
+nothing is lost (every job is retired, a flushed job is retired in its step, nothing is pending
+after the drain, a death reports exactly the jobs in flight) and every finished request's full
+prompt chunks are offloaded or the reason they are not is in the trace.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..faults.plan import FaultPlan, validate_plan
+from ..models import kv_offload as ko
+from ..models.step_time import LinearStepTime
+from .workload import RequestSpec, validate
+
+IDLE_STEP = 0.001
+STEP_TIME = LinearStepTime(base=0.008, prefill_token=4e-05, decode_req=0.0001, context_token=5e-08, name="offload")
+
+
+def run_offload(core, specs, *, step_time: Callable[[int, int, int], float] = STEP_TIME,
+                idle_step: float = IDLE_STEP, plan: FaultPlan | None = None, max_steps: int = 200_000) -> list[dict]:
+    """Drive `core` over `specs`; returns the trace events (step, req, fault, proc, end)."""
+    plan = plan or FaultPlan()
+    kills = sorted(f.at for f in plan.of_kind("kill_engine"))
+    slow = [(f.start, f.end, f.factor) for f in plan.of_kind("slow_steps")]
+    events: list[dict] = []
+    specs = list(specs)
+    t, i, step = 0.0, 0, 0
+    arrival: dict[str, float] = {}
+    dead = None
+    while step < max_steps:
+        while i < len(specs) and specs[i].arrival <= t:
+            core.add_request(specs[i], t)
+            arrival[specs[i].req_id] = specs[i].arrival
+            i += 1
+        if kills and kills[0] <= t:
+            dead = ("kill_engine", kills[0])
+            break
+        if not core.has_requests():
+            if i == len(specs):
+                break
+            t = specs[i].arrival
+            if kills and kills[0] <= t:
+                t = kills[0]
+            continue
+        res = core.schedule(t)
+        dur = step_time(*res.shape()) if res.sched else idle_step
+        # the worker blocks on flushed jobs before the forward (handle_preemptions -> wait)
+        dur += (res.kv or {}).get("wait", 0.0)
+        for s, e, f in slow:
+            if s <= t < e:
+                dur *= f
+        if kills and kills[0] < t + dur:  # killed mid-step: the output never comes back
+            ev = _step_event(step, t, kills[0] - t, res, ())
+            events.append(ev)
+            t = kills[0]
+            dead = ("kill_engine", t)
+            break
+        try:
+            finished = core.update_from_output(res, t + dur)
+        except ko.TransferFailed as exc:
+            events.append(_step_event(step, t, dur, res, ()))
+            events.append({"kind": "proc", "t": round(t + dur, 9), "event": "engine_dead",
+                           "cause": "kv_transfer_failed", "failed": exc.failed})
+            t += dur
+            dead = ("kv_transfer_failed", t)
+            break
+        events.append(_step_event(step, t, dur, res, finished))
+        for f in finished:
+            events.append({"kind": "req", "req": f.req_id, "status": f.status, "arrival": arrival.pop(f.req_id),
+                           "finish": round(t + dur, 9), "num_output": f.num_output})
+        t += dur
+        step += 1
+    end: dict = {"kind": "end", "t": round(t, 9), "steps": step, "pending": core.pending_jobs()}
+    if dead is not None:
+        events.append({"kind": "fault", "t": round(dead[1], 9), "cause": dead[0]})
+        end["dead"] = dead[0]
+        end["lost"] = end.pop("pending")
+        failed = core.fail_all()
+        end["failed_requests"] = sorted(set(failed) | set(arrival) | {s.req_id for s in specs[i:]})
+    events.append(end)
+    return events
+
+
+def _step_event(step, t, dur, res, finished) -> dict:
+    ev = {"kind": "step", "step": step, "t": round(t, 9), "dur": round(dur, 9), "sched": dict(res.sched)}
+    if res.preempted:
+        ev["preempted"] = list(res.preempted)
+    if finished:
+        ev["finished"] = [f.req_id for f in finished]
+    if res.kv:
+        ev["kv"] = res.kv
+    return ev
+
+
+# ---- the checker ----------------------------------------------------------------------------
+
+COMPARED = ("t", "sched", "preempted", "finished", "kv")
+
+
+def compare(a: list[dict], b: list[dict], limit: int = 5) -> list[str]:
+    """Divergences between two offload traces, step by step, then the end events."""
+    out: list[str] = []
+    sa = [e for e in a if e["kind"] == "step"]
+    sb = [e for e in b if e["kind"] == "step"]
+    for x, y in zip(sa, sb):
+        for k in COMPARED:
+            if x.get(k) != y.get(k):
+                out.append(f"step {x['step']} (t={x['t']}): {k} differs: {x.get(k)!r} != {y.get(k)!r}")
+                break
+        if len(out) >= limit:
+            return out
+    if len(sa) != len(sb):
+        out.append(f"step counts differ: {len(sa)} != {len(sb)}")
+    ea = next((e for e in a if e["kind"] == "end"), {})
+    eb = next((e for e in b if e["kind"] == "end"), {})
+    for k in ("pending", "lost", "dead", "failed_requests"):
+        if ea.get(k) != eb.get(k):
+            out.append(f"end: {k} differs: {ea.get(k)!r} != {eb.get(k)!r}")
+    fa = [e for e in a if e["kind"] == "proc"]
+    fb = [e for e in b if e["kind"] == "proc"]
+    if fa != fb:
+        out.append(f"engine deaths differ: {fa} != {fb}")
+    return out[:limit] if len(out) > limit else out
+
+
+# ---- the invariants ---------------------------------------------------------------------------
+
+def invariants(events: list[dict], specs, tokens_per_chunk: int) -> list[str]:
+    """Nothing lost, every flushed job retired in its step, every finished request's prompt
+    chunks accounted for (stored by it, already present, loaded/hit, 'nostore', or lost with the
+    engine -- a death reports exactly the jobs in flight)."""
+    bad: list[str] = []
+    created: dict[str, tuple[str, list[int], int]] = {}
+    retired: dict[str, int] = {}
+    stored: dict[str, set[int]] = {}
+    accounted: dict[str, set[int]] = {}
+    nostore: dict[str, set[int]] = {}
+    finished: set[str] = set()
+    end = next((e for e in events if e["kind"] == "end"), None)
+    if end is None:
+        return ["no end event"]
+    steps = [e for e in events if e["kind"] == "step"]
+    # the step in which the engine died never returned its output
+    died_in = steps[-1]["step"] if end.get("dead") and steps else None
+    for ev in steps:
+        s = ev["step"]
+        kv = ev.get("kv") or {}
+        for kind in ("store", "load"):
+            for name, req, chunks in kv.get(kind, ()):
+                if name in created:
+                    bad.append(f"step {s}: job {name} created twice")
+                created[name] = (req, chunks, s)
+                if kind == "load":
+                    accounted.setdefault(req, set()).update(range(max(chunks) + 1 if chunks else 0))
+        for req, chunks in kv.get("present", ()):
+            accounted.setdefault(req, set()).update(chunks)
+        for req, chunks in kv.get("nostore", ()):
+            nostore.setdefault(req, set()).update(chunks)
+        done = set(kv.get("done", ()))
+        for name in done:
+            if name not in created:
+                bad.append(f"step {s}: job {name} retired but never created")
+            elif name in retired:
+                bad.append(f"step {s}: job {name} retired twice")
+            retired[name] = s
+            req, chunks, _ = created.get(name, (None, [], 0))
+            if name.split(":")[-1].startswith("S") and req is not None:
+                stored.setdefault(req, set()).update(chunks)
+        for name in kv.get("flush", ()):
+            if s == died_in:
+                continue
+            if name not in created:
+                bad.append(f"step {s}: flush of unknown job {name}")
+            elif name not in done and name in retired:
+                bad.append(f"step {s}: flush of job {name} already retired at step {retired[name]}")
+            elif name not in done:
+                bad.append(f"step {s}: flushed job {name} not retired in its step")
+        finished.update(ev.get("finished", ()))
+    inflight = sorted(n for n in created if n not in retired)
+    if end.get("dead"):
+        if sorted(end.get("lost", [])) != inflight:
+            bad.append(f"engine death: reported lost {end.get('lost')} != jobs in flight {inflight}")
+    else:
+        if inflight:
+            bad.append(f"after the drain {len(inflight)} jobs were never retired: {inflight[:5]}")
+        if end.get("pending"):
+            bad.append(f"after the drain the connector still tracks jobs {end['pending'][:5]}")
+    for name in end.get("lost", ()) if end.get("dead") else ():  # lost with the engine: reported
+        req, chunks, _ = created.get(name, (None, [], 0))
+        if req is not None:
+            accounted.setdefault(req, set()).update(chunks)
+    plen = {sp.req_id: sp.prompt_len for sp in specs}
+    for req in sorted(finished):
+        full = set(range(plen[req] // tokens_per_chunk))
+        missing = full - stored.get(req, set()) - accounted.get(req, set()) - nostore.get(req, set())
+        if missing:
+            bad.append(f"request {req} finished with prompt chunks {sorted(missing)[:8]} neither stored nor "
+                       "accounted for (present, loaded, nostore)")
+    return bad
+
+
+def kv_summary(events: list[dict]) -> dict:
+    """Counts of KV events over a trace (for reports and for tests that need 'something happened')."""
+    c = {k: 0 for k in ("store", "load", "flush", "done", "present", "nostore", "evict", "delayed")}
+    preempted = 0
+    for ev in events:
+        if ev["kind"] != "step":
+            continue
+        preempted += len(ev.get("preempted", ()))
+        for k in c:
+            c[k] += len((ev.get("kv") or {}).get(k, ()))
+    c["preempted"] = preempted
+    return c
+
+
+# ---- generated cases ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    seed: int
+    sched: object
+    offload: ko.OffloadConfig
+    specs: tuple[RequestSpec, ...]
+    plan: FaultPlan = field(default_factory=FaultPlan)
+
+    def describe(self) -> str:
+        return (f"seed={self.seed} gpu_blocks={self.sched.num_gpu_blocks} cpu_chunks={self.offload.num_cpu_chunks} "
+                f"bpc={self.offload.blocks_per_chunk} reqs={len(self.specs)} faults={len(self.plan.faults)}")
+
+
+def gen_case(seed: int, *, faults: bool = True) -> Case:
+    """A small random case: few GPU blocks (preemption storms), a small CPU pool (evictions,
+    nostore), shared prefixes and repeats (CPU hits, loads, delayed lookups), slow transfers."""
+    from .real_offload import OffloadSchedConfig  # a plain dataclass; importing it does not import vLLM
+    rng = random.Random(seed)
+    bs = rng.choice([4, 8, 16])
+    bpc = rng.choice([1, 1, 2])
+    n = rng.randint(2, 9)
+    max_prompt = rng.choice([4, 8, 12]) * bs
+    groups = [rng.randint(1, max_prompt // bs) * bs + rng.choice([0, 0, rng.randrange(bs)]) for _ in range(3)]
+    specs = []
+    t = 0.0
+    for k in range(n):
+        t += rng.choice([0.0, 0.0, rng.uniform(0, 0.05), rng.uniform(0, 0.3)])
+        out = rng.randint(1, 3 * bs)
+        stop = rng.randint(1, out) if rng.random() < 0.2 else None
+        if rng.random() < 0.7:  # shares a group prefix; with no extra tokens, a repeat of the group's prompt
+            g = rng.randrange(len(groups))
+            plen = groups[g] + rng.choice([0, 0, rng.randint(1, 2 * bs)])
+            prefix = (g, groups[g])
+        else:
+            plen, prefix = rng.randint(max(1, bs // 2), max_prompt), None
+        specs.append(RequestSpec(f"r{k}", round(t, 6), plen, out, prefix=prefix, stop_at=stop))
+    need = max(s.prompt_len + s.output_len for s in specs)
+    min_blocks = -(-need // bs) + 2
+    num_gpu_blocks = rng.randint(min_blocks, min_blocks + rng.choice([0, 4, 16, 64]))
+    sched = OffloadSchedConfig(max_num_seqs=rng.choice([2, 4, 8]), max_num_batched_tokens=rng.choice([32, 64, 256]),
+                               block_size=bs, num_gpu_blocks=num_gpu_blocks, max_model_len=2048)
+    if sched.max_num_batched_tokens < bs:
+        sched = OffloadSchedConfig(sched.max_num_seqs, bs * 4, bs, num_gpu_blocks, 2048)
+    cpu = rng.choice([2, 4, 8, 32, 256])
+    offload = ko.OffloadConfig(block_size=bs, blocks_per_chunk=bpc, num_cpu_chunks=cpu,
+                               offload_prompt_only=rng.random() < 0.8,
+                               bytes_per_block=rng.choice([1 << 20, 2 << 20, 8 << 20]),
+                               bandwidth=rng.choice([2e9, 25e9, 100e9]), latency=rng.choice([0.0, 50e-6, 0.002]))
+    plan_faults = []
+    if faults and rng.random() < 0.4:
+        s0 = round(rng.uniform(0, 0.3), 3)
+        plan_faults.append({"kind": "kv_transfer_slow", "start": s0, "end": round(s0 + rng.uniform(0.01, 0.5), 3),
+                            "factor": rng.choice([5, 50, 1000])})
+    if faults and rng.random() < 0.1:
+        s0 = round(rng.uniform(0, 0.2), 3)
+        plan_faults.append({"kind": "kv_transfer_fail", "start": s0, "end": round(s0 + rng.uniform(0.001, 0.1), 3)})
+    if faults and rng.random() < 0.1:
+        plan_faults.append({"kind": "kill_engine", "at": round(rng.uniform(0.005, 0.3), 3)})
+    plan = validate_plan({"version": 1, "faults": plan_faults}, f"case-{seed}")
+    return Case(seed, sched, offload, validate(specs), plan)
+
+
+# ---- upstream's scenarios --------------------------------------------------------------------
+
+# 2 MiB blocks at 100 MB/s: ~21 ms per block, slower than a step, so jobs are in flight when it matters
+_SLOW = dict(block_size=4, num_cpu_chunks=64, bandwidth=1e8, bytes_per_block=2 << 20)
+
+
+def scenario(name: str) -> Case:
+    """Upstream's offloading-connector scenarios (tests/v1/kv_connector/unit/offloading_connector),
+    as workloads for both sides:
+
+    - ``preemption``: two 16-token prompts decode until the 12-block GPU pool runs out; r1 is
+      preempted while its store job is in flight -> that job is flushed in the preemption step.
+    - ``fence``: r0 and r1 finish with store jobs in flight; r2 then gets their freed GPU blocks
+      -> the pending jobs of those blocks are flushed in the step that re-allocates them.
+    - ``last_step``: one request finishes with its store in flight. 0.23.0 (PR #42611): the next
+      step, where every tracked request is finished, flushes all jobs and the engine stops;
+      0.24+: no flush, the engine keeps stepping (has_pending_push_work) until the store completes.
+    """
+    from .real_offload import OffloadSchedConfig
+    if name == "preemption":
+        sched = OffloadSchedConfig(block_size=4, num_gpu_blocks=12, max_num_batched_tokens=64)
+        specs = [RequestSpec("r0", 0.0, 16, 16), RequestSpec("r1", 0.0, 16, 16)]
+    elif name == "fence":
+        sched = OffloadSchedConfig(block_size=4, num_gpu_blocks=8)
+        specs = [RequestSpec("r0", 0.0, 12, 1), RequestSpec("r1", 0.0, 12, 2), RequestSpec("r2", 0.009, 16, 2)]
+    elif name == "last_step":
+        sched = OffloadSchedConfig(block_size=4, num_gpu_blocks=32)
+        specs = [RequestSpec("r0", 0.0, 8, 1)]
+    else:
+        raise ValueError(f"unknown scenario {name!r} (known: preemption, fence, last_step)")
+    return Case(0, sched, ko.OffloadConfig(**_SLOW), validate(specs))
+
+
+SCENARIOS = ("preemption", "fence", "last_step")
+
+
+# ---- differential runs -----------------------------------------------------------------------
+
+def run_case(case: Case, connector: str, *, policy: str | None = None, mutant: str | None = None) -> list[dict]:
+    """One side of a case: the real Scheduler with vLLM's OffloadingConnector (``"real"``) or
+    with the simulator's model (``"sim"``, under `policy`/`mutant`)."""
+    from .real_offload import RealOffloadCore
+    kw = dict(policy=policy, mutant=mutant) if connector == "sim" else {}
+    core = RealOffloadCore(case.sched, case.offload, connector=connector, plan=case.plan, **kw)
+    return run_offload(core, case.specs, plan=case.plan)
+
+
+def check_case(case: Case, *, policy: str | None = None, mutant: str | None = None) -> list[str]:
+    """Divergences (real vs sim) plus invariant violations of either side; [] when all is well."""
+    real = run_case(case, "real")
+    sim = run_case(case, "sim", policy=policy, mutant=mutant)
+    tpc = case.offload.tokens_per_chunk
+    return (compare(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, tpc)]
+            + [f"sim: {v}" for v in invariants(sim, case.specs, tpc)])
+
+
+def replay_command(seed: int, policy: str | None = None, mutant: str | None = None) -> str:
+    extra = (f" --policy {policy}" if policy else "") + (f" --mutant {mutant}" if mutant else "")
+    return f"PYTHONPATH=src python -m vllm_faultsim.harness.offload_check --seed {seed}{extra}"
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    import logging
+    ap = argparse.ArgumentParser(description="Replay one generated KV-offload case (real vs sim) or a scenario.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--scenario", choices=SCENARIOS)
+    ap.add_argument("--policy", choices=ko.VERSIONS)
+    ap.add_argument("--mutant", choices=[m for m in ko.MUTANTS if m])
+    ap.add_argument("--trace", action="store_true", help="print both traces' steps with KV events")
+    args = ap.parse_args(argv)
+    logging.disable(logging.WARNING)
+    case = scenario(args.scenario) if args.scenario else gen_case(args.seed)
+    print(case.describe())
+    real, sim = run_case(case, "real"), run_case(case, "sim", policy=args.policy, mutant=args.mutant)
+    if args.trace:
+        for side, evs in (("real", real), ("sim", sim)):
+            for e in evs:
+                if e["kind"] != "step" or e.get("kv") or e.get("preempted") or e.get("finished"):
+                    print(side, json.dumps(e))
+    problems = compare(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, case.offload.tokens_per_chunk)] \
+        + [f"sim: {v}" for v in invariants(sim, case.specs, case.offload.tokens_per_chunk)]
+    print("\n".join(problems) if problems else "no divergence, invariants hold")
+    print("summary:", kv_summary(real))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
