@@ -185,3 +185,37 @@ def test_generated_cases_have_no_divergence():
         if problems:
             bad.append(f"{case.describe()}: {problems[0]}  [replay: {oc.replay_command(seed)}]")
     assert not bad, f"{len(bad)}/{NUM_CASES} cases diverge (vllm {vllm_version()}):\n" + "\n".join(bad[:10])
+
+
+needs_026_scheduler = pytest.mark.skipif(
+    POLICY != "0.24+", reason="the simulated Scheduler mirrors vLLM 0.26.0's; under 0.23.0 the Scheduler "
+                              "itself differs (admission, prefix hits), so only the connector model is compared")
+
+
+@needs_026_scheduler
+@pytest.mark.parametrize("name", oc.SCENARIOS)
+def test_pure_simulator_reproduces_scenarios(scenario_runs, name):
+    case, real, _ = scenario_runs[name]
+    assert oc.compare(real, oc.run_case(case, "puresim")) == []
+
+
+@needs_026_scheduler
+@pytest.mark.parametrize("mutant,name", [("no-preempt-flush", "preemption"), ("no-fence-flush", "fence"),
+                                         ("no-flush-all", "last_step")])
+def test_pure_simulator_mutants_are_caught(scenario_runs, mutant, name):
+    case, real, _ = scenario_runs[name]
+    policy = "0.23" if mutant == "no-flush-all" else None
+    assert oc.check_case(case, policy=policy, mutant=mutant, side="puresim", real=real)
+
+
+@needs_026_scheduler
+def test_pure_simulator_generated_cases_have_no_divergence():
+    """The whole simulator (simulated Scheduler + prefix cache + offloading hooks + model) against
+    the real Scheduler + OffloadingConnector, over NUM_CASES generated cases."""
+    bad = []
+    for seed in range(NUM_CASES):
+        case = oc.gen_case(seed)
+        problems = oc.check_case(case, side="puresim")
+        if problems:
+            bad.append(f"{case.describe()}: {problems[0]}  [replay: {oc.replay_command(seed, side='puresim')}]")
+    assert not bad, f"{len(bad)}/{NUM_CASES} cases diverge:\n" + "\n".join(bad[:10])

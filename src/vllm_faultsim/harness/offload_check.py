@@ -79,6 +79,10 @@ def run_offload(core, specs, *, step_time: Callable[[int, int, int], float] = ST
             t += dur
             dead = ("kv_transfer_failed", t)
             break
+        check = getattr(core, "check", None)
+        problem = check() if check is not None else None
+        if problem:
+            raise AssertionError(f"step {step} (t={t + dur:.6f}s): {problem}")
         events.append(_step_event(step, t, dur, res, finished))
         for f in finished:
             events.append({"kind": "req", "req": f.req_id, "status": f.status, "arrival": arrival.pop(f.req_id),
@@ -330,26 +334,43 @@ SCENARIOS = ("preemption", "fence", "last_step")
 
 # ---- differential runs -----------------------------------------------------------------------
 
+def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None):
+    """The pure simulator: the simulated Scheduler (prefix caching) with the offloading hooks."""
+    from ..models.offload_scheduler import OffloadScheduler
+    from ..models.scheduler import SchedulerConfig
+    s = case.sched
+    cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
+                          block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
+                          enable_prefix_caching=True)
+    return OffloadScheduler(cfg, case.offload, ko.policy_for(policy, mutant), case.plan)
+
+
 def run_case(case: Case, connector: str, *, policy: str | None = None, mutant: str | None = None) -> list[dict]:
-    """One side of a case: the real Scheduler with vLLM's OffloadingConnector (``"real"``) or
-    with the simulator's model (``"sim"``, under `policy`/`mutant`)."""
+    """One side of a case: the real Scheduler with vLLM's OffloadingConnector (``"real"``), the
+    real Scheduler with the simulator's model (``"sim"``), or the pure simulator (``"puresim"``:
+    simulated Scheduler + model, no vLLM), the last two under `policy`/`mutant`."""
+    if connector == "puresim":
+        return run_offload(sim_core(case, policy=policy, mutant=mutant), case.specs, plan=case.plan)
     from .real_offload import RealOffloadCore
     kw = dict(policy=policy, mutant=mutant) if connector == "sim" else {}
     core = RealOffloadCore(case.sched, case.offload, connector=connector, plan=case.plan, **kw)
     return run_offload(core, case.specs, plan=case.plan)
 
 
-def check_case(case: Case, *, policy: str | None = None, mutant: str | None = None) -> list[str]:
-    """Divergences (real vs sim) plus invariant violations of either side; [] when all is well."""
-    real = run_case(case, "real")
-    sim = run_case(case, "sim", policy=policy, mutant=mutant)
+def check_case(case: Case, *, policy: str | None = None, mutant: str | None = None, side: str = "sim",
+               real: list[dict] | None = None) -> list[str]:
+    """Divergences (real vs `side`: "sim" or "puresim") plus invariant violations of either side;
+    [] when all is well."""
+    real = run_case(case, "real") if real is None else real
+    sim = run_case(case, side, policy=policy, mutant=mutant)
     tpc = case.offload.tokens_per_chunk
     return (compare(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, tpc)]
             + [f"sim: {v}" for v in invariants(sim, case.specs, tpc)])
 
 
-def replay_command(seed: int, policy: str | None = None, mutant: str | None = None) -> str:
+def replay_command(seed: int, policy: str | None = None, mutant: str | None = None, side: str = "sim") -> str:
     extra = (f" --policy {policy}" if policy else "") + (f" --mutant {mutant}" if mutant else "")
+    extra += f" --side {side}" if side != "sim" else ""
     return f"PYTHONPATH=src python -m vllm_faultsim.harness.offload_check --seed {seed}{extra}"
 
 
@@ -362,12 +383,14 @@ def main(argv=None) -> int:
     ap.add_argument("--scenario", choices=SCENARIOS)
     ap.add_argument("--policy", choices=ko.VERSIONS)
     ap.add_argument("--mutant", choices=[m for m in ko.MUTANTS if m])
+    ap.add_argument("--side", choices=("sim", "puresim"), default="sim",
+                    help="sim: the model inside the real Scheduler; puresim: the simulated Scheduler")
     ap.add_argument("--trace", action="store_true", help="print both traces' steps with KV events")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     case = scenario(args.scenario) if args.scenario else gen_case(args.seed)
     print(case.describe())
-    real, sim = run_case(case, "real"), run_case(case, "sim", policy=args.policy, mutant=args.mutant)
+    real, sim = run_case(case, "real"), run_case(case, args.side, policy=args.policy, mutant=args.mutant)
     if args.trace:
         for side, evs in (("real", real), ("sim", sim)):
             for e in evs:
