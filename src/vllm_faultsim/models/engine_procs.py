@@ -12,8 +12,13 @@ The model follows vLLM 0.26.0's code paths, by name:
   end it with that code at once.
 - ``CoreEngineProcManager.monitor_engine_liveness`` (policy ``mp-0.26``): an event-driven wait
   on the process sentinels. At the first exit it wakes (after the measured detection latency);
-  of the processes found dead then, one that exited non-zero while the manager was not stopping
-  becomes ``failed_proc_name`` (the last such in rank order: the real loop overwrites). Any
+  of the processes found dead then, one whose ``proc.exitcode`` is not 0 while the manager is
+  not stopping becomes ``failed_proc_name`` (the last such in rank order: the real loop
+  overwrites). A process that exited 0 is usually not named, but the sentinel (the child's pipe
+  closing in the kernel's exit path) can wake the monitor before the child is reapable, and then
+  ``exitcode`` is still ``None`` (``None != 0``): a clean exit is named as the failed process.
+  The model draws that race with the rate measured on the host (profile
+  ``exitcode_none_after_sentinel``); the checker compares it across the matrix, not per case. Any
   exit, code 0 included, ends monitoring and calls ``shutdown()``: ``manager_stopped`` is set,
   every live process gets SIGTERM, the manager waits up to the timeout (``shutdown(procs,
   None)`` means 5 s) and SIGKILLs what is left (``kill_process_tree``).
@@ -24,8 +29,10 @@ The model follows vLLM 0.26.0's code paths, by name:
   background-resource cleanup sets ``engine_dead`` too.
 - ``CoreEngineActorManager.monitor_engine_liveness`` (policy ``ray-actor``): ``ray.wait`` on the
   actors' ``run`` refs (``num_returns=1``: the first ready ref in rank order), then ``ray.get``:
-  ``RayActorError`` (the actor died: SIGKILL, SIGTERM, or the ``SystemExit`` that
-  ``EngineCoreActorMixin.run`` re-raises after ``exit0``) is a failure named ``Actor <ref>``;
+  ``RayActorError`` (the actor died: SIGKILL, or a ``SystemExit`` out of
+  ``EngineCoreActorMixin.run``, whose ``finally`` drains first: the one Ray's SIGTERM handler
+  raises at once, even mid-step, or the one the busy loop raises after ``exit0``) is a failure
+  named ``Actor <ref>``;
   a fatal error in ``run`` (``exit1``) is a ``RayTaskError`` that the monitor does not catch:
   the monitor thread dies, nothing is shut down and the client is never marked dead. The
   manager's ``shutdown()`` is ``ray.kill`` of every actor: no engine core drains its connectors.
@@ -74,7 +81,7 @@ import bisect
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -194,6 +201,8 @@ class LatencyModel:
 
     def __init__(self, profile: dict):
         self.profile = profile
+        # how often proc.exitcode is still None when the monitor reads it after the sentinel
+        self.exit0_unreaped = float(profile["exitcode_none_after_sentinel"]["rate"])
         self._q: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
         for backend, causes in profile["quantiles"].items():
             for cause, pts in causes.items():
@@ -233,15 +242,20 @@ class LivenessPolicy:
     detection: str = "event"         # "event": sentinels / ray.wait; "poll": finished_procs() every interval
     poll_interval: float = OLD_POLL_INTERVAL
     names_exit0: bool = False        # mutant: an exit code 0 becomes failed_proc_name
+    reap_race: bool = True           # exitcode read right after the sentinel (None before the reap)
     shutdown_on_exit: bool = True    # mutant when False: nobody shuts the others down
     drain: DrainPolicy = DRAIN_POLICIES["pr42423"]
+
+    def code0_naming_rate(self, unreaped: float) -> float:
+        """How often a process that exited 0 (alone) is named as the failed one."""
+        return 1.0 if self.names_exit0 else unreaped if self.reap_race and self.backend == "mp" else 0.0
 
 
 _MP = LivenessPolicy("mp-0.26")
 POLICIES: dict[str, LivenessPolicy] = {
     "mp-0.26": _MP,
     "ray-actor": LivenessPolicy("ray-actor", backend="ray"),
-    "polling": LivenessPolicy("polling", detection="poll"),
+    "polling": LivenessPolicy("polling", detection="poll", reap_race=False),
     "mutant:name-exit0": replace(_MP, name="mutant:name-exit0", names_exit0=True),
     "mutant:no-shutdown": replace(_MP, name="mutant:no-shutdown", shutdown_on_exit=False),
     "mutant:skip-ec-shutdown": replace(_MP, name="mutant:skip-ec-shutdown", drain=DRAIN_POLICIES["pre-pr42423"]),
@@ -344,7 +358,7 @@ class EngineCoreProc:
             raise _Exit(-9, now=True)
         if sig == "SIGTERM":
             if self.sim.policy.backend == "ray":
-                raise _Exit(-15, now=True)  # no vLLM handler in an actor: the worker dies
+                raise _Exit(0)  # no vLLM handler in an actor: Ray's raises SystemExit, run() drains
             self.shutdown_requested = True
         elif sig == "exit1":
             raise _Exit(1)
@@ -559,7 +573,10 @@ class ProcSim:
         failed = None
         if not self.manager_stopped:
             for p in died:
-                if p.exitcode != 0 or self.policy.names_exit0:
+                seen = p.exitcode
+                if seen == 0 and self.policy.reap_race and self.rng.random() < self.latency.exit0_unreaped:
+                    seen = None  # proc.exitcode before the child is reaped
+                if seen != 0 or self.policy.names_exit0:
                     failed = p
             self._detect(first, failed)
             if self.policy.shutdown_on_exit:

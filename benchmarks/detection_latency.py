@@ -1,0 +1,114 @@
+"""Engine-death detection latency on this host: real processes under vLLM 0.26.0's
+CoreEngineProcManager (and, with --ray, Ray actors under CoreEngineActorManager), killed at
+seeded random moments (SIGKILL, and an unexpected exit 0); the latency is from the exit (the
+SIGKILL, or the process's last report before it returns) to the real monitor starting the
+shutdown. The exit-0 runs also measure how often the real monitor reads ``proc.exitcode`` before
+the child is reaped (``None``) and so names a clean exit as the failed process.
+
+    PYTHONPATH=src python benchmarks/detection_latency.py [--kills 40] [--backend mp|ray|both]
+        [--out benchmarks/results/detection_latency.json]
+        [--profile src/vllm_faultsim/profiles/liveness_cpu.json]
+
+Prints p50/p90/p99 per backend and cause, writes every sample to --out, and with --profile
+writes the quantiles the simulator draws from (models/engine_procs.py, LatencyModel), keeping
+the other backend's entry of an existing profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import time
+from pathlib import Path
+
+from vllm_faultsim.faults.plan import validate_plan
+from vllm_faultsim.harness.check_procs import code0_naming, latencies, percentile
+from vllm_faultsim.models.engine_procs import ProcScenario
+
+QUANTILES = [round(i / 20, 2) for i in range(21)]
+CAUSES = {"signal": "SIGKILL", "exit": "exit0"}
+
+
+def scenario() -> ProcScenario:
+    return ProcScenario(dp_size=2, step=0.1, busy=((0.1, 0.5), (0.1, 0.5)), ops=(), duration=0.8, probe_at=0.7)
+
+
+def measure(backend: str, kills: int, seed: int) -> tuple[dict[str, list[float]], list[bool]]:
+    from vllm_faultsim.harness import real_procs
+    rng = random.Random(seed)
+    sc = scenario()
+    out: dict[str, list[float]] = {c: [] for c in CAUSES}
+    named: list[bool] = []
+    for i in range(kills):
+        for cause, sig in CAUSES.items():
+            plan = validate_plan([{"kind": "kill_engine", "at": round(rng.uniform(0.15, 0.45), 3),
+                                   "rank": i % sc.dp_size, "signal": sig, "phase": "any"}])
+            events = real_procs.run_case(sc, plan, seed=seed, backend=backend)
+            out[cause].extend(x for c, x in latencies(events) if c == cause)
+            named += code0_naming([events])
+    return out, named
+
+
+def _dump(prof: dict) -> str:
+    """JSON with each [quantile, seconds] pair on one line."""
+    return re.sub(r"\[\s+([-\d.e]+),\s+([-\d.e]+)\s+\]", r"[\1, \2]", json.dumps(prof, indent=1)) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kills", type=int, default=40, help="kills per cause and backend (>= 30)")
+    ap.add_argument("--backend", choices=("mp", "ray", "both"), default="mp")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "detection_latency.json"))
+    ap.add_argument("--profile", default=None, help="also write the simulator's liveness profile here")
+    args = ap.parse_args()
+    backends = ("mp", "ray") if args.backend == "both" else (args.backend,)
+    results = {}
+    t0 = time.perf_counter()
+    for backend in backends:
+        if backend == "ray":
+            from vllm_faultsim.harness.real_procs import ray_cluster
+            with ray_cluster():
+                samples, named = measure(backend, args.kills, args.seed)
+        else:
+            samples, named = measure(backend, args.kills, args.seed)
+        results[backend] = {cause: {"n": len(xs), "p50": percentile(xs, 0.5), "p90": percentile(xs, 0.9),
+                                    "p99": percentile(xs, 0.99), "samples": sorted(xs)}
+                            for cause, xs in samples.items()}
+        for cause, r in results[backend].items():
+            print(f"{backend:3s} {cause:6s} n={r['n']:3d}  p50={r['p50'] * 1e3:7.2f} ms  "
+                  f"p90={r['p90'] * 1e3:7.2f} ms  p99={r['p99'] * 1e3:7.2f} ms")
+        if named:
+            results[backend]["exit0_named"] = {"n": len(named), "named": sum(named), "rate": sum(named) / len(named)}
+            print(f"{backend:3s} exit 0 named as failed (exitcode read before the reap): {sum(named)}/{len(named)}")
+    import vllm
+    host = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "vllm": vllm.__version__, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"host": host, "kills_per_cause": args.kills, "seed": args.seed,
+                                          "wall_s": round(time.perf_counter() - t0, 1), "results": results},
+                                         indent=1) + "\n")
+    print(f"wrote {args.out}")
+    if args.profile:
+        p = Path(args.profile)
+        prof = json.loads(p.read_text()) if p.exists() else {"quantiles": {}}
+        prof.update(name="liveness_cpu", host=host,
+                    description="Detection latency (exit -> the real monitor starts the shutdown) measured by "
+                                "benchmarks/detection_latency.py on a CPU host; quantiles per backend and cause.")
+        for backend, causes in results.items():
+            named = causes.pop("exit0_named", None)
+            if named is not None:
+                prof["exitcode_none_after_sentinel"] = named
+            prof["quantiles"][backend] = {
+                cause: [[q, round(percentile(r["samples"], q), 6)] for q in QUANTILES] for cause, r in causes.items()}
+            prof.setdefault("n", {})[backend] = {cause: r["n"] for cause, r in causes.items()}
+        p.write_text(_dump(prof))
+        print(f"wrote {args.profile}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""The checker for engine-process deaths: compares a simulator trace with a real one (traces
+only, never either side's state; it runs offline on saved traces) and judges the model's
+detection-latency distribution against measured latencies.
+
+Compared exactly (:func:`classify`), per case:
+
+- ``exits``       per rank: the exit code (MP) or the actor outcome (Ray)
+- ``exit_by``     per rank: ``self`` (it ended before any manager shutdown began) or the cause of
+                  the manager shutdown that ended it (``monitor`` or ``client``)
+- ``detect``      whether the monitor detected an exit, which rank it names as failed (and, MP,
+                  the ``failed_proc_name``), which rank exited first. Whether a process that
+                  exited 0 is named depends on a race in 0.26.0 (``proc.exitcode`` read before the
+                  reap; models/engine_procs.py): per case both outcomes are one class, and the
+                  naming rate is judged over the matrix (:func:`compare_code0_naming`)
+- ``monitor_error``, ``manager_shutdowns`` (causes, in order), ``stops`` (causes),
+  ``engine_dead`` (via), ``probe`` (``request_failed`` / ``request_accepted``)
+- ``faults``      which faults applied
+- ``shutdown_order`` per rank: the connectors whose ``shutdown()`` ran, in order
+- ``ops``         per rank/role/connector: operations done, drained, lost
+
+Times are not compared case by case; detection latencies are pooled and compared as
+distributions (:func:`compare_latency`). The fault matrix (:func:`matrix_cases`) is the set of
+cases ``signal x phase x rank`` on :func:`matrix_scenario`.
+
+Offline: ``python -m vllm_faultsim.harness.check_procs SIM.jsonl REAL.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..faults.plan import PHASES, SIGNALS, FaultPlan, validate_plan
+from ..models.engine_procs import LatencyModel, ProcScenario
+from ..models.shutdown_drain import ConnectorOp
+from .trace import read_trace
+
+MATRIX_PHASES = ("idle", "mid_step", "shutdown")
+LATENCY_TOLERANCE = 0.25  # model p50 within +-25% of the measured p50
+NAMING_ALPHA = 1e-3       # reject a code-0 naming rate the real namings make this unlikely
+RACE = "race: exit code 0"  # a code-0 exit named or not, depending on the reap (see engine_procs)
+
+
+def matrix_scenario(dp_size: int = 2) -> ProcScenario:
+    """The matrix's scenario: every rank steps in [0.2, 0.6) (faults at 0.45: mid-step at 0.45,
+    idle at 0.63); each rank has one operation per connector and role pending over the fault
+    (KV ones end 0.15 s before EC ones, ranks 0.3 s apart, so an EC connector whose shutdown is
+    skipped loses them), and another set pending over the end-of-run stop at 1.7 s (KV ends at
+    1.75, drained before a shutdown-phase fault at ~1.8; EC at 1.9, lost to it). Every boundary
+    is >= 40 ms from the next event, well above this driver's jitter."""
+    ops = []
+    for r in range(dp_size):
+        for conn in ("kv", "ec"):
+            extra = 0.15 if conn == "ec" else 0.0
+            for role in ("worker", "scheduler"):
+                ops.append(ConnectorOp(r, conn, role, f"a{r}.{role}.{conn}", 0.25, 0.55 + 0.3 * r + extra))
+                ops.append(ConnectorOp(r, conn, role, f"b{r}.{role}.{conn}", 1.5, 0.25 + extra))
+    return ProcScenario(dp_size=dp_size, step=0.1, busy=((0.2, 0.6),) * dp_size, ops=tuple(ops),
+                        duration=1.7, probe_at=1.45, stop_timeout=5.0, margin=0.03, shutdown_delay=0.1)
+
+
+@dataclass(frozen=True)
+class Case:
+    signal: str
+    phase: str
+    rank: int
+    at: float = 0.45
+
+    @property
+    def name(self) -> str:
+        return f"{self.signal}-{self.phase}-rank{self.rank}"
+
+    def plan(self) -> FaultPlan:
+        return validate_plan([{"kind": "kill_engine", "at": self.at, "rank": self.rank,
+                               "signal": self.signal, "phase": self.phase}], self.name)
+
+
+def matrix_cases(dp_size: int = 2, signals: Iterable[str] = SIGNALS, phases: Iterable[str] = MATRIX_PHASES,
+                 ranks: Iterable[int] | None = None) -> list[Case]:
+    ranks = range(dp_size) if ranks is None else ranks
+    for p in phases:
+        if p not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {p!r}")
+    return [Case(s, p, r) for s in signals for p in phases for r in ranks]
+
+
+def _proc(events: list[dict], name: str) -> list[dict]:
+    return [e for e in events if e.get("kind") == "proc" and e["event"] == name]
+
+
+def _name(failed_name: str | None) -> str | None:
+    """Ray names the failed actor by its run ref (``Actor ObjectRef(...)``): compare the form."""
+    return "Actor <ref>" if failed_name and failed_name.startswith("Actor ") else failed_name
+
+
+def classify(events: list[dict]) -> dict:
+    """The facts of a trace that both sides must agree on."""
+    exits = {e["rank"]: e for e in _proc(events, "exit")}
+    shutdowns = _proc(events, "shutdown")
+    exit_by = {}
+    for r, e in sorted(exits.items()):
+        before = [s for s in shutdowns if s["t"] <= e["t"]]
+        exit_by[r] = before[0]["cause"] if before else "self"
+    detect = []
+    code0_named = []
+    for d in _proc(events, "detect"):
+        codes = {r: e.get("exitcode") for r, e in exits.items()}
+        entry = {"failed": d["failed"], "failed_name": _name(d["failed_name"]), "first_exit": d["first_exit"]}
+        if codes.get(d["first_exit"]) == 0 and (d["failed"] is None or codes.get(d["failed"]) == 0):
+            code0_named.append(d["failed"] is not None)
+            entry.update(failed=RACE, failed_name=RACE)
+        detect.append(entry)
+    dead = _proc(events, "engine_dead")
+    probe = [e["event"] for e in events if e.get("kind") == "proc" and e["event"] in ("request_failed", "request_accepted")]
+    order: dict[int, list[str]] = {}
+    for e in _proc(events, "connector_shutdown"):
+        order.setdefault(e["rank"], []).append(f"{e['role']}.{e['connector']}")
+    end = [e for e in events if e.get("kind") == "end"]
+    return {
+        "exits": {r: e.get("exitcode", e.get("outcome")) for r, e in sorted(exits.items())},
+        "exit_by": exit_by,
+        "detect": detect,
+        "_code0_named": code0_named,
+        "monitor_error": bool(_proc(events, "monitor_error")),
+        "manager_shutdowns": [s["cause"] for s in shutdowns],
+        "stops": [s["cause"] for s in _proc(events, "stop")],
+        "engine_dead": [d["via"] for d in dead],
+        "probe": probe,
+        "faults": [e["applied"] for e in events if e.get("kind") == "fault"],
+        "shutdown_order": dict(sorted(order.items())),
+        "ops": end[0]["summary"]["ops"] if end else {},
+    }
+
+
+def compare(sim: list[dict], real: list[dict]) -> list[str]:
+    """Divergences between two traces, one line each (empty: identical classification)."""
+    a, b = classify(sim), classify(real)
+    return [f"{k}: sim={a[k]!r} real={b[k]!r}" for k in a if not k.startswith("_") and a[k] != b[k]]
+
+
+def code0_naming(traces: Iterable[list[dict]]) -> list[bool]:
+    """For each detection whose first exit had code 0: was that process named as failed?"""
+    return [named for ev in traces for named in classify(ev)["_code0_named"]]
+
+
+def binomial_p_value(k: int, n: int, rate: float) -> float:
+    """Two-sided exact test: the probability of an outcome no likelier than ``k`` of ``n``."""
+    probs = [math.comb(n, i) * rate ** i * (1 - rate) ** (n - i) for i in range(n + 1)]
+    return min(1.0, sum(p for p in probs if p <= probs[k] * (1 + 1e-9)))
+
+
+def compare_code0_naming(real: list[bool], rate: float, alpha: float = NAMING_ALPHA) -> dict:
+    """Are the real namings of code-0 exits consistent with a model that names them at ``rate``?"""
+    k, n = sum(real), len(real)
+    p = binomial_p_value(k, n, rate) if n else 1.0
+    return {"n": n, "named": k, "model_rate": rate, "p_value": p, "ok": p >= alpha}
+
+
+def latencies(events: list[dict]) -> list[tuple[str, float]]:
+    """(cause, seconds) of each detection in a trace."""
+    return [(d["cause"], d["latency"]) for d in _proc(events, "detect")]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if len(xs) == 1:
+        return xs[0]
+    k = (len(xs) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def compare_latency(model: LatencyModel, backend: str, measured: list[tuple[str, float]],
+                    tolerance: float = LATENCY_TOLERANCE) -> dict:
+    """Per cause: measured p50/p90/p99 and n, the model's p50, their ratio and whether the
+    model's p50 lies within +-tolerance of the measured one."""
+    out = {}
+    for cause in sorted({c for c, _ in measured}):
+        xs = [x for c, x in measured if c == cause]
+        m50 = statistics.median(xs)
+        p50 = model.quantile(backend, cause, 0.5)
+        out[cause] = {"n": len(xs), "measured_p50": m50, "measured_p90": percentile(xs, 0.9),
+                      "measured_p99": percentile(xs, 0.99), "model_p50": p50,
+                      "ratio": p50 / m50 if m50 > 0 else float("inf"),
+                      "ok": abs(p50 - m50) <= tolerance * m50}
+    return out
+
+
+def replay_command(case: Case, policy: str, seed: int, backend: str = "mp") -> str:
+    return (f"PYTHONPATH=src python -m vllm_faultsim.harness.real_procs --signal {case.signal} "
+            f"--phase {case.phase} --rank {case.rank} --at {case.at} --policy {policy} --seed {seed} "
+            f"--backend {backend}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vllm_faultsim.harness.check_procs",
+                                 description="Compare a simulator trace with a real one (engine processes).")
+    ap.add_argument("sim")
+    ap.add_argument("real")
+    args = ap.parse_args(argv)
+    diffs = compare(read_trace(args.sim), read_trace(args.real))
+    for d in diffs:
+        print(d)
+    print("identical classification" if not diffs else f"{len(diffs)} divergence(s)")
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Engine-process deaths: real OS processes (and Ray actors) under vLLM 0.26.0's engine
+managers, liveness monitors, client and shutdown code, against the simulator.
+
+Per case time is printed (pytest -s, or -rP); the MP matrix is 30 cases of ~2 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]')")
+
+from vllm_faultsim.faults.plan import validate_plan  # noqa: E402
+from vllm_faultsim.harness import real_procs  # noqa: E402
+from vllm_faultsim.harness.check_procs import classify, compare, compare_latency, latencies  # noqa: E402
+from vllm_faultsim.models.engine_procs import MUTANTS, LatencyModel, ProcScenario, simulate  # noqa: E402
+from vllm_faultsim.models.shutdown_drain import ConnectorOp  # noqa: E402
+
+QUIET = os.getloadavg()[0] < 0.75 * (os.cpu_count() or 1)
+
+
+def _print(report) -> None:
+    print()
+    for c in report.cases:
+        print(f"  {c.case.name:28s} {c.seconds:5.2f} s  {'ok' if not c.divergences else c.divergences}")
+    print(report.summary())
+
+
+def test_fault_matrix_is_classified_identically_and_every_mutant_is_caught(tmp_path):
+    report = real_procs.run_fault_matrix(out_dir=tmp_path, log=lambda line: None)
+    _print(report)
+    first = next((c for c in report.cases if c.divergences), None)
+    assert first is None, (f"{first.case.name}: {first.divergences}\nreplay: "
+                           f"{real_procs.replay_command(first.case, report.policy, report.seed)}")
+    assert report.code0_naming["ok"], report.code0_naming
+    assert all(report.mutants.values()), report.mutants
+    assert set(report.mutants) == set(MUTANTS)
+
+
+def test_drain_bounded_by_the_manager_timeout_for_real():
+    """An EC operation longer than shutdown(procs, timeout=None)'s 5 s: killed, lost."""
+    sc = ProcScenario(ops=(ConnectorOp(0, "ec", "worker", "slow", 0.25, 8.0),
+                           ConnectorOp(0, "kv", "scheduler", "quick", 0.25, 0.9)),
+                      duration=7.0, probe_at=6.5)
+    plan = validate_plan([{"kind": "kill_engine", "at": 0.45, "rank": 1, "signal": "SIGKILL"}])
+    real = real_procs.run_case(sc, plan)
+    sim = simulate(sc, plan)
+    assert not compare(sim, real), compare(sim, real)
+    c = classify(real)
+    assert c["exits"] == {0: -9, 1: -9} and c["ops"]["0.worker.ec"]["lost"] == 1
+    assert c["ops"]["0.scheduler.kv"]["drain"] == 1
+
+
+@pytest.mark.skipif(not QUIET, reason=f"machine busy (load {os.getloadavg()[0]:.1f}): latencies would not be "
+                                      "comparable with the profile measured on a quiet host")
+def test_detection_latency_p50_matches_the_model():
+    model = LatencyModel.load()
+    sc = ProcScenario(dp_size=2, step=0.1, busy=((0.1, 0.5), (0.1, 0.5)), ops=(), duration=0.8, probe_at=0.7)
+    measured = []
+    for i in range(12):
+        for signal in ("SIGKILL", "exit0"):
+            plan = validate_plan([{"kind": "kill_engine", "at": 0.2 + 0.02 * i, "rank": i % 2, "signal": signal}])
+            measured += latencies(real_procs.run_case(sc, plan))
+    out = compare_latency(model, "mp", measured)
+    print(out)
+    assert all(v["ok"] for v in out.values()), out
+
+
+def test_ray_actor_manager_matrix():
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray): the model covers it")
+    with real_procs.ray_cluster():
+        assert ray.is_initialized()
+        report = real_procs.run_fault_matrix(backend="ray", phases=("mid_step",), log=lambda line: None)
+    _print(report)
+    assert not ray.is_initialized()
+    assert all(not c.divergences for c in report.cases), [(c.case.name, c.divergences) for c in report.cases]
+    by = {c.case.name: classify(c.real) for c in report.cases}
+    assert by["exit1-mid_step-rank1"]["monitor_error"]  # RayTaskError escapes the monitor
+    assert by["SIGKILL-mid_step-rank0"]["detect"][0]["failed"] == 0
