@@ -30,9 +30,11 @@ from ``get_request_block_hasher``); an *offload key* is the hash of the last GPU
   collects finished transfers (``assert success``: a failed transfer kills the engine);
   ``build_connector_worker_meta()`` -> ``completed_jobs`` travels back in
   ``ModelRunnerOutput.kv_connector_output``.
-- ``update_from_output``: ``update_connector_output(output)`` retires completed jobs first; then a
-  finished request calls ``request_finished(req)`` (returns ``(False, None)``: blocks are freed at
-  once, so a pending store's source block may be re-allocated -- hence the *fence*).
+- ``update_from_output``: a request that finishes calls ``request_finished(req)`` before its blocks
+  are freed (it returns ``(False, None)``: the blocks are freed at once, so a pending store's
+  source block may be re-allocated -- hence the *fence*); its id is reported in the next step's
+  ``finished_req_ids``. Last (``_update_from_kv_xfer_finished``), ``update_connector_output``
+  retires the completed jobs and ``finished_recving`` makes loaded requests schedulable again.
 
 Scheduler side, step by step
 ----------------------------
