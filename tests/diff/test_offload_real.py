@@ -178,7 +178,6 @@ def test_generated_cases_have_no_divergence():
     (preemption storms), tiny CPU pools (evictions, failed stores), shared prefixes (loads,
     delayed lookups), slow/stalled/failing transfers, engine kills."""
     bad = []
-    totals: dict = {}
     for seed in range(NUM_CASES):
         case = oc.gen_case(seed)
         problems = oc.check_case(case)

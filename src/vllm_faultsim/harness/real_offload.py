@@ -55,10 +55,6 @@ def vllm_version() -> str:
     return vllm.__version__
 
 
-def _is_new() -> bool:
-    return ko.version_policy(vllm_version()) == "0.24+"
-
-
 # ---- the spec: real CPU manager (observed), virtual worker ----------------------------------
 
 class _ObservedManager:
