@@ -6,8 +6,12 @@ shutdown. The exit-0 runs also measure how often the real monitor reads ``proc.e
 the child is reaped (``None``) and so names a clean exit as the failed process.
 
     PYTHONPATH=src python benchmarks/detection_latency.py [--kills 40] [--backend mp|ray|both]
-        [--out benchmarks/results/detection_latency.json]
+        [--ballast-mb 0] [--out benchmarks/results/detection_latency.json]
         [--profile src/vllm_faultsim/profiles/liveness_cpu.json]
+
+An MP engine core is a fork of this process; its exit tears down its copy of this process's
+memory before the monitor can see it, so MP latencies grow with this process's RSS (recorded
+as ``client_rss_mb``; ``--ballast-mb`` adds touched memory to measure that slope).
 
 Prints p50/p90/p99 per backend and cause, writes every sample to --out, and with --profile
 writes the quantiles the simulator draws from (models/engine_procs.py, LatencyModel), keeping
@@ -65,7 +69,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "detection_latency.json"))
     ap.add_argument("--profile", default=None, help="also write the simulator's liveness profile here")
+    ap.add_argument("--ballast-mb", type=int, default=0, help="grow this process by this much touched memory first")
     args = ap.parse_args()
+    ballast = bytearray(args.ballast_mb * 2**20)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1
     backends = ("mp", "ray") if args.backend == "both" else (args.backend,)
     results = {}
     t0 = time.perf_counter()
@@ -76,12 +84,16 @@ def main() -> None:
                 samples, named = measure(backend, args.kills, args.seed)
         else:
             samples, named = measure(backend, args.kills, args.seed)
+        from vllm_faultsim.harness.real_procs import client_rss_mb
+        rss = client_rss_mb()
         results[backend] = {cause: {"n": len(xs), "p50": percentile(xs, 0.5), "p90": percentile(xs, 0.9),
                                     "p99": percentile(xs, 0.99), "samples": sorted(xs)}
                             for cause, xs in samples.items()}
         for cause, r in results[backend].items():
             print(f"{backend:3s} {cause:6s} n={r['n']:3d}  p50={r['p50'] * 1e3:7.2f} ms  "
                   f"p90={r['p90'] * 1e3:7.2f} ms  p99={r['p99'] * 1e3:7.2f} ms")
+        print(f"{backend:3s} client RSS {rss:.0f} MB")
+        results[backend]["client_rss_mb"] = rss
         if named:
             results[backend]["exit0_named"] = {"n": len(named), "named": sum(named), "rate": sum(named) / len(named)}
             print(f"{backend:3s} exit 0 named as failed (exitcode read before the reap): {sum(named)}/{len(named)}")
@@ -90,6 +102,7 @@ def main() -> None:
             "vllm": vllm.__version__, "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"host": host, "kills_per_cause": args.kills, "seed": args.seed,
+                                          "ballast_mb": args.ballast_mb,
                                           "wall_s": round(time.perf_counter() - t0, 1), "results": results},
                                          indent=1) + "\n")
     print(f"wrote {args.out}")
@@ -100,9 +113,13 @@ def main() -> None:
                     description="Detection latency (exit -> the real monitor starts the shutdown) measured by "
                                 "benchmarks/detection_latency.py on a CPU host; quantiles per backend and cause.")
         for backend, causes in results.items():
+            causes = dict(causes)
             named = causes.pop("exit0_named", None)
             if named is not None:
                 prof["exitcode_none_after_sentinel"] = named
+            rss = causes.pop("client_rss_mb")
+            if backend == "mp":
+                prof["client_rss_mb"] = rss
             prof["quantiles"][backend] = {
                 cause: [[q, round(percentile(r["samples"], q), 6)] for q in QUANTILES] for cause, r in causes.items()}
             prof.setdefault("n", {})[backend] = {cause: r["n"] for cause, r in causes.items()}

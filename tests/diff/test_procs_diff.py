@@ -18,7 +18,7 @@ from vllm_faultsim.harness.check_procs import classify, compare, compare_latency
 from vllm_faultsim.models.engine_procs import MUTANTS, LatencyModel, ProcScenario, simulate  # noqa: E402
 from vllm_faultsim.models.shutdown_drain import ConnectorOp  # noqa: E402
 
-QUIET = os.getloadavg()[0] < 0.75 * (os.cpu_count() or 1)
+BUSY = 0.75  # load average per CPU above which latency figures are not comparable
 
 
 def _print(report) -> None:
@@ -47,15 +47,17 @@ def test_drain_bounded_by_the_manager_timeout_for_real():
     plan = validate_plan([{"kind": "kill_engine", "at": 0.45, "rank": 1, "signal": "SIGKILL"}])
     real = real_procs.run_case(sc, plan)
     sim = simulate(sc, plan)
-    assert not compare(sim, real), compare(sim, real)
+    assert not compare(sim, real), (compare(sim, real), "replay: pytest tests/diff/test_procs_diff.py -k drain_bounded")
     c = classify(real)
     assert c["exits"] == {0: -9, 1: -9} and c["ops"]["0.worker.ec"]["lost"] == 1
     assert c["ops"]["0.scheduler.kv"]["drain"] == 1
 
 
-@pytest.mark.skipif(not QUIET, reason=f"machine busy (load {os.getloadavg()[0]:.1f}): latencies would not be "
-                                      "comparable with the profile measured on a quiet host")
 def test_detection_latency_p50_matches_the_model():
+    """The model's p50 (for this process's memory: the engine cores are its forks) within +-25% of
+    the measured one. Latencies stretch on a loaded machine
+    (the dying process's teardown and the monitor thread wait for a CPU): a mismatch on a busy
+    machine is a skip that shows the figures, on a quiet one a failure."""
     model = LatencyModel.load()
     sc = ProcScenario(dp_size=2, step=0.1, busy=((0.1, 0.5), (0.1, 0.5)), ops=(), duration=0.8, probe_at=0.7)
     measured = []
@@ -63,9 +65,17 @@ def test_detection_latency_p50_matches_the_model():
         for signal in ("SIGKILL", "exit0"):
             plan = validate_plan([{"kind": "kill_engine", "at": 0.2 + 0.02 * i, "rank": i % 2, "signal": signal}])
             measured += latencies(real_procs.run_case(sc, plan))
-    out = compare_latency(model, "mp", measured)
-    print(out)
-    assert all(v["ok"] for v in out.values()), out
+    out = compare_latency(model, "mp", measured, real_procs.client_rss_mb())
+    figures = {c: f"measured p50 {v['measured_p50'] * 1e3:.1f} ms vs model {v['model_p50'] * 1e3:.1f} ms (n={v['n']})"
+               for c, v in out.items()}
+    print(figures)
+    load = os.getloadavg()[0]
+    if not all(v["ok"] for v in out.values()) and load > BUSY * (os.cpu_count() or 1):
+        pytest.skip(f"machine busy (load {load:.1f}): {figures}")
+    assert all(v["ok"] for v in out.values()), (
+        f"{figures}; if this host differs from the profile's, re-measure: "
+        "PYTHONPATH=src python benchmarks/detection_latency.py --backend both "
+        "--profile src/vllm_faultsim/profiles/liveness_cpu.json")
 
 
 def test_ray_actor_manager_matrix():

@@ -22,7 +22,7 @@ from vllm_faultsim.models.shutdown_drain import DRAIN_POLICIES, ConnectorOp
 def latency(unreaped: float = 0.0, mp: float = 0.02, ray: float = 0.01) -> LatencyModel:
     """A fixed-latency profile: every draw is the same."""
     flat = lambda v: [[0.0, v], [1.0, v]]  # noqa: E731
-    return LatencyModel({"name": "test", "exitcode_none_after_sentinel": {"rate": unreaped},
+    return LatencyModel({"name": "test", "exitcode_none_after_sentinel": {"rate": unreaped}, "client_rss_mb": 500.0,
                          "quantiles": {"mp": {"signal": flat(mp), "exit": flat(mp)},
                                        "ray": {"signal": flat(ray), "exit": flat(ray)}}})
 
@@ -184,7 +184,7 @@ def test_bad_scenarios_and_faults_fail_with_one_line():
     with pytest.raises(ValueError, match="connector must be one of"):
         ConnectorOp(0, "nvme", "worker", "x", 0, 1)
     with pytest.raises(KeyError, match="no ray/exit latencies"):
-        LatencyModel({"name": "p", "exitcode_none_after_sentinel": {"rate": 0},
+        LatencyModel({"name": "p", "exitcode_none_after_sentinel": {"rate": 0}, "client_rss_mb": 1,
                       "quantiles": {"mp": {"exit": [[0, 1], [1, 2]]}}}).quantile("ray", "exit", 0.5)
     with pytest.raises(ValueError, match="only 0.23.0 and later"):
         policy_for_vllm("0.22.1")
@@ -199,6 +199,16 @@ def test_operations_are_conserved():
             counted = [e["op"] for e in ev if e.get("event") in ("op_done", "drain", "lost")]
             assert len(counted) == len(submitted), (c.name, policy)
             assert {e["rank"] for e in proc(ev, "exit")} == {0, 1}, (c.name, policy)
+
+
+def test_mp_latency_scales_with_the_forking_clients_memory():
+    lat = latency(mp=0.02, ray=0.01)
+    assert lat.quantile("mp", "signal", 0.5, client_rss_mb=1000.0) == pytest.approx(0.04)
+    assert lat.quantile("ray", "signal", 0.5, client_rss_mb=1000.0) == pytest.approx(0.01)  # actors are no forks
+    big = ProcScenario(client_rss_mb=2000.0)
+    (d,) = proc(simulate(big, kill("SIGKILL"), latency=lat), "detect")
+    assert d["latency"] == pytest.approx(0.08)
+    assert compare_latency(lat, "mp", [("signal", 0.08)], client_rss_mb=2000.0)["signal"]["ok"]
 
 
 def test_latency_and_naming_statistics():

@@ -176,14 +176,15 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def compare_latency(model: LatencyModel, backend: str, measured: list[tuple[str, float]],
-                    tolerance: float = LATENCY_TOLERANCE) -> dict:
-    """Per cause: measured p50/p90/p99 and n, the model's p50, their ratio and whether the
-    model's p50 lies within +-tolerance of the measured one."""
+                    client_rss_mb: float | None = None, tolerance: float = LATENCY_TOLERANCE) -> dict:
+    """Per cause: measured p50/p90/p99 and n, the model's p50 (for a client of
+    ``client_rss_mb``), their ratio and whether the model's p50 lies within +-tolerance of the
+    measured one."""
     out = {}
     for cause in sorted({c for c, _ in measured}):
         xs = [x for c, x in measured if c == cause]
         m50 = statistics.median(xs)
-        p50 = model.quantile(backend, cause, 0.5)
+        p50 = model.quantile(backend, cause, 0.5, client_rss_mb)
         out[cause] = {"n": len(xs), "measured_p50": m50, "measured_p90": percentile(xs, 0.9),
                       "measured_p99": percentile(xs, 0.99), "model_p50": p50,
                       "ratio": p50 / m50 if m50 > 0 else float("inf"),

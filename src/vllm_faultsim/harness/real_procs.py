@@ -52,11 +52,12 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 from unittest import mock
 
+import psutil
 import torch
 import zmq
 
@@ -301,13 +302,11 @@ def _run_engine_core(dp_rank: int, vllm_config: VllmConfig) -> None:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         if signal_callback is not None:
             signal_callback.stop()
-        exc = sys.exc_info()[1]
-        code = 1 if isinstance(exc, Exception) else 0
         _CHILD.shutting_down = True
         _CHILD.report("core_shutdown")
         _start_shutdown_phase_faults(script)
         EngineCore.shutdown(core)
-        _CHILD.report("exiting", code=code)
+        _CHILD.report("exiting")
 
 
 def _submit_ops(script: _ChildScript, connectors: dict) -> None:
@@ -568,6 +567,11 @@ def run_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0, backend: str =
     if trace_path is not None:
         write_jsonl(trace_path, events)
     return events
+
+
+def client_rss_mb() -> float:
+    """This process's resident memory: what each forked engine core inherits and tears down."""
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
 def _sleep_until(hist: _History, t: float) -> None:
@@ -1066,11 +1070,6 @@ class MatrixReport:
     def classified_identically(self) -> bool:
         return all(not c.divergences for c in self.cases) and self.code0_naming["ok"]
 
-    @property
-    def ok(self) -> bool:
-        return (self.classified_identically and all(self.mutants.values())
-                and all(v["ok"] for v in self.latency.values()))
-
     def summary(self) -> str:
         lines = [f"fault matrix ({self.backend}, sim policy {self.policy}, seed {self.seed}): "
                  f"{len(self.cases)} cases in {self.seconds:.1f} s, "
@@ -1114,7 +1113,7 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
     policy = policy or ("ray-actor" if backend == "ray" else "mp-0.26")
     mutants = tuple(MUTANTS if backend == "mp" else ()) if mutants is None else tuple(mutants)
     model = LatencyModel.load(profile)
-    sc = matrix_scenario(dp_size)
+    sc = replace(matrix_scenario(dp_size), client_rss_mb=client_rss_mb())
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
@@ -1158,7 +1157,7 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
         rate = POLICIES[m].code0_naming_rate(model.exit0_unreaped)
         if real_named and rate != sim_rate and not compare_code0_naming(real_named, rate)["ok"]:
             caught[m].append("code-0 naming rate")
-    report = MatrixReport(backend, policy, seed, results, caught, compare_latency(model, backend, measured),
+    report = MatrixReport(backend, policy, seed, results, caught, compare_latency(model, backend, measured, sc.client_rss_mb),
                           compare_code0_naming(real_named, sim_rate), time.perf_counter() - start)
     log(report.summary())
     return report
@@ -1185,7 +1184,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if report.classified_identically and all(report.mutants.values()) else 1
         case = Case(args.signal, args.phase, args.rank, args.at)
         policy = args.policy or ("ray-actor" if args.backend == "ray" else "mp-0.26")
-        sc = matrix_scenario(args.dp_size)
+        sc = replace(matrix_scenario(args.dp_size), client_rss_mb=client_rss_mb())
         out = Path(args.out) if args.out else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

@@ -32,8 +32,7 @@ The model follows vLLM 0.26.0's code paths, by name:
   ``RayActorError`` (the actor died: SIGKILL, or a ``SystemExit`` out of
   ``EngineCoreActorMixin.run``, whose ``finally`` drains first: the one Ray's SIGTERM handler
   raises at once, even mid-step, or the one the busy loop raises after ``exit0``) is a failure
-  named ``Actor <ref>``;
-  a fatal error in ``run`` (``exit1``) is a ``RayTaskError`` that the monitor does not catch:
+  named ``Actor <ref>``; a fatal error in ``run`` (``exit1``) is a ``RayTaskError`` that the monitor does not catch:
   the monitor thread dies, nothing is shut down and the client is never marked dead. The
   manager's ``shutdown()`` is ``ray.kill`` of every actor: no engine core drains its connectors.
 - ``polling``: the monitor before the event-driven design: it looks at ``finished_procs()``
@@ -46,7 +45,12 @@ The model follows vLLM 0.26.0's code paths, by name:
 
 Detection latency (sentinel or ``ray.wait`` wake-up after an exit) is drawn from a measured
 profile (profiles/liveness_cpu.json, written by benchmarks/detection_latency.py), per backend
-and per cause: ``signal`` (the process was killed) or ``exit`` (it returned an exit code).
+and per cause: ``signal`` (the process was killed) or ``exit`` (it returned an exit code). An MP
+engine core is a fork of the client process (vLLM's default start method): its sentinel closes
+only once the kernel has torn down its copy of the client's address space, so the MP latency
+scales with the client's resident memory (measured on the CPU host, p50: 21.8 ms at 881 MB,
+47.8 ms at 1908 MB, i.e. proportional, ~0.025 ms per MB; benchmarks/results/). The profile records the client RSS it was measured at; a scenario's
+``client_rss_mb`` scales the MP quantiles by the ratio (Ray actors are not forks: no scaling).
 
 Faults are ``kill_engine`` faults of the plan (``at``, ``rank``, ``signal``, ``phase``). The time
 a fault applies is resolved from the scenario alone (:func:`resolve_fault_time`), the same way
@@ -67,12 +71,16 @@ Trace events (kind ``proc`` unless noted), besides those of models/shutdown_drai
                 ``shutdown()`` began (SIGTERM / ``ray.kill`` to all)
 - ``detect``    ``failed`` (rank or null), ``failed_name`` (``failed_proc_name``; null when
                 none), ``first_exit`` (rank), ``cause`` (its latency class), ``latency`` (s from
-                that exit): the monitor saw an
-                exit while the manager was not stopping and started the shutdown
-- ``monitor_error`` ``error``: the monitor thread died with an exception (Ray task error)
+                that exit): the monitor saw an exit while the manager was not stopping and
+                started the shutdown
+- ``monitor_error`` ``error``, ``rank``: the monitor thread died with an exception (Ray task
+                error of that rank)
 - ``engine_dead`` ``via`` (``monitor`` or ``client_shutdown``)
 - ``request_failed`` / ``request_accepted`` ``error``: the driver's later ``add_request``
-- ``end`` (kind ``end``): ``t``, ``summary``
+- ``end`` (kind ``end``): ``t``, ``summary`` (operations per rank/role/connector); real
+                traces add ``max_slip`` (how late the run was against its schedule)
+
+Exit times: a SIGKILL's is when it was sent; a process that returns, its last moment in Python.
 """
 
 from __future__ import annotations
@@ -108,7 +116,8 @@ class ProcScenario:
     """What the engine cores do, on both sides: ``dp_size`` cores; core ``r`` runs back-to-back
     steps of ``step`` seconds starting in ``busy[r] = (start, end)`` and is idle otherwise; the
     connector operations ``ops``; the client makes a later call at ``probe_at`` and stops
-    everything at ``duration`` (``MPClient.shutdown(timeout=stop_timeout)``)."""
+    everything at ``duration`` (``MPClient.shutdown(timeout=stop_timeout)``); the client
+    process that forks the cores holds ``client_rss_mb`` of memory."""
 
     dp_size: int = 2
     step: float = 0.1
@@ -119,6 +128,7 @@ class ProcScenario:
     stop_timeout: float = 5.0
     margin: float = 0.03
     shutdown_delay: float = 0.1
+    client_rss_mb: float | None = None   # the forking client's memory; None: the profile's
 
     def __post_init__(self):
         if self.dp_size < 1:
@@ -203,6 +213,7 @@ class LatencyModel:
         self.profile = profile
         # how often proc.exitcode is still None when the monitor reads it after the sentinel
         self.exit0_unreaped = float(profile["exitcode_none_after_sentinel"]["rate"])
+        self.client_rss_mb = float(profile["client_rss_mb"])  # the forking client's RSS when measured
         self._q: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
         for backend, causes in profile["quantiles"].items():
             for cause, pts in causes.items():
@@ -219,7 +230,12 @@ class LatencyModel:
             text = Path(path).read_text()
         return cls(json.loads(text))
 
-    def quantile(self, backend: str, cause: str, q: float) -> float:
+    def quantile(self, backend: str, cause: str, q: float, client_rss_mb: float | None = None) -> float:
+        """The ``q`` quantile; MP latencies scale with the forking client's memory."""
+        scale = client_rss_mb / self.client_rss_mb if backend == "mp" and client_rss_mb else 1.0
+        return scale * self._quantile(backend, cause, q)
+
+    def _quantile(self, backend: str, cause: str, q: float) -> float:
         try:
             qs, vs = self._q[(backend, cause)]
         except KeyError:
@@ -229,8 +245,8 @@ class LatencyModel:
         q0, q1, v0, v1 = qs[i - 1], qs[i], vs[i - 1], vs[i]
         return v0 if q1 == q0 else v0 + (v1 - v0) * (q - q0) / (q1 - q0)
 
-    def sample(self, rng: random.Random, backend: str, cause: str) -> float:
-        return self.quantile(backend, cause, rng.random())
+    def sample(self, rng: random.Random, backend: str, cause: str, client_rss_mb: float | None = None) -> float:
+        return self.quantile(backend, cause, rng.random(), client_rss_mb)
 
 
 # --- policies ---------------------------------------------------------------------------------
@@ -288,13 +304,11 @@ class EngineCoreProc:
         self.name = proc_name(rank, sim.sc.dp_size)
         self.state = "running"                 # running -> shutdown -> exited
         self.shutdown_requested = False
-        self.shutdown_begin: float | None = None
         self.sentinel = self.env.event()       # fires at exit (MP) / when the run ref is ready (Ray)
         self.exit_time: float | None = None
         self.exitcode: int | None = None
         self.outcome: str | None = None        # Ray: actor_died | task_error | killed
         self.cause: str | None = None          # latency class: signal | exit
-        self.in_step = False
         self.ops = ConnectorOps(self.env, rank, sim.sc.ops_of(rank), sim.emit, lambda: self.state == "running")
         self.process = self.env.process(self.run_engine_core())
 
@@ -318,7 +332,6 @@ class EngineCoreProc:
                 return self._exit(e.code)
             code = e.code
         self.state = "shutdown"                # finally: SIG_DFL, engine_core.shutdown()
-        self.shutdown_begin = self.env.now
         self.sim.emit({"kind": "proc", "t": tr(self.env.now), "event": "core_shutdown", "rank": self.rank})
         self.ops.begin_shutdown()
         self.sim.core_shutdown(self)
@@ -343,7 +356,6 @@ class EngineCoreProc:
         yield from self._wait(math.inf, in_step=False)
 
     def _wait(self, until: float, in_step: bool):
-        self.in_step = in_step
         while self.env.now < until:
             try:
                 yield self.env.timeout(until - self.env.now) if until < math.inf else self.env.event()
@@ -351,7 +363,6 @@ class EngineCoreProc:
                 self._signal_running(i.cause)
                 if self.shutdown_requested and not in_step:
                     break  # the SignalCallback wakes the idle loop
-        self.in_step = False
 
     def _signal_running(self, sig: str) -> None:
         if sig == "SIGKILL":
@@ -559,7 +570,7 @@ class ProcSim:
             first = yield from self._first_exit(pending)
             if first is None:
                 return True
-            detect_at = first.exit_time + self.latency.sample(self.rng, "mp", first.cause)
+            detect_at = first.exit_time + self.latency.sample(self.rng, "mp", first.cause, self.sc.client_rss_mb)
             yield self.env.timeout(max(0.0, detect_at - self.env.now))
         else:
             first = None
