@@ -62,7 +62,7 @@ def _case_requeue_back():
 
 def _case_full_admission():
     specs = tuple(RequestSpec(f"r{i}", 0.0, 120, 8) for i in range(3))
-    return DiffCase(specs, SchedulerConfig(**{**SMALL.__dict__, "num_gpu_blocks": 17, "max_num_batched_tokens": 64}))
+    return DiffCase(specs, SchedulerConfig(**{**SMALL.__dict__, "num_gpu_blocks": 20, "max_num_batched_tokens": 64}))
 
 
 MUTANT_CASES = {"ec-stop-at-deferred": _case_stop_at_deferred, "ec-check-all-features": _case_check_all_features,
