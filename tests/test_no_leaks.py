@@ -42,15 +42,10 @@ def test_no_stray_child_processes():
     assert _settled(children) == []
 
 
-# Library singletons that live as long as the process by design, not per use: tqdm's TMonitor
-# (started by the first progress bar; tqdm.monitor_interval = 0 would keep it from starting).
-LIBRARY_THREADS = {"tqdm_monitor"}
-
-
 def test_no_threads_but_the_main_one():
     def threads():
         return [(t.name, t.daemon) for t in threading.enumerate()
-                if t is not threading.main_thread() and t.is_alive() and t.name not in LIBRARY_THREADS]
+                if t is not threading.main_thread() and t.is_alive()]
     assert _settled(threads) == []
 
 

@@ -9,17 +9,17 @@ Measured: kill -> the client's ``engine_dead`` flag (the liveness monitor), kill
 failure, the exit code, and what a new request does after detection.
 
 Compared with the simulator's prediction (the same workload and a ``kill_engine`` plan at the
-same time): every request unfinished at the kill fails, after ``RunConfig.detection_latency``.
-- Fates (SIGKILL, exit1, exit0): identical sets: the short request finished on both sides, every long one
-  failed (the real side: ``EngineDeadError``); none hangs (30 s) and none is lost.
-- Latency: |real p50 - predicted| <= 100 ms and real p99 <= 1 s. The prediction (126 ms) was
-  measured on an H200 host; the detection path is event-driven (process sentinel) and what is
-  left is the kernel tearing down the dead process and its GPU context, which depends on the host
-  and is not modelled; 100 ms keeps the check far below the 5 s polling interval the liveness
-  monitor replaced, which is what it must catch.
-- SIGTERM: vLLM 0.26 shuts down gracefully (in-flight requests are aborted, exit code 0: "a graceful
-  exit is not a crash"); the simulator treats every kill alike. The fates are reported, and the
-  test requires only that none hangs or is lost.
+same time, ``RunConfig.liveness`` = the packaged ``liveness_h100`` profile):
+- Fates, identical per request: SIGKILL, exit1, exit0: the short request finished on both sides,
+  every long one failed (the real side: ``EngineDeadError``); SIGTERM: vLLM 0.26 shuts down
+  gracefully (``shutdown_timeout`` 0: the long ones are aborted at the end of the step in flight,
+  exit code 0), as the simulator's SIGTERM path does. None hangs (30 s) and none is lost.
+- Latency: |real p50 - profile p50| <= 100 ms for SIGKILL, <= 500 ms for SIGTERM, and real p99 of
+  the crashes <= 1 s. The profile was measured on an H100 host; the detection path is event-driven
+  (process sentinel) and what is left is the kernel tearing down the dead process and its GPU
+  context, which depends on the host; 100 ms keeps the check far below the 5 s polling interval
+  the liveness monitor replaced, which is what it must catch. SIGTERM adds the engine's own
+  teardown (~3.1-3.4 s on the H100: workers, GPU context), hence the wider 500 ms.
 The measured quantiles are also written as a liveness profile of this host in the format of
 ``models/engine_procs.py`` (``liveness_<device>.json``: mp/signal from SIGKILL, mp/exit from exit0
 and exit1) next to the CPU host's prediction (``profiles/liveness_cpu.json``)."""
@@ -29,7 +29,7 @@ from __future__ import annotations
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness import model_dirs
 from vllm_faultsim.harness import real_engine as RE
-from vllm_faultsim.harness.simulate import RunConfig, simulate
+from vllm_faultsim.harness.simulate import RunConfig, liveness_model, simulate
 from vllm_faultsim.harness.workload import RequestSpec
 from vllm_faultsim.models.scheduler import SchedulerConfig
 
@@ -41,6 +41,7 @@ TRIALS = ([("SIGKILL", round(0.4 + 0.05 * i, 3)) for i in range(20)]
           + [("exit0", round(0.5 + 0.1 * i, 3)) for i in range(4)]
           + [("SIGTERM", round(0.45 + 0.1 * i, 3)) for i in range(4)])
 TOLERANCE_S = 0.100
+TOLERANCE_TERM_S = 0.500
 SIGNALS = ("SIGKILL", "exit1", "exit0", "SIGTERM")
 QUANTILES = [round(i / 20, 2) for i in range(21)]
 
@@ -72,18 +73,22 @@ def write_liveness_profile(results_dir, device, rows) -> None:
     import json
     sig = [r["detect_s"] for r in rows if r["signal"] == "SIGKILL" and r["detect_s"] is not None]
     ext = [r["detect_s"] for r in rows if r["signal"] in ("exit0", "exit1") and r["detect_s"] is not None]
+    term = [r["detect_s"] for r in rows if r["signal"] == "SIGTERM" and r["detect_s"] is not None]
     e0 = [r for r in rows if r["signal"] == "exit0"]
-    if len(sig) < 2 or len(ext) < 2:
+    if len(sig) < 2 or len(ext) < 2 or len(term) < 2:
         return
     from vllm_faultsim.harness.calibrate import device_slug
     name = f"liveness_{device_slug()}"
-    prof = {"quantiles": {"mp": {"signal": _quantiles(sig), "exit": _quantiles(ext)}}, "name": name,
+    prof = {"quantiles": {"mp": {"signal": _quantiles(sig), "exit": _quantiles(ext), "sigterm": _quantiles(term)}},
+            "name": name, "client_rss_mb": None,
             "host": {"device": device.get("device"), "cpus": device.get("cpu_count"), "vllm": device.get("vllm"),
                      "torch": device.get("torch")},
             "description": ("Detection latency of real GPU engine cores (AsyncLLM, tiny-llama, 4 engines at a time) "
                             "measured by tests/gpu/test_gpu_kill.py: kill (SIGKILL) or exit trigger (exit0/exit1, "
-                            "taken at the engine's next step) -> the client's engine_dead flag."),
-            "n": {"mp": {"signal": len(sig), "exit": len(ext)}},
+                            "taken at the engine's next step) -> the client's engine_dead flag; sigterm: SIGTERM "
+                            "-> graceful shutdown (requests aborted, teardown, exit 0) -> engine_dead. "
+                            "client_rss_mb null: MP quantiles are used as measured (no RSS scaling)."),
+            "n": {"mp": {"signal": len(sig), "exit": len(ext), "sigterm": len(term)}},
             "exitcode_none_after_sentinel": {"n": len(e0),
                                              "named": sum(1 for r in e0 if r.get("failed_proc_name")),
                                              "rate": round(sum(1 for r in e0 if r.get("failed_proc_name"))
@@ -96,8 +101,8 @@ def sim_fates(sig: str, at: float, cfg: RunConfig) -> tuple[dict, dict]:
     plan = validate_plan({"faults": [{"kind": "kill_engine", "at": at, "signal": sig}]}, "kill-plan")
     res = simulate(cfg, plan, specs=tuple(SPECS))
     reqs = {e["req"]: e for e in res.events if e["kind"] == "req"}
-    fates = {r: ("failed" if e["status"] == "failed" else "finished") for r, e in reqs.items()}
-    fail_after = {r: round(e["finish"] - at, 6) for r, e in reqs.items() if e["status"] == "failed"}
+    fates = {r: (e["status"] if e["status"] in ("failed", "aborted") else "finished") for r, e in reqs.items()}
+    fail_after = {r: round(e["finish"] - at, 6) for r, e in reqs.items() if e["status"] in ("failed", "aborted")}
     return fates, fail_after
 
 
@@ -106,7 +111,9 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
                         kv_cache_memory_bytes=64 << 20)
     results = RE.kill_trials_parallel(kw, SPECS, TRIALS, workers=WORKERS, workdir=tmp_path)
     cfg = RunConfig(scheduler=SCHED)
-    predicted = cfg.detection_latency
+    profile = liveness_model(cfg)
+    predicted = profile.quantile("mp", "signal", 0.5)
+    predicted_term = profile.quantile("mp", "sigterm", 0.5)
     errors = [r for r in results if "error" in r]
     rows, mismatches = [], []
     for r in results:
@@ -116,7 +123,7 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
         real = {k: ("failed" if v == "EngineDeadError" else v) for k, v in r["fates"].items()}
         agree = real == s_fates
         rows.append({**r, "sim_fates": s_fates, "sim_fail_after_s": s_fail, "fates_agree": agree})
-        if r["signal"] != "SIGTERM" and not agree:
+        if not agree:
             mismatches.append((r["signal"], r["kill_at"], r["fates"], s_fates))
 
     def lat(sigs):
@@ -131,7 +138,8 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
     req_fail = [v for r in rows if r["signal"] == "SIGKILL" for v in r["fail_s"].values()]
     summary = {
         "device": device, "trials": len(TRIALS), "completed": len(rows), "errors": errors,
-        "parallel_engines": WORKERS, "predicted_detection_s": predicted, "tolerance_s": TOLERANCE_S,
+        "parallel_engines": WORKERS, "predicted_detection_s": {"SIGKILL": predicted, "SIGTERM": predicted_term},
+        "tolerance_s": {"SIGKILL": TOLERANCE_S, "SIGTERM": TOLERANCE_TERM_S},
         "detect_s": {"SIGKILL": {"n": len(sigkill), **p_kill}, "SIGKILL+exit": {"n": len(crash), **p_crash},
                      "exit1": p_exit, "exit0": p_exit0, "SIGTERM": p_term},
         "cpu_host_profile_prediction_s": cpu_prediction(),
@@ -156,7 +164,8 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
             assert all(r["fates"][k] == "EngineDeadError" for k in r["in_flight"]), r
             assert r["after_death"] == "EngineDeadError", r
         else:
-            assert all(r["fates"][k] in ("aborted", "EngineDeadError") for k in r["in_flight"]), r
+            assert all(r["fates"][k] == "aborted" for k in r["in_flight"]), r
     assert not mismatches, mismatches[:3]
     assert abs(p_kill["p50"] - predicted) <= TOLERANCE_S, (p_kill, predicted)
+    assert abs(p_term["p50"] - predicted_term) <= TOLERANCE_TERM_S, (p_term, predicted_term)
     assert p_crash["p99"] <= 1.0, p_crash

@@ -4,7 +4,8 @@ import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.invariants import InvariantViolation
-from vllm_faultsim.harness.simulate import RunConfig, run_engine, simulate, with_scheduler
+from vllm_faultsim.harness.simulate import (ConfigError, RunConfig, config_from_dict, liveness_model, run_engine,
+                                            simulate, with_scheduler)
 from vllm_faultsim.harness.workload import poisson
 from vllm_faultsim.models.scheduler import Scheduler
 
@@ -21,16 +22,45 @@ def test_slow_steps_stretch_only_their_window():
     assert first["dur"] == pytest.approx(5 * matching["dur"])
 
 
-def test_kill_fails_every_unfinished_and_later_request():
-    plan = validate_plan([{"kind": "kill_engine", "at": 4.0}])
+def _kill(signal: str):
+    plan = validate_plan([{"kind": "kill_engine", "at": 4.0, "signal": signal}])
     res = simulate(CFG, plan)
     reqs = [e for e in res.events if e["kind"] == "req"]
     assert len(reqs) == res.summary["requests"] == len(poisson(8.0, duration=10.0, prompt=128, output=16))
-    failed = [e for e in reqs if e["status"] == "failed"]
-    assert failed and all(e["finish"] >= 4.0 for e in failed)
-    assert all(e["finish"] <= 4.0 + CFG.detection_latency + 1e-9 for e in reqs if e["status"] != "failed")
     dead = [e for e in res.events if e["kind"] == "proc"]
-    assert dead[0]["event"] == "engine_dead" and dead[0]["t"] == pytest.approx(4.0 + CFG.detection_latency)
+    return res, reqs, dead[0]
+
+
+def test_sigkill_fails_every_unfinished_and_later_request():
+    res, reqs, dead = _kill("SIGKILL")
+    assert dead["event"] == "engine_dead"
+    assert liveness_model(CFG).quantile("mp", "signal", 0.0) <= dead["t"] - 4.0 <= liveness_model(CFG).quantile("mp", "signal", 1.0)
+    failed = [e for e in reqs if e["status"] == "failed"]
+    assert failed and all(e["finish"] >= dead["t"] for e in failed)
+    assert all(e["finish"] <= 4.0 for e in reqs if e["status"] != "failed")
+    assert res.summary["aborted"] == 0
+
+
+def test_sigterm_aborts_after_the_step_in_flight_then_the_engine_dies():
+    res, reqs, dead = _kill("SIGTERM")
+    steps = [e for e in res.events if e["kind"] == "step"]
+    in_flight = next(e for e in steps if e["t"] <= 4.0 < e["t"] + e["dur"])
+    step_end = in_flight["t"] + in_flight["dur"]
+    aborted = [e for e in reqs if e["status"] == "aborted"]
+    failed = [e for e in reqs if e["status"] == "failed"]
+    assert aborted and failed and dead["event"] == "engine_dead" and dead["t"] - 4.0 > 3.0
+    in_engine = [e for e in aborted if e["arrival"] < 4.0]
+    assert in_engine and all(e["finish"] == pytest.approx(step_end) for e in in_engine)  # the step finished first
+    assert all(4.0 <= e["arrival"] < dead["t"] for e in aborted if e not in in_engine)  # rejected while tearing down
+    assert all(e["arrival"] >= dead["t"] for e in failed)  # after the exit: EngineDeadError
+    assert not any(e["t"] >= step_end for e in steps)
+
+
+def test_bad_liveness_profile_is_a_config_error():
+    with pytest.raises(ConfigError, match="liveness profile"):
+        config_from_dict({"liveness": "no-such-profile"})
+    with pytest.raises(ConfigError, match="no mp/sigterm"):
+        simulate(RunConfig(liveness="liveness_cpu"), validate_plan([{"kind": "kill_engine", "at": 1.0, "signal": "SIGTERM"}]))
 
 
 class LeakyScheduler(Scheduler):

@@ -123,8 +123,8 @@ def cmd_diff(args) -> int:
         div = check_case(case, args.mutant)
         print("no divergence" if div is None else div.explain())
         return 0 if div is None else 1
-    from tqdm import tqdm
-    with tqdm(total=args.examples, desc="diff", unit="case", disable=args.no_progress) as bar:
+    from .progress import progress_bar
+    with progress_bar(total=args.examples, desc="diff", unit="case", disable=args.no_progress) as bar:
         n, case, div = search(args.examples, args.seed, mutant=args.mutant, mm=args.kind != "text",
                               kv_pressure={"any": None, "yes": True, "no": False}[args.kv_pressure],
                               progress=bar.update)

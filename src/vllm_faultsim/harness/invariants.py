@@ -53,9 +53,10 @@ class Invariants:
         running, waiting = core.counts()
         if running > self.max_seqs:
             raise InvariantViolation(step, t, f"{running} running > max_num_seqs {self.max_seqs}")
-        if stats.arrived != stats.finished + stats.failed + running + waiting:
+        if stats.arrived != stats.finished + stats.failed + stats.aborted + running + waiting:
             raise InvariantViolation(step, t, f"requests not conserved: arrived {stats.arrived} != finished "
-                                              f"{stats.finished} + failed {stats.failed} + running {running} "
+                                              f"{stats.finished} + failed {stats.failed} + aborted {stats.aborted} "
+                                              f"+ running {running} "
                                               f"+ waiting {waiting}")
         check = getattr(core, "check", None)
         problem = check() if check is not None else None

@@ -17,13 +17,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 def summarize(req_events: Iterable[dict], *, steps: int, end: float) -> dict:
     ttft, tpot, e2e = [], [], []
-    finished = failed = tokens = preemptions = 0
+    finished = failed = aborted = tokens = preemptions = 0
     first_arrival = None
     for e in req_events:
         first_arrival = e["arrival"] if first_arrival is None else min(first_arrival, e["arrival"])
         preemptions += e["preemptions"]
         if e["status"] == "failed":
             failed += 1
+            continue
+        if e["status"] == "aborted":
+            aborted += 1
             continue
         finished += 1
         tokens += e["num_output"]
@@ -33,9 +36,10 @@ def summarize(req_events: Iterable[dict], *, steps: int, end: float) -> dict:
             tpot.append((e["finish"] - e["first_token"]) / (e["num_output"] - 1))
     span = end - (first_arrival or 0.0)
     return {
-        "requests": finished + failed,
+        "requests": finished + failed + aborted,
         "finished": finished,
         "failed": failed,
+        "aborted": aborted,
         "steps": steps,
         "sim_time_s": round(end, 6),
         "throughput_rps": round(finished / span, 4) if span > 0 else 0.0,

@@ -10,11 +10,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import random
+
 import simpy
 
 from ..faults.plan import FaultPlan
 from ..models.ec_connector import ECConnector, PrefetchSchedule
-from ..models.engine import DEFAULT_DETECTION_LATENCY, EngineCore
+from ..models.engine import CAUSES, EngineCore
+from ..models.engine_procs import LatencyModel
 from ..models.scheduler import Scheduler, SchedulerConfig
 from ..models.step_time import load_profile
 from . import workload as wl
@@ -37,7 +40,7 @@ class RunConfig:
     seed: int = 0
     profile: str = "default"
     ec_policy: str = "future-only"
-    detection_latency: float = DEFAULT_DETECTION_LATENCY
+    liveness: str = "liveness_h100"  # detection-latency profile: a packaged name or a JSON path
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -64,7 +67,26 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"scheduler: {exc}") from None
     cfg = RunConfig(scheduler=scfg, **{k: v for k, v in d.items() if k != "scheduler"})
     build_workload(cfg)  # validates the workload description
+    liveness_model(cfg)
     return cfg
+
+
+def liveness_model(cfg: RunConfig) -> LatencyModel:
+    try:
+        return LatencyModel.load(cfg.liveness)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"liveness profile {cfg.liveness!r}: {exc}") from None
+
+
+def detection(cfg: RunConfig, plan: FaultPlan) -> Callable[[str], float]:
+    """Engine-death latencies drawn from the liveness profile (MP engine cores), seeded by the run."""
+    model = liveness_model(cfg)
+    for f in plan.of_kind("kill_engine"):
+        if not model.has("mp", CAUSES[f.signal]):
+            raise ConfigError(f"liveness profile {cfg.liveness!r} has no mp/{CAUSES[f.signal]} latencies "
+                              f"for a {f.signal} fault (measured profiles: liveness_h100 has all)")
+    rng = random.Random(f"liveness:{cfg.seed}")
+    return lambda cause: model.sample(rng, "mp", cause)
 
 
 def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
@@ -104,7 +126,7 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
         env = simpy.Environment()
         engine = EngineCore(env, core, specs, step_time, trace, plan=plan,
                             wakeups=((prefetch,) if prefetch else ()) + tuple(wakeups),
-                            detection_latency=cfg.detection_latency,
+                            detection=detection(cfg, plan),
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
                             full_trace=full_trace, progress=progress)
         try:

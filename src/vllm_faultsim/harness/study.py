@@ -65,12 +65,12 @@ def points(spec: dict):
 
 
 def run_study(spec: dict, out_dir: Path, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     pts = points(spec)
     rows = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for params, cfg, plan_name, plan in tqdm(pts, desc="study", unit="run", disable=not progress):
+    for params, cfg, plan_name, plan in progress_bar(pts, desc="study", unit="run", disable=not progress):
         res = simulate(cfg, plan, keep=False, full_trace=False)
         rows.append({**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name,
                      **{c: res.summary[c] for c in COLUMNS}, "requests": res.summary["requests"]})

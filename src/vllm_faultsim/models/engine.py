@@ -5,9 +5,17 @@ Each step: requests that have arrived are added (``add_request``), the core sche
 ``slow_steps`` factor of the fault plan), then the core takes the output
 (``Scheduler.update_from_output()``). With nothing to run the loop sleeps until the next arrival;
 with waiting work it cannot run yet (EC prefetch in flight, KV transfer) it sleeps until the next
-wake-up (``next_event`` of the wake-up sources). A ``kill_engine`` fault interrupts the loop: after
-the liveness monitor's detection latency every unfinished request fails (EngineDeadError) and
-later arrivals fail at once.
+wake-up (``next_event`` of the wake-up sources).
+
+A ``kill_engine`` fault, as vLLM 0.26.0 lives through it (measured on an H100, tests/gpu/):
+SIGKILL, ``exit1`` and ``exit0`` end the core at once; after the liveness monitor's detection
+latency every unfinished request fails (EngineDeadError) and later arrivals fail at once.
+SIGTERM (and a client ``stop``, which terminates the core with SIGTERM) only *requests* shutdown
+(``EngineShutdownState.REQUESTED``, ``shutdown_timeout`` 0: mode abort): the core finishes the
+step it is in, then ``_handle_shutdown`` aborts every unfinished request and rejects new ones
+(aborted) while it tears down; once the process has exited and the monitor has seen it, the
+engine is dead and later arrivals fail. Latencies come from ``detection(cause)``: ``signal``,
+``exit`` or ``sigterm`` (signal -> engine dead), drawn from a liveness profile.
 
 The loop owns the virtual clock, the trace and the invariants; the core only decides (see
 models/step.py). The same loop drives the simulated scheduler and the real vLLM adapters.
@@ -26,9 +34,11 @@ from ..harness.trace import Trace, t
 from ..harness.workload import RequestSpec
 from .step import StepResult
 
-# Client-side detection latency of an engine-core death when no liveness profile is given:
-# the real 0.26.0 engine on an H200 (recipes/gpu_engine_kill.py) took 124-128 ms.
+# Detection latency when no liveness profile is given: the real 0.26.0 engine on an H200
+# (recipes/gpu_engine_kill.py) took 124-128 ms from a SIGKILL to EngineDeadError.
 DEFAULT_DETECTION_LATENCY = 0.126
+GRACEFUL = ("SIGTERM", "stop")  # shutdown requested: the core aborts its requests, then exits 0
+CAUSES = {"SIGKILL": "signal", "exit1": "exit", "exit0": "exit", "SIGTERM": "sigterm", "stop": "sigterm"}
 
 
 class WakeupSource(Protocol):
@@ -48,6 +58,7 @@ class EngineStats:
     arrived: int = 0
     finished: int = 0
     failed: int = 0
+    aborted: int = 0
     preemptions: int = 0
     tokens: int = 0
     dead_at: float | None = None
@@ -60,7 +71,7 @@ class EngineCore:
     def __init__(self, env: simpy.Environment, core, workload: Iterable[RequestSpec],
                  step_time: Callable[[int, int, int], float], trace: Trace, *,
                  plan: FaultPlan | None = None, wakeups: tuple[WakeupSource, ...] = (),
-                 detection_latency: float = DEFAULT_DETECTION_LATENCY,
+                 detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
                  invariants: Invariants | None = None, full_trace: bool = True,
                  progress: Callable[[float], None] | None = None):
         self.env, self.core, self.trace = env, core, trace
@@ -68,13 +79,15 @@ class EngineCore:
         self.step_time = step_time
         self.plan = plan or FaultPlan()
         self.wakeups = wakeups
-        self.detection_latency = detection_latency
+        self.detection = detection
         self.invariants = invariants
         self.full_trace = full_trace
         self.progress = progress
         self.stats = EngineStats()
         self.slow = [(f.start, f.end, f.factor) for f in self.plan.of_kind("slow_steps")]
         self.alive = True
+        self.shutdown_requested = False  # SIGTERM: the loop aborts everything at its next iteration
+        self.stepping = False  # a SIGTERM waits for the step in flight
         self.nxt = 0  # index of the next arrival the loop has not added yet
         self.process = env.process(self._loop())
         for f in self.plan.of_kind("kill_engine"):
@@ -88,6 +101,8 @@ class EngineCore:
         arrivals = self.workload
         try:
             while True:
+                if self.shutdown_requested:
+                    return self._abort()
                 now = env.now
                 while self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= now:
                     spec = arrivals[self.nxt]
@@ -113,11 +128,15 @@ class EngineCore:
                 for start, end, factor in self.slow:
                     if start <= now < end:
                         dur *= factor
+                self.stepping = True
                 yield env.timeout(dur)
+                self.stepping = False
                 finished = core.update_from_output(res, env.now)
                 self._account(res, finished, now, dur)
-        except simpy.Interrupt:
-            return  # killed: _kill fails the requests
+        except simpy.Interrupt as stop:
+            if stop.cause == "shutdown":  # SIGTERM while idle: abort now
+                self._abort()
+            # killed: _kill fails the requests
 
     def _next_wakeup(self, now: float, next_arrival: float | None) -> float | None:
         times = [w for w in (src.next_event(now) for src in self.wakeups) if w is not None and w > now]
@@ -179,29 +198,46 @@ class EngineCore:
             return
         self.alive = False
         self.trace.emit({"kind": "fault", "t": t(env.now), "fault": fault.to_dict()})
-        if self.process.is_alive:
+        latency = self.detection(CAUSES[fault.signal])
+        if fault.signal in GRACEFUL:
+            self.shutdown_requested = True
+            if self.process.is_alive and not self.stepping:
+                self.process.interrupt("shutdown")
+        elif self.process.is_alive:
             self.process.interrupt("killed")
-        yield env.timeout(self.detection_latency)
+        yield env.timeout(latency)
         self.stats.dead_at = env.now
-        self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": f"EngineCore_DP{fault.rank}"})
-        self._fail(self.core.fail_all())
-        env.process(self._fail_late_arrivals())
+        event = "engine_stopped" if fault.signal == "stop" else "engine_dead"
+        self.trace.emit({"kind": "proc", "t": t(env.now), "event": event, "proc": f"EngineCore_DP{fault.rank}"})
+        if fault.signal not in GRACEFUL:
+            self._end(self.core.fail_all(), "failed")
+            env.process(self._reject_arrivals())
 
-    def _fail(self, req_ids) -> None:
+    def _abort(self) -> None:
+        """``_handle_shutdown`` in abort mode: every unfinished request ends aborted."""
+        self._end(self.core.fail_all(), "aborted")
+        self.env.process(self._reject_arrivals())
+
+    def _end(self, req_ids, status: str) -> None:
         now, records = self.env.now, self.stats.records
         for rid in req_ids:
             rec = records.pop(rid)
-            self.stats.failed += 1
-            self.trace.emit({"kind": "req", "req": rid, "status": "failed", "arrival": rec.arrival,
+            if status == "failed":
+                self.stats.failed += 1
+            else:
+                self.stats.aborted += 1
+            self.trace.emit({"kind": "req", "req": rid, "status": status, "arrival": rec.arrival,
                              "first_token": t(rec.first_token), "finish": t(now), "num_output": None,
                              "preemptions": rec.preemptions})
 
-    def _fail_late_arrivals(self):
-        """Requests sent to a dead engine: those sent before detection fail at detection."""
+    def _reject_arrivals(self):
+        """Requests sent after the core stopped taking them: rejected (aborted) while it shuts
+        down, failed (EngineDeadError) once the engine is dead; those sent to a dead engine
+        before detection fail at detection."""
         env, records = self.env, self.stats.records
         for spec in self.workload[self.nxt:]:
             if spec.arrival > env.now:
                 yield env.timeout(spec.arrival - env.now)
             records[spec.req_id] = RequestRecord(spec.arrival)
             self.stats.arrived += 1
-            self._fail([spec.req_id])
+            self._end([spec.req_id], "failed" if self.stats.dead_at is not None else "aborted")

@@ -213,7 +213,8 @@ class LatencyModel:
         self.profile = profile
         # how often proc.exitcode is still None when the monitor reads it after the sentinel
         self.exit0_unreaped = float(profile["exitcode_none_after_sentinel"]["rate"])
-        self.client_rss_mb = float(profile["client_rss_mb"])  # the forking client's RSS when measured
+        rss = profile["client_rss_mb"]  # the forking client's RSS when measured; null: no scaling
+        self.client_rss_mb = None if rss is None else float(rss)
         self._q: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
         for backend, causes in profile["quantiles"].items():
             for cause, pts in causes.items():
@@ -224,15 +225,17 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> "LatencyModel":
-        if path is None:
-            text = resources.files("vllm_faultsim.profiles").joinpath(DEFAULT_PROFILE).read_text()
-        else:
-            text = Path(path).read_text()
+        """A profile by path, or by name among the package's profiles (``liveness_h100``)."""
+        packaged = resources.files("vllm_faultsim.profiles").joinpath(f"{path or DEFAULT_PROFILE}".removesuffix(".json") + ".json")
+        text = packaged.read_text() if packaged.is_file() else Path(path).read_text()
         return cls(json.loads(text))
+
+    def has(self, backend: str, cause: str) -> bool:
+        return (backend, cause) in self._q
 
     def quantile(self, backend: str, cause: str, q: float, client_rss_mb: float | None = None) -> float:
         """The ``q`` quantile; MP latencies scale with the forking client's memory."""
-        scale = client_rss_mb / self.client_rss_mb if backend == "mp" and client_rss_mb else 1.0
+        scale = client_rss_mb / self.client_rss_mb if backend == "mp" and client_rss_mb and self.client_rss_mb else 1.0
         return scale * self._quantile(backend, cause, q)
 
     def _quantile(self, backend: str, cause: str, q: float) -> float:
