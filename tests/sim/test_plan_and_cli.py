@@ -76,3 +76,20 @@ plans: {none: [], slow: [{kind: slow_steps, start: 0, end: 2, factor: 3}]}
     assert main(["study", "--spec", str(spec), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "throughput_rps" in out and (tmp_path / "o" / "study.csv").read_text().count("\n") == 5
+
+
+@pytest.mark.parametrize("command", ["procs", "calibrate"])
+def test_real_vllm_commands_without_vllm_are_one_line_exit_2(monkeypatch, capsys, command):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else find_spec(name, *a))
+    assert main([command, "--help"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vllm-faultsim: error: {command} needs the real vLLM: pip install 'vllm-faultsim[vllm]' (vllm==0.26.0)"
+
+
+def test_unknown_option_of_a_simulator_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--no-such-option"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err

@@ -396,7 +396,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m vllm_faultsim.harness.calibrate ...
-    ap = argparse.ArgumentParser(prog="vllm-faultsim calibrate", description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    sys.exit(main(ap.parse_args()))
+if __name__ == "__main__":  # python -m vllm_faultsim.harness.calibrate ... = vllm-faultsim calibrate ...
+    from .cli import main as cli_main
+    sys.exit(cli_main(["calibrate", *sys.argv[1:]]))

@@ -144,6 +144,24 @@ def cmd_check_plan(args) -> int:
     return 0
 
 
+# Subcommands that run the real vLLM: their options live in their modules, imported only when used.
+DELEGATED = {"procs": "real_procs", "calibrate": "calibrate"}
+
+
+def cmd_delegated(args) -> int:
+    import importlib
+    import importlib.util
+
+    from .simulate import ConfigError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{args.command} needs the real vLLM: pip install 'vllm-faultsim[vllm]' (vllm==0.26.0)")
+    module = importlib.import_module(f"{__package__}.{DELEGATED[args.command]}")
+    sub = argparse.ArgumentParser(prog=f"vllm-faultsim {args.command}", description=module.__doc__.split("\n\n")[0])
+    module.add_arguments(sub)
+    return module.main(sub.parse_args(args.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-faultsim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_diff)
 
+    for name, help_ in (("procs", "engine-process fault matrix: the real vLLM manager/monitor vs the model (needs vllm)"),
+                        ("calibrate", "fit a step-time profile on the real engine (needs vllm and a CUDA GPU)")):
+        sub.add_parser(name, help=help_, add_help=False).set_defaults(func=cmd_delegated)
+
     c = sub.add_parser("check-plan", help="validate a fault plan")
     c.add_argument("plan")
     c.set_defaults(func=cmd_check_plan)
@@ -191,8 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command not in DELEGATED:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.argv, args.rest = argv, rest
     try:
         return args.func(args)
     except _usage_errors() as exc:

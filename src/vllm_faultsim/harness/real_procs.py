@@ -1163,10 +1163,7 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-    ap = argparse.ArgumentParser(prog="python -m vllm_faultsim.harness.real_procs",
-                                 description="Engine-process faults: the real vLLM code against the simulator.")
+def add_arguments(ap) -> None:
     ap.add_argument("--signal", choices=SIGNALS, help="one case (default: the whole matrix)")
     ap.add_argument("--phase", choices=MATRIX_PHASES + ("any",), default="mid_step")
     ap.add_argument("--rank", type=int, default=0)
@@ -1176,7 +1173,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default=None, help=f"sim policy ({', '.join(POLICIES)})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="keep the traces in this folder")
-    args = ap.parse_args(argv)
+
+
+def main(args) -> int:
     with ray_cluster() if args.backend == "ray" else contextlib.nullcontext():
         if args.signal is None:
             report = run_fault_matrix(dp_size=args.dp_size, backend=args.backend, policy=args.policy,
@@ -1199,5 +1198,6 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if diffs else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m vllm_faultsim.harness.real_procs ... = vllm-faultsim procs ...
+    from .cli import main as cli_main
+    sys.exit(cli_main(["procs", *sys.argv[1:]]))
