@@ -193,7 +193,7 @@ def compare_latency(model: LatencyModel, backend: str, measured: list[tuple[str,
 
 
 def replay_command(case: Case, policy: str, seed: int, backend: str = "mp") -> str:
-    return (f"PYTHONPATH=src python -m vllm_faultsim.harness.real_procs --signal {case.signal} "
+    return (f"vllm-faultsim procs --signal {case.signal} "
             f"--phase {case.phase} --rank {case.rank} --at {case.at} --policy {policy} --seed {seed} "
             f"--backend {backend}")
 
