@@ -7,9 +7,19 @@ A trace is a sequence of events (dicts). The first is a ``header``; then, in tim
               ``finished``, ``enc`` {req: [mm index]}, ``ec_loaded`` [identifier],
               ``kv`` {store, load, flush, done} (KV offload jobs)
 - ``req``     a request's fate once it leaves the engine: arrival, first token, finish,
-              output tokens, preemptions, status (``length``, ``stop``, ``failed``, ``lost``)
+              output tokens, preemptions, status (``length``, ``stop``; ``failed``:
+              EngineDeadError; ``aborted``: the engine's graceful shutdown after SIGTERM)
 - ``fault``   a fault from the plan applied (time, the fault)
-- ``proc``    engine-process events: ``exit``, ``detect``, ``shutdown`` (issue: liveness)
+- ``proc``    engine-process events, ``event`` one of:
+              the engine loop (models/engine.py): ``engine_dead`` / ``engine_stopped`` (``proc``);
+              the process model and its real drivers (models/engine_procs.py, harness/real_procs.py):
+              ``exit`` (rank, name, code), ``detect`` (the monitor woke: ``failed`` rank,
+              ``failed_name``, ``first_exit``, ``cause``, ``latency``), ``monitor_error``
+              (an exception killed the monitor thread), ``shutdown`` (who, cause), ``stop``
+              (the client's), ``core_shutdown`` (rank), ``engine_dead`` (via),
+              connector operations (models/shutdown_drain.py: rank, connector, role, op):
+              ``op_done``, ``connector_shutdown``, ``drain`` (completed during shutdown),
+              ``lost`` (still pending when the process exited)
 - ``end``     the run's end time and summary
 
 The checker compares events of both sides; it never looks at either side's internal state.
