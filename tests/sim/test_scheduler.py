@@ -1,5 +1,7 @@
 """The scheduler model's decisions on small hand-checked cases (vLLM 0.26.0 semantics)."""
 
+import pytest
+
 from vllm_faultsim.harness.workload import MMItem, RequestSpec
 from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
 from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
@@ -169,3 +171,9 @@ def test_resumed_past_an_image_does_not_wait_for_it():
     res = sch.schedule(0.6)
     assert res.computed_before["second"] == 32 and res.sched["second"] == 32
     assert res.ec_loaded == ["late"]
+
+
+def test_config_with_chunked_prefill_off_needs_a_budget_of_max_model_len():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(256\) is smaller than max_model_len \(2048\)"):
+        SchedulerConfig(max_num_batched_tokens=256, max_model_len=2048, enable_chunked_prefill=False).validate()
+    SchedulerConfig(max_num_batched_tokens=2048, max_model_len=2048, enable_chunked_prefill=False).validate()

@@ -68,6 +68,9 @@ class SchedulerConfig:
             raise ValueError(f"num_gpu_blocks must be >= 2, got {self.num_gpu_blocks}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
+                             f"({self.max_model_len}) with chunked prefill off (vLLM rejects this too)")
         if self.mutant not in MUTANTS:
             raise ValueError(f"unknown mutant {self.mutant!r} (known: {', '.join(m for m in MUTANTS if m)})")
         return self
