@@ -1,0 +1,312 @@
+"""Async EPLB (vLLM PR #40730) as SimPy processes: ``EplbState.step()`` and the async worker.
+
+The twin of vLLM 0.26.0's vllm/distributed/eplb:
+
+- :meth:`EplbState.step` is the engine's side, called after every forward pass: the step counter
+  (``add_model`` starts it at ``interval - interval // 4``); while ``rebalanced``, the
+  ``_all_ranks_result_ready`` all_reduce (``step_sync`` seconds) and, when the worker has published
+  a layer, ``_move_to_workspace`` (``move_from_buffer`` + the layer's map commit, then
+  ``consumed_event.record()``): one layer per step; once the counter reaches ``step_interval`` and
+  no rearrangement is in flight, ``rearrange()`` (``rebalanced = True``, ``rearrange_event.record()``).
+- :meth:`EplbState.transfer_run_periodically` is the worker thread: it waits for
+  ``rearrange_event``, snapshots the expert map and computes the new placement (``rebalance``
+  seconds), then per layer: the coordinated-stop all_reduce (``gap``), ``transfer_layer`` on its
+  stream and ``cuda_stream.synchronize()`` (:meth:`EplbLink.transfer_time`), ``pending_result``,
+  and ``consumed_event.wait()`` before the next layer.
+
+Costs: a layer's transfer takes ``latency + moved_bytes / bandwidth`` (``setup`` more for the first
+transfer of a process: the link's connection set-up), where ``moved_bytes`` is the largest
+per-rank count of expert copies sent plus received (:func:`layer_transfers`, the counting of
+``move_to_buffer``) times ``expert_bytes``. In an engine run (``EngineCore(eplb=...)``) a step pays
+what ``EplbState.step()`` costs (``step_sync`` while rebalancing, plus the consumed layer's
+``move_from_buffer`` copy at ``publish_bandwidth``) and, as the transfer runs on its own stream
+beside the forward pass, ``contention`` times the transfer time that overlapped its forward.
+
+Faults (faults/plan.py): ``slow_link`` makes transfers that start in [start, end) ``factor`` times
+as long; ``eplb_rank_death`` kills one EP rank as it starts a layer of a rearrangement: the
+survivors' next ``EplbState.step()`` all_reduce raises (gloo: connection reset by peer), so the
+engine core dies at the end of the next step (:class:`EplbRankDeath`).
+
+Mutants (for the checker): ``publish-all-at-once`` (the worker transfers every layer, then
+publishes them together and one step consumes all), ``no-stream-sync`` (the worker publishes a
+layer as soon as ``transfer_layer`` returns, before its stream finished the copies).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import simpy
+
+MUTANTS = ("publish-all-at-once", "no-stream-sync")
+
+
+class EplbConfigError(ValueError):
+    """An invalid ``eplb`` config section; the message is one line."""
+
+
+class EplbRankDeath(Exception):
+    """``EplbState.step()`` met a dead EP rank in its all_reduce: the engine core raises."""
+
+    def __init__(self, fault):
+        super().__init__(f"EP rank {fault.ep_rank} died during a rearrangement")
+        self.fault = fault
+
+
+@dataclass(frozen=True)
+class EplbLink:
+    """Per-layer costs of the async worker (seconds, bytes per second)."""
+    latency: float = 2.0e-4
+    bandwidth: float = 2.0e10
+    setup: float = 0.0
+    gap: float = 1.0e-4
+    rebalance: float = 5.0e-3
+
+    def transfer_time(self, moved_bytes: int, first: bool = False) -> float:
+        return self.latency + moved_bytes / self.bandwidth + (self.setup if first else 0.0)
+
+
+@dataclass(frozen=True)
+class EplbConfig:
+    """The ``eplb`` section of a run config. Defaults: a DeepSeek-V3-like MoE (58 MoE layers,
+    256 routed experts + 32 redundant on 8 EP ranks, 3 x 7168 x 2048 fp8 weights per expert)."""
+    layers: int = 58
+    logical_experts: int = 256
+    redundant_experts: int = 32
+    ep_size: int = 8
+    expert_bytes: int = 3 * 7168 * 2048
+    step_interval: int = 3000
+    link: EplbLink = EplbLink()
+    step_sync: float = 5.0e-5
+    publish_bandwidth: float = 1.0e12
+    contention: float = 0.1
+    mutant: str | None = None
+
+    @property
+    def physical_experts(self) -> int:
+        return self.logical_experts + self.redundant_experts
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def config_from_dict(d: dict) -> EplbConfig:
+    """Validate a parsed ``eplb`` section (unknown fields and bad values: one-line errors)."""
+    if not isinstance(d, dict):
+        raise EplbConfigError(f"eplb must be a mapping, got {type(d).__name__}")
+    top = {f.name for f in fields(EplbConfig)}
+    link_names = {f.name for f in fields(EplbLink)}
+    bad = set(d) - top
+    if bad:
+        raise EplbConfigError(f"eplb: unknown field {sorted(bad)[0]!r} (fields: {', '.join(sorted(top))})")
+    link = d.get("link", {}) or {}
+    if not isinstance(link, dict) or set(link) - link_names:
+        raise EplbConfigError(f"eplb.link: must be a mapping of {', '.join(sorted(link_names))}")
+    for name, v in [*((k, v) for k, v in d.items() if k not in ("link", "mutant")), *link.items()]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise EplbConfigError(f"eplb: field {name!r} must be a number >= 0, got {v!r}")
+    cfg = EplbConfig(**{**d, "link": EplbLink(**link)})
+    if cfg.mutant is not None and cfg.mutant not in MUTANTS:
+        raise EplbConfigError(f"eplb: mutant must be one of {', '.join(MUTANTS)}, got {cfg.mutant!r}")
+    for name in ("layers", "logical_experts", "ep_size", "step_interval"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise EplbConfigError(f"eplb: field {name!r} must be an integer >= 1, got {getattr(cfg, name)!r}")
+    if cfg.physical_experts % cfg.ep_size:
+        raise EplbConfigError(f"eplb: logical_experts + redundant_experts ({cfg.physical_experts}) "
+                              f"must be a multiple of ep_size ({cfg.ep_size})")
+    if cfg.link.bandwidth <= 0 or cfg.publish_bandwidth <= 0:
+        raise EplbConfigError("eplb: bandwidths must be > 0")
+    return cfg
+
+
+def initial_map(cfg: EplbConfig) -> list[int]:
+    """``EplbState.build_initial_global_physical_to_logical_map``."""
+    return list(range(cfg.logical_experts)) + [i % cfg.logical_experts for i in range(cfg.redundant_experts)]
+
+
+def _holders(row: list[int], expert: int, n_local: int) -> list[int]:
+    """Ranks holding ``expert`` in ``row``, in order of first appearance (get_ep_ranks_with_experts_batch)."""
+    out: list[int] = []
+    for pos, e in enumerate(row):
+        if e == expert and pos // n_local not in out:
+            out.append(pos // n_local)
+    return out
+
+
+def layer_transfers(old: list[int], new: list[int], ep_size: int) -> list[tuple[int, int]]:
+    """Per rank, (expert copies sent, expert copies received) for one layer: ``move_to_buffer``'s
+    ``add_send`` / ``add_recv`` calls (each carries one expert's rows of every weight tensor)."""
+    n = len(old) // ep_size
+    out = []
+    for r in range(ep_size):
+        old_local, new_local = old[r * n:(r + 1) * n], new[r * n:(r + 1) * n]
+        sent = 0
+        for e in sorted({x for x in old_local if x != -1}):
+            send = _holders(old, e, n)
+            recv = [q for q in _holders(new, e, n) if q not in send]
+            if not recv:
+                continue
+            k, pos = len(recv) // len(send), send.index(r)
+            sent += len(recv[pos * k:(pos + 1) * k]) + (1 if len(send) * k + pos < len(recv) else 0)
+        need = {e for o, e in zip(old_local, new_local) if e != -1 and o != e and e not in old_local}
+        out.append((sent, sum(1 for e in need if _holders(old, e, n))))
+    return out
+
+
+def shuffle_policy(cfg: EplbConfig, rng: random.Random) -> Callable[[int, list[list[int]]], list[list[int]]]:
+    """A stand-in for ``DefaultEplbPolicy`` in studies: each layer's new placement is a seeded
+    shuffle of the old one (the replica counts are kept)."""
+    def policy(_cycle: int, old: list[list[int]]) -> list[list[int]]:
+        return [rng.sample(row, len(row)) for row in old]
+    return policy
+
+
+class EplbState:
+    """The engine's EPLB state and its async worker, on a SimPy environment."""
+
+    def __init__(self, env: simpy.Environment, cfg: EplbConfig,
+                 policy: Callable[[int, list[list[int]]], list[list[int]]],
+                 emit: Callable[[dict], None] = lambda ev: None, *, plan=None):
+        self.env, self.cfg, self.policy, self.emit = env, cfg, policy, emit
+        self.physical_to_logical_map = [initial_map(cfg) for _ in range(cfg.layers)]
+        self.expert_rearrangement_step = cfg.step_interval - cfg.step_interval // 4
+        self.rebalanced = False
+        self.pending_results: list[tuple[int, list[int]]] = []  # at most one, but for the mutant
+        self.rearrange_event = env.event()
+        self.consumed_event: simpy.Event = env.event()
+        self.rearrangements = 0
+        self.transferred = 0              # layer transfers so far (the first pays the link's setup)
+        self.busy: list[tuple[float, float]] = []  # the worker's transfer intervals (for contention)
+        self.slow = [(f.start, f.end, f.factor) for f in plan.of_kind("slow_link")] if plan else []
+        self.deaths = plan.of_kind("eplb_rank_death") if plan else []
+        self.dead = None                  # the eplb_rank_death fault that took effect
+        self.step_index = 0
+        env.process(self.transfer_run_periodically())
+
+    # ---- the engine's side: EplbState.step() ---------------------------------------------
+
+    def step(self, step_index: int) -> float:
+        """``EplbState.step()`` after a forward pass; returns the seconds it costs the step."""
+        self.step_index = step_index
+        self.expert_rearrangement_step += 1
+        cost = 0.0
+        if self.rebalanced:
+            if self.dead is not None:
+                raise EplbRankDeath(self.dead)
+            cost += self.cfg.step_sync          # _all_ranks_result_ready's all_reduce
+            for layer, new_row in self.pending_results:
+                cost += self._move_to_workspace(layer, new_row)
+            if self.pending_results:
+                self.pending_results = []
+                consumed = self.consumed_event     # record() once the copies ran
+                self.env.timeout(cost).callbacks.append(lambda _ev: consumed.succeed())
+        if self.expert_rearrangement_step >= self.cfg.step_interval and not self.rebalanced:
+            self.expert_rearrangement_step = 0
+            self.rearrange()
+        return cost
+
+    def _move_to_workspace(self, layer: int, new_row: list[int]) -> float:
+        old_row = self.physical_to_logical_map[layer]
+        self.physical_to_logical_map[layer] = new_row
+        if layer == self.cfg.layers - 1:
+            self.rebalanced = False
+        self.emit({"kind": "eplb", "event": "consume", "layer": layer, "step": self.step_index,
+                   "t": round(self.env.now, 9)})
+        n = self.cfg.physical_experts // self.cfg.ep_size
+        changed = max(sum(1 for o, e in zip(old_row[r * n:(r + 1) * n], new_row[r * n:(r + 1) * n]) if o != e)
+                      for r in range(self.cfg.ep_size))
+        return changed * self.cfg.expert_bytes / self.cfg.publish_bandwidth
+
+    def rearrange(self) -> None:
+        self.rebalanced = True
+        self.emit({"kind": "eplb", "event": "rearrange", "step": self.step_index, "t": round(self.env.now, 9)})
+        self.rearrange_event.succeed()
+
+    def overlap(self, start: float, end: float) -> float:
+        """Seconds of [start, end) during which the worker was transferring."""
+        self.busy = [b for b in self.busy if b[1] > start]
+        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.busy)
+
+    # ---- the worker thread: transfer_run_periodically ------------------------------------
+
+    def transfer_run_periodically(self):
+        env, cfg = self.env, self.cfg
+        while True:
+            yield self.rearrange_event
+            self.rearrange_event = env.event()
+            cycle = self.rearrangements
+            self.rearrangements += 1
+            old = [list(row) for row in self.physical_to_logical_map]  # the snapshot at wake-up
+            new = self.policy(cycle, old)
+            yield env.timeout(cfg.link.rebalance)
+            done = []
+            for layer in range(cfg.layers):
+                yield env.timeout(cfg.link.gap)        # the coordinated-stop all_reduce
+                if self.dead is not None:
+                    return
+                death = next((f for f in self.deaths if f.rearrangement == cycle and f.layer == layer), None)
+                if death is not None:
+                    self.dead = death
+                    self.emit({"kind": "eplb", "event": "rank_death", "ep_rank": death.ep_rank, "layer": layer,
+                               "t": round(env.now, 9)})
+                    return
+                per_rank = layer_transfers(old[layer], new[layer], cfg.ep_size)
+                moved = max(s + r for s, r in per_rank) * cfg.expert_bytes
+                dur = cfg.link.transfer_time(moved, first=self.transferred == 0)
+                self.transferred += 1
+                start = env.now
+                dur *= next((f for a, b, f in self.slow if a <= start < b), 1.0)
+                self.busy.append((start, start + dur))
+                ev = {"kind": "eplb", "event": "transfer", "layer": layer, "t": round(start, 9),
+                      "end": round(start + dur, 9), "dur": round(dur, 9),
+                      "sent": [s for s, _ in per_rank], "recv": [r for _, r in per_rank]}
+                if cfg.mutant == "no-stream-sync":  # published when transfer_layer returns
+                    self.emit(ev)
+                    self._publish(layer, new[layer])
+                    yield self.consumed_event
+                    continue
+                yield env.timeout(dur)                 # transfer_layer + cuda_stream.synchronize()
+                self.emit(ev)
+                if cfg.mutant == "publish-all-at-once":
+                    done.append((layer, new[layer]))
+                    continue
+                self._publish(layer, new[layer])
+                yield self.consumed_event         # consumed_event.wait()
+            for layer, row in done:
+                self._publish(layer, row)
+
+    def _publish(self, layer: int, new_row: list[int]) -> None:
+        """``pending_result = AsyncEplbLayerResult(...)`` with a fresh ``consumed_event``."""
+        self.pending_results.append((layer, new_row))
+        self.consumed_event = self.env.event()
+        self.emit({"kind": "eplb", "event": "publish", "layer": layer, "t": round(self.env.now, 9)})
+
+
+def simulate_main_loop(cfg: EplbConfig, policy, *, forward_s: float, cycles: int, extra_steps: int,
+                       plan=None, max_steps: int = 100_000) -> list[dict]:
+    """The engine's loop reduced to what EPLB sees (as the real driver runs it): a forward of
+    ``forward_s``, then ``EplbState.step()``, until ``cycles`` rearrangements are done and
+    ``extra_steps`` more ran, or the step raises. Returns the ``eplb`` trace events."""
+    env = simpy.Environment()
+    events: list[dict] = []
+    state = EplbState(env, cfg, policy, events.append, plan=plan)
+
+    def main_loop():
+        done_at = None
+        for s in range(max_steps):
+            yield env.timeout(forward_s)
+            try:
+                cost = state.step(s)
+            except EplbRankDeath:
+                events.append({"kind": "eplb", "event": "step_error", "step": s, "t": round(env.now, 9)})
+                return
+            yield env.timeout(cost)
+            if done_at is None and state.rearrangements == cycles and not state.rebalanced:
+                done_at = s
+            if done_at is not None and s >= done_at + extra_steps:
+                return
+
+    env.run(until=env.process(main_loop()))
+    return events
