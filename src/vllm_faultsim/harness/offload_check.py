@@ -24,10 +24,10 @@ from typing import Callable
 
 from ..faults.plan import FaultPlan, validate_plan
 from ..models import kv_offload as ko
+from ..models.engine import IDLE_STEP
 from ..models.step_time import LinearStepTime
 from .workload import RequestSpec, validate
 
-IDLE_STEP = 0.001
 STEP_TIME = LinearStepTime(base=0.008, prefill_token=4e-05, decode_req=0.0001, context_token=5e-08, name="offload")
 
 

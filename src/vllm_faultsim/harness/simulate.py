@@ -15,13 +15,15 @@ import random
 import simpy
 
 from ..faults.plan import FaultPlan
+from ..models import kv_offload as ko
 from ..models.ec_connector import ECConnector, PrefetchSchedule
 from ..models.engine import CAUSES, EngineCore
 from ..models.engine_procs import LatencyModel
+from ..models.offload_scheduler import OffloadScheduler
 from ..models.scheduler import Scheduler, SchedulerConfig
 from ..models.step_time import load_profile
 from . import workload as wl
-from .invariants import Invariants
+from .invariants import Invariants, InvariantViolation
 from .metrics import summarize
 from .trace import Trace, header
 
@@ -41,11 +43,48 @@ class RunConfig:
     profile: str = "default"
     ec_policy: str = "future-only"
     liveness: str = "liveness_h100"  # detection-latency profile: a packaged name or a JSON path
+    kv_offload: dict | None = None  # KV offloading to CPU (kv_offload_config); None: off
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scheduler"] = {k: v for k, v in d["scheduler"].items() if v is not None}
+        if d["kv_offload"] is None:
+            del d["kv_offload"]
         return d
+
+
+KV_OFFLOAD_FIELDS = {"policy": str, "blocks_per_chunk": int, "num_cpu_chunks": int, "offload_prompt_only": bool,
+                     "bytes_per_block": int, "bandwidth": (int, float), "latency": (int, float)}
+
+
+def kv_offload_config(section: Any, scheduler: SchedulerConfig) -> dict:
+    """The ``kv_offload`` section, checked and completed: ``policy`` (``auto``: the installed
+    vLLM's release, or $VLLM_FAULTSIM_OFFLOAD_POLICY, resolved here so the trace header names it;
+    ``0.23``; ``0.24+``) and the ``kv_offload.OffloadConfig`` fields but ``block_size`` (the
+    scheduler's)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"kv_offload must be a mapping, got {type(section).__name__}")
+    for key, value in section.items():
+        kind = KV_OFFLOAD_FIELDS.get(key)
+        if kind is None:
+            raise ConfigError(f"unknown kv_offload field {key!r} (fields: {', '.join(KV_OFFLOAD_FIELDS)})")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ConfigError(f"kv_offload.{key} must be {getattr(kind, '__name__', 'a number')}, "
+                              f"got {type(value).__name__} {value!r}")
+    if not scheduler.enable_prefix_caching:
+        raise ConfigError("kv_offload needs scheduler.enable_prefix_caching: true (offload keys are block hashes)")
+    d = dict(section)
+    policy = d.pop("policy", "auto")
+    if policy not in ("auto",) + ko.VERSIONS:
+        raise ConfigError(f"kv_offload.policy must be one of auto, {', '.join(ko.VERSIONS)}, got {policy!r}")
+    try:
+        offload = ko.OffloadConfig(block_size=scheduler.block_size, **d).validate()
+        policy = ko.policy_for(None if policy == "auto" else policy).version
+    except ValueError as exc:
+        raise ConfigError(f"kv_offload: {exc}") from None
+    out = asdict(offload)
+    del out["block_size"]
+    return {"policy": policy, **out}
 
 
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
@@ -65,8 +104,14 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         scfg = SchedulerConfig(**sched).validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"scheduler: {exc}") from None
-    cfg = RunConfig(scheduler=scfg, **{k: v for k, v in d.items() if k != "scheduler"})
-    build_workload(cfg)  # validates the workload description
+    rest = {k: v for k, v in d.items() if k != "scheduler"}
+    if rest.get("kv_offload") is not None:
+        rest["kv_offload"] = kv_offload_config(rest["kv_offload"], scfg)
+    cfg = RunConfig(scheduler=scfg, **rest)
+    specs = build_workload(cfg)  # validates the workload description
+    mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
+    if mm is not None:
+        raise ConfigError(f"kv_offload models text-only requests; workload request {mm} has multimodal items")
     liveness_model(cfg)
     return cfg
 
@@ -136,7 +181,13 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
         if engine.stats.records:
             lost = sorted(engine.stats.records)
             raise RuntimeError(f"{len(lost)} requests neither finished nor failed (first: {lost[0]})")
+        pending = core.pending_jobs() if engine.kv_connector and engine.alive else ()
+        if pending:
+            raise InvariantViolation(engine.stats.steps, env.now, f"{len(pending)} KV offload jobs never retired "
+                                                                  f"at the end of the run: {pending[:5]}")
         summary = summarize(trace.of_kind("req"), steps=engine.stats.steps, end=env.now)
+        if engine.kv_connector:
+            summary.update(engine.kv_summary())
         trace.emit({"kind": "end", "t": round(env.now, 9), "summary": summary})
     return RunResult(summary, trace.events)
 
@@ -148,7 +199,13 @@ def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str |
     plan = plan or FaultPlan()
     specs = build_workload(cfg) if specs is None else specs
     prefetch = PrefetchSchedule(specs, plan)
-    core = Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy))
+    if cfg.kv_offload:
+        kv = dict(cfg.kv_offload)
+        policy = ko.OffloadPolicy(kv.pop("policy"))
+        core = OffloadScheduler(cfg.scheduler, ko.OffloadConfig(block_size=cfg.scheduler.block_size, **kv),
+                                policy, plan)
+    else:
+        core = Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy))
     return run_engine(core, specs, cfg, plan, side="sim", trace_path=trace_path, keep=keep,
                       full_trace=full_trace, prefetch=prefetch, progress=progress)
 

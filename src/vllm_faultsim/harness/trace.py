@@ -5,13 +5,27 @@ A trace is a sequence of events (dicts). The first is a ``header``; then, in tim
 - ``step``    one engine step: ``step`` index, ``t`` (start), ``dur``, ``sched`` {req: tokens}
               and, when non-empty, ``deferred`` (EC prefetch not ready), ``preempted``,
               ``finished``, ``enc`` {req: [mm index]}, ``ec_loaded`` [identifier],
-              ``kv`` {store, load, flush, done} (KV offload jobs)
+              ``kv`` (KV offload, models/kv_offload.py; only non-empty keys):
+                ``store`` / ``load`` [[job, req, [chunk]]] jobs built by build_connector_meta /
+                update_state_after_alloc; ``flush`` [job] the step's jobs_to_flush (preemption,
+                fence, 0.23.0's flush-all); ``done`` [job] completions retired by
+                update_connector_output; ``wait`` seconds the worker blocked on flushed jobs
+                (part of ``dur``); ``present`` / ``nostore`` [[req, [chunk]]] chunks already
+                on CPU / refused by a full pool; ``evict`` [[req, chunk]]; ``delayed`` [req]
+                lookups deferred (None). A job is ``<req>:S<chunk>`` / ``<req>:L<chunk>``
+                (``#n`` on repeats), a chunk its index in the request's tokens.
+                With KV offloading, empty steps (``sched`` {}) are steps too: vLLM keeps
+                stepping while jobs are pending (0.24+) and reports completions in them.
 - ``req``     a request's fate once it leaves the engine: arrival, first token, finish,
               output tokens, preemptions, status (``length``, ``stop``; ``failed``:
               EngineDeadError; ``aborted``: the engine's graceful shutdown after SIGTERM)
+- ``kv_lost`` the engine stopped with KV offload jobs not retired: ``cause`` (``kill_engine``,
+              ``kv_transfer_failed``, ``shutdown``) and ``jobs`` (may be empty: nothing lost)
 - ``fault``   a fault from the plan applied (time, the fault)
 - ``proc``    engine-process events, ``event`` one of:
-              the engine loop (models/engine.py): ``engine_dead`` / ``engine_stopped`` (``proc``);
+              the engine loop (models/engine.py): ``engine_dead`` / ``engine_stopped`` (``proc``),
+              ``exit`` with ``cause`` ``kv_transfer_failed`` and the ``failed`` jobs (vLLM's
+              offloading worker asserts transfer success: the core dies);
               the process model and its real drivers (models/engine_procs.py, harness/real_procs.py):
               ``exit`` (rank, name, code), ``detect`` (the monitor woke: ``failed`` rank,
               ``failed_name``, ``first_exit``, ``cause``, ``latency``), ``monitor_error``

@@ -17,6 +17,14 @@ step it is in, then ``_handle_shutdown`` aborts every unfinished request and rej
 engine is dead and later arrivals fail. Latencies come from ``detection(cause)``: ``signal``,
 ``exit`` or ``sigterm`` (signal -> engine dead), drawn from a liveness profile.
 
+A core with a KV connector (KV offloading: ``pending_jobs()``, and ``has_unfinished_requests()``
+is vLLM's ``Scheduler.has_requests()``, which with 0.24+ includes ``has_pending_push_work``) is
+stepped the way vLLM steps it: an empty step takes ``IDLE_STEP`` and still runs
+``update_from_output`` (that is where the worker's completions come back); a step whose worker
+waits on flushed jobs takes that much longer. A failed KV transfer kills the engine (vLLM's
+offloading worker asserts success); any engine death or shutdown names the KV jobs it loses in a
+``kv_lost`` event and the summary (``kv_jobs_lost``).
+
 The loop owns the virtual clock, the trace and the invariants; the core only decides (see
 models/step.py). The same loop drives the simulated scheduler and the real vLLM adapters.
 """
@@ -32,6 +40,7 @@ from ..faults.plan import FaultPlan
 from ..harness.invariants import Invariants
 from ..harness.trace import Trace, t
 from ..harness.workload import RequestSpec
+from .kv_offload import TransferFailed
 from .step import StepResult
 
 # Detection latency when no liveness profile is given: the real 0.26.0 engine on an H200
@@ -39,6 +48,9 @@ from .step import StepResult
 DEFAULT_DETECTION_LATENCY = 0.126
 GRACEFUL = ("SIGTERM", "stop")  # shutdown requested: the core aborts its requests, then exits 0
 CAUSES = {"SIGKILL": "signal", "exit1": "exit", "exit0": "exit", "SIGTERM": "sigterm", "stop": "sigterm"}
+# An empty step of a core with a KV connector: EngineCore.step() schedules nothing, runs the
+# no-forward pass and run_busy_loop sleeps 1 ms, for as long as Scheduler.has_requests() holds.
+IDLE_STEP = 0.001
 
 
 class WakeupSource(Protocol):
@@ -62,6 +74,7 @@ class EngineStats:
     preemptions: int = 0
     tokens: int = 0
     dead_at: float | None = None
+    kv: dict[str, float] = field(default_factory=dict)  # KV offload counts: store, load, flush, wait, lost
     records: dict[str, RequestRecord] = field(default_factory=dict)
 
 
@@ -89,6 +102,8 @@ class EngineCore:
         self.shutdown_requested = False  # SIGTERM: the loop aborts everything at its next iteration
         self.stepping = False  # a SIGTERM waits for the step in flight
         self.nxt = 0  # index of the next arrival the loop has not added yet
+        self.kv_connector = hasattr(core, "pending_jobs")  # KV offloading: see _kv_idle_step, _kv_lost
+        self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
         self.process = env.process(self._loop())
         for f in self.plan.of_kind("kill_engine"):
             env.process(self._kill(f))
@@ -117,21 +132,28 @@ class EngineCore:
                     yield env.timeout(arrivals[nxt].arrival - now)
                     continue
                 res = core.schedule(now)
-                if not res.sched:
+                if not res.sched and not self.kv_connector:
                     wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
                     self._record_step(now, 0.0, res, ())
                     if self.invariants is not None:
                         self.invariants.idle(stats.steps, now, wake, core)
                     yield env.timeout(wake - now)
                     continue
-                dur = self.step_time(*res.shape())
+                dur = self.step_time(*res.shape()) if res.sched else self._kv_idle_step(now, res)
+                if res.kv:  # the worker blocked on flushed jobs before the forward
+                    dur += res.kv.get("wait", 0.0)
                 for start, end, factor in self.slow:
                     if start <= now < end:
                         dur *= factor
                 self.stepping = True
+                self.in_step = (now, res)
                 yield env.timeout(dur)
                 self.stepping = False
-                finished = core.update_from_output(res, env.now)
+                try:
+                    finished = core.update_from_output(res, env.now)
+                except TransferFailed as exc:
+                    yield from self._transfer_failed(now, dur, res, exc)
+                    return
                 self._account(res, finished, now, dur)
         except simpy.Interrupt as stop:
             if stop.cause == "shutdown":  # SIGTERM while idle: abort now
@@ -143,6 +165,24 @@ class EngineCore:
         if next_arrival is not None:
             times.append(next_arrival)
         return min(times) if times else None
+
+    def _kv_idle_step(self, now: float, res: StepResult) -> float:
+        """An empty step of a core with a KV connector: vLLM keeps stepping while has_requests()
+        (the worker's completions come back through update_from_output). A stall is an empty
+        step that preempted nothing, with requests queued, no KV job pending and nothing to wake
+        up for."""
+        if (self.invariants is not None and not res.preempted and any(self.core.counts())
+                and not self.core.pending_jobs()):
+            nxt = self.nxt
+            wake = self._next_wakeup(now, self.workload[nxt].arrival if nxt < len(self.workload) else None)
+            self.invariants.idle(self.stats.steps, now, wake, self.core)
+        return IDLE_STEP
+
+    def kv_summary(self) -> dict:
+        c = self.stats.kv
+        return {"kv_store_jobs": c.get("store", 0), "kv_load_jobs": c.get("load", 0),
+                "kv_flushed_jobs": c.get("flush", 0), "kv_wait_ms": round(1000 * c.get("wait", 0.0), 3),
+                "kv_jobs_lost": c.get("lost", 0)}
 
     def _account(self, res: StepResult, finished, start: float, dur: float) -> None:
         stats, records, end = self.stats, self.stats.records, self.env.now
@@ -172,6 +212,11 @@ class EngineCore:
         stats = self.stats
         step = stats.steps
         stats.steps += 1
+        if res.kv:
+            kv, counts = res.kv, stats.kv
+            for key in ("store", "load", "flush"):
+                counts[key] = counts.get(key, 0) + len(kv.get(key, ()))
+            counts["wait"] = counts.get("wait", 0.0) + kv.get("wait", 0.0)
         if not self.full_trace:
             return
         ev = {"kind": "step", "step": step, "t": t(start), "dur": t(dur), "sched": res.sched}
@@ -198,6 +243,8 @@ class EngineCore:
             return
         self.alive = False
         self.trace.emit({"kind": "fault", "t": t(env.now), "fault": fault.to_dict()})
+        if self.kv_connector and fault.signal not in GRACEFUL:
+            self._kv_lost("kill_engine")
         latency = self.detection(CAUSES[fault.signal])
         if fault.signal in GRACEFUL:
             self.shutdown_requested = True
@@ -215,8 +262,36 @@ class EngineCore:
 
     def _abort(self) -> None:
         """``_handle_shutdown`` in abort mode: every unfinished request ends aborted."""
+        if self.kv_connector:
+            self._kv_lost("shutdown")
         self._end(self.core.fail_all(), "aborted")
         self.env.process(self._reject_arrivals())
+
+    def _transfer_failed(self, start: float, dur: float, res: StepResult, exc: TransferFailed):
+        """A KV transfer failed: vLLM's offloading worker asserts success, so the engine core dies
+        of the exception (exit code 1) at the step's end; the step's output never comes back."""
+        env = self.env
+        self.alive = False
+        self._record_step(start, dur, res, ())
+        self.trace.emit({"kind": "proc", "t": t(env.now), "event": "exit", "proc": "EngineCore_DP0",
+                         "cause": "kv_transfer_failed", "failed": exc.failed})
+        self._kv_lost("kv_transfer_failed")
+        yield env.timeout(self.detection("exit"))
+        self.stats.dead_at = env.now
+        self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": "EngineCore_DP0"})
+        self._end(self.core.fail_all(), "failed")
+        env.process(self._reject_arrivals())
+
+    def _kv_lost(self, cause: str) -> None:
+        """The engine stops with KV offload jobs not retired: name them, never silently. A step
+        in flight never returns its output; it is recorded up to now, with the jobs it created."""
+        if self.stepping:
+            self.stepping = False
+            start, res = self.in_step
+            self._record_step(start, self.env.now - start, res, ())
+        jobs = self.core.pending_jobs()
+        self.stats.kv["lost"] = len(jobs)
+        self.trace.emit({"kind": "kv_lost", "t": t(self.env.now), "cause": cause, "jobs": jobs})
 
     def _end(self, req_ids, status: str) -> None:
         now, records = self.env.now, self.stats.records
