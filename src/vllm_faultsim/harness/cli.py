@@ -65,12 +65,18 @@ def _replay_command(args) -> str:
 def cmd_run(args) -> int:
     from ..faults.plan import load_plan
     from .invariants import InvariantViolation
-    from .simulate import simulate
+    from .progress import progress_bar
+    from .simulate import build_workload, simulate
 
     plan = load_plan(args.plan)
     cfg = _run_config(args)
+    specs = build_workload(cfg)
+    horizon = round(max((s.arrival for s in specs), default=0.0), 1)  # the bar covers the arrivals
     try:
-        res = simulate(cfg, plan, trace_path=args.trace, keep=False)
+        with progress_bar(total=horizon, unit="sim-s", desc="run", disable=args.no_progress,
+                          bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} sim-s [{elapsed}<{remaining}]") as bar:
+            res = simulate(cfg, plan, trace_path=args.trace, keep=False, specs=specs,
+                           progress=lambda now: bar.update(min(now, horizon) - bar.n) if now - bar.n >= 0.1 else None)
     except InvariantViolation as exc:
         print(f"vllm-faultsim: {exc}\n  seed {cfg.seed}; replay: {_replay_command(args)}", file=sys.stderr)
         return 1
@@ -181,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("max-num-seqs", "max-num-batched-tokens", "num-gpu-blocks", "block-size", "max-model-len"):
         r.add_argument(f"--{name}", type=int)
     r.add_argument("--json", action="store_true", help="print the summary as JSON")
+    r.add_argument("--no-progress", action="store_true")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("study", help="what-if grid; no arguments: the embedded default study")
