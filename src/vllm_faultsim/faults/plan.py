@@ -76,14 +76,18 @@ KINDS: dict[str, dict[str, tuple]] = {
     "kv_transfer_slow": {"start": (TIME, REQUIRED), "end": (TIME, REQUIRED), "factor": (FACTOR, REQUIRED)},
     # KV transfers submitted in [start, end) fail
     "kv_transfer_fail": {"start": (TIME, REQUIRED), "end": (TIME, REQUIRED)},
+    # EPLB layer transfers that start in [start, end) see the link bandwidth / factor (models/eplb.py)
+    "slow_link": {"start": (TIME, REQUIRED), "end": (TIME, REQUIRED), "factor": (FACTOR, REQUIRED)},
+    # EP rank `ep_rank` of engine `rank` dies as it starts transferring `layer` of EPLB
+    # rearrangement number `rearrangement` (0-based); the engine core dies at its next EPLB step
+    "eplb_rank_death": {"ep_rank": (_num(0, integer=True), 1), "layer": (_num(0, integer=True), 0),
+                        "rearrangement": (_num(0, integer=True), 0), "rank": (_num(0, integer=True), 0)},
 }
 
 # Kinds users ask for that the simulator does not model yet: rejected by name, not as unknown.
 NOT_MODELLED = {
     "network_partition": "the simulator has no network between engines yet",
     "gpu_oom": "CUDA out-of-memory inside a step is not modelled yet",
-    "eplb_rank_death": "EPLB rearrangement is not modelled by the simulator yet",
-    "slow_link": "EPLB link bandwidth faults are not modelled by the simulator yet",
 }
 
 

@@ -16,8 +16,9 @@ layer: the coordinated-stop all_reduce, ``transfer_layer`` on its stream, ``cuda
 Observed (never changed) by wrapping names the worker looks up at call time: ``transfer_layer``
 (start/return, send/recv counts from the communicator), ``AsyncEplbLayerResult`` (publication:
 time and whether the worker's stream had finished, ``stream.query()``), ``_move_to_workspace``
-(which layer a step consumed) and ``rearrange``. Faults: ``slow_link`` makes each layer's
-``communicator.execute()`` take ``factor`` times as long (a sleep after it, in the worker);
+(which layer a step consumed) and ``rearrange``. Faults: ``slow_link`` drops the link to
+``link_bandwidth / factor``: after ``communicator.execute()`` the worker sleeps ``(factor - 1)``
+times the bytes this rank moved (its counted sends and receives) over ``link_bandwidth``;
 ``rank_death`` SIGKILLs one rank as it starts transferring a layer.
 
 On CPU (``device="cpu"``, gloo) there are no CUDA streams or events. The narrowest stand-in:
@@ -76,7 +77,8 @@ class RealEplbRun:
     cycles: int = 2                      # rearrangements to run (the load changes after each)
     extra_steps: int = 3
     seed: int = 0
-    slow_link: float = 1.0               # every layer's communicator.execute() takes this many times as long
+    slow_link: float = 1.0               # the link runs at link_bandwidth / slow_link (see the module docstring)
+    link_bandwidth: float = 0.0          # the link's calibrated bandwidth (B/s), for slow_link
     rank_death: tuple[int, int] | None = None  # (rank, layer): SIGKILL that rank as it starts that layer
     timeout_s: float = 180.0             # the driver's bound; a rank still running then is killed ("hung")
 
@@ -117,22 +119,29 @@ def weight_code(logical: int, layer: int, widx: int, shape: Shape) -> int:
     return 1 + widx + len(shape.hidden) * (layer + shape.layers * logical)
 
 
-def run(cfg: RealEplbRun, out_dir: str | Path | None = None) -> dict:
-    """Run one real rearrangement on ``cfg.world`` processes; return what each rank observed."""
+def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict]:
+    """Run the configurations one after another in one set of ``world`` rank processes (one
+    vLLM import); return, per configuration, what each rank observed. They share ``device`` and
+    ``world``; a ``rank_death`` run ends the processes, so only the last may have one."""
+    cfg0 = cfgs[0]
+    if any((c.device, c.world) != (cfg0.device, cfg0.world) for c in cfgs):
+        raise ValueError("runs of one launch share device and world")
+    if any(c.rank_death for c in cfgs[:-1]):
+        raise ValueError("only the last run may have a rank_death")
     out = Path(out_dir or tempfile.mkdtemp(prefix="eplb-real-"))
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    spec = json.dumps(cfg.to_dict())
+    spec = json.dumps([c.to_dict() for c in cfgs])
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     procs = []
-    for rank in range(cfg.world):
+    for rank in range(cfg0.world):
         log = open(out / f"rank{rank}.log", "w")
         procs.append((subprocess.Popen([sys.executable, "-m", __name__, spec, str(rank), str(port), str(out)],
                                        stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    deadline = time.monotonic() + cfg.timeout_s
+    deadline = time.monotonic() + sum(c.timeout_s for c in cfgs)
     exit_codes: list[int | str] = []
     for p, log in procs:
         try:
@@ -142,14 +151,19 @@ def run(cfg: RealEplbRun, out_dir: str | Path | None = None) -> dict:
             p.wait()
             exit_codes.append("hung")
         log.close()
-    ranks = []
-    for rank in range(cfg.world):
-        f = out / f"rank{rank}.json"
-        ranks.append(json.loads(f.read_text()) if f.exists() else None)
-    death = out / "death.json"
-    return {"config": cfg.to_dict(), "exit_codes": exit_codes, "ranks": ranks, "out": str(out),
-            "death": json.loads(death.read_text()) if death.exists() else None}
+    results = []
+    for i, cfg in enumerate(cfgs):
+        ranks = []
+        for rank in range(cfg.world):
+            f = out / f"rank{rank}-{i}.json"
+            ranks.append(json.loads(f.read_text()) if f.exists() else None)
+        death = out / "death.json"
+        results.append({"config": cfg.to_dict(), "launch_index": i, "exit_codes": exit_codes, "ranks": ranks, "out": str(out),
+                        "death": json.loads(death.read_text()) if cfg.rank_death and death.exists() else None})
+    return results
 
+
+# ---- inside one rank process ----------------------------------------------------------------
 
 def _of(rec: "_Recorder", kind: str) -> list[dict]:
     return [e for e in rec.events if e["kind"] == kind]
@@ -207,38 +221,52 @@ class _Recorder:
         self.events.append(ev)
 
 
-def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
-    import threading
-    from types import SimpleNamespace
-
+def _rank_main(specs: list[dict], rank: int, port: int, out: Path) -> None:
     import torch
 
-    sh = spec["shape"]
-    shape = Shape(sh["layers"], sh["logical"], sh["redundant"], tuple(sh["hidden"]))
-    world, cuda = spec["world"], spec["device"] == "cuda"
+    world, cuda = specs[0]["world"], specs[0]["device"] == "cuda"
     if cuda:
         torch.cuda.set_device(rank)
     else:
         torch.cuda.Event = _CpuEvent  # CpuGpuEvent's CUDA half (this process only)
 
-    from vllm.config import DeviceConfig, EPLBConfig, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.config import DeviceConfig, ParallelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import parallel_state as ps
+    from vllm.distributed.eplb import async_worker as aw
+    from vllm.distributed.eplb import eplb_state as es
+
+    pc = ParallelConfig(tensor_parallel_size=world, enable_expert_parallel=True)
+    vc = VllmConfig(parallel_config=pc, device_config=DeviceConfig("cuda" if cuda else "cpu"))
+    vc.parallel_config.enable_eplb = True  # after validation: it refuses non-CUDA platforms
+    with set_current_vllm_config(vc):
+        ps.init_distributed_environment(world, rank, f"tcp://127.0.0.1:{port}", rank,
+                                        "nccl" if cuda else "gloo")
+        ps.ensure_model_parallel_initialized(world, 1)
+    real = {"transfer_layer": aw.transfer_layer, "result": aw.AsyncEplbLayerResult,
+            "move": es._move_to_workspace, "run": aw.transfer_run_periodically}
+    for i, spec in enumerate(specs):
+        _one_run(spec, rank, out / f"rank{rank}-{i}.json", out, vc, real)
+    os._exit(0)  # the workers are daemon threads blocked on their rearrange_event
+
+
+def _one_run(spec: dict, rank: int, path: Path, out: Path, vc, real: dict) -> None:
+    import threading
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.config import EPLBConfig
     from vllm.distributed import parallel_state as ps
     from vllm.distributed.eplb import async_worker as aw
     from vllm.distributed.eplb import eplb_state as es
     from vllm.distributed.eplb.policy.default import DefaultEplbPolicy
 
-    pc = ParallelConfig(tensor_parallel_size=world, enable_expert_parallel=True)
-    vc = VllmConfig(parallel_config=pc, device_config=DeviceConfig("cuda" if cuda else "cpu"))
-    vc.parallel_config.enable_eplb = True  # after validation: it refuses non-CUDA platforms
+    sh = spec["shape"]
+    shape = Shape(sh["layers"], sh["logical"], sh["redundant"], tuple(sh["hidden"]))
+    world, cuda = spec["world"], spec["device"] == "cuda"
     vc.parallel_config.eplb_config = EPLBConfig(
         window_size=spec["step_interval"], step_interval=spec["step_interval"],
         num_redundant_experts=shape.redundant, communicator=spec["communicator"])
     device = torch.device(f"cuda:{rank}" if cuda else "cpu")
-    with set_current_vllm_config(vc):
-        ps.init_distributed_environment(world, rank, f"tcp://127.0.0.1:{port}", rank,
-                                        "nccl" if cuda else "gloo")
-        ps.ensure_model_parallel_initialized(world, 1)
-
     n_local = shape.physical // world
     L, W = shape.layers, len(shape.hidden)
     init_map = es.EplbState.build_initial_global_physical_to_logical_map(shape.logical, shape.redundant)
@@ -272,16 +300,14 @@ def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
         real_recv(tensors, src_rank, expert_id)
 
     def execute():
-        t = time.perf_counter()
         real_exec()
-        if spec["slow_link"] != 1.0:
-            if comm._cuda_stream is not None:
-                comm._cuda_stream.synchronize()
-            time.sleep((spec["slow_link"] - 1.0) * (time.perf_counter() - t))
+        if spec["slow_link"] != 1.0:  # the bytes this rank moved, at bandwidth / factor
+            moved = (counts["send"] + counts["recv"]) * shape.expert_bytes
+            time.sleep((spec["slow_link"] - 1.0) * moved / spec["link_bandwidth"])
 
     comm.add_send, comm.add_recv, comm.execute = add_send, add_recv, execute
     streams = {}
-    real_transfer, real_result, real_move = aw.transfer_layer, aw.AsyncEplbLayerResult, es._move_to_workspace
+    real_transfer, real_result, real_move = real["transfer_layer"], real["result"], real["move"]
     death = spec["rank_death"]
 
     def transfer_layer(**kw):
@@ -315,7 +341,7 @@ def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
 
     aw.transfer_layer, aw.AsyncEplbLayerResult, es._move_to_workspace = transfer_layer, result, move_to_workspace
     state.rearrange = rearrange
-    real_run = aw.transfer_run_periodically
+    real_run = real["run"]
     worker_error: list[str] = []
 
     def transfer_run_periodically(**kw):
@@ -352,12 +378,13 @@ def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
                 out[layer, p2l[layer].index(e)] = load[layer][e]
         return out.to(device)
 
-    max_steps = (rearrange_step(spec["step_interval"]) + 1 + cycles * (spec["step_interval"] + L)
-                 + spec["extra_steps"])
+    max_steps = rearrange_step(spec["step_interval"]) + cycles * (spec["step_interval"] + 4 * L) + 10
     result_doc: dict = {"rank": rank, "n_local": n_local}
     done_at = None
     try:
         for s in range(max_steps):
+            if done_at is not None and state.expert_rearrangement_step + 1 >= state.expert_rearrangement_step_interval:
+                break  # the next step() would start one rearrangement more
             rec.step = s
             ms.expert_load_pass.copy_(load_pass(loads[min(len(_of(rec, "rearrange")), cycles - 1)]))
             start = rec.now()
@@ -365,7 +392,7 @@ def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
             mid = rec.now()
             state.step()
             rec.emit(kind="step", step=s, t=start, forward_end=mid, end=rec.now())
-            if done_at is None and len(_of(rec, "rearrange")) == cycles and not ms.rebalanced:
+            if done_at is None and sum(e["layer"] == L - 1 for e in _of(rec, "consume")) == cycles:
                 done_at = s
             if done_at is not None and s >= done_at + spec["extra_steps"]:
                 break
@@ -373,19 +400,21 @@ def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
         rec.emit(kind="main_error", t=rec.now(), step=rec.step, error=_one_line(exc))
         worker.join(timeout=2.0)  # let the worker meet the failure too, then say where it is
         result_doc.update(events=rec.events, t0=rec.t0, worker_alive=worker.is_alive(), worker_error=worker_error)
-        (out / f"rank{rank}.json").write_text(json.dumps(result_doc))
+        path.write_text(json.dumps(result_doc))
         os._exit(3)
 
     if cuda:
         torch.cuda.synchronize()
-    # the maps the worker published, per rearrangement; the first must be the policy's answer to
-    # the fixed load (later windows mix loads recorded under older maps, as in vLLM)
+    # the maps the worker published, per completed rearrangement; the first must be the policy's
+    # answer to the fixed load (later windows mix loads recorded under older maps, as in vLLM)
     pub = [e["new_map"] for e in _of(rec, "publish")]
-    published = [pub[i:i + L] for i in range(0, len(pub), L)]
+    published = [pub[i:i + L] for i in range(0, len(pub) - len(pub) % L, L)]
+    expected = [list(m) for m in [init_map] * L]  # each layer's map as of its last consumed layer
+    for e, new_row in zip(_of(rec, "consume"), pub):
+        expected[e["layer"]] = new_row
     policy_first = DefaultEplbPolicy.rebalance_experts(torch.tensor(loads[0], dtype=torch.float64) * world,
                                                        shape.physical, 1, 1, world,
                                                        torch.tensor([init_map] * L)).tolist()
-    expected = published[-1]
     final = ms.physical_to_logical_map.cpu().tolist()
     bad = []
     for layer in range(L):
@@ -399,11 +428,10 @@ def _rank_main(spec: dict, rank: int, port: int, out: Path) -> None:
                                 "got_code": int(got[j][0].item()) // 4096})
     result_doc.update(events=rec.events, t0=rec.t0, initial_map=[init_map] * L, published_maps=published,
                       policy_first=policy_first,
-                      done_at=done_at,
+                      expected_map=expected, done_at=done_at,
                       final_map=final, bad_rows=bad[:20], num_bad_rows=len(bad), worker_error=worker_error)
-    (out / f"rank{rank}.json").write_text(json.dumps(result_doc))
+    path.write_text(json.dumps(result_doc))
     torch.distributed.barrier(group=ps.get_world_group().cpu_group)
-    os._exit(0)  # the worker thread is a daemon blocked on rearrange_event
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ what ``EplbState.step()`` costs (``step_sync`` while rebalancing, plus the consu
 ``move_from_buffer`` copy at ``publish_bandwidth``) and, as the transfer runs on its own stream
 beside the forward pass, ``contention`` times the transfer time that overlapped its forward.
 
-Faults (faults/plan.py): ``slow_link`` makes transfers that start in [start, end) ``factor`` times
-as long; ``eplb_rank_death`` kills one EP rank as it starts a layer of a rearrangement: the
+Faults (faults/plan.py): ``slow_link`` divides the link's bandwidth by ``factor`` for transfers
+that start in [start, end); ``eplb_rank_death`` kills one EP rank as it starts a layer of a rearrangement: the
 survivors' next ``EplbState.step()`` all_reduce raises (gloo: connection reset by peer), so the
 engine core dies at the end of the next step (:class:`EplbRankDeath`).
 
@@ -254,10 +254,10 @@ class EplbState:
                     return
                 per_rank = layer_transfers(old[layer], new[layer], cfg.ep_size)
                 moved = max(s + r for s, r in per_rank) * cfg.expert_bytes
-                dur = cfg.link.transfer_time(moved, first=self.transferred == 0)
-                self.transferred += 1
                 start = env.now
-                dur *= next((f for a, b, f in self.slow if a <= start < b), 1.0)
+                slow = next((f for a, b, f in self.slow if a <= start < b), 1.0)
+                dur = cfg.link.transfer_time(moved * slow, first=self.transferred == 0)
+                self.transferred += 1
                 self.busy.append((start, start + dur))
                 ev = {"kind": "eplb", "event": "transfer", "layer": layer, "t": round(start, 9),
                       "end": round(start + dur, 9), "dur": round(dur, 9),
@@ -288,7 +288,8 @@ def simulate_main_loop(cfg: EplbConfig, policy, *, forward_s: float, cycles: int
                        plan=None, max_steps: int = 100_000) -> list[dict]:
     """The engine's loop reduced to what EPLB sees (as the real driver runs it): a forward of
     ``forward_s``, then ``EplbState.step()``, until ``cycles`` rearrangements are done and
-    ``extra_steps`` more ran, or the step raises. Returns the ``eplb`` trace events."""
+    ``extra_steps`` more ran (or the next step would rearrange again), or the step raises. Returns the ``eplb`` trace events, with a
+    ``step`` event at each ``EplbState.step()`` call."""
     env = simpy.Environment()
     events: list[dict] = []
     state = EplbState(env, cfg, policy, events.append, plan=plan)
@@ -296,14 +297,18 @@ def simulate_main_loop(cfg: EplbConfig, policy, *, forward_s: float, cycles: int
     def main_loop():
         done_at = None
         for s in range(max_steps):
+            if done_at is not None and state.expert_rearrangement_step + 1 >= cfg.step_interval:
+                return  # the next step() would start one rearrangement more
             yield env.timeout(forward_s)
+            events.append({"kind": "eplb", "event": "step", "step": s, "t": round(env.now, 9)})
             try:
                 cost = state.step(s)
             except EplbRankDeath:
                 events.append({"kind": "eplb", "event": "step_error", "step": s, "t": round(env.now, 9)})
                 return
             yield env.timeout(cost)
-            if done_at is None and state.rearrangements == cycles and not state.rebalanced:
+            if done_at is None and sum(e["event"] == "consume" and e["layer"] == cfg.layers - 1
+                                       for e in events) == cycles:
                 done_at = s
             if done_at is not None and s >= done_at + extra_steps:
                 return
