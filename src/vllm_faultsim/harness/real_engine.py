@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.step import Finished, StepResult
-from .workload import RequestSpec, prompt_token_ids
+from .workload import RequestSpec, prompt_token_ids, spec_to_dict
 
 MODULE = __name__
 SCHEDULER_CLS = f"{MODULE}.RecordingScheduler"
@@ -887,7 +887,7 @@ def kill_trials_parallel(engine_kwargs: dict, specs: list[RequestSpec], trials: 
         mine = trials[w::workers]
         if not mine:
             continue
-        job = {"engine": kw, "specs": [_spec_dict(s) for s in specs], "trials": mine,
+        job = {"engine": kw, "specs": [spec_to_dict(s) for s in specs], "trials": mine,
                "exit_file": str(workdir / f"exit-{w}"), "hang_timeout": hang_timeout}
         jp, rp = workdir / f"job-{w}.json", workdir / f"results-{w}.jsonl"
         jp.write_text(json.dumps(job))
@@ -908,18 +908,6 @@ def kill_trials_parallel(engine_kwargs: dict, specs: list[RequestSpec], trials: 
         if rp.exists():
             out += [json.loads(line) for line in rp.read_text().splitlines() if line.strip()]
     return out
-
-
-def _spec_dict(s: RequestSpec) -> dict:
-    """The JSONL replay form (``workload.spec_from_dict`` reads it back)."""
-    d: dict = {"id": s.req_id, "arrival": s.arrival, "prompt_tokens": s.prompt_len, "output_tokens": s.output_len}
-    if s.mm:
-        d["mm"] = [{"id": m.identifier, "offset": m.offset, "length": m.length, "prefetch": m.prefetch} for m in s.mm]
-    if s.prefix is not None:
-        d["prefix"] = list(s.prefix)
-    if s.stop_at is not None:
-        d["stop_at"] = s.stop_at
-    return d
 
 
 def _kill_main(job_path: str, results_path: str) -> int:
