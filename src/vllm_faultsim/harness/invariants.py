@@ -10,6 +10,10 @@
 
 from __future__ import annotations
 
+from operator import attrgetter
+
+_arrival = attrgetter("arrival")
+
 
 class InvariantViolation(RuntimeError):
     def __init__(self, step: int, t: float, what: str):
@@ -34,14 +38,12 @@ class Invariants:
     def scheduled(self, step: int, start: float, end: float, res, records) -> None:
         """Before the step's output is applied: clock, causality, limits."""
         self._clock(step, start, end)
-        total = 0
-        for rid, n in res.sched.items():
-            rec = records.get(rid)
-            if rec is None or rec.arrival > start:
-                raise InvariantViolation(step, start, f"request {rid} scheduled before it arrived or after it left")
-            if n <= 0:
-                raise InvariantViolation(step, start, f"request {rid} scheduled {n} tokens")
-            total += n
+        sched = res.sched
+        if not (sched.keys() <= records.keys()  # the checks in C; _culprit names the request
+                and max(map(_arrival, map(records.__getitem__, sched)), default=start) <= start
+                and min(sched.values(), default=1) > 0):
+            _culprit(step, start, sched, records)
+        total = sum(sched.values())
         if total > self.max_tokens:
             raise InvariantViolation(step, start, f"{total} tokens scheduled > max_num_batched_tokens {self.max_tokens}")
 
@@ -69,3 +71,13 @@ class Invariants:
             raise InvariantViolation(step, now, f"engine stalled: nothing schedulable and nothing to wait for, "
                                                 f"with {running} running and {waiting} waiting requests "
                                                 "(a request larger than the KV cache?)")
+
+
+def _culprit(step: int, start: float, sched: dict, records) -> None:
+    """The first scheduled request that had not arrived, had left, or got no tokens."""
+    for rid, n in sched.items():
+        rec = records.get(rid)
+        if rec is None or rec.arrival > start:
+            raise InvariantViolation(step, start, f"request {rid} scheduled before it arrived or after it left")
+        if n <= 0:
+            raise InvariantViolation(step, start, f"request {rid} scheduled {n} tokens")

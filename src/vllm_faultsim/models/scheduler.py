@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from ..harness.workload import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
 from .kv_cache import BlockPool, EncoderCacheManager
-from .step import EOS_TOKEN_ID, Finished, StepResult, hash_str, sampled_token
+from .step import Finished, StepResult, hash_str, sampled_token
 
 WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
 
@@ -77,16 +77,19 @@ class SchedulerConfig:
 
 
 class Request:
-    __slots__ = ("req_id", "num_prompt_tokens", "num_output_tokens", "num_computed_tokens", "max_tokens",
-                 "stop_at", "status", "mm", "tokens", "block_hashes")
+    __slots__ = ("req_id", "num_prompt_tokens", "num_output_tokens", "num_tokens", "num_computed_tokens",
+                 "stop_at", "finish_at", "status", "mm", "tokens", "block_hashes")
 
-    def __init__(self, spec: RequestSpec, block_size: int | None = None):
+    def __init__(self, spec: RequestSpec, max_model_len: int, block_size: int | None = None):
         self.req_id = spec.req_id
         self.num_prompt_tokens = spec.prompt_len
         self.num_output_tokens = 0
+        self.num_tokens = spec.prompt_len  # prompt + output
         self.num_computed_tokens = 0
-        self.max_tokens = spec.output_len
         self.stop_at = spec.stop_at
+        # the output count at which it finishes: EOS (stop_at), max_tokens or max_model_len
+        self.finish_at = min(spec.output_len, max_model_len - spec.prompt_len,
+                             spec.stop_at if spec.stop_at is not None and spec.stop_at >= 1 else spec.output_len)
         self.status = WAITING
         self.mm = spec.mm
         self.tokens: list[int] | None = None
@@ -127,7 +130,7 @@ class Scheduler:
     # ---- protocol ----------------------------------------------------------------------
 
     def add_request(self, spec: RequestSpec, now: float) -> None:
-        req = Request(spec, self.config.block_size if self.caching else None)
+        req = Request(spec, self.config.max_model_len, self.config.block_size if self.caching else None)
         self.requests[req.req_id] = req
         self.waiting.append(req)
 
@@ -146,11 +149,10 @@ class Scheduler:
         (deep: every block's ref count recounted from the requests' block lists)."""
         bs, max_len, req_blocks = self.config.block_size, self.config.max_model_len, self.pool.req_blocks
         for req in self.running:
-            blocks = req_blocks.get(req.req_id)
-            have = len(blocks) if blocks else 0
-            if have != cdiv(min(req.num_computed_tokens, max_len), bs):
-                return (f"request {req.req_id} holds {have} KV blocks for {req.num_computed_tokens} "
-                        f"computed tokens (block_size {bs})")
+            computed = req.num_computed_tokens
+            if len(req_blocks.get(req.req_id, ())) != -(-(computed if computed < max_len else max_len) // bs):
+                return (f"request {req.req_id} holds {len(req_blocks.get(req.req_id, ()))} KV blocks for "
+                        f"{computed} computed tokens (block_size {bs})")
         if len(req_blocks) > len(self.running):
             return f"{len(req_blocks) - len(self.running)} requests outside running hold KV blocks"
         err = self.pool.conservation_error(deep)
@@ -172,59 +174,52 @@ class Scheduler:
         max_model_len, bs = cfg.max_model_len, cfg.block_size
         threshold = cfg.long_prefill_token_threshold
         pool, running = self.pool, self.running
-        req_blocks, free_blocks = pool.req_blocks, pool.free
+        free_blocks = pool.free
         caching = self.caching
         if self.ec_connector is not None:
             self.ec_connector.now = now
 
-        # First, the RUNNING requests.
-        req_index = 0
-        while req_index < len(running) and token_budget > 0:
-            req = running[req_index]
+        # First, the RUNNING requests. (_update_after_schedule is folded in: a request's
+        # num_computed_tokens advances as it is scheduled; a victim is never one scheduled already.)
+        limit = max_model_len - 1
+        preempted = res.preempted
+        for req in running:  # a preemption pops the list's end: the iteration sees it
             computed = req.num_computed_tokens
-            n = req.num_prompt_tokens + req.num_output_tokens - computed
+            n = req.num_tokens - computed
             if 0 < threshold < n:
                 n = threshold
             if n > token_budget:
                 n = token_budget
-            if n > max_model_len - computed - 1:
-                n = max_model_len - computed - 1
-            enc = ext = None
-            new_encoder_budget = encoder_budget
-            if req.mm:
+            if computed + n > limit:
+                n = limit - computed
+            mm = req.mm
+            if mm:
                 enc, n, new_encoder_budget, ext = self._try_schedule_encoder_inputs(req, computed, n, encoder_budget)
             if n == 0:
-                req_index += 1
                 continue
             rid = req.req_id
-            while True:
-                held = req_blocks.get(rid)
-                need = -(-min(computed + n, max_model_len) // bs) - (len(held) if held else 0)
-                if need <= len(free_blocks):
-                    if need > 0:
-                        pool.allocate(rid, need)
-                    if caching:
-                        pool.cache_blocks(rid, req.block_hashes, min(computed + n, req.num_prompt_tokens
-                                                                      + req.num_output_tokens), bs)
-                    break
-                victim = running.pop()
-                self._preempt_request(victim)
-                res.preempted.append(victim.req_id)
-                if victim is req:
-                    break
-            if req.status != RUNNING:
-                break
+            end = computed + n  # < max_model_len and <= num_tokens
+            # blocks for `end` tokens less those held: cdiv(computed), as check() holds every step
+            need = (-computed // bs) - (-end // bs)
+            if need > 0:
+                if need > len(free_blocks) and not self._preempt_for(req, need, preempted):
+                    break  # the request itself was preempted
+                pool.allocate(rid, need)
+            if caching:
+                pool.cache_blocks(rid, req.block_hashes, end, bs)
             sched[rid] = n
             before[rid] = computed
             plen[rid] = req.num_prompt_tokens
+            req.num_computed_tokens = end
             token_budget -= n
-            req_index += 1
-            if enc or ext:
+            if mm and (enc or ext):
                 self._allocate_encoder_inputs(req, enc, ext, res)
                 encoder_budget = new_encoder_budget
+            if token_budget <= 0:
+                break
 
         # Next, the WAITING requests.
-        if not res.preempted:
+        if not preempted:
             step_skipped_waiting: deque[Request] = deque()
             while (self.waiting or self.skipped_waiting) and token_budget > 0:
                 if len(running) >= cfg.max_num_seqs:
@@ -233,7 +228,7 @@ class Scheduler:
                 req = queue[0]
                 rid = req.req_id
                 hit: list[int] = []
-                num_tokens = req.num_prompt_tokens + req.num_output_tokens
+                num_tokens = req.num_tokens
                 if req.num_computed_tokens == 0:
                     if caching:
                         hit = pool.get_computed_blocks(req.block_hashes, num_tokens - 1, bs)
@@ -280,7 +275,7 @@ class Scheduler:
                 queue.popleft()
                 running.append(req)
                 req.status = RUNNING
-                req.num_computed_tokens = computed
+                req.num_computed_tokens = computed + n
                 sched[rid] = n
                 before[rid] = computed
                 plen[rid] = req.num_prompt_tokens
@@ -293,12 +288,19 @@ class Scheduler:
                     self.waiting.extend(reversed(step_skipped_waiting))
                 else:
                     self.skipped_waiting.extendleft(step_skipped_waiting)
-
-        # _update_after_schedule
-        requests = self.requests
-        for rid, n in sched.items():
-            requests[rid].num_computed_tokens += n
         return res
+
+    def _preempt_for(self, req: Request, need: int, preempted: list[str]) -> bool:
+        """Preempt from the back of running until `need` blocks are free; False when `req` itself
+        was preempted."""
+        free_blocks, running = self.pool.free, self.running
+        while need > len(free_blocks):
+            victim = running.pop()
+            self._preempt_request(victim)
+            preempted.append(victim.req_id)
+            if victim is req:
+                return False
+        return True
 
     def _preempt_request(self, req: Request) -> None:
         self.pool.free_request(req.req_id)
@@ -352,35 +354,28 @@ class Scheduler:
 
     def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
         finished: list[Finished] = []
-        requests, max_model_len = self.requests, self.config.max_model_len
-        stopped = None
+        requests = self.requests
         for rid in res.sched:
             req = requests.get(rid)
             if req is None:
                 continue
             if req.mm:
                 self._free_encoder_inputs(req)
-            if req.num_computed_tokens < req.num_prompt_tokens + req.num_output_tokens:
+            num_tokens = req.num_tokens
+            if req.num_computed_tokens < num_tokens:
                 continue  # a partial prefill chunk samples nothing
-            req.num_output_tokens += 1
-            out = req.num_output_tokens
+            out = req.num_output_tokens = req.num_output_tokens + 1
+            req.num_tokens = num_tokens + 1
             if req.tokens is not None:
                 req.tokens.append(sampled_token(rid, out, req.stop_at))
                 req.update_block_hashes(self.config.block_size)
-            if req.stop_at is not None and sampled_token(rid, out, req.stop_at) == EOS_TOKEN_ID:
-                status = "stop"
-            elif req.num_prompt_tokens + out >= max_model_len or out >= req.max_tokens:
-                status = "length"
-            else:
+            if out < req.finish_at:
                 continue
+            status = "stop" if out == req.stop_at else "length"  # sampled_token() is EOS exactly at stop_at
             req.status = FINISHED
             finished.append(Finished(rid, status, out))
-            if stopped is None:
-                stopped = set()
-            stopped.add(rid)
+            self.running.remove(req)
             self._free_request(req)
-        if stopped:
-            self.running = [r for r in self.running if r.req_id not in stopped]
         return finished
 
     def _free_encoder_inputs(self, req: Request) -> None:

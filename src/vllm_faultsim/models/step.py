@@ -18,6 +18,7 @@ produce traces that differ only where their decisions differ.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 EOS_TOKEN_ID = 2
@@ -30,6 +31,7 @@ def sampled_token(req_id: str, index: int, stop_at: int | None) -> int:
     return 3 + (hash_str(req_id) + 31 * index) % 1000
 
 
+@functools.lru_cache(maxsize=1 << 14)  # called per sampled token: the live requests' ids stay cached
 def hash_str(s: str) -> int:
     h = 0
     for ch in s.encode():
@@ -52,15 +54,14 @@ class StepResult:
 
     def shape(self) -> tuple[int, int, int]:
         """(prefill tokens, decode requests, context tokens): the step-time model's inputs."""
-        prefill = decode = context = 0
+        decode = context = 0
+        computed_before, prompt_len = self.computed_before, self.prompt_len
         for rid, n in self.sched.items():
-            before = self.computed_before[rid]
+            before = computed_before[rid]
             context += before
-            if n == 1 and before >= self.prompt_len[rid]:
+            if n == 1 and before >= prompt_len[rid]:
                 decode += 1
-            else:
-                prefill += n
-        return prefill, decode, context
+        return sum(self.sched.values()) - decode, decode, context  # a decode request schedules 1 token
 
 
 @dataclass(frozen=True)
