@@ -543,16 +543,7 @@ def run_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0, backend: str =
                                   daemon=True, name=f"nemesis-{i}")
             th.start()
             threads.append(th)
-        _sleep_until(hist, sc.probe_at)
-        try:
-            client.add_request(_probe_request())
-            hist.add("request_accepted", error=None)
-        except EngineDeadError:
-            hist.add("request_failed", error="EngineDeadError")
-        _sleep_until(hist, sc.duration)
-        if client._finalizer.alive:
-            hist.add("stop", cause="end", timeout=sc.stop_timeout)
-            client.shutdown(timeout=sc.stop_timeout)
+        _probe_then_stop(hist, sc, client)
         for th in threads:
             th.join()
         for p in manager.processes:
@@ -572,6 +563,20 @@ def run_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0, backend: str =
 def client_rss_mb() -> float:
     """This process's resident memory: what each forked engine core inherits and tears down."""
     return round(psutil.Process().memory_info().rss / 2**20, 1)
+
+
+def _probe_then_stop(hist, sc, client) -> None:
+    """A request at ``probe_at`` (accepted, or EngineDeadError), then the client's stop at the end."""
+    _sleep_until(hist, sc.probe_at)
+    try:
+        client.add_request(_probe_request())
+        hist.add("request_accepted", error=None)
+    except EngineDeadError:
+        hist.add("request_failed", error="EngineDeadError")
+    _sleep_until(hist, sc.duration)
+    if client._finalizer.alive:
+        hist.add("stop", cause="end", timeout=sc.stop_timeout)
+        client.shutdown(timeout=sc.stop_timeout)
 
 
 def _sleep_until(hist: _History, t: float) -> None:
@@ -955,16 +960,7 @@ def run_ray_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0,
                 nemeses.append(threading.Thread(target=_ray_nemesis, daemon=True, name=f"nemesis-{i}",
                                                 args=(i, f, sc, pids[f.rank], manager, client, hist, shutdown_seen)))
                 nemeses[-1].start()
-        _sleep_until(hist, sc.probe_at)
-        try:
-            client.add_request(_probe_request())
-            hist.add("request_accepted", error=None)
-        except EngineDeadError:
-            hist.add("request_failed", error="EngineDeadError")
-        _sleep_until(hist, sc.duration)
-        if client._finalizer.alive:
-            hist.add("stop", cause="end", timeout=sc.stop_timeout)
-            client.shutdown(timeout=sc.stop_timeout)
+        _probe_then_stop(hist, sc, client)
         for th in nemeses:
             th.join()
         ray.wait(manager.run_refs, num_returns=len(manager.run_refs), timeout=30)
