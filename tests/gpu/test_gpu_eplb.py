@@ -9,7 +9,10 @@ gloo P2P, host->device. See harness/check_eplb.py ``run_check`` for what is comp
 numbers go to ``$VLLM_FAULTSIM_RESULTS/eplb.txt`` and ``eplb.json``.
 
 Tolerance: a layer's transfer time (``transfer_layer`` call -> publication after
-``cuda_stream.synchronize()``) within 30% + 5 ms of the model calibrated on two other shapes.
+``cuda_stream.synchronize()``) within 30% + 5 ms of the model calibrated on two other shapes;
+each worker's first transfer (one-time set-up of its stream and buffers, 0-19 ms on H200s) is
+reported, not asserted. History: the first two runs on 2 H200s timed that first transfer against
+the model too and failed on it (one layer of 37 each: benchmarks/results/gpu/eplb-run*-tol*.txt).
 """
 
 from __future__ import annotations

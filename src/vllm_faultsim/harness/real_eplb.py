@@ -151,6 +151,11 @@ def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict
             p.wait()
             exit_codes.append("hung")
         log.close()
+    return collect(cfgs, out, exit_codes)
+
+
+def collect(cfgs: list[RealEplbRun], out: Path, exit_codes: list) -> list[dict]:
+    """The results of a launch from its folder (also offline, on a saved folder)."""
     results = []
     for i, cfg in enumerate(cfgs):
         ranks = []
@@ -158,7 +163,7 @@ def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict
             f = out / f"rank{rank}-{i}.json"
             ranks.append(json.loads(f.read_text()) if f.exists() else None)
         death = out / "death.json"
-        results.append({"config": cfg.to_dict(), "launch_index": i, "exit_codes": exit_codes, "ranks": ranks, "out": str(out),
+        results.append({"config": cfg.to_dict(), "exit_codes": exit_codes, "ranks": ranks, "out": str(out),
                         "death": json.loads(death.read_text()) if cfg.rank_death and death.exists() else None})
     return results
 

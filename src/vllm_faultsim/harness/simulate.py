@@ -15,6 +15,7 @@ import random
 import simpy
 
 from ..faults.plan import FaultPlan
+from ..models import eplb as eplb_model
 from ..models import kv_offload as ko
 from ..models.ec_connector import ECConnector, PrefetchSchedule
 from ..models.engine import CAUSES, EngineCore
@@ -44,12 +45,15 @@ class RunConfig:
     ec_policy: str = "future-only"
     liveness: str = "liveness_h100"  # detection-latency profile: a packaged name or a JSON path
     kv_offload: dict | None = None  # KV offloading to CPU (kv_offload_config); None: off
+    eplb: dict | None = None  # async EPLB (models/eplb.py EplbConfig); None: off
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["scheduler"] = {k: v for k, v in d["scheduler"].items() if v is not None}
         if d["kv_offload"] is None:
             del d["kv_offload"]
+        if d["eplb"] is None:
+            del d["eplb"]
         return d
 
 
@@ -107,6 +111,11 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     rest = {k: v for k, v in d.items() if k != "scheduler"}
     if rest.get("kv_offload") is not None:
         rest["kv_offload"] = kv_offload_config(rest["kv_offload"], scfg)
+    if rest.get("eplb") is not None:
+        try:
+            rest["eplb"] = eplb_model.config_from_dict(rest["eplb"]).to_dict()
+        except eplb_model.EplbConfigError as exc:
+            raise ConfigError(str(exc)) from None
     cfg = RunConfig(scheduler=scfg, **rest)
     specs = build_workload(cfg)  # validates the workload description
     mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
@@ -169,7 +178,15 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
     with Trace(trace_path, keep=kinds) as trace:
         trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()}))
         env = simpy.Environment()
-        engine = EngineCore(env, core, specs, step_time, trace, plan=plan,
+        eplb = None
+        if cfg.eplb is not None:
+            ecfg = eplb_model.config_from_dict(cfg.eplb)
+            eplb = eplb_model.EplbState(env, ecfg, eplb_model.shuffle_policy(ecfg, random.Random(f"eplb:{cfg.seed}")),
+                                        trace.emit, plan=plan)
+        elif plan.of_kind("slow_link", "eplb_rank_death"):
+            raise ConfigError(f"fault {plan.of_kind('slow_link', 'eplb_rank_death')[0].kind} needs an eplb section "
+                              "in the run config")
+        engine = EngineCore(env, core, specs, step_time, trace, plan=plan, eplb=eplb,
                             wakeups=((prefetch,) if prefetch else ()) + tuple(wakeups),
                             detection=detection(cfg, plan),
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),

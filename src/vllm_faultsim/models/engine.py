@@ -40,6 +40,7 @@ from ..faults.plan import FaultPlan
 from ..harness.invariants import Invariants
 from ..harness.trace import Trace, t
 from ..harness.workload import RequestSpec
+from .eplb import EplbRankDeath, EplbState
 from .kv_offload import TransferFailed
 from .step import StepResult
 
@@ -86,8 +87,9 @@ class EngineCore:
                  plan: FaultPlan | None = None, wakeups: tuple[WakeupSource, ...] = (),
                  detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
                  invariants: Invariants | None = None, full_trace: bool = True,
-                 progress: Callable[[float], None] | None = None):
+                 progress: Callable[[float], None] | None = None, eplb: EplbState | None = None):
         self.env, self.core, self.trace = env, core, trace
+        self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         self.workload = tuple(workload)
         self.step_time = step_time
         self.plan = plan or FaultPlan()
@@ -149,6 +151,11 @@ class EngineCore:
                 self.in_step = (now, res)
                 yield env.timeout(dur)
                 self.stepping = False
+                if self.eplb is not None:
+                    extra = yield from self._eplb_step(now, dur, res)
+                    if extra is None:
+                        return
+                    dur += extra
                 try:
                     finished = core.update_from_output(res, env.now)
                 except TransferFailed as exc:
@@ -281,6 +288,30 @@ class EngineCore:
         self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": "EngineCore_DP0"})
         self._end(self.core.fail_all(), "failed")
         env.process(self._reject_arrivals())
+
+    def _eplb_step(self, start: float, dur: float, res: StepResult):
+        """``EplbState.step()`` after the forward: the step pays what it costs plus the contention
+        of a transfer that overlapped its forward (models/eplb.py); returns the extra seconds. A
+        dead EP rank makes its all_reduce raise: the engine core dies of it (None)."""
+        env, eplb = self.env, self.eplb
+        try:
+            extra = eplb.cfg.contention * eplb.overlap(start, env.now) + eplb.step(self.stats.steps)
+        except EplbRankDeath as death:
+            self.alive = False
+            self._record_step(start, dur, res, ())
+            proc = f"EngineCore_DP{death.fault.rank}"
+            self.trace.emit({"kind": "proc", "t": t(env.now), "event": "exit", "proc": proc, "cause": "eplb_rank_death"})
+            if self.kv_connector:
+                self._kv_lost("eplb_rank_death")
+            yield env.timeout(self.detection("exit"))
+            self.stats.dead_at = env.now
+            self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": proc})
+            self._end(self.core.fail_all(), "failed")
+            env.process(self._reject_arrivals())
+            return None
+        if extra:
+            yield env.timeout(extra)
+        return extra
 
     def _kv_lost(self, cause: str) -> None:
         """The engine stops with KV offload jobs not retired: name them, never silently. A step
