@@ -57,12 +57,14 @@ class EplbRankDeath(Exception):
 
 @dataclass(frozen=True)
 class EplbLink:
-    """Per-layer costs of the async worker (seconds, bytes per second)."""
-    latency: float = 2.0e-4
-    bandwidth: float = 2.0e10
-    setup: float = 0.0
-    gap: float = 1.0e-4
-    rebalance: float = 5.0e-3
+    """Per-layer costs of the async worker (seconds, bytes per second). Defaults: vLLM 0.26.0's
+    async path (``torch_gloo``: device->host, gloo, host->device) measured on 2 H200s
+    (benchmarks/results/gpu/eplb.txt); ``setup``: a worker's first transfer was 6-16 ms slower."""
+    latency: float = 4.8e-3
+    bandwidth: float = 3.0e9
+    setup: float = 1.0e-2
+    gap: float = 2.1e-3
+    rebalance: float = 9.0e-4
 
     def transfer_time(self, moved_bytes: int, first: bool = False) -> float:
         return self.latency + moved_bytes / self.bandwidth + (self.setup if first else 0.0)
@@ -71,7 +73,10 @@ class EplbLink:
 @dataclass(frozen=True)
 class EplbConfig:
     """The ``eplb`` section of a run config. Defaults: a DeepSeek-V3-like MoE (58 MoE layers,
-    256 routed experts + 32 redundant on 8 EP ranks, 3 x 7168 x 2048 fp8 weights per expert)."""
+    256 routed experts + 32 redundant on 8 EP ranks, 3 x 7168 x 2048 fp8 weights per expert),
+    the link and ``step_sync`` measured on 2 H200s; ``publish_bandwidth`` (the main stream's
+    ``move_from_buffer`` copy) and ``contention`` (how much a transfer beside the forward slows
+    it) are assumptions, not measurements."""
     layers: int = 58
     logical_experts: int = 256
     redundant_experts: int = 32
@@ -79,7 +84,7 @@ class EplbConfig:
     expert_bytes: int = 3 * 7168 * 2048
     step_interval: int = 3000
     link: EplbLink = EplbLink()
-    step_sync: float = 5.0e-5
+    step_sync: float = 2.6e-4
     publish_bandwidth: float = 1.0e12
     contention: float = 0.1
     mutant: str | None = None
