@@ -104,6 +104,7 @@ class EngineCore:
         self.shutdown_requested = False  # SIGTERM: the loop aborts everything at its next iteration
         self.stepping = False  # a SIGTERM waits for the step in flight
         self.nxt = 0  # index of the next arrival the loop has not added yet
+        self.prefilling: dict[str, RequestRecord] = {}  # the records without a first token yet
         self.kv_connector = hasattr(core, "pending_jobs")  # KV offloading: see _kv_idle_step, _kv_lost
         self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
         self.process = env.process(self._loop())
@@ -125,7 +126,7 @@ class EngineCore:
                     spec = arrivals[self.nxt]
                     self.nxt += 1
                     core.add_request(spec, now)
-                    records[spec.req_id] = RequestRecord(spec.arrival)
+                    records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(spec.arrival)
                     stats.arrived += 1
                 nxt = self.nxt
                 if not core.has_unfinished_requests():
@@ -195,10 +196,10 @@ class EngineCore:
         stats, records, end = self.stats, self.stats.records, self.env.now
         if self.invariants is not None:
             self.invariants.scheduled(stats.steps, start, end, res, records)
-        for rid, n in res.sched.items():
-            rec = records[rid]
-            if rec.first_token is None and res.computed_before[rid] + n >= res.prompt_len[rid]:
-                rec.first_token = end
+        prefilling, sched = self.prefilling, res.sched
+        for rid in prefilling.keys() & sched.keys():  # in C, over the smaller of the two
+            if res.computed_before[rid] + sched[rid] >= res.prompt_len[rid]:
+                prefilling.pop(rid).first_token = end
         for rid in res.preempted:
             records[rid].preemptions += 1
         stats.preemptions += len(res.preempted)
@@ -328,6 +329,7 @@ class EngineCore:
         now, records = self.env.now, self.stats.records
         for rid in req_ids:
             rec = records.pop(rid)
+            self.prefilling.pop(rid, None)
             if status == "failed":
                 self.stats.failed += 1
             else:

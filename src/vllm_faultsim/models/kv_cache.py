@@ -97,8 +97,15 @@ class BlockPool:
     def free_request(self, req_id: str) -> list[int]:
         """Free in reverse order: hashless blocks go to the front, cached ones to the back."""
         blocks = self.req_blocks.pop(req_id, [])
+        ref, free = self.ref_cnt, self.free
+        if not self.enable_caching:  # every block has one reference and no hash
+            for b in blocks:
+                del ref[b]
+                free[b] = None
+                free.move_to_end(b, last=False)
+            return blocks
         self.num_cached_block.pop(req_id, None)
-        ref, free, hashed = self.ref_cnt, self.free, self.block_hash
+        hashed = self.block_hash
         without_hash = []
         for b in reversed(blocks):
             if ref[b] > 1:

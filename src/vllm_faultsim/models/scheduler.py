@@ -186,17 +186,19 @@ class Scheduler:
         for req in running:  # a preemption pops the list's end: the iteration sees it
             computed = req.num_computed_tokens
             n = req.num_tokens - computed
-            if 0 < threshold < n:
-                n = threshold
-            if n > token_budget:
-                n = token_budget
-            if computed + n > limit:
-                n = limit - computed
             mm = req.mm
-            if mm:
-                enc, n, new_encoder_budget, ext = self._try_schedule_encoder_inputs(req, computed, n, encoder_budget)
-            if n == 0:
-                continue
+            if n != 1 or mm or computed >= limit:  # else one decode token, which no clip below changes
+                if 0 < threshold < n:
+                    n = threshold
+                if n > token_budget:
+                    n = token_budget
+                if computed + n > limit:
+                    n = limit - computed
+                if mm:
+                    enc, n, new_encoder_budget, ext = self._try_schedule_encoder_inputs(req, computed, n,
+                                                                                        encoder_budget)
+                if n == 0:
+                    continue
             rid = req.req_id
             end = computed + n  # < max_model_len and <= num_tokens
             # blocks for `end` tokens less those held: cdiv(computed), as check() holds every step
@@ -354,9 +356,7 @@ class Scheduler:
 
     def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
         finished: list[Finished] = []
-        requests = self.requests
-        for rid in res.sched:
-            req = requests.get(rid)
+        for req in map(self.requests.get, res.sched):
             if req is None:
                 continue
             if req.mm:
@@ -367,13 +367,13 @@ class Scheduler:
             out = req.num_output_tokens = req.num_output_tokens + 1
             req.num_tokens = num_tokens + 1
             if req.tokens is not None:
-                req.tokens.append(sampled_token(rid, out, req.stop_at))
+                req.tokens.append(sampled_token(req.req_id, out, req.stop_at))
                 req.update_block_hashes(self.config.block_size)
             if out < req.finish_at:
                 continue
             status = "stop" if out == req.stop_at else "length"  # sampled_token() is EOS exactly at stop_at
             req.status = FINISHED
-            finished.append(Finished(rid, status, out))
+            finished.append(Finished(req.req_id, status, out))
             self.running.remove(req)
             self._free_request(req)
         return finished
