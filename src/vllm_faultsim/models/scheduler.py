@@ -20,6 +20,10 @@ scheduling:
 - ``update_from_output``: every scheduled request whose prefill is complete samples one token;
   stop on EOS (unless ignored), then on ``max_tokens`` / ``max_model_len``; finished requests
   free their blocks and encoder-cache references.
+- With a KV connector (``kv_connector``: ``models.offload_scheduler.OffloadingConnector``, set by
+  ``OffloadScheduler``; ``None`` skips every hook and the RUNNING loop has none), vLLM's calls
+  into ``self.connector``: lookup, ``update_state_after_alloc``, ``WAITING_FOR_REMOTE_KVS``,
+  ``build_connector_meta``, ``request_finished``, the worker's output (models/offload_scheduler.py).
 
 Mutant policies (deliberately wrong variants the differential checker must catch) are selected
 with ``SchedulerConfig.mutant``; see :data:`MUTANTS`.
@@ -36,6 +40,7 @@ from .kv_cache import BlockPool, EncoderCacheManager
 from .step import Finished, StepResult, hash_str, sampled_token
 
 WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
+WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # a KV load from the connector in flight
 
 MUTANTS = {
     None: "faithful to vLLM 0.26.0",
@@ -126,6 +131,7 @@ class Scheduler:
         self.caching = config.enable_prefix_caching
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
+        self.kv_connector = None  # KV offloading hooks (models/offload_scheduler.py)
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -133,6 +139,8 @@ class Scheduler:
         req = Request(spec, self.config.max_model_len, self.config.block_size if self.caching else None)
         self.requests[req.req_id] = req
         self.waiting.append(req)
+        if self.kv_connector is not None:
+            self.kv_connector.on_new_request(req)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -178,6 +186,7 @@ class Scheduler:
         caching = self.caching
         if self.ec_connector is not None:
             self.ec_connector.now = now
+        kv = self.kv_connector
 
         # First, the RUNNING requests. (_update_after_schedule is folded in: a request's
         # num_computed_tokens advances as it is scheduled; a victim is never one scheduled already.)
@@ -229,7 +238,12 @@ class Scheduler:
                 queue = self.skipped_waiting or self.waiting
                 req = queue[0]
                 rid = req.req_id
+                if kv is not None and req.status == WAITING_FOR_REMOTE_KVS and not kv.promote(req):
+                    queue.popleft()
+                    step_skipped_waiting.appendleft(req)
+                    continue
                 hit: list[int] = []
+                num_external, load_async = 0, False
                 num_tokens = req.num_tokens
                 if req.num_computed_tokens == 0:
                     if caching:
@@ -243,15 +257,25 @@ class Scheduler:
                         queue.popleft()
                         step_skipped_waiting.appendleft(req)
                         continue
+                    if kv is not None:
+                        num_external, load_async = kv.get_num_new_matched_tokens(req, computed)
+                        if num_external is None:
+                            queue.popleft()
+                            step_skipped_waiting.appendleft(req)
+                            continue
+                        computed += num_external
                 else:
                     computed = req.num_computed_tokens
-                n = num_tokens - computed
-                if 0 < threshold < n:
-                    n = threshold
-                if not cfg.enable_chunked_prefill and n > token_budget:
-                    break
-                if n > token_budget:
-                    n = token_budget
+                if load_async:
+                    n = 0
+                else:
+                    n = num_tokens - computed
+                    if 0 < threshold < n:
+                        n = threshold
+                    if not cfg.enable_chunked_prefill and n > token_budget:
+                        break
+                    if n > token_budget:
+                        n = token_budget
                 enc = ext = None
                 new_encoder_budget = encoder_budget
                 if req.mm:
@@ -263,19 +287,31 @@ class Scheduler:
                 extra = (self.watermark_blocks if running else 0) + (pool.num_evictable(hit) if hit else 0)
                 free = len(free_blocks)
                 full = num_tokens if cfg.mutant != "no-full-admission" else computed + n
-                need = max(cdiv(min(computed + n, max_model_len), bs) - len(hit), 0)
-                if (max(cdiv(min(full, max_model_len), bs) - len(hit), 0) + extra > free
-                        or need + extra > free):
+                held = reserved = 0
+                if kv is not None:  # a request admitted after its KV load holds its blocks
+                    held = len(pool.req_blocks.get(rid, ()))
+                    reserved = kv.inflight_prefill_reserved_blocks() if load_async else 0
+                need = max(cdiv(min(computed + n, max_model_len), bs) - len(hit) - held, 0)
+                if (max(cdiv(min(full, max_model_len), bs) - len(hit) - held, 0) + extra > free
+                        or need + extra > free - reserved):
                     if req.mm:
                         self.encoder_cache.free(req)
                     break
                 if hit:
                     pool.allocate_computed(rid, hit)
                 pool.allocate(rid, need)
-                if caching:
+                if caching and not load_async:
                     pool.cache_blocks(rid, req.block_hashes, min(computed + n, num_tokens), bs)
+                if kv is not None:
+                    kv.update_state_after_alloc(req, pool.req_blocks[rid], num_external, len(hit))
                 queue.popleft()
+                if load_async:
+                    kv.wait_for_remote_kvs(req, computed)
+                    step_skipped_waiting.appendleft(req)
+                    continue
                 running.append(req)
+                if kv is not None:
+                    kv.admitted(req, computed + n)
                 req.status = RUNNING
                 req.num_computed_tokens = computed + n
                 sched[rid] = n
@@ -290,6 +326,8 @@ class Scheduler:
                     self.waiting.extend(reversed(step_skipped_waiting))
                 else:
                     self.skipped_waiting.extendleft(step_skipped_waiting)
+        if kv is not None:
+            kv.build_connector_meta(res, now)
         return res
 
     def _preempt_for(self, req: Request, need: int, preempted: list[str]) -> bool:
@@ -311,6 +349,8 @@ class Scheduler:
         req.status = PREEMPTED
         req.num_computed_tokens = 0
         self.waiting.appendleft(req)
+        if self.kv_connector is not None:
+            self.kv_connector.on_preempt(req)
 
     def _try_schedule_encoder_inputs(self, req: Request, computed: int, n: int, budget: int):
         """Which encoder inputs overlap [computed, computed + n); clip n where one cannot run."""
@@ -356,6 +396,9 @@ class Scheduler:
 
     def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
         finished: list[Finished] = []
+        kv = self.kv_connector
+        if kv is not None:  # the worker's get_finished, at the step's end
+            kv.get_finished(now)
         for req in map(self.requests.get, res.sched):
             if req is None:
                 continue
@@ -376,6 +419,8 @@ class Scheduler:
             finished.append(Finished(req.req_id, status, out))
             self.running.remove(req)
             self._free_request(req)
+        if kv is not None:  # _update_from_kv_xfer_finished: after the finished requests were freed
+            kv.update_connector_output(res)
         return finished
 
     def _free_encoder_inputs(self, req: Request) -> None:
@@ -388,6 +433,8 @@ class Scheduler:
                 self.encoder_cache.free_encoder_input(req, i)
 
     def _free_request(self, req: Request) -> None:
+        if self.kv_connector is not None:  # before the blocks are freed
+            self.kv_connector.request_finished(req)
         if req.mm:
             self.encoder_cache.free(req)
         self.pool.free_request(req.req_id)
