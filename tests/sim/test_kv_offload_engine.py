@@ -175,3 +175,21 @@ def test_cli_run_with_kv_offload_and_a_plan(tmp_path, capsys):
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
     header = json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])
     assert header["config"]["kv_offload"]["policy"] == "0.24+"
+
+
+def test_a_preempted_prefill_no_longer_reserves_blocks():
+    """_inflight_prefill_reserved_blocks counts the prefills in flight; a preempted one holds
+    nothing and reserves nothing (the preemption hook drops it)."""
+    from vllm_faultsim.harness.workload import RequestSpec
+    from vllm_faultsim.models.offload_scheduler import OffloadScheduler
+    from vllm_faultsim.models.scheduler import SchedulerConfig
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, block_size=4, num_gpu_blocks=64,
+                          max_model_len=2048, enable_prefix_caching=True)
+    core = OffloadScheduler(cfg, ko.OffloadConfig(block_size=4), ko.OffloadPolicy("0.24+"))
+    core.add_request(RequestSpec("r0", 0.0, 32, 2), 0.0)
+    assert core.schedule(0.0).sched == {"r0": 8}
+    assert core.kv_connector.inflight_prefill_reserved_blocks() == 8 - 2  # 32 tokens' blocks less the 2 held
+    (req,) = core.running
+    core.running.remove(req)
+    core._preempt_request(req)
+    assert core.kv_connector.inflight_prefill_reserved_blocks() == 0
