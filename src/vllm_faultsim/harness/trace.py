@@ -46,6 +46,7 @@ seed and inputs give the same bytes.
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -58,7 +59,43 @@ def t(x: float | None) -> float | None:
     return None if x is None else round(x, TIME_DIGITS)
 
 
-dumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode  # json.dumps(event, ...) made once
+# json.dumps(event, separators=(",", ":"), allow_nan=False) without making an encoder per call (the C one)
+_encode = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring_ascii,
+                                      None, ":", ",", False, False, False)
+
+
+def dumps(event: dict) -> str:
+    return "".join(_encode(event, 0))
+
+
+class _Pieces(dict):
+    """JSON text of dict keys (``"key":``) or int values, made on first use; bounded."""
+
+    def __init__(self, encode):
+        super().__init__()
+        self.encode = encode
+
+    def __missing__(self, x):
+        if len(self) >= 1 << 16:
+            self.clear()
+        text = self[x] = self.encode(x)
+        return text
+
+
+class _StepEncoder:
+    """``dumps`` of a step event, with its ``sched`` {request id: tokens}, the bulk of a trace,
+    joined from cached pieces (the same bytes: ids repeat from step to step)."""
+
+    def __init__(self):
+        self.keys = _Pieces(lambda k: json.encoder.encode_basestring_ascii(k) + ":")
+        self.ints = _Pieces(int.__repr__)
+
+    def __call__(self, event: dict) -> str:
+        sched = event["sched"]
+        head, tail = dumps({**event, "sched": 0}).split('"sched":0', 1)  # the first "sched" is the top level's
+        items = ",".join(map(operator.concat, map(self.keys.__getitem__, sched), map(self.ints.__getitem__,
+                                                                                      sched.values())))
+        return f'{head}"sched":{{{items}}}{tail}'
 
 
 class Trace:
@@ -69,13 +106,14 @@ class Trace:
         self.events: list[dict] = []
         self._keep = keep
         self._fh: IO[str] | None = open(path, "w", encoding="utf-8", buffering=1 << 20) if path else None
+        self._step = _StepEncoder()
 
     def emit(self, event: dict) -> None:
         keep = self._keep
         if keep is True or (keep and event["kind"] in keep):
             self.events.append(event)
         if self._fh is not None:
-            self._fh.write(dumps(event) + "\n")
+            self._fh.write((self._step(event) if event["kind"] == "step" else dumps(event)) + "\n")
 
     def close(self) -> None:
         if self._fh is not None:

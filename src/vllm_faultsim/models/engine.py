@@ -58,7 +58,7 @@ class WakeupSource(Protocol):
     def next_event(self, now: float) -> float | None: ...
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestRecord:
     arrival: float
     first_token: float | None = None

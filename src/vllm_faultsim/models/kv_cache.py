@@ -13,6 +13,7 @@ entries (oldest first) when space is needed.
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 
 
 class BlockPool:
@@ -62,8 +63,11 @@ class BlockPool:
         self.num_cached_block[req_id] = len(hit)
 
     def allocate(self, req_id: str, n: int) -> list[int]:
-        popleft, ref = self.free.popitem, self.ref_cnt
-        new = [popleft(last=False)[0] for _ in range(n)]
+        free, ref = self.free, self.ref_cnt
+        new = list(islice(free, n))  # the free queue's front
+        for b in new:
+            del free[b]
+            ref[b] = 1
         if self.enable_caching:
             for b in new:
                 h = self.block_hash.pop(b, None)
@@ -72,8 +76,6 @@ class BlockPool:
                     del holders[b]
                     if not holders:
                         del self.cached[h]
-        for b in new:
-            ref[b] = 1
         blocks = self.req_blocks.get(req_id)
         if blocks is None:
             self.req_blocks[req_id] = new
@@ -102,7 +104,7 @@ class BlockPool:
             for b in blocks:
                 del ref[b]
                 free[b] = None
-                free.move_to_end(b, last=False)
+                free.move_to_end(b, False)  # to the front
             return blocks
         self.num_cached_block.pop(req_id, None)
         hashed = self.block_hash
