@@ -1,0 +1,151 @@
+"""The simulator against the real scheduler, on the same trace, in one run (target: simulator >= 10x).
+
+One workload (Poisson 20 req/s, 512-token prompts, 128-token outputs, max_num_seqs 256, default
+600 s of traffic) goes through the same engine loop (``harness.simulate.run_engine``: SimPy clock,
+step-time model, per-step invariants, full JSONL trace written) twice: with the simulated
+scheduler core, as ``simulate()`` builds it, and with ``RealSchedulerCore`` (vLLM 0.26.0's own
+v1 ``Scheduler`` on CPU, text-only). The two traces must be identical but for the header's side,
+so both sides did the same work. The ratio is of wall times (and of CPU times: steadier on a
+shared machine); the simulator runs first, before vLLM is imported, as it runs without it.
+Each side's wall time is split into the scheduler core's own calls (add_request, schedule,
+update_from_output), the core's internal invariant check (sim only: ``check()``) and the rest
+(engine loop, step-time model, trace, the loop's invariants, the timing wrapper itself).
+
+    python benchmarks/sim_vs_real_speed.py [--duration 600] [--out FILE]      # ~1.5 min on 2 cores
+    python benchmarks/sim_vs_real_speed.py --duration 3600                      # the 1-hour trace, ~4 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+from vllm_faultsim.faults.plan import FaultPlan
+from vllm_faultsim.harness.checker import first_divergence
+from vllm_faultsim.harness.simulate import RunConfig, build_workload, run_engine, with_scheduler
+from vllm_faultsim.harness.trace import iter_jsonl
+from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
+from vllm_faultsim.models.scheduler import Scheduler
+
+CORE_CALLS = ("add_request", "schedule", "update_from_output")
+
+
+class TimedCore:
+    """A scheduler core forwarded call for call, timing the protocol calls and ``check()``."""
+
+    def __init__(self, core):
+        self.core = core
+        self.seconds = dict.fromkeys((*CORE_CALLS, "check"), 0.0)
+        for name in CORE_CALLS + (("check",) if hasattr(core, "check") else ()):
+            setattr(self, name, self._timed(name, getattr(core, name)))
+
+    def _timed(self, name, fn):
+        seconds, clock = self.seconds, time.perf_counter
+
+        def call(*args):
+            t0 = clock()
+            out = fn(*args)
+            seconds[name] += clock() - t0
+            return out
+        return call
+
+    def __getattr__(self, name):  # the other methods, bound once
+        value = getattr(self.core, name)
+        if callable(value):
+            setattr(self, name, value)
+        return value
+
+
+def build_core(side: str, cfg: RunConfig, specs):
+    """(core, prefetch schedule): the simulated core as ``simulate()`` builds it, or the real one."""
+    prefetch = PrefetchSchedule(specs, FaultPlan())
+    if side == "sim":
+        return Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy)), prefetch
+    from vllm_faultsim.harness.real_scheduler import RealSchedulerCore
+    return RealSchedulerCore(cfg.scheduler, multimodal=False), None
+
+
+def run_side(side: str, cfg: RunConfig, specs, trace: Path) -> dict:
+    """One side through the engine loop, its trace written to `trace`; times and their breakdown."""
+    t0 = time.perf_counter()
+    core, prefetch = build_core(side, cfg, specs)
+    timed = TimedCore(core)
+    t1, c1 = time.perf_counter(), time.process_time()
+    res = run_engine(timed, specs, cfg, FaultPlan(), side=side, trace_path=trace, keep=False, prefetch=prefetch)
+    wall, cpu = time.perf_counter() - t1, time.process_time() - c1
+    steps = res.summary["steps"]
+    core_s = sum(timed.seconds[c] for c in CORE_CALLS)
+    return {
+        "setup_s": round(t1 - t0, 2), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3), "steps": steps,
+        "steps_per_s": round(steps / wall), "us_per_step": round(1e6 * wall / steps, 1),
+        "breakdown_s": {"core": round(core_s, 3), **{c: round(timed.seconds[c], 3) for c in CORE_CALLS},
+                        "core_check": round(timed.seconds["check"], 3),
+                        "loop_trace_invariants": round(wall - core_s - timed.seconds["check"], 3)},
+    }
+
+
+def same_trace(a: Path, b: Path) -> str | None:
+    """None when the traces are identical but for the header (the side); else the divergence."""
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        fa.readline(), fb.readline()
+        while True:
+            la, lb = fa.readline(), fb.readline()
+            if la != lb:
+                break
+            if not la:
+                return None
+    div = first_divergence(list(iter_jsonl(a)), list(iter_jsonl(b)))
+    return div.explain() if div else f"traces differ in bytes:\n  sim:  {la[:200]!r}\n  real: {lb[:200]!r}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=600.0, help="seconds of traffic (default 600)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "sim_vs_real_speed.json"))
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    cfg = with_scheduler(RunConfig(workload={"kind": "poisson", "rate": 20.0, "duration": args.duration,
+                                             "prompt": 512, "output": 128}), max_num_seqs=256)
+    specs = build_workload(cfg)
+    sides = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        traces = {side: Path(tmp) / f"{side}.jsonl" for side in ("sim", "real")}
+        for side in ("sim", "real"):
+            sides[side] = run_side(side, cfg, specs, traces[side])
+            print(f"{side:>4}: {sides[side]['steps']} steps in {sides[side]['wall_s']} s "
+                  f"({sides[side]['steps_per_s']} steps/s)", flush=True)
+        trace_mib = round(traces["sim"].stat().st_size / 2**20, 1)
+        problem = same_trace(traces["sim"], traces["real"])
+    if problem:
+        raise SystemExit(f"the two sides made different decisions, the comparison is void:\n{problem}")
+    sim, real = sides["sim"], sides["real"]
+    out = {
+        "benchmark": "sim_vs_real_speed",
+        "workload": {**cfg.workload, "requests": len(specs), "max_num_seqs": cfg.scheduler.max_num_seqs},
+        "identical_traces": True, "trace_mib": trace_mib,
+        "sim": sim, "real": real,
+        "ratio": round(real["wall_s"] / sim["wall_s"], 2),
+        "ratio_cpu": round(real["cpu_s"] / sim["cpu_s"], 2),
+        "ratio_core_only": round(real["breakdown_s"]["core"] / sim["breakdown_s"]["core"], 2),
+        "target_ratio": 10.0, "meets_target": real["wall_s"] >= 10 * sim["wall_s"],
+        "host": {"machine": platform.machine(), "cpus_allowed": len(os.sched_getaffinity(0)),
+                 "python": platform.python_version(), "vllm": _vllm_version(), "loadavg_before": load_before,
+                 "loadavg_after": os.getloadavg()},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+def _vllm_version() -> str:
+    import vllm
+    return vllm.__version__
+
+
+if __name__ == "__main__":
+    main()
