@@ -11,7 +11,9 @@ the child is reaped (``None``) and so names a clean exit as the failed process.
 
 An MP engine core is a fork of this process; its exit tears down its copy of this process's
 memory before the monitor can see it, so MP latencies grow with this process's RSS (recorded
-as ``client_rss_mb``; ``--ballast-mb`` adds touched memory to measure that slope).
+as ``client_rss_mb``; ``--ballast-mb`` adds touched memory to measure that slope), and with this
+host's speed at tearing a fork down: the bare fork teardown (no vLLM) is measured beside them
+(``fork_teardown_s``) so that another host can re-base the profile (``LatencyModel.on_host``).
 
 Prints p50/p90/p99 per backend and cause, writes every sample to --out, and with --profile
 writes the quantiles the simulator draws from (models/engine_procs.py, LatencyModel), keeping
@@ -41,20 +43,25 @@ def scenario() -> ProcScenario:
     return ProcScenario(dp_size=2, step=0.1, busy=((0.1, 0.5), (0.1, 0.5)), ops=(), duration=0.8, probe_at=0.7)
 
 
-def measure(backend: str, kills: int, seed: int) -> tuple[dict[str, list[float]], list[bool]]:
+def measure(backend: str, kills: int, seed: int) -> tuple[dict[str, list[float]], list[bool], list[float]]:
+    """Latencies per cause, exit-0 namings and, for MP, bare fork teardowns taken between the kills
+    (the same conditions as the kills)."""
     from vllm_faultsim.harness import real_procs
     rng = random.Random(seed)
     sc = scenario()
     out: dict[str, list[float]] = {c: [] for c in CAUSES}
     named: list[bool] = []
+    teardowns: list[float] = []
     for i in range(kills):
+        if backend == "mp":
+            teardowns.append(real_procs.fork_teardown_s(1))
         for cause, sig in CAUSES.items():
             plan = validate_plan([{"kind": "kill_engine", "at": round(rng.uniform(0.15, 0.45), 3),
                                    "rank": i % sc.dp_size, "signal": sig, "phase": "any"}])
             events = real_procs.run_case(sc, plan, seed=seed, backend=backend)
             out[cause].extend(x for c, x in latencies(events) if c == cause)
             named += code0_naming([events])
-    return out, named
+    return out, named, teardowns
 
 
 def _dump(prof: dict) -> str:
@@ -81,9 +88,9 @@ def main() -> None:
         if backend == "ray":
             from vllm_faultsim.harness.real_procs import ray_cluster
             with ray_cluster():
-                samples, named = measure(backend, args.kills, args.seed)
+                samples, named, teardowns = measure(backend, args.kills, args.seed)
         else:
-            samples, named = measure(backend, args.kills, args.seed)
+            samples, named, teardowns = measure(backend, args.kills, args.seed)
         from vllm_faultsim.harness.real_procs import client_rss_mb
         rss = client_rss_mb()
         results[backend] = {cause: {"n": len(xs), "p50": percentile(xs, 0.5), "p90": percentile(xs, 0.9),
@@ -94,6 +101,10 @@ def main() -> None:
                   f"p90={r['p90'] * 1e3:7.2f} ms  p99={r['p99'] * 1e3:7.2f} ms")
         print(f"{backend:3s} client RSS {rss:.0f} MB")
         results[backend]["client_rss_mb"] = rss
+        if teardowns:
+            teardown = percentile(teardowns, 0.5)
+            print(f"mp  bare fork teardown (SIGKILL -> sentinel, no vLLM) p50 {teardown * 1e3:.2f} ms n={len(teardowns)}")
+            results[backend]["fork_teardown_s"] = teardown
         if named:
             results[backend]["exit0_named"] = {"n": len(named), "named": sum(named), "rate": sum(named) / len(named)}
             print(f"{backend:3s} exit 0 named as failed (exitcode read before the reap): {sum(named)}/{len(named)}")
@@ -118,8 +129,10 @@ def main() -> None:
             if named is not None:
                 prof["exitcode_none_after_sentinel"] = named
             rss = causes.pop("client_rss_mb")
+            teardown = causes.pop("fork_teardown_s", None)
             if backend == "mp":
                 prof["client_rss_mb"] = rss
+                prof["fork_teardown_s"] = round(teardown, 6)
             prof["quantiles"][backend] = {
                 cause: [[q, round(percentile(r["samples"], q), 6)] for q in QUANTILES] for cause, r in causes.items()}
             prof.setdefault("n", {})[backend] = {cause: r["n"] for cause, r in causes.items()}

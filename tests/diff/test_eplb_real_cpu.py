@@ -1,7 +1,11 @@
 """Async EPLB (PR #40730) on CPU: vLLM 0.26.0's real worker, state and transfer code on 2 gloo
 processes, against the model (harness/check_eplb.py ``run_check``; CUDA streams and events are
 replaced as harness/real_eplb.py says). A shared 2-core CI host times loosely: a layer's
-transfer time must be within 100% + 10 ms of the model's (the GPU tier states its own)."""
+transfer time must be within 100% + 10 ms of the model's, one layer a run may miss (a scheduling
+hiccup of a few ms on a ~4 ms transfer); the GPU tier states its own. gloo on one host is
+latency-bound (its bandwidth may calibrate to near-infinite), so the slow link is set to add at
+least 50 ms to each layer that moves an expert: the model that ignores it is off by far more
+than the tolerance."""
 
 from __future__ import annotations
 
@@ -10,14 +14,14 @@ import pytest
 from vllm_faultsim.harness import check_eplb as ce
 from vllm_faultsim.harness import real_eplb
 
-TOL = ce.Tolerance(rel=1.0, abs=0.010, step_margin=0.02)
+TOL = ce.Tolerance(rel=1.0, abs=0.010, step_margin=0.02, outliers=1)
 
 
 def test_eplb_real_worker_vs_model_cpu(tmp_path):
     reason = real_eplb.skip_reason("cpu", 2)
     if reason:
         pytest.skip(f"diff tier (EPLB): {reason}")
-    summary = ce.run_check("cpu", tmp_path, hidden=(16384, 32768), forward_s=0.1, tol=TOL)
+    summary = ce.run_check("cpu", tmp_path, hidden=(16384, 32768), forward_s=0.1, tol=TOL, slow_min_s=0.05)
     print(ce.format_summary(summary))
     bad = ce.verdict(summary)
     assert not bad, "\n".join(bad)

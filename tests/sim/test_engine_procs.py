@@ -211,6 +211,16 @@ def test_mp_latency_scales_with_the_forking_clients_memory():
     assert compare_latency(lat, "mp", [("signal", 0.08)], client_rss_mb=2000.0)["signal"]["ok"]
 
 
+def test_a_profile_re_based_on_another_host_scales_mp_by_its_fork_teardown():
+    lat = LatencyModel({**latency(mp=0.02, ray=0.01).profile, "fork_teardown_s": 0.010})
+    here = lat.on_host(fork_teardown_s=0.006, client_rss_mb=800.0)  # tears forks down faster, bigger client
+    assert here.quantile("mp", "exit", 0.5, client_rss_mb=800.0) == pytest.approx(0.012)
+    assert here.quantile("mp", "exit", 0.5, client_rss_mb=1600.0) == pytest.approx(0.024)
+    assert here.quantile("ray", "signal", 0.5) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="no fork_teardown_s"):
+        latency().on_host(0.006, 800.0)
+
+
 def test_latency_and_naming_statistics():
     lat = latency(mp=0.02)
     out = compare_latency(lat, "mp", [("signal", x) for x in (0.018, 0.02, 0.021, 0.05)])

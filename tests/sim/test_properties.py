@@ -28,7 +28,8 @@ def test_invariants_hold_and_every_request_ends(specs, sched, plan):
             assert e["arrival"] <= e["first_token"] <= e["finish"]
             assert e["num_output"] == (s.stop_at or s.output_len)
     steps = [e for e in res.events if e["kind"] == "step"]
-    assert all(a["t"] + a["dur"] <= b["t"] + 1e-9 for a, b in zip(steps, steps[1:]))
+    # t and dur are each rounded to 9 decimals in the trace: their sum may overshoot by 1e-9
+    assert all(a["t"] + a["dur"] <= b["t"] + 2e-9 for a, b in zip(steps, steps[1:]))
 
 
 @settings(max_examples=25, deadline=None)

@@ -37,6 +37,7 @@ class Tolerance:
     rel: float = 0.5      # per-layer transfer time: |real - model| <= rel * model + abs
     abs: float = 0.005
     step_margin: float = 0.005  # a layer ready within this of a step boundary may land a step either side
+    outliers: int = 0     # layers per run whose transfer time may miss (a shared host's scheduling hiccups)
 
 
 # ---- the real side as a trace ----------------------------------------------------------------
@@ -232,7 +233,7 @@ def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance()) -> Re
     ms = [e["step"] for e in model if e["event"] == "rearrange"][:n]
     if rs != ms:
         errs.append(f"rearrangement steps: real {rs}, model {ms}")
-    rows = []
+    rows, slow = [], []
     for c, (rc, mc) in enumerate(zip(_cycles(real, layers)[:n], _cycles(model, layers)[:n])):
         if [e["layer"] for e in rc["consume"]] != [e["layer"] for e in mc["consume"]]:
             errs.append(f"rearrangement {c}: consumed layers real {[e['layer'] for e in rc['consume']]}, "
@@ -246,7 +247,7 @@ def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance()) -> Re
             real_dur, model_dur = rp["t"] - rt["t"], mp["t"] - mt["t"]
             setup = c == 0 and layer == 0  # the worker's first transfer: one-time set-up, not asserted
             if not setup and abs(real_dur - model_dur) > tol.rel * model_dur + tol.abs:
-                errs.append(f"rearrangement {c} layer {layer}: transfer time real {real_dur * 1e3:.2f} ms, model "
+                slow.append(f"rearrangement {c} layer {layer}: transfer time real {real_dur * 1e3:.2f} ms, model "
                             f"{model_dur * 1e3:.2f} ms (tolerance {tol.rel:.0%} + {tol.abs * 1e3:g} ms)")
             slack = _boundary_slack(model, mp["t"])
             if len(rcn.get("steps", [rcn["step"]])) > 1:
@@ -261,6 +262,8 @@ def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance()) -> Re
             errs.append(f"rearrangement {c}: {len(rc['consume'])} layers consumed (real), {len(mc['consume'])} (model)")
     if len(rs) != len(ms):
         errs.append(f"rearrangements: {len(rs)} real, {len(ms)} model")
+    if len(slow) > tol.outliers:
+        errs += slow
     return Report(errs, rows)
 
 
@@ -287,9 +290,13 @@ def death_outcome(result: dict) -> dict:
 
 
 def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float, tol: Tolerance,
-              communicator: str = "torch_gloo", slow_factor: float = 4.0, timeout_s: float = 90.0) -> dict:
+              communicator: str = "torch_gloo", slow_factor: float = 4.0, slow_min_s: float = 0.0,
+              timeout_s: float = 90.0) -> dict:
     """Two launches of the real driver on ``device``: (1) two calibration shapes and three check
-    shapes, (2) a slow link on a check shape, then a rank death. Every check run is compared with
+    shapes, (2) a slow link on a check shape, then a rank death. The slow link divides the
+    calibrated bandwidth by ``slow_factor``, or more, so that a layer moving one expert takes at
+    least ``slow_min_s`` longer (a latency-bound link, as gloo on one CPU host, may calibrate to a
+    near-infinite bandwidth that no factor slows down). Every check run is compared with
     the model calibrated on the calibration runs, and so are the model's mutants (each must be
     caught); the death is reported with the model's prediction of the step the engine fails in."""
     from pathlib import Path
@@ -302,6 +309,7 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
     shapes = [re.Shape(4, 8, 4, hidden), re.Shape(6, 12, 4, hidden), re.Shape(5, 16, 8, hidden)]
     first = re.run([re.RealEplbRun(s, **base) for s in cal + shapes], out / "launch1")
     link, sync = calibrate(first[:2])
+    slow_factor = max(slow_factor, 1.0 + slow_min_s * link.bandwidth / shapes[0].expert_bytes)
     second = re.run([re.RealEplbRun(shapes[0], slow_link=slow_factor, link_bandwidth=link.bandwidth, **base),
                      re.RealEplbRun(cal[0], rank_death=(1, 1), **base)], out / "launch2")
     summary: dict = {"device": device, "communicator": communicator, "hidden": list(hidden), "forward_s": forward_s,
@@ -333,7 +341,8 @@ def format_summary(s: dict) -> str:
              f"calibrated link: latency {s['link']['latency'] * 1e3:.3f} ms, bandwidth {s['link']['bandwidth'] / 1e9:.3f} "
              f"GB/s, setup {s['link']['setup'] * 1e3:.2f} ms, gap {s['link']['gap'] * 1e3:.3f} ms, rebalance "
              f"{s['link']['rebalance'] * 1e3:.2f} ms, step all_reduce {s['step_sync'] * 1e3:.3f} ms",
-             f"tolerance: per-layer transfer time {s['tolerance']['rel']:.0%} + {s['tolerance']['abs'] * 1e3:g} ms",
+             f"tolerance: per-layer transfer time {s['tolerance']['rel']:.0%} + {s['tolerance']['abs'] * 1e3:g} ms, "
+             f"{s['tolerance']['outliers']} outlier(s) a run",
              "shape (layers, logical, redundant) | slow | ok | layer: real ms / model ms, real step / model step"]
     for r in s["runs"]:
         sh = r["shape"]

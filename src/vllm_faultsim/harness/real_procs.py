@@ -41,11 +41,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import select
 import shutil
 import signal
+import statistics
 import sys
 import tempfile
 import threading
@@ -565,6 +568,33 @@ def client_rss_mb() -> float:
     return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
+def fork_teardown_s(n: int = 15) -> float:
+    """This host's cost of an MP engine core's death, without vLLM: the median time from SIGKILL
+    of a fork of this process to its sentinel becoming ready (the kernel tears down the fork's
+    copy of this process's address space first). Used to re-base a liveness profile measured on
+    another host (:meth:`LatencyModel.on_host`)."""
+    ctx = multiprocessing.get_context("fork")
+    xs = []
+    for _ in range(n):
+        r, w = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_report_and_sleep, args=(w,), daemon=True)
+        p.start()
+        w.close()
+        r.recv()
+        t0 = time.monotonic()
+        os.kill(p.pid, signal.SIGKILL)
+        multiprocessing.connection.wait([p.sentinel])
+        xs.append(time.monotonic() - t0)
+        p.join()
+        r.close()
+    return statistics.median(xs)
+
+
+def _report_and_sleep(w) -> None:
+    w.send(True)
+    time.sleep(60)
+
+
 def _probe_then_stop(hist, sc, client) -> None:
     """A request at ``probe_at`` (accepted, or EngineDeadError), then the client's stop at the end."""
     _sleep_until(hist, sc.probe_at)
@@ -757,11 +787,17 @@ def _max_slip(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> float:
 
 # --- Ray: CoreEngineActorManager ----------------------------------------------------------------
 
+RAY_TMP_MAX = 24  # longest temp dir under which Ray's socket paths stay within AF_UNIX's limit
+
+
 @contextlib.contextmanager
 def ray_cluster(num_cpus: int = 2):
-    """A local Ray cluster for the Ray cases; on exit it is shut down and its temp dir removed."""
+    """A local Ray cluster for the Ray cases; on exit it is shut down and its temp dir removed.
+    Ray puts its sockets ~64 characters below its own temp dir and AF_UNIX paths stop at 107 bytes:
+    under a long TMPDIR (CI points it into the clone) the temp dir goes to /tmp instead."""
     import ray
-    tmp = tempfile.mkdtemp(prefix="vfs-ray-")
+    base = tempfile.gettempdir()
+    tmp = tempfile.mkdtemp(prefix="vfs-ray-", dir=base if len(base) <= RAY_TMP_MAX else "/tmp")
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
         yield ray
@@ -1108,8 +1144,10 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
                                         out_dir=out_dir, profile=profile, log=log)
     policy = policy or ("ray-actor" if backend == "ray" else "mp-0.26")
     mutants = tuple(MUTANTS if backend == "mp" else ()) if mutants is None else tuple(mutants)
-    model = LatencyModel.load(profile)
     sc = replace(matrix_scenario(dp_size), client_rss_mb=client_rss_mb())
+    model = LatencyModel.load(profile)
+    if backend == "mp" and model.fork_teardown_s:
+        model = model.on_host(fork_teardown_s(), sc.client_rss_mb)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -215,6 +215,8 @@ class LatencyModel:
         self.exit0_unreaped = float(profile["exitcode_none_after_sentinel"]["rate"])
         rss = profile["client_rss_mb"]  # the forking client's RSS when measured; null: no scaling
         self.client_rss_mb = None if rss is None else float(rss)
+        # the host's bare fork-teardown time at that RSS (harness/real_procs.py fork_teardown_s)
+        self.fork_teardown_s = profile.get("fork_teardown_s")
         self._q: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
         for backend, causes in profile["quantiles"].items():
             for cause, pts in causes.items():
@@ -229,6 +231,20 @@ class LatencyModel:
         packaged = resources.files("vllm_faultsim.profiles").joinpath(f"{path or DEFAULT_PROFILE}".removesuffix(".json") + ".json")
         text = packaged.read_text() if packaged.is_file() else Path(path).read_text()
         return cls(json.loads(text))
+
+    def on_host(self, fork_teardown_s: float, client_rss_mb: float) -> "LatencyModel":
+        """This profile re-based on another host: its MP quantiles scaled by that host's bare
+        fork-teardown time (measured at ``client_rss_mb``) over the profile's own. Hosts differ in
+        how fast the kernel tears down a fork's address space; the rest of the latency (the
+        sentinel wake-up, the monitor starting the shutdown) is what the profile models."""
+        if not self.fork_teardown_s:
+            raise ValueError(f"liveness profile {self.profile.get('name')!r} has no fork_teardown_s: "
+                             "re-run benchmarks/detection_latency.py")
+        k = fork_teardown_s / self.fork_teardown_s
+        quantiles = {b: {c: [[q, v * k] if b == "mp" else [q, v] for q, v in pts] for c, pts in causes.items()}
+                     for b, causes in self.profile["quantiles"].items()}
+        return LatencyModel({**self.profile, "quantiles": quantiles, "client_rss_mb": client_rss_mb,
+                             "fork_teardown_s": fork_teardown_s})
 
     def has(self, backend: str, cause: str) -> bool:
         return (backend, cause) in self._q

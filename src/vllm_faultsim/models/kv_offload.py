@@ -102,7 +102,6 @@ KV events of a step (``StepResult.kv``; only non-empty fields)::
     load:    [[job, req, [chunk...]], ...]  load jobs built this step
     flush:   [job, ...]                     jobs_to_flush sent to the worker
     done:    [job, ...]                     completions retired by update_connector_output
-    failed:  [job, ...]                     transfers that failed (the engine dies)
     present: [[req, [chunk...]], ...]       offered to prepare_store, already in the CPU pool
     nostore: [[req, [chunk...]], ...]       prepare_store returned None (pool full of pinned chunks)
     evict:   [[req, chunk], ...]            chunks the LRU evicted (named by who stored them)
@@ -335,7 +334,6 @@ class KVEvents:
         self.load: list = []
         self.flush: list[str] = []
         self.done: list[str] = []
-        self.failed: list[str] = []
         self.present: dict[str, list[int]] = {}
         self.nostore: dict[str, list[int]] = {}
         self.evict: list = []
@@ -352,8 +350,6 @@ class KVEvents:
             kv["flush"] = sorted(self.flush)
         if self.done:
             kv["done"] = sorted(self.done)
-        if self.failed:
-            kv["failed"] = sorted(self.failed)
         if self.present:
             kv["present"] = sorted([r, sorted(c)] for r, c in self.present.items())
         if self.nostore:
