@@ -47,6 +47,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import scratch
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -136,21 +138,24 @@ def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict
     spec = json.dumps([c.to_dict() for c in cfgs])
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
-    procs = []
-    for rank in range(cfg0.world):
-        log = open(out / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, "-m", __name__, spec, str(rank), str(port), str(out)],
-                                       stdout=log, stderr=subprocess.STDOUT, env=env), log))
-    deadline = time.monotonic() + sum(c.timeout_s for c in cfgs)
     exit_codes: list[int | str] = []
-    for p, log in procs:
-        try:
-            exit_codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            p.kill()  # our own child, by its handle
-            p.wait()
-            exit_codes.append("hung")
-        log.close()
+    # the model-parallel groups' message queues bind ZMQ IPC sockets; a rank that dies leaves its own
+    with scratch.socket_dir("vfs-ipc-", room=38) as ipc:
+        env["VLLM_RPC_BASE_PATH"] = ipc
+        procs = []
+        for rank in range(cfg0.world):
+            log = open(out / f"rank{rank}.log", "w")
+            procs.append((subprocess.Popen([sys.executable, "-m", __name__, spec, str(rank), str(port), str(out)],
+                                           stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        deadline = time.monotonic() + sum(c.timeout_s for c in cfgs)
+        for p, log in procs:
+            try:
+                exit_codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                p.kill()  # our own child, by its handle
+                p.wait()
+                exit_codes.append("hung")
+            log.close()
     return collect(cfgs, out, exit_codes)
 
 

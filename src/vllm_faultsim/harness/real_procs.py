@@ -90,7 +90,7 @@ from ..faults.plan import SIGNALS, Fault, FaultPlan
 from ..models.engine_procs import (MUTANTS, POLICIES, RAY_WAIT_TIMEOUT, LatencyModel, ProcScenario, check_faults, proc_name,
                                    resolve_fault_time, simulate, summarize)
 from ..models.shutdown_drain import ConnectorOp
-from . import model_dirs
+from . import model_dirs, scratch
 from .check_procs import (MATRIX_PHASES, Case, code0_naming, compare, compare_code0_naming, compare_latency,
                           latencies, matrix_cases, matrix_scenario, replay_command)
 from .trace import header, write_jsonl
@@ -787,23 +787,17 @@ def _max_slip(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> float:
 
 # --- Ray: CoreEngineActorManager ----------------------------------------------------------------
 
-RAY_TMP_MAX = 24  # longest temp dir under which Ray's socket paths stay within AF_UNIX's limit
-
-
 @contextlib.contextmanager
 def ray_cluster(num_cpus: int = 2):
-    """A local Ray cluster for the Ray cases; on exit it is shut down and its temp dir removed.
-    Ray puts its sockets ~64 characters below its own temp dir and AF_UNIX paths stop at 107 bytes:
-    under a long TMPDIR (CI points it into the clone) the temp dir goes to /tmp instead."""
+    """A local Ray cluster for the Ray cases; on exit it is shut down and its temp dir removed
+    (a short one: Ray's sockets sit ~64 characters below it)."""
     import ray
-    base = tempfile.gettempdir()
-    tmp = tempfile.mkdtemp(prefix="vfs-ray-", dir=base if len(base) <= RAY_TMP_MAX else "/tmp")
-    try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
-        yield ray
-    finally:
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with scratch.socket_dir("vfs-ray-", room=66) as tmp:
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+            yield ray
+        finally:
+            ray.shutdown()
 
 
 def _ray_actor_class():
