@@ -49,8 +49,11 @@ and per cause: ``signal`` (the process was killed) or ``exit`` (it returned an e
 engine core is a fork of the client process (vLLM's default start method): its sentinel closes
 only once the kernel has torn down its copy of the client's address space, so the MP latency
 scales with the client's resident memory (measured on the CPU host, p50: 21.8 ms at 881 MB,
-47.8 ms at 1908 MB, i.e. proportional, ~0.025 ms per MB; benchmarks/results/). The profile records the client RSS it was measured at; a scenario's
-``client_rss_mb`` scales the MP quantiles by the ratio (Ray actors are not forks: no scaling).
+47.8 ms at 1908 MB, i.e. proportional, ~0.025 ms per MB; benchmarks/results/) and with how fast
+the host tears a fork down. The profile records the client RSS it was measured at and the bare
+fork teardown there (``fork_teardown_s``); a scenario's ``client_rss_mb`` scales the MP quantiles
+by the RSS ratio, :meth:`LatencyModel.on_host` re-bases them on another host by the ratio of
+bare teardowns (Ray actors are not forks: no scaling).
 
 Faults are ``kill_engine`` faults of the plan (``at``, ``rank``, ``signal``, ``phase``). The time
 a fault applies is resolved from the scenario alone (:func:`resolve_fault_time`), the same way
