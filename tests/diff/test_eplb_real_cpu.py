@@ -24,5 +24,6 @@ def test_eplb_real_worker_vs_model_cpu(tmp_path):
     summary = ce.run_check("cpu", tmp_path, hidden=(16384, 32768), forward_s=0.1, tol=TOL, slow_min_s=0.015)
     print(ce.format_summary(summary))
     bad = ce.verdict(summary)
-    assert not bad, "\n".join(bad)
+    assert not bad, "\n".join(bad) + (f"\nthe ranks' records: {tmp_path}/launch*; "
+                                      "replay: python -m pytest -s tests/diff/test_eplb_real_cpu.py")
     assert len(summary["mutants"]) == 9  # two model mutants on each of 4 runs, and the unmodelled slow link

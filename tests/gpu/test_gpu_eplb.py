@@ -38,4 +38,5 @@ def test_gpu_eplb_real_worker_vs_model(results_dir, tmp_path):
     (results_dir / "eplb.txt").write_text(ce.format_summary(summary))
     print(ce.format_summary(summary))
     bad = ce.verdict(summary)
-    assert not bad, "\n".join(bad)
+    assert not bad, "\n".join(bad) + (f"\nthe ranks' records: {tmp_path}/launch*; replay: NCCL_NVLS_ENABLE=0 "
+                                      "python -m pytest -m gpu -s tests/gpu/test_gpu_eplb.py")
