@@ -93,3 +93,9 @@ def test_unknown_option_of_a_simulator_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["run", "--no-such-option"])
     assert exc.value.code == 2 and "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
+def test_diff_needs_at_least_one_example(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["diff", "--examples", "0"])
+    assert exc.value.code == 2 and "--examples: must be at least 1, got 0" in capsys.readouterr().err

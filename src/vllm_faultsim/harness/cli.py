@@ -168,6 +168,16 @@ def cmd_delegated(args) -> int:
     return module.main(sub.parse_args(args.rest))
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vllm-faultsim", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_study)
 
     d = sub.add_parser("diff", help="simulator vs the real vLLM Scheduler on CPU (needs vllm)")
-    d.add_argument("--examples", type=int, default=100, help="generated cases (default: %(default)s)")
+    d.add_argument("--examples", type=_at_least_one, default=100, help="generated cases (default: %(default)s)")
     d.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default: %(default)s)")
     d.add_argument("--kind", choices=("mixed", "text"), default="mixed", help="workload kind")
     d.add_argument("--kv-pressure", choices=("any", "yes", "no"), default="any")
