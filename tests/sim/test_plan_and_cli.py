@@ -99,3 +99,17 @@ def test_diff_needs_at_least_one_example(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["diff", "--examples", "0"])
     assert exc.value.code == 2 and "--examples: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_wrongly_typed_scheduler_field_is_one_line_exit_2(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("scheduler: {max_num_seqs: 'a'}\n")
+    assert main(["run", "--config", str(cfg), "--trace", str(tmp_path / "t.jsonl"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == "vllm-faultsim: error: scheduler: max_num_seqs must be an int, got 'a'"
+
+
+def test_diff_of_unreadable_traces_is_one_line_exit_2(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    assert main(["diff", "--traces", str(bad), str(bad)]) == 2
+    assert capsys.readouterr().err.strip().startswith("vllm-faultsim: error: cannot read trace: ")

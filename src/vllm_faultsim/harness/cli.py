@@ -116,7 +116,11 @@ def cmd_diff(args) -> int:
     if args.mutant and args.mutant not in MUTANTS:
         raise ConfigError(f"unknown mutant {args.mutant!r} (known: {', '.join(MUTANTS)})")
     if args.traces:
-        div = first_divergence(read_trace(args.traces[0]), read_trace(args.traces[1]), sides=("left", "right"))
+        try:
+            left, right = read_trace(args.traces[0]), read_trace(args.traces[1])
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read trace: {exc}") from None
+        div = first_divergence(left, right, sides=("left", "right"))
         print("traces agree" if div is None else div.explain())
         return 0 if div is None else 1
     if importlib.util.find_spec("vllm") is None:

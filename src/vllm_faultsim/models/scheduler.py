@@ -32,7 +32,7 @@ with ``SchedulerConfig.mutant``; see :data:`MUTANTS`.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from ..harness.workload import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
@@ -66,6 +66,10 @@ class SchedulerConfig:
     mutant: str | None = None
 
     def validate(self) -> "SchedulerConfig":
+        for f in fields(self):
+            v, want = getattr(self, f.name), {"int": int, "bool": bool, "float": (int, float)}.get(f.type)
+            if want and (not isinstance(v, want) or (want is int and isinstance(v, bool))):
+                raise ValueError(f"{f.name} must be {'a' if f.type != 'int' else 'an'} {f.type}, got {v!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
