@@ -113,3 +113,23 @@ def test_diff_of_unreadable_traces_is_one_line_exit_2(tmp_path, capsys):
     bad.write_text("not json\n")
     assert main(["diff", "--traces", str(bad), str(bad)]) == 2
     assert capsys.readouterr().err.strip().startswith("vllm-faultsim: error: cannot read trace: ")
+
+
+def test_plot_draws_a_runs_timeline_from_its_trace(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="plot needs matplotlib (pip install -e '.[plot]')")
+    plan, trace = tmp_path / "plan.yaml", tmp_path / "t.jsonl"
+    plan.write_text("version: 1\nfaults:\n  - {kind: slow_steps, start: 1, end: 2, factor: 3}\n"
+                    "  - {kind: kill_engine, at: 3, rank: 0, signal: SIGTERM}\n")
+    assert main(["run", "--duration", "4", "--rate", "10", "--plan", str(plan), "--trace", str(trace), "--no-progress"]) == 0
+    assert main(["plot", str(trace)]) == 0
+    png = trace.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"plot: {png}" in capsys.readouterr().out
+    assert main(["plot", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_plot_without_matplotlib_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["plot", str(tmp_path / "t.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == "vllm-faultsim: error: plot needs matplotlib: pip install 'vllm-faultsim[plot]'"

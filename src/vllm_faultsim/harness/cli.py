@@ -86,7 +86,7 @@ def cmd_run(args) -> int:
         width = max(len(k) for k in res.summary)
         for k, v in res.summary.items():
             print(f"{k.ljust(width)}  {'-' if v is None else v}")
-        print(f"trace: {args.trace}")
+        print(f"trace: {args.trace}  (timeline: vllm-faultsim plot {args.trace})")
     return 0
 
 
@@ -144,6 +144,25 @@ def cmd_diff(args) -> int:
     path = save_case(case, args.out)
     print(f"{n} cases tried; divergence found and shrunk:\n{report(case, div, path, args.mutant)}")
     return 1
+
+
+def cmd_plot(args) -> int:
+    import importlib.util
+
+    from .simulate import ConfigError
+    from .timeline import plot_timeline
+    from .trace import read_trace
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("plot needs matplotlib: pip install 'vllm-faultsim[plot]'")
+    try:
+        events = read_trace(args.trace)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read trace: {exc}") from None
+    out = args.out or str(Path(args.trace).with_suffix(".png"))
+    plot_timeline(events, out, title=f"{args.trace} ({events[0].get('side', '?')}, seed {events[0].get('seed')})")
+    print(f"plot: {out}")
+    return 0
 
 
 def cmd_check_plan(args) -> int:
@@ -225,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("procs", "engine-process fault matrix: the real vLLM manager/monitor vs the model (needs vllm)"),
                         ("calibrate", "fit a step-time profile on the real engine (needs vllm and a CUDA GPU)")):
         sub.add_parser(name, help=help_, add_help=False).set_defaults(func=cmd_delegated)
+
+    pl = sub.add_parser("plot", help="a trace's timeline as a PNG (steps, requests, TTFT, faults)")
+    pl.add_argument("trace", help="a trace written by run (or by a real driver)")
+    pl.add_argument("--out", help="the PNG (default: the trace's name with .png)")
+    pl.set_defaults(func=cmd_plot)
 
     c = sub.add_parser("check-plan", help="validate a fault plan")
     c.add_argument("plan")
