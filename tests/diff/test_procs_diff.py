@@ -15,7 +15,7 @@ pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]'
 
 from vllm_faultsim.faults.plan import validate_plan  # noqa: E402
 from vllm_faultsim.harness import real_procs  # noqa: E402
-from vllm_faultsim.harness.check_procs import LATENCY_TOLERANCE, classify, compare, latencies  # noqa: E402
+from vllm_faultsim.harness.check_procs import classify, compare, compare_latency, latencies  # noqa: E402
 from vllm_faultsim.models.engine_procs import MUTANTS, LatencyModel, ProcScenario, simulate  # noqa: E402
 from vllm_faultsim.models.shutdown_drain import ConnectorOp  # noqa: E402
 
@@ -83,14 +83,12 @@ def test_detection_latency_p50_matches_the_model():
         judged = [("batch", measured, teardowns)] + ([("pooled", every, every_teardown)] if every != measured else [])
         for name, xs, tds in judged:
             teardown = statistics.median(tds)
-            model = profile.on_host(teardown, rss)
-            predicted = statistics.median(model.quantile("mp", c, (k + 0.5) / 50, rss) for c, _ in xs for k in range(50))
-            p50 = statistics.median(x for _, x in xs)
-            batches.append(f"{name}: measured p50 {p50 * 1e3:.1f} ms vs model {predicted * 1e3:.1f} ms (n={len(xs)}; "
-                           f"fork teardown {teardown * 1e3:.1f} ms at {rss:.0f} MB here, "
+            v = compare_latency(profile.on_host(teardown, rss), "mp", xs, rss, pooled=True)["pooled"]
+            batches.append(f"{name}: measured p50 {v['measured_p50'] * 1e3:.1f} ms vs model {v['model_p50'] * 1e3:.1f} ms "
+                           f"(n={v['n']}; fork teardown {teardown * 1e3:.1f} ms at {rss:.0f} MB here, "
                            f"{profile.fork_teardown_s * 1e3:.1f} ms at {profile.client_rss_mb:.0f} MB in the profile)")
             print(batches[-1])
-            if abs(predicted - p50) <= LATENCY_TOLERANCE * p50:
+            if v["ok"]:
                 return
     load = os.getloadavg()[0]
     if load > BUSY * (os.cpu_count() or 1):

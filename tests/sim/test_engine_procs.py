@@ -241,3 +241,16 @@ def test_case_names_and_plans():
     case = Case("exit1", "idle", 1)
     assert case.name == "exit1-idle-rank1" and case.plan().faults[0].signal == "exit1"
     assert len(matrix_cases()) == 30
+
+
+def test_pooled_latency_compares_the_models_mixture_median():
+    lat = LatencyModel({**latency().profile, "quantiles": {"mp": {"signal": [[0.0, 0.01], [1.0, 0.01]],
+                                                            "exit": [[0.0, 0.03], [1.0, 0.03]]}}})
+    measured = [("signal", 0.01)] * 3 + [("exit", 0.03)]
+    out = compare_latency(lat, "mp", measured, pooled=True)
+    assert list(out) == ["pooled"] and out["pooled"]["n"] == 4
+    assert out["pooled"]["model_p50"] == pytest.approx(0.01) and out["pooled"]["ok"]
+    mostly_exits = compare_latency(lat, "mp", [("signal", 0.01)] + [("exit", 0.03)] * 3, pooled=True)["pooled"]
+    assert mostly_exits["model_p50"] == pytest.approx(0.03) and mostly_exits["ok"]
+    slower = compare_latency(lat, "mp", [("signal", 0.02)] * 3 + [("exit", 0.06)], pooled=True)["pooled"]
+    assert slower["measured_p50"] == pytest.approx(0.02) and not slower["ok"]  # the model says 10 ms

@@ -176,19 +176,27 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def compare_latency(model: LatencyModel, backend: str, measured: list[tuple[str, float]],
-                    client_rss_mb: float | None = None, tolerance: float = LATENCY_TOLERANCE) -> dict:
-    """Per cause: measured p50/p90/p99 and n, the model's p50 (for a client of
-    ``client_rss_mb``), their ratio and whether the model's p50 lies within +-tolerance of the
-    measured one."""
+                    client_rss_mb: float | None = None, tolerance: float = LATENCY_TOLERANCE,
+                    pooled: bool = False) -> dict:
+    """Per cause (or, ``pooled``, all causes as one group named ``pooled``): measured p50/p90/p99
+    and n, the model's p50 (for a client of ``client_rss_mb``; pooled: the median of the model's
+    mixture of the causes, weighted as measured), their ratio and whether the model's p50 lies
+    within +-tolerance of the measured one."""
+    groups = {"pooled": measured} if pooled else {
+        cause: [m for m in measured if m[0] == cause] for cause in sorted({c for c, _ in measured})}
     out = {}
-    for cause in sorted({c for c, _ in measured}):
-        xs = [x for c, x in measured if c == cause]
+    for name, group in groups.items():
+        xs = [x for _, x in group]
         m50 = statistics.median(xs)
-        p50 = model.quantile(backend, cause, 0.5, client_rss_mb)
-        out[cause] = {"n": len(xs), "measured_p50": m50, "measured_p90": percentile(xs, 0.9),
-                      "measured_p99": percentile(xs, 0.99), "model_p50": p50,
-                      "ratio": p50 / m50 if m50 > 0 else float("inf"),
-                      "ok": abs(p50 - m50) <= tolerance * m50}
+        if pooled:
+            p50 = statistics.median(model.quantile(backend, c, (k + 0.5) / 50, client_rss_mb)
+                                    for c, _ in group for k in range(50))
+        else:
+            p50 = model.quantile(backend, name, 0.5, client_rss_mb)
+        out[name] = {"n": len(xs), "measured_p50": m50, "measured_p90": percentile(xs, 0.9),
+                     "measured_p99": percentile(xs, 0.99), "model_p50": p50,
+                     "ratio": p50 / m50 if m50 > 0 else float("inf"),
+                     "ok": abs(p50 - m50) <= tolerance * m50}
     return out
 
 

@@ -111,16 +111,11 @@ def cmd_diff(args) -> int:
     from .checker import first_divergence
     from .diff import MUTANTS, DiffCase, check_case, report, save_case, search
     from .simulate import ConfigError
-    from .trace import read_trace
 
     if args.mutant and args.mutant not in MUTANTS:
         raise ConfigError(f"unknown mutant {args.mutant!r} (known: {', '.join(MUTANTS)})")
     if args.traces:
-        try:
-            left, right = read_trace(args.traces[0]), read_trace(args.traces[1])
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read trace: {exc}") from None
-        div = first_divergence(left, right, sides=("left", "right"))
+        div = first_divergence(_read_trace(args.traces[0]), _read_trace(args.traces[1]), sides=("left", "right"))
         print("traces agree" if div is None else div.explain())
         return 0 if div is None else 1
     if importlib.util.find_spec("vllm") is None:
@@ -146,19 +141,24 @@ def cmd_diff(args) -> int:
     return 1
 
 
+def _read_trace(path: str) -> list[dict]:
+    from .simulate import ConfigError
+    from .trace import read_trace
+    try:
+        return read_trace(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read trace: {exc}") from None
+
+
 def cmd_plot(args) -> int:
     import importlib.util
 
     from .simulate import ConfigError
     from .timeline import plot_timeline
-    from .trace import read_trace
 
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("plot needs matplotlib: pip install 'vllm-faultsim[plot]'")
-    try:
-        events = read_trace(args.trace)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read trace: {exc}") from None
+    events = _read_trace(args.trace)
     out = args.out or str(Path(args.trace).with_suffix(".png"))
     plot_timeline(events, out, title=f"{args.trace} ({events[0].get('side', '?')}, seed {events[0].get('seed')})")
     print(f"plot: {out}")
