@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness.check_procs import code0_naming, latencies, percentile
+from vllm_faultsim.harness.checkers.procs import code0_naming, latencies, percentile
 from vllm_faultsim.models.engine_procs import ProcScenario
 
 QUANTILES = [round(i / 20, 2) for i in range(21)]
@@ -46,7 +46,7 @@ def scenario() -> ProcScenario:
 def measure(backend: str, kills: int, seed: int) -> tuple[dict[str, list[float]], list[bool], list[float]]:
     """Latencies per cause, exit-0 namings and, for MP, bare fork teardowns taken between the kills
     (the same conditions as the kills)."""
-    from vllm_faultsim.harness import real_procs
+    from vllm_faultsim.harness.drivers import real_procs
     rng = random.Random(seed)
     sc = scenario()
     out: dict[str, list[float]] = {c: [] for c in CAUSES}
@@ -86,12 +86,12 @@ def main() -> None:
     t0 = time.perf_counter()
     for backend in backends:
         if backend == "ray":
-            from vllm_faultsim.harness.real_procs import ray_cluster
+            from vllm_faultsim.harness.drivers.real_procs import ray_cluster
             with ray_cluster():
                 samples, named, teardowns = measure(backend, args.kills, args.seed)
         else:
             samples, named, teardowns = measure(backend, args.kills, args.seed)
-        from vllm_faultsim.harness.real_procs import client_rss_mb
+        from vllm_faultsim.harness.drivers.real_procs import client_rss_mb
         rss = client_rss_mb()
         results[backend] = {cause: {"n": len(xs), "p50": percentile(xs, 0.5), "p90": percentile(xs, 0.9),
                                     "p99": percentile(xs, 0.99), "samples": sorted(xs)}

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def cmd_run(args) -> int:
-    from vllm_faultsim.harness import calibrate
-    from vllm_faultsim.harness import real_engine as RE
+    from vllm_faultsim.harness.runs import calibrate
+    from vllm_faultsim.harness.drivers import real_engine as RE
     from vllm_faultsim.models.step_time import load_profile
 
     reason = RE.gpu_skip_reason()

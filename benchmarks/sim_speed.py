@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_faultsim.harness.simulate import RunConfig, simulate, with_scheduler
+from vllm_faultsim.harness.runs.simulate import RunConfig, simulate, with_scheduler
 
 
 def main() -> None:

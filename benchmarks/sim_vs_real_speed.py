@@ -1,7 +1,7 @@
 """The simulator against the real scheduler, on the same trace, in one run (target: simulator >= 10x).
 
 One workload (Poisson 20 req/s, 512-token prompts, 128-token outputs, max_num_seqs 256, default
-600 s of traffic) goes through the same engine loop (``harness.simulate.run_engine``: SimPy clock,
+600 s of traffic) goes through the same engine loop (``harness.runs.simulate.run_engine``: SimPy clock,
 step-time model, per-step invariants, full JSONL trace written) twice: with the simulated
 scheduler core, as ``simulate()`` builds it, and with ``RealSchedulerCore`` (vLLM 0.26.0's own
 v1 ``Scheduler`` on CPU, text-only). The two traces must be identical but for the header's side,
@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from vllm_faultsim.faults.plan import FaultPlan
-from vllm_faultsim.harness.checker import first_divergence
-from vllm_faultsim.harness.simulate import RunConfig, build_workload, run_engine, with_scheduler
+from vllm_faultsim.harness.checkers.divergence import first_divergence
+from vllm_faultsim.harness.runs.simulate import RunConfig, build_workload, run_engine, with_scheduler
 from vllm_faultsim.harness.trace import iter_jsonl
 from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
 from vllm_faultsim.models.scheduler import Scheduler
@@ -68,7 +68,7 @@ def build_core(side: str, cfg: RunConfig, specs):
     prefetch = PrefetchSchedule(specs, FaultPlan())
     if side == "sim":
         return Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy)), prefetch
-    from vllm_faultsim.harness.real_scheduler import RealSchedulerCore
+    from vllm_faultsim.harness.drivers.real_scheduler import RealSchedulerCore
     return RealSchedulerCore(cfg.scheduler, multimodal=False), None
 
 

@@ -55,7 +55,7 @@ def test_no_ray_cluster_left_running():
 
 
 def test_no_temp_files_left_behind():
-    from vllm_faultsim.harness import model_dirs
+    from vllm_faultsim.harness.drivers import model_dirs
     started = psutil.Process().create_time()
     user = getpass.getuser()
     keep = {model_dirs.default_cache_dir().name, f"torchinductor_{user}", f"pytest-of-{user}"}

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]')")
 
-from vllm_faultsim.harness.diff import MUTANTS, DiffCase, check_case, run_side, search  # noqa: E402
+from vllm_faultsim.harness.runs.diff import MUTANTS, DiffCase, check_case, run_side, search  # noqa: E402
 from vllm_faultsim.harness.workload import MMItem, RequestSpec  # noqa: E402
 from vllm_faultsim.models.scheduler import SchedulerConfig  # noqa: E402
 
@@ -37,7 +37,7 @@ def test_upstream_ec_deferral_scenario_on_both_sides():
 def test_zero_divergences_over_generated_cases(profile):
     n, case, div = search(EXAMPLES, seed=hash(profile) % 1000, mm=profile != "text",
                           kv_pressure=True if profile == "kv-pressure" else None)
-    assert div is None, f"{div.explain()}\nreplay: save with vllm_faultsim.harness.diff.save_case\n{case.to_json()}"
+    assert div is None, f"{div.explain()}\nreplay: save with vllm_faultsim.harness.runs.diff.save_case\n{case.to_json()}"
     assert n == EXAMPLES
 
 

@@ -1,6 +1,6 @@
 """Async EPLB (PR #40730) on CPU: vLLM 0.26.0's real worker, state and transfer code on 2 gloo
-processes, against the model (harness/check_eplb.py ``run_check``; CUDA streams and events are
-replaced as harness/real_eplb.py says). A shared 2-core CI host times loosely: a layer's
+processes, against the model (harness/runs/eplb.py ``run_check``; CUDA streams and events are
+replaced as harness/drivers/real_eplb.py says). A shared 2-core CI host times loosely: a layer's
 transfer time must be within 100% + 10 ms of the model's, one layer a run may miss (a scheduling
 hiccup of a few ms on a ~4 ms transfer); the GPU tier states its own. gloo on one host is
 latency-bound (its bandwidth may calibrate to near-infinite), so the slow link is set to add at
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from vllm_faultsim.harness import check_eplb as ce
-from vllm_faultsim.harness import real_eplb
+from vllm_faultsim.harness.checkers import eplb as ce
+from vllm_faultsim.harness.drivers import real_eplb
 
 TOL = ce.Tolerance(rel=1.0, abs=0.010, step_margin=0.02, outliers=1)
 

@@ -16,8 +16,8 @@ import pytest
 pytest.importorskip("vllm", reason="the offload differential tier needs vllm (0.26.0 or 0.23.0) installed")
 
 from vllm_faultsim.faults.plan import validate_plan  # noqa: E402
-from vllm_faultsim.harness import offload_check as oc  # noqa: E402
-from vllm_faultsim.harness.real_offload import vllm_version  # noqa: E402
+from vllm_faultsim.harness.runs import offload as oc  # noqa: E402
+from vllm_faultsim.harness.drivers.real_offload import vllm_version  # noqa: E402
 from vllm_faultsim.harness.workload import RequestSpec, validate  # noqa: E402
 from vllm_faultsim.models import kv_offload as ko  # noqa: E402
 
@@ -156,7 +156,7 @@ def test_slow_and_stalled_transfers_delay_loads():
     """A repeat of a prompt whose chunks are on CPU waits for the load; a 1000x slow window
     (a stall) stretches the wait; both sides agree."""
     specs = validate([RequestSpec("a", 0.0, 32, 2, prefix=(0, 32)), RequestSpec("b", 0.3, 32, 2, prefix=(0, 32))])
-    from vllm_faultsim.harness.real_offload import OffloadSchedConfig
+    from vllm_faultsim.harness.drivers.real_offload import OffloadSchedConfig
     sched = OffloadSchedConfig(block_size=4, num_gpu_blocks=12)  # 'a' is evicted from the GPU cache by then
     waits = {}
     for factor in (1, 1000):

@@ -14,8 +14,9 @@ import pytest
 pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]')")
 
 from vllm_faultsim.faults.plan import validate_plan  # noqa: E402
-from vllm_faultsim.harness import real_procs  # noqa: E402
-from vllm_faultsim.harness.check_procs import classify, compare, compare_latency, latencies  # noqa: E402
+from vllm_faultsim.harness.drivers import real_procs  # noqa: E402
+from vllm_faultsim.harness.runs.procs import replay_command, run_fault_matrix  # noqa: E402
+from vllm_faultsim.harness.checkers.procs import classify, compare, compare_latency, latencies  # noqa: E402
 from vllm_faultsim.models.engine_procs import MUTANTS, LatencyModel, ProcScenario, simulate  # noqa: E402
 from vllm_faultsim.models.shutdown_drain import ConnectorOp  # noqa: E402
 
@@ -30,11 +31,11 @@ def _print(report) -> None:
 
 
 def test_fault_matrix_is_classified_identically_and_every_mutant_is_caught(tmp_path):
-    report = real_procs.run_fault_matrix(out_dir=tmp_path, log=lambda line: None)
+    report = run_fault_matrix(out_dir=tmp_path, log=lambda line: None)
     _print(report)
     first = next((c for c in report.cases if c.divergences), None)
     assert first is None, (f"{first.case.name}: {first.divergences}\nreplay: "
-                           f"{real_procs.replay_command(first.case, report.policy, report.seed)}")
+                           f"{replay_command(first.case, report.policy, report.seed)}")
     assert report.code0_naming["ok"], report.code0_naming
     assert all(report.mutants.values()), report.mutants
     assert set(report.mutants) == set(MUTANTS)
@@ -101,7 +102,7 @@ def test_ray_actor_manager_matrix():
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install ray): the model covers it")
     with real_procs.ray_cluster():
         assert ray.is_initialized()
-        report = real_procs.run_fault_matrix(backend="ray", phases=("mid_step",), log=lambda line: None)
+        report = run_fault_matrix(backend="ray", phases=("mid_step",), log=lambda line: None)
     _print(report)
     assert not ray.is_initialized()
     assert all(not c.divergences for c in report.cases), [(c.case.name, c.divergences) for c in report.cases]

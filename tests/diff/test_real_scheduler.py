@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e .[vllm])")
 
-from vllm_faultsim.harness.real_scheduler import RealSchedulerCore  # noqa: E402
+from vllm_faultsim.harness.drivers.real_scheduler import RealSchedulerCore  # noqa: E402
 from vllm_faultsim.harness.workload import MMConfig, MMItem, RequestSpec, poisson  # noqa: E402
 from vllm_faultsim.models.ec_connector import PrefetchSchedule  # noqa: E402
 from vllm_faultsim.models.scheduler import SchedulerConfig  # noqa: E402

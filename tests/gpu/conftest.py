@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @functools.lru_cache(maxsize=1)
 def _skip_reason() -> str | None:
-    from vllm_faultsim.harness.real_engine import gpu_skip_reason
+    from vllm_faultsim.harness.drivers.real_engine import gpu_skip_reason
     return gpu_skip_reason()
 
 
@@ -38,5 +38,5 @@ def results_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def device() -> dict:
-    from vllm_faultsim.harness.real_engine import host_info
+    from vllm_faultsim.harness.drivers.real_engine import host_info
     return host_info()

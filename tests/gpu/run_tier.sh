@@ -21,9 +21,9 @@ if [ "$what" = tier ]; then
   echo "pytest -m gpu: exit $rc in $(( $(date +%s) - t0 )) s"
   grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|^E |[0-9.]+s call" "$VLLM_FAULTSIM_RESULTS/pytest.log" | grep -v "^INFO" | head -60
 elif [ "$what" = 8b ]; then
-  slug=$($PY -c 'from vllm_faultsim.harness.calibrate import device_slug; print(device_slug())')
+  slug=$($PY -c 'from vllm_faultsim.harness.runs.calibrate import device_slug; print(device_slug())')
   t0=$(date +%s)
-  timeout ${CAL_TIMEOUT:-480} $PY -m vllm_faultsim.harness.calibrate --model llama3-8b-shape --grid full --heldout \
+  timeout ${CAL_TIMEOUT:-480} $PY -m vllm_faultsim.harness.runs.calibrate --model llama3-8b-shape --grid full --heldout \
       --out "$VLLM_FAULTSIM_RESULTS/$slug-llama3-8b-shape.json" \
       --heldout-out "$VLLM_FAULTSIM_RESULTS/fidelity_llama3-8b-shape.json" \
       --steps-out "$VLLM_FAULTSIM_RESULTS/calibration_steps_8b.jsonl" >"$VLLM_FAULTSIM_RESULTS/calibrate_8b.log" 2>&1

@@ -1,6 +1,6 @@
 """Step-time calibration of the tiny model and its fidelity on a held-out Poisson trace.
 
-``vllm-faultsim calibrate`` (harness/calibrate.py, run here as ``python -m`` in its own process)
+``vllm-faultsim calibrate`` (harness/runs/calibrate.py, run here as ``python -m`` in its own process)
 measures the real engine's step wall time over a grid of batch shapes, fits the simulator's
 linear step-time model and writes a profile; then a Poisson trace that played no part in the fit
 is served in real time and simulated with the new profile. The project's target is <= 5% error
@@ -27,10 +27,10 @@ import sys
 
 
 def test_calibrate_tiny_model_and_heldout_fidelity(results_dir, device):
-    from vllm_faultsim.harness.calibrate import device_slug
+    from vllm_faultsim.harness.runs.calibrate import device_slug
     prof = results_dir / f"{device_slug()}-tiny-llama.json"
     fid = results_dir / "fidelity_tiny-llama.json"
-    cmd = [sys.executable, "-m", "vllm_faultsim.harness.calibrate", "--model", "tiny-llama", "--grid", "full",
+    cmd = [sys.executable, "-m", "vllm_faultsim.harness.runs.calibrate", "--model", "tiny-llama", "--grid", "full",
            "--out", str(prof), "--heldout", "--heldout-out", str(fid),
            "--steps-out", str(results_dir / "calibration_steps_tiny.jsonl"),
            "--heldout-steps-out", str(results_dir / "heldout_steps_tiny.jsonl")]

@@ -11,11 +11,11 @@ enter the trace)."""
 from __future__ import annotations
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness import model_dirs
-from vllm_faultsim.harness import real_engine as RE
-from vllm_faultsim.harness.checker import first_divergence
+from vllm_faultsim.harness.drivers import model_dirs
+from vllm_faultsim.harness.drivers import real_engine as RE
+from vllm_faultsim.harness.checkers.divergence import first_divergence
 from vllm_faultsim.harness.metrics import percentile
-from vllm_faultsim.harness.simulate import RunConfig, simulate
+from vllm_faultsim.harness.runs.simulate import RunConfig, simulate
 from vllm_faultsim.harness.workload import poisson
 from vllm_faultsim.models.scheduler import SchedulerConfig
 

@@ -19,10 +19,10 @@ import os
 from dataclasses import replace
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness import model_dirs
-from vllm_faultsim.harness import real_engine as RE
-from vllm_faultsim.harness.checker import first_divergence
-from vllm_faultsim.harness.simulate import RunConfig, run_engine
+from vllm_faultsim.harness.drivers import model_dirs
+from vllm_faultsim.harness.drivers import real_engine as RE
+from vllm_faultsim.harness.checkers.divergence import first_divergence
+from vllm_faultsim.harness.runs.simulate import RunConfig, run_engine
 from vllm_faultsim.harness.workload import MMConfig, poisson
 from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
 from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig

@@ -5,7 +5,7 @@ vLLM's ``EplbState`` with the real ``start_async_worker`` thread and CUDA stream
 coded by (logical expert, layer, index) as upstream's tests/distributed/test_eplb_execute.py.
 Weights move through ``torch_gloo``, the communicator vLLM 0.26.0 uses for async EPLB without NIXL
 (it refuses ``torch_nccl`` / ``pynccl`` with async EPLB): device->host on the worker's stream,
-gloo P2P, host->device. See harness/check_eplb.py ``run_check`` for what is compared; the
+gloo P2P, host->device. See harness/runs/eplb.py ``run_check`` for what is compared; the
 numbers go to ``$VLLM_FAULTSIM_RESULTS/eplb.txt`` and ``eplb.json``.
 
 Tolerance: a layer's transfer time (``transfer_layer`` call -> publication after
@@ -21,8 +21,8 @@ import json
 
 import pytest
 
-from vllm_faultsim.harness import check_eplb as ce
-from vllm_faultsim.harness import real_eplb
+from vllm_faultsim.harness.checkers import eplb as ce
+from vllm_faultsim.harness.drivers import real_eplb
 
 TOL = ce.Tolerance(rel=0.3, abs=0.005, step_margin=0.02)
 HIDDEN = (1 << 19, 1 << 20)  # two weight tensors: 6 MiB of float32 per expert

@@ -27,9 +27,9 @@ and exit1) next to the CPU host's prediction (``profiles/liveness_cpu.json``).""
 from __future__ import annotations
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness import model_dirs
-from vllm_faultsim.harness import real_engine as RE
-from vllm_faultsim.harness.simulate import RunConfig, liveness_model, simulate
+from vllm_faultsim.harness.drivers import model_dirs
+from vllm_faultsim.harness.drivers import real_engine as RE
+from vllm_faultsim.harness.runs.simulate import RunConfig, liveness_model, simulate
 from vllm_faultsim.harness.workload import RequestSpec
 from vllm_faultsim.models.scheduler import SchedulerConfig
 
@@ -77,7 +77,7 @@ def write_liveness_profile(results_dir, device, rows) -> None:
     e0 = [r for r in rows if r["signal"] == "exit0"]
     if len(sig) < 2 or len(ext) < 2 or len(term) < 2:
         return
-    from vllm_faultsim.harness.calibrate import device_slug
+    from vllm_faultsim.harness.runs.calibrate import device_slug
     name = f"liveness_{device_slug()}"
     prof = {"quantiles": {"mp": {"signal": _quantiles(sig), "exit": _quantiles(ext), "sigterm": _quantiles(term)}},
             "name": name, "client_rss_mb": None,

@@ -7,8 +7,8 @@ transfers are done. Recorded per step by the recording scheduler: store jobs, lo
 request-relative blocks they cover), jobs to flush, jobs completed.
 
 The simulator's prediction: the same rounds through the simulator's offloading model
-(``models.kv_offload`` in ``harness.real_offload.RealOffloadCore(connector="sim")``, driven by
-``offload_check.run_offload``; rounds 5 s apart on its virtual clock), one GPU block per chunk.
+(``models.kv_offload`` in ``harness.drivers.real_offload.RealOffloadCore(connector="sim")``, driven by
+``runs.offload.run_offload``; rounds 5 s apart on its virtual clock), one GPU block per chunk.
 
 Compared exactly (no tolerance; transfer *timing* differs between a GPU and a virtual clock, but
 rounds are separated, so what is stored, loaded and cached does not depend on it):
@@ -19,7 +19,7 @@ rounds are separated, so what is stored, loaded and cached does not depend on it
 - nothing pending when the engine stops: every job submitted was reported done, the connector
   has no job left, and the engine kept stepping while it had push work (vLLM >= 0.24
   ``has_pending_push_work``; 0.23 flushed instead). The simulated trace passes the offload
-  invariants (``offload_check.invariants``)."""
+  invariants (``checkers.offload.invariants``)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import sys
 
 import pytest
 
-from vllm_faultsim.harness import model_dirs
-from vllm_faultsim.harness import real_engine as RE
+from vllm_faultsim.harness.drivers import model_dirs
+from vllm_faultsim.harness.drivers import real_engine as RE
 from vllm_faultsim.harness.trace import Trace, header
 from vllm_faultsim.harness.workload import RequestSpec, validate
 from vllm_faultsim.models.scheduler import SchedulerConfig
@@ -60,8 +60,8 @@ def per_request(jobs) -> dict[str, list[list[int]]]:
 
 
 def simulate_rounds(specs):
-    from vllm_faultsim.harness import offload_check as oc
-    from vllm_faultsim.harness.real_offload import OffloadSchedConfig, RealOffloadCore
+    from vllm_faultsim.harness.runs import offload as oc
+    from vllm_faultsim.harness.drivers.real_offload import OffloadSchedConfig, RealOffloadCore
     from vllm_faultsim.models import kv_offload as ko
     sc = OffloadSchedConfig(max_num_seqs=SCHED.max_num_seqs, max_num_batched_tokens=SCHED.max_num_batched_tokens,
                             block_size=SCHED.block_size, num_gpu_blocks=SCHED.num_gpu_blocks,

@@ -4,7 +4,7 @@ import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.invariants import InvariantViolation
-from vllm_faultsim.harness.simulate import (ConfigError, RunConfig, config_from_dict, liveness_model, run_engine,
+from vllm_faultsim.harness.runs.simulate import (ConfigError, RunConfig, config_from_dict, liveness_model, run_engine,
                                             simulate, with_scheduler)
 from vllm_faultsim.harness.workload import poisson
 from vllm_faultsim.models.scheduler import Scheduler

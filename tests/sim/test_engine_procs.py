@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness.check_procs import (RACE, Case, binomial_p_value, classify, code0_naming, compare,
-                                               compare_code0_naming, compare_latency, matrix_cases,
-                                               matrix_scenario)
+from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, compare,
+                                                compare_code0_naming, compare_latency)
+from vllm_faultsim.harness.runs.procs import Case, matrix_cases, matrix_scenario
 from vllm_faultsim.harness.trace import dumps
 from vllm_faultsim.models.engine_procs import (MUTANTS, POLICIES, LatencyModel, ProcScenario, ScenarioError,
                                                check_faults, policy_for_vllm, resolve_fault_time, simulate)
@@ -231,7 +231,7 @@ def test_latency_and_naming_statistics():
 
 
 def test_the_model_imports_neither_torch_nor_vllm():
-    code = ("import sys, vllm_faultsim.models.engine_procs, vllm_faultsim.harness.check_procs; "
+    code = ("import sys, vllm_faultsim.models.engine_procs, vllm_faultsim.harness.checkers.procs; "
             "print(json.dumps([m for m in ('torch', 'vllm') if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []

@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_faultsim.faults.plan import PlanError, validate_plan
-from vllm_faultsim.harness import check_eplb as ce
-from vllm_faultsim.harness.simulate import ConfigError, config_from_dict, simulate
+from vllm_faultsim.harness.checkers import eplb as ce
+from vllm_faultsim.harness.runs.simulate import ConfigError, config_from_dict, simulate
 from vllm_faultsim.models import eplb as me
 
 # (old map, new map, per-rank (sent, received) expert copies) that vLLM 0.26.0's move_to_buffer
-# made on 2 gloo ranks (harness/real_eplb.py on CPU, policy DefaultEplbPolicy)
+# made on 2 gloo ranks (harness/drivers/real_eplb.py on CPU, policy DefaultEplbPolicy)
 REAL_COUNTS = [
     ([0, 1, 2, 3, 4, 5, 0, 1], [4, 1, 2, 5, 4, 5, 0, 3], [(1, 2), (2, 1)]),
     ([0, 1, 2, 3, 4, 5, 0, 1], [0, 4, 2, 2, 4, 5, 3, 1], [(1, 1), (1, 1)]),

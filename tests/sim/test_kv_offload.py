@@ -235,7 +235,7 @@ def test_policy_env_override(monkeypatch):
 
 # ---- the simulator end to end: simulated Scheduler + offloading hooks + model -----------------
 
-from vllm_faultsim.harness import offload_check as oc  # noqa: E402
+from vllm_faultsim.harness.runs import offload as oc  # noqa: E402
 
 
 @pytest.mark.parametrize("version", ko.VERSIONS)

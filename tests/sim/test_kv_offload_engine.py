@@ -1,6 +1,6 @@
 """KV offloading inside the main simulator: the ``kv_offload`` run config, the engine loop
 (models/engine.py) stepping a core with a KV connector, transfer faults and engine deaths, and
-``vllm-faultsim run``. The engine loop is held to ``offload_check.run_offload``, the loop the
+``vllm-faultsim run``. The engine loop is held to ``runs.offload.run_offload``, the loop the
 differential tests check against the real vLLM Scheduler + OffloadingConnector."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import simpy
 import yaml
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness import offload_check as oc
+from vllm_faultsim.harness.runs import offload as oc
 from vllm_faultsim.harness.cli import main
 from vllm_faultsim.harness.invariants import Invariants, InvariantViolation
-from vllm_faultsim.harness.simulate import ConfigError, config_from_dict, run_engine, simulate
+from vllm_faultsim.harness.runs.simulate import ConfigError, config_from_dict, run_engine, simulate
 from vllm_faultsim.harness.trace import Trace
 from vllm_faultsim.models import kv_offload as ko
 from vllm_faultsim.models.engine import EngineCore

@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from vllm_faultsim.harness.simulate import RunConfig, simulate
+from vllm_faultsim.harness.runs.simulate import RunConfig, simulate
 from vllm_faultsim.harness.strategies import fault_plans, request_specs, scheduler_configs, workloads
 from vllm_faultsim.harness.trace import dumps
 from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule

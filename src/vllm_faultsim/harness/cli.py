@@ -23,14 +23,14 @@ def _usage_errors():
     from ..faults.plan import PlanError
     from ..harness.workload import WorkloadError
     from ..models.step_time import ProfileError
-    from .simulate import ConfigError
+    from .runs.simulate import ConfigError
     return (PlanError, ConfigError, WorkloadError, ProfileError)
 
 
 def _run_config(args):
     import yaml
 
-    from .simulate import ConfigError, config_from_dict
+    from .runs.simulate import ConfigError, config_from_dict
     d: dict = {}
     if args.config:
         try:
@@ -66,7 +66,7 @@ def cmd_run(args) -> int:
     from ..faults.plan import load_plan
     from .invariants import InvariantViolation
     from .progress import progress_bar
-    from .simulate import build_workload, simulate
+    from .runs.simulate import build_workload, simulate
 
     plan = load_plan(args.plan)
     cfg = _run_config(args)
@@ -91,7 +91,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .study import format_table, load_study, plot, run_study
+    from .runs.study import format_table, load_study, plot, run_study
 
     spec = load_study(args.spec)
     out = Path(args.out)
@@ -108,9 +108,9 @@ def cmd_study(args) -> int:
 def cmd_diff(args) -> int:
     import importlib.util
 
-    from .checker import first_divergence
-    from .diff import MUTANTS, DiffCase, check_case, report, save_case, search
-    from .simulate import ConfigError
+    from .checkers.divergence import first_divergence
+    from .runs.diff import MUTANTS, DiffCase, check_case, report, save_case, search
+    from .runs.simulate import ConfigError
 
     if args.mutant and args.mutant not in MUTANTS:
         raise ConfigError(f"unknown mutant {args.mutant!r} (known: {', '.join(MUTANTS)})")
@@ -142,7 +142,7 @@ def cmd_diff(args) -> int:
 
 
 def _read_trace(path: str) -> list[dict]:
-    from .simulate import ConfigError
+    from .runs.simulate import ConfigError
     from .trace import read_trace
     try:
         return read_trace(path)
@@ -153,7 +153,7 @@ def _read_trace(path: str) -> list[dict]:
 def cmd_plot(args) -> int:
     import importlib.util
 
-    from .simulate import ConfigError
+    from .runs.simulate import ConfigError
     from .timeline import plot_timeline
 
     if importlib.util.find_spec("matplotlib") is None:
@@ -174,14 +174,14 @@ def cmd_check_plan(args) -> int:
 
 
 # Subcommands that run the real vLLM: their options live in their modules, imported only when used.
-DELEGATED = {"procs": "real_procs", "calibrate": "calibrate"}
+DELEGATED = {"procs": "runs.procs", "calibrate": "runs.calibrate"}
 
 
 def cmd_delegated(args) -> int:
     import importlib
     import importlib.util
 
-    from .simulate import ConfigError
+    from .runs.simulate import ConfigError
 
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"{args.command} needs the real vLLM: pip install 'vllm-faultsim[vllm]' (vllm==0.26.0)")

@@ -28,7 +28,7 @@ A trace is a sequence of events (dicts). The first is a ``header``; then, in tim
               the engine loop (models/engine.py): ``engine_dead`` / ``engine_stopped`` (``proc``),
               ``exit`` with ``cause`` ``kv_transfer_failed`` and the ``failed`` jobs (vLLM's
               offloading worker asserts transfer success: the core dies);
-              the process model and its real drivers (models/engine_procs.py, harness/real_procs.py):
+              the process model and its real drivers (models/engine_procs.py, harness/drivers/real_procs.py):
               ``exit`` (rank, name, code), ``detect`` (the monitor woke: ``failed`` rank,
               ``failed_name``, ``first_exit``, ``cause``, ``latency``), ``monitor_error``
               (an exception killed the monitor thread), ``shutdown`` (who, cause), ``stop``

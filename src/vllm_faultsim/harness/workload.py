@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-IMAGE_TOKEN_ID = 1050  # the placeholder id of the tiny LLaVA model folder (see harness.model_dirs)
+IMAGE_TOKEN_ID = 1050  # the placeholder id of the tiny LLaVA model folder (see harness.drivers.model_dirs)
 
 
 class WorkloadError(ValueError):

@@ -218,7 +218,7 @@ class LatencyModel:
         self.exit0_unreaped = float(profile["exitcode_none_after_sentinel"]["rate"])
         rss = profile["client_rss_mb"]  # the forking client's RSS when measured; null: no scaling
         self.client_rss_mb = None if rss is None else float(rss)
-        # the host's bare fork-teardown time at that RSS (harness/real_procs.py fork_teardown_s)
+        # the host's bare fork-teardown time at that RSS (harness/drivers/real_procs.py fork_teardown_s)
         self.fork_teardown_s = profile.get("fork_teardown_s")
         self._q: dict[tuple[str, str], tuple[list[float], list[float]]] = {}
         for backend, causes in profile["quantiles"].items():

@@ -25,7 +25,7 @@ Checked step by step against the real vLLM 0.26.0 Scheduler + OffloadingConnecto
   ``finished_recving`` (``_update_from_kv_xfer_finished`` runs last in vLLM).
 - ``has_requests()`` = unfinished requests or finished ids not yet reported or
   ``has_pending_push_work()``: the engine must step while it holds, and run ``update_from_output``
-  on empty steps too (models/engine.py does; so does ``harness.offload_check.run_offload``).
+  on empty steps too (models/engine.py does; so does ``harness.runs.offload.run_offload``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What one engine step decided: the contract between the engine loop and a scheduler core.
 
 A *scheduler core* is anything with this shape (the simulator's :class:`models.scheduler.Scheduler`
-and the real-vLLM adapters in ``harness.real_*`` both are)::
+and the real-vLLM adapters in ``harness.drivers.real_*`` both are)::
 
     add_request(spec: RequestSpec, now: float) -> None
     schedule(now: float) -> StepResult             # mirrors Scheduler.schedule()

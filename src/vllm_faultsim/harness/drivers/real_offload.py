@@ -40,14 +40,14 @@ import itertools
 from dataclasses import dataclass
 from typing import Any
 
-from ..models import kv_offload as ko
-from ..models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
+from ...models import kv_offload as ko
+from ...models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
 from . import model_dirs
-from .workload import RequestSpec, prompt_token_ids
+from ..workload import RequestSpec, prompt_token_ids
 
 SPEC_NAME = "FaultsimOffloadingSpec"
 SIM_CONNECTOR = "SimOffloadingConnector"
-MODULE = "vllm_faultsim.harness.real_offload"
+MODULE = "vllm_faultsim.harness.drivers.real_offload"
 
 
 def vllm_version() -> str:

@@ -22,11 +22,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..faults.plan import FaultPlan, validate_plan
-from ..models import kv_offload as ko
-from ..models.engine import IDLE_STEP
-from ..models.step_time import LinearStepTime
-from .workload import RequestSpec, validate
+from ...faults.plan import FaultPlan, validate_plan
+from ...models import kv_offload as ko
+from ...models.engine import IDLE_STEP
+from ...models.step_time import LinearStepTime
+from ..checkers.offload import compare, invariants, kv_summary
+from ..workload import RequestSpec, validate
 
 STEP_TIME = LinearStepTime(base=0.008, prefill_token=4e-05, decode_req=0.0001, context_token=5e-08, name="offload")
 
@@ -111,126 +112,6 @@ def _step_event(step, t, dur, res, finished) -> dict:
     return ev
 
 
-# ---- the checker ----------------------------------------------------------------------------
-
-COMPARED = ("t", "sched", "preempted", "finished", "kv")
-
-
-def compare(a: list[dict], b: list[dict], limit: int = 5) -> list[str]:
-    """Divergences between two offload traces, step by step, then the end events."""
-    out: list[str] = []
-    sa = [e for e in a if e["kind"] == "step"]
-    sb = [e for e in b if e["kind"] == "step"]
-    for x, y in zip(sa, sb):
-        for k in COMPARED:
-            if x.get(k) != y.get(k):
-                out.append(f"step {x['step']} (t={x['t']}): {k} differs: {x.get(k)!r} != {y.get(k)!r}")
-                break
-        if len(out) >= limit:
-            return out
-    if len(sa) != len(sb):
-        out.append(f"step counts differ: {len(sa)} != {len(sb)}")
-    ea = next((e for e in a if e["kind"] == "end"), {})
-    eb = next((e for e in b if e["kind"] == "end"), {})
-    for k in ("pending", "lost", "dead", "failed_requests"):
-        if ea.get(k) != eb.get(k):
-            out.append(f"end: {k} differs: {ea.get(k)!r} != {eb.get(k)!r}")
-    fa = [e for e in a if e["kind"] == "proc"]
-    fb = [e for e in b if e["kind"] == "proc"]
-    if fa != fb:
-        out.append(f"engine deaths differ: {fa} != {fb}")
-    return out[:limit] if len(out) > limit else out
-
-
-# ---- the invariants ---------------------------------------------------------------------------
-
-def invariants(events: list[dict], specs, tokens_per_chunk: int) -> list[str]:
-    """Nothing lost, every flushed job retired in its step, every finished request's prompt
-    chunks accounted for (stored by it, already present, loaded/hit, 'nostore', or lost with the
-    engine -- a death reports exactly the jobs in flight)."""
-    bad: list[str] = []
-    created: dict[str, tuple[str, list[int], int]] = {}
-    retired: dict[str, int] = {}
-    stored: dict[str, set[int]] = {}
-    accounted: dict[str, set[int]] = {}
-    nostore: dict[str, set[int]] = {}
-    finished: set[str] = set()
-    end = next((e for e in events if e["kind"] == "end"), None)
-    if end is None:
-        return ["no end event"]
-    steps = [e for e in events if e["kind"] == "step"]
-    # the step in which the engine died never returned its output
-    died_in = steps[-1]["step"] if end.get("dead") and steps else None
-    for ev in steps:
-        s = ev["step"]
-        kv = ev.get("kv") or {}
-        for kind in ("store", "load"):
-            for name, req, chunks in kv.get(kind, ()):
-                if name in created:
-                    bad.append(f"step {s}: job {name} created twice")
-                created[name] = (req, chunks, s)
-                if kind == "load":
-                    accounted.setdefault(req, set()).update(range(max(chunks) + 1 if chunks else 0))
-        for req, chunks in kv.get("present", ()):
-            accounted.setdefault(req, set()).update(chunks)
-        for req, chunks in kv.get("nostore", ()):
-            nostore.setdefault(req, set()).update(chunks)
-        done = set(kv.get("done", ()))
-        for name in done:
-            if name not in created:
-                bad.append(f"step {s}: job {name} retired but never created")
-            elif name in retired:
-                bad.append(f"step {s}: job {name} retired twice")
-            retired[name] = s
-            req, chunks, _ = created.get(name, (None, [], 0))
-            if name.split(":")[-1].startswith("S") and req is not None:
-                stored.setdefault(req, set()).update(chunks)
-        for name in kv.get("flush", ()):
-            if s == died_in:
-                continue
-            if name not in created:
-                bad.append(f"step {s}: flush of unknown job {name}")
-            elif name not in done and name in retired:
-                bad.append(f"step {s}: flush of job {name} already retired at step {retired[name]}")
-            elif name not in done:
-                bad.append(f"step {s}: flushed job {name} not retired in its step")
-        finished.update(ev.get("finished", ()))
-    inflight = sorted(n for n in created if n not in retired)
-    if end.get("dead"):
-        if sorted(end.get("lost", [])) != inflight:
-            bad.append(f"engine death: reported lost {end.get('lost')} != jobs in flight {inflight}")
-    else:
-        if inflight:
-            bad.append(f"after the drain {len(inflight)} jobs were never retired: {inflight[:5]}")
-        if end.get("pending"):
-            bad.append(f"after the drain the connector still tracks jobs {end['pending'][:5]}")
-    for name in end.get("lost", ()) if end.get("dead") else ():  # lost with the engine: reported
-        req, chunks, _ = created.get(name, (None, [], 0))
-        if req is not None:
-            accounted.setdefault(req, set()).update(chunks)
-    plen = {sp.req_id: sp.prompt_len for sp in specs}
-    for req in sorted(finished):
-        full = set(range(plen[req] // tokens_per_chunk))
-        missing = full - stored.get(req, set()) - accounted.get(req, set()) - nostore.get(req, set())
-        if missing:
-            bad.append(f"request {req} finished with prompt chunks {sorted(missing)[:8]} neither stored nor "
-                       "accounted for (present, loaded, nostore)")
-    return bad
-
-
-def kv_summary(events: list[dict]) -> dict:
-    """Counts of KV events over a trace (for reports and for tests that need 'something happened')."""
-    c = {k: 0 for k in ("store", "load", "flush", "done", "present", "nostore", "evict", "delayed")}
-    preempted = 0
-    for ev in events:
-        if ev["kind"] != "step":
-            continue
-        preempted += len(ev.get("preempted", ()))
-        for k in c:
-            c[k] += len((ev.get("kv") or {}).get(k, ()))
-    c["preempted"] = preempted
-    return c
-
 
 # ---- generated cases ---------------------------------------------------------------------------
 
@@ -250,7 +131,7 @@ class Case:
 def gen_case(seed: int, *, faults: bool = True) -> Case:
     """A small random case: few GPU blocks (preemption storms), a small CPU pool (evictions,
     nostore), shared prefixes and repeats (CPU hits, loads, delayed lookups), slow transfers."""
-    from .real_offload import OffloadSchedConfig  # a plain dataclass; importing it does not import vLLM
+    from ..drivers.real_offload import OffloadSchedConfig  # a plain dataclass; importing it does not import vLLM
     rng = random.Random(seed)
     bs = rng.choice([4, 8, 16])
     bpc = rng.choice([1, 1, 2])
@@ -314,7 +195,7 @@ def scenario(name: str) -> Case:
       step, where every tracked request is finished, flushes all jobs and the engine stops;
       0.24+: no flush, the engine keeps stepping (has_pending_push_work) until the store completes.
     """
-    from .real_offload import OffloadSchedConfig
+    from ..drivers.real_offload import OffloadSchedConfig
     if name == "preemption":
         sched = OffloadSchedConfig(block_size=4, num_gpu_blocks=12, max_num_batched_tokens=64)
         specs = [RequestSpec("r0", 0.0, 16, 16), RequestSpec("r1", 0.0, 16, 16)]
@@ -336,8 +217,8 @@ SCENARIOS = ("preemption", "fence", "last_step")
 
 def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None):
     """The pure simulator: the simulated Scheduler (prefix caching) with the offloading hooks."""
-    from ..models.offload_scheduler import OffloadScheduler
-    from ..models.scheduler import SchedulerConfig
+    from ...models.offload_scheduler import OffloadScheduler
+    from ...models.scheduler import SchedulerConfig
     s = case.sched
     cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                           block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
@@ -351,7 +232,7 @@ def run_case(case: Case, connector: str, *, policy: str | None = None, mutant: s
     simulated Scheduler + model, no vLLM), the last two under `policy`/`mutant`."""
     if connector == "puresim":
         return run_offload(sim_core(case, policy=policy, mutant=mutant), case.specs, plan=case.plan)
-    from .real_offload import RealOffloadCore
+    from ..drivers.real_offload import RealOffloadCore
     kw = dict(policy=policy, mutant=mutant) if connector == "sim" else {}
     core = RealOffloadCore(case.sched, case.offload, connector=connector, plan=case.plan, **kw)
     return run_offload(core, case.specs, plan=case.plan)
@@ -371,7 +252,7 @@ def check_case(case: Case, *, policy: str | None = None, mutant: str | None = No
 def replay_command(seed: int, policy: str | None = None, mutant: str | None = None, side: str = "sim") -> str:
     extra = (f" --policy {policy}" if policy else "") + (f" --mutant {mutant}" if mutant else "")
     extra += f" --side {side}" if side != "sim" else ""
-    return f"PYTHONPATH=src python -m vllm_faultsim.harness.offload_check --seed {seed}{extra}"
+    return f"PYTHONPATH=src python -m vllm_faultsim.harness.runs.offload --seed {seed}{extra}"
 
 
 def main(argv=None) -> int:

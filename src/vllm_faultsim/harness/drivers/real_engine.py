@@ -40,8 +40,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from ..models.step import Finished, StepResult
-from .workload import RequestSpec, prompt_token_ids, spec_to_dict
+from ...models.step import Finished, StepResult
+from ..workload import RequestSpec, prompt_token_ids, spec_to_dict
 
 MODULE = __name__
 SCHEDULER_CLS = f"{MODULE}.RecordingScheduler"
@@ -410,7 +410,7 @@ def _build_dry_run_executor():
     from vllm.v1.kv_cache_interface import FullAttentionSpec
     from vllm.v1.outputs import ModelRunnerOutput
 
-    from ..models.step import sampled_token
+    from ...models.step import sampled_token
 
     class DryRunExecutor(Executor):
         """A deterministic model runner in place of the GPU worker (``distributed_executor_backend``):
@@ -627,7 +627,7 @@ class RealEngineCore:
 
 def run_virtual(llm, cfg, plan, specs, *, prefetch=None, trace_path=None, side: str = "gpu"):
     """The real engine through the simulator's engine loop: (RunResult, RealEngineCore)."""
-    from .simulate import run_engine
+    from ..runs.simulate import run_engine
     core = RealEngineCore(llm, prefetch=prefetch)
     result = run_engine(core, specs, cfg, plan, side=side, trace_path=trace_path, prefetch=prefetch)
     return result, core
@@ -873,7 +873,7 @@ def kill_trials_parallel(engine_kwargs: dict, specs: list[RequestSpec], trials: 
                          workers: int = 4, workdir: str | Path, hang_timeout: float = 30.0,
                          timeout: float = 540.0) -> list[dict]:
     """Run ``trials`` ([(signal, kill_at)]) in ``workers`` processes, each its own client of
-    one engine at a time (``python -m vllm_faultsim.harness.real_engine kill``); results as dicts
+    one engine at a time (``python -m vllm_faultsim.harness.drivers.real_engine kill``); results as dicts
     (KillResult fields, plus ``error`` for a trial that could not run)."""
     import subprocess
     import sys
@@ -913,7 +913,7 @@ def kill_trials_parallel(engine_kwargs: dict, specs: list[RequestSpec], trials: 
 def _kill_main(job_path: str, results_path: str) -> int:
     from dataclasses import asdict
 
-    from .workload import spec_from_dict
+    from ..workload import spec_from_dict
     job = json.loads(Path(job_path).read_text())
     specs = [spec_from_dict(d, f"r{i}") for i, d in enumerate(job["specs"])]
     for sig, at in job["trials"]:
@@ -928,7 +928,7 @@ def _kill_main(job_path: str, results_path: str) -> int:
 
 
 def percentiles(values, qs=(50, 90, 99)) -> dict[str, float]:
-    from .metrics import percentile
+    from ..metrics import percentile
     return {f"p{q}": percentile(list(values), q) for q in qs}
 
 
@@ -946,9 +946,9 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 
-if __name__ == "__main__":  # python -m vllm_faultsim.harness.real_engine kill JOB.json RESULTS.jsonl
+if __name__ == "__main__":  # python -m vllm_faultsim.harness.drivers.real_engine kill JOB.json RESULTS.jsonl
     import sys
     if len(sys.argv) == 4 and sys.argv[1] == "kill":
         sys.exit(_kill_main(sys.argv[2], sys.argv[3]))
-    print("usage: python -m vllm_faultsim.harness.real_engine kill JOB.json RESULTS.jsonl", file=sys.stderr)
+    print("usage: python -m vllm_faultsim.harness.drivers.real_engine kill JOB.json RESULTS.jsonl", file=sys.stderr)
     sys.exit(2)

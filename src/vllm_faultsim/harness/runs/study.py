@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from ..faults.plan import PlanError, validate_plan
+from ...faults.plan import validate_plan
 from .simulate import ConfigError, config_from_dict, simulate
 
 COLUMNS = ("throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "preemptions", "failed")
@@ -65,7 +65,7 @@ def points(spec: dict):
 
 
 def run_study(spec: dict, out_dir: Path, progress: bool = True) -> list[dict]:
-    from .progress import progress_bar
+    from ..progress import progress_bar
 
     pts = points(spec)
     rows = []

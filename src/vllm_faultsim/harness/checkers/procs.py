@@ -22,7 +22,7 @@ Times are not compared case by case; detection latencies are pooled and compared
 distributions (:func:`compare_latency`). The fault matrix (:func:`matrix_cases`) is the set of
 cases ``signal x phase x rank`` on :func:`matrix_scenario`.
 
-Offline: ``python -m vllm_faultsim.harness.check_procs SIM.jsonl REAL.jsonl``.
+Offline: ``python -m vllm_faultsim.harness.checkers.procs SIM.jsonl REAL.jsonl``.
 """
 
 from __future__ import annotations
@@ -31,61 +31,15 @@ import argparse
 import math
 import statistics
 import sys
-from dataclasses import dataclass
 from typing import Iterable
 
-from ..faults.plan import PHASES, SIGNALS, FaultPlan, validate_plan
-from ..models.engine_procs import LatencyModel, ProcScenario
-from ..models.shutdown_drain import ConnectorOp
-from .trace import read_trace
+from ...models.engine_procs import LatencyModel
+from ..trace import read_trace
 
 MATRIX_PHASES = ("idle", "mid_step", "shutdown")
 LATENCY_TOLERANCE = 0.25  # model p50 within +-25% of the measured p50
 NAMING_ALPHA = 1e-3       # reject a code-0 naming rate the real namings make this unlikely
 RACE = "race: exit code 0"  # a code-0 exit named or not, depending on the reap (see engine_procs)
-
-
-def matrix_scenario(dp_size: int = 2) -> ProcScenario:
-    """The matrix's scenario: every rank steps in [0.2, 0.6) (faults at 0.45: mid-step at 0.45,
-    idle at 0.63); each rank has one operation per connector and role pending over the fault
-    (KV ones end 0.15 s before EC ones, ranks 0.3 s apart, so an EC connector whose shutdown is
-    skipped loses them), and another set pending over the end-of-run stop at 1.7 s (KV ends at
-    1.75, drained before a shutdown-phase fault at ~1.8; EC at 1.9, lost to it). Every boundary
-    is >= 40 ms from the next event, well above this driver's jitter."""
-    ops = []
-    for r in range(dp_size):
-        for conn in ("kv", "ec"):
-            extra = 0.15 if conn == "ec" else 0.0
-            for role in ("worker", "scheduler"):
-                ops.append(ConnectorOp(r, conn, role, f"a{r}.{role}.{conn}", 0.25, 0.55 + 0.3 * r + extra))
-                ops.append(ConnectorOp(r, conn, role, f"b{r}.{role}.{conn}", 1.5, 0.25 + extra))
-    return ProcScenario(dp_size=dp_size, step=0.1, busy=((0.2, 0.6),) * dp_size, ops=tuple(ops),
-                        duration=1.7, probe_at=1.45, stop_timeout=5.0, margin=0.03, shutdown_delay=0.1)
-
-
-@dataclass(frozen=True)
-class Case:
-    signal: str
-    phase: str
-    rank: int
-    at: float = 0.45
-
-    @property
-    def name(self) -> str:
-        return f"{self.signal}-{self.phase}-rank{self.rank}"
-
-    def plan(self) -> FaultPlan:
-        return validate_plan([{"kind": "kill_engine", "at": self.at, "rank": self.rank,
-                               "signal": self.signal, "phase": self.phase}], self.name)
-
-
-def matrix_cases(dp_size: int = 2, signals: Iterable[str] = SIGNALS, phases: Iterable[str] = MATRIX_PHASES,
-                 ranks: Iterable[int] | None = None) -> list[Case]:
-    ranks = range(dp_size) if ranks is None else ranks
-    for p in phases:
-        if p not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {p!r}")
-    return [Case(s, p, r) for s in signals for p in phases for r in ranks]
 
 
 def _proc(events: list[dict], name: str) -> list[dict]:
@@ -200,14 +154,8 @@ def compare_latency(model: LatencyModel, backend: str, measured: list[tuple[str,
     return out
 
 
-def replay_command(case: Case, policy: str, seed: int, backend: str = "mp") -> str:
-    return (f"vllm-faultsim procs --signal {case.signal} "
-            f"--phase {case.phase} --rank {case.rank} --at {case.at} --policy {policy} --seed {seed} "
-            f"--backend {backend}")
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m vllm_faultsim.harness.check_procs",
+    ap = argparse.ArgumentParser(prog="python -m vllm_faultsim.harness.checkers.procs",
                                  description="Compare a simulator trace with a real one (engine processes).")
     ap.add_argument("sim")
     ap.add_argument("real")

@@ -33,7 +33,7 @@ The fault plan's ``kill_engine`` faults are applied here (the nemesis): SIGKILL 
 real signals sent by the driver, ``stop`` is the real ``MPClient.shutdown(timeout)``; ``exit1``
 (a fatal error raised in the busy loop) and ``exit0`` (an unexpected ``SystemExit``) are raised
 by the process itself at the resolved time. Times are the shared CLOCK_MONOTONIC minus the run's
-start. The run records a history; :mod:`harness.check_procs` judges it.
+start. The run records a history; :mod:`harness.checkers.procs` judges it.
 """
 
 from __future__ import annotations
@@ -55,9 +55,8 @@ import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 from unittest import mock
 
 import psutil
@@ -86,19 +85,16 @@ from vllm.v1.serial_utils import MsgpackEncoder
 from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.worker.gpu_worker import Worker
 
-from ..faults.plan import SIGNALS, Fault, FaultPlan
-from ..models.engine_procs import (MUTANTS, POLICIES, RAY_WAIT_TIMEOUT, LatencyModel, ProcScenario, check_faults, proc_name,
-                                   resolve_fault_time, simulate, summarize)
-from ..models.shutdown_drain import ConnectorOp
-from . import model_dirs, scratch
-from .check_procs import (MATRIX_PHASES, Case, code0_naming, compare, compare_code0_naming, compare_latency,
-                          latencies, matrix_cases, matrix_scenario, replay_command)
-from .trace import header, write_jsonl
-from .trace import t as tr
+from ...faults.plan import Fault, FaultPlan
+from ...models.engine_procs import (POLICIES, RAY_WAIT_TIMEOUT, ProcScenario, check_faults, proc_name,
+                                   resolve_fault_time, summarize)
+from ...models.shutdown_drain import ConnectorOp
+from . import model_dirs
+from . import scratch
+from ..trace import header, write_jsonl
+from ..trace import t as tr
 
 MONITOR_THREAD = "MPClientEngineMonitor"  # the thread name start_engine_core_monitor gives
-SLIP_LIMIT = 0.03   # a real run more than this late against its schedule is run again ...
-MAX_ATTEMPTS = 3    # ... up to this many times
 
 
 # --- connectors with real pending operations ----------------------------------------------------
@@ -1068,176 +1064,3 @@ def _ray_exits(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> dict[
             t, cause = ready["t"], "exit"
         out[r] = (t, {"outcome": outcome}, cause)
     return out
-
-
-# --- the fault matrix ---------------------------------------------------------------------------
-
-@dataclass
-class CaseResult:
-    case: Case
-    seconds: float
-    divergences: list[str]
-    real: list[dict]
-    sim: list[dict]
-
-
-@dataclass
-class MatrixReport:
-    backend: str
-    policy: str
-    seed: int
-    cases: list[CaseResult]
-    mutants: dict[str, list[str]]   # mutant policy -> the cases (or aggregate checks) that catch it
-    latency: dict                   # check_procs.compare_latency
-    code0_naming: dict              # check_procs.compare_code0_naming, the policy against the real runs
-    seconds: float
-
-    @property
-    def classified_identically(self) -> bool:
-        return all(not c.divergences for c in self.cases) and self.code0_naming["ok"]
-
-    def summary(self) -> str:
-        lines = [f"fault matrix ({self.backend}, sim policy {self.policy}, seed {self.seed}): "
-                 f"{len(self.cases)} cases in {self.seconds:.1f} s, "
-                 f"{sum(1 for c in self.cases if not c.divergences)} classified identically"]
-        c0 = self.code0_naming
-        if c0["n"]:
-            lines.append(f"  clean exits (code 0) named as failed: real {c0['named']}/{c0['n']}, model rate "
-                         f"{c0['model_rate']:.2f} (p={c0['p_value']:.3g}) {'ok' if c0['ok'] else 'INCONSISTENT'}")
-        for name, caught in self.mutants.items():
-            lines.append(f"  {name}: {'caught in ' + str(len(caught)) + ' case(s)' if caught else 'NOT caught'}")
-        for cause, v in self.latency.items():
-            lines.append(f"  detection latency ({cause}, n={v['n']}): measured p50 {v['measured_p50'] * 1e3:.1f} ms "
-                         f"p90 {v['measured_p90'] * 1e3:.1f} ms p99 {v['measured_p99'] * 1e3:.1f} ms; "
-                         f"model p50 {v['model_p50'] * 1e3:.1f} ms ({v['ratio']:.2f}x) {'ok' if v['ok'] else 'OUT OF +-25%'}")
-        return "\n".join(lines)
-
-
-EXTRA_EXIT0 = 16  # at most this many extra clean exits when every one in the matrix was named
-
-
-def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
-                     phases: Iterable[str] = MATRIX_PHASES, ranks: Iterable[int] | None = None,
-                     backend: str = "mp", policy: str | None = None, seed: int = 0,
-                     mutants: Iterable[str] | None = None, out_dir: str | Path | None = None,
-                     profile: str | Path | None = None, log: Callable[[str], None] = print) -> MatrixReport:
-    """Run ``signal x phase x rank`` for real and in the simulator, compare each pair, check that
-    every mutant policy is caught, and compare detection latencies with the model's.
-
-    ``backend`` ``mp`` (CoreEngineProcManager) or ``ray`` (CoreEngineActorManager, inside
-    :func:`ray_cluster`); ``policy`` defaults to ``mp-0.26`` / ``ray-actor``; ``mutants``
-    defaults to every ``mutant:`` policy for ``mp`` and none for ``ray``; ``out_dir`` keeps both
-    traces of every case (``<case>.real.jsonl`` / ``<case>.sim.jsonl``) for offline re-checks;
-    ``profile`` is the liveness profile (default: the packaged one). The first divergence is
-    logged with the command that replays it. For ``ray`` a local cluster is started (and torn
-    down) unless one is already up.
-    """
-    if backend == "ray":
-        import ray
-        if not ray.is_initialized():
-            with ray_cluster():
-                return run_fault_matrix(dp_size=dp_size, signals=signals, phases=phases, ranks=ranks,
-                                        backend=backend, policy=policy, seed=seed, mutants=mutants,
-                                        out_dir=out_dir, profile=profile, log=log)
-    policy = policy or ("ray-actor" if backend == "ray" else "mp-0.26")
-    mutants = tuple(MUTANTS if backend == "mp" else ()) if mutants is None else tuple(mutants)
-    sc = replace(matrix_scenario(dp_size), client_rss_mb=client_rss_mb())
-    model = LatencyModel.load(profile)
-    if backend == "mp" and model.fork_teardown_s:
-        model = model.on_host(fork_teardown_s(), sc.client_rss_mb)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    results: list[CaseResult] = []
-    caught: dict[str, list[str]] = {m: [] for m in mutants}
-    measured: list[tuple[str, float]] = []
-    start = time.perf_counter()
-    reported = False
-    for case in matrix_cases(dp_size, signals, phases, ranks):
-        t = time.perf_counter()
-        plan = case.plan()
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            real = run_case(sc, plan, seed=seed, backend=backend,
-                            trace_path=out / f"{case.name}.real.jsonl" if out is not None else None)
-            slip = real[-1]["max_slip"]
-            if slip <= SLIP_LIMIT:
-                break
-            log(f"{case.name}: the run slipped {slip * 1e3:.0f} ms behind its schedule (machine stalled); "
-                f"{'running it again' if attempt < MAX_ATTEMPTS else 'giving up on a valid run'}")
-        sim = simulate(sc, plan, policy, seed=seed, latency=model,
-                       trace_path=out / f"{case.name}.sim.jsonl" if out is not None else None)
-        diffs = compare(sim, real)
-        for m in mutants:
-            if compare(simulate(sc, plan, m, seed=seed, latency=model), real):
-                caught[m].append(case.name)
-        measured += latencies(real)
-        res = CaseResult(case, time.perf_counter() - t, diffs, real, sim)
-        results.append(res)
-        log(f"{case.name:28s} {res.seconds:5.2f} s  {'ok' if not diffs else 'DIVERGES'}")
-        if diffs and not reported:
-            reported = True
-            for d in diffs:
-                log(f"    {d}")
-            log(f"    replay: {replay_command(case, policy, seed, backend)}")
-            if out is not None:
-                log(f"    re-check offline: python -m vllm_faultsim.harness.check_procs "
-                    f"{out / f'{case.name}.sim.jsonl'} {out / f'{case.name}.real.jsonl'}")
-    real_named = code0_naming(r.real for r in results)
-    # every clean exit named so far cannot tell 0.26.0's reap race from a policy that always names
-    # it: more clean exits (mid-step, ranks alternating), until one is not named or EXTRA_EXIT0 ran
-    extra = 0
-    while real_named and all(real_named) and extra < EXTRA_EXIT0:
-        case = Case("exit0", "mid_step", extra % dp_size, 0.45)
-        real_named += code0_naming([run_case(sc, case.plan(), seed=seed, backend=backend)])
-        extra += 1
-    if extra:
-        log(f"clean exits: {extra} more run(s) to tell the reap race from always naming them")
-    sim_rate = POLICIES[policy].code0_naming_rate(model.exit0_unreaped)
-    for m in mutants:
-        rate = POLICIES[m].code0_naming_rate(model.exit0_unreaped)
-        if real_named and rate != sim_rate and not compare_code0_naming(real_named, rate)["ok"]:
-            caught[m].append("code-0 naming rate")
-    report = MatrixReport(backend, policy, seed, results, caught, compare_latency(model, backend, measured, sc.client_rss_mb),
-                          compare_code0_naming(real_named, sim_rate), time.perf_counter() - start)
-    log(report.summary())
-    return report
-
-
-def add_arguments(ap) -> None:
-    ap.add_argument("--signal", choices=SIGNALS, help="one case (default: the whole matrix)")
-    ap.add_argument("--phase", choices=MATRIX_PHASES + ("any",), default="mid_step")
-    ap.add_argument("--rank", type=int, default=0)
-    ap.add_argument("--at", type=float, default=0.45)
-    ap.add_argument("--dp-size", type=int, default=2)
-    ap.add_argument("--backend", choices=("mp", "ray"), default="mp")
-    ap.add_argument("--policy", default=None, help=f"sim policy ({', '.join(POLICIES)})")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="keep the traces in this folder")
-
-
-def main(args) -> int:
-    with ray_cluster() if args.backend == "ray" else contextlib.nullcontext():
-        if args.signal is None:
-            report = run_fault_matrix(dp_size=args.dp_size, backend=args.backend, policy=args.policy,
-                                      seed=args.seed, out_dir=args.out)
-            return 0 if report.classified_identically and all(report.mutants.values()) else 1
-        case = Case(args.signal, args.phase, args.rank, args.at)
-        policy = args.policy or ("ray-actor" if args.backend == "ray" else "mp-0.26")
-        sc = replace(matrix_scenario(args.dp_size), client_rss_mb=client_rss_mb())
-        out = Path(args.out) if args.out else None
-        if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-        real = run_case(sc, case.plan(), seed=args.seed, backend=args.backend,
-                        trace_path=out / f"{case.name}.real.jsonl" if out else None)
-        sim = simulate(sc, case.plan(), policy, seed=args.seed,
-                       trace_path=out / f"{case.name}.sim.jsonl" if out else None)
-    diffs = compare(sim, real)
-    for d in diffs:
-        print(d)
-    print(f"{case.name}: " + ("identical classification" if not diffs else f"{len(diffs)} divergence(s)"))
-    return 1 if diffs else 0
-
-
-if __name__ == "__main__":  # python -m vllm_faultsim.harness.real_procs ... = vllm-faultsim procs ...
-    from .cli import main as cli_main
-    sys.exit(cli_main(["procs", *sys.argv[1:]]))

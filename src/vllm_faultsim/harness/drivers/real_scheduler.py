@@ -18,12 +18,12 @@ import functools
 import itertools
 from typing import NamedTuple
 
-from .workload import RequestSpec, prompt_token_ids
-from ..models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
+from ..workload import RequestSpec, prompt_token_ids
+from ...models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
 from . import model_dirs
 
 EC_CONNECTOR = "FaultsimECConnector"
-EC_CONNECTOR_MODULE = "vllm_faultsim.harness.real_ec_connector"
+EC_CONNECTOR_MODULE = "vllm_faultsim.harness.drivers.real_ec_connector"
 
 
 class _Key(NamedTuple):

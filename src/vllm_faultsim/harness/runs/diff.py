@@ -11,12 +11,12 @@ import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..faults.plan import FaultPlan, validate_plan
-from ..models.ec_connector import ECConnector, PrefetchSchedule
-from ..models.scheduler import Scheduler, SchedulerConfig
-from .checker import Divergence, first_divergence
+from ...faults.plan import FaultPlan, validate_plan
+from ...models.ec_connector import ECConnector, PrefetchSchedule
+from ...models.scheduler import Scheduler, SchedulerConfig
+from ..checkers.divergence import Divergence, first_divergence
 from .simulate import RunConfig, run_engine
-from .workload import spec_from_dict, spec_to_dict, validate
+from ..workload import spec_from_dict, spec_to_dict, validate
 
 # mutant name -> (scheduler mutant, EC policy) applied to the simulator side
 MUTANTS: dict[str, tuple[str | None, str]] = {
@@ -54,7 +54,7 @@ def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]
     if side == "sim":
         core = Scheduler(replace(case.scheduler, mutant=sched_mutant), ECConnector(prefetch, ec_policy))
     else:
-        from .real_scheduler import RealSchedulerCore
+        from ..drivers.real_scheduler import RealSchedulerCore
         core = RealSchedulerCore(case.scheduler, ec=prefetch)
     return run_engine(core, case.specs, cfg, case.plan, side=side, prefetch=prefetch).events
 
@@ -88,7 +88,7 @@ def search(examples: int, seed: int, *, mutant: str | None = None, mm: bool = Tr
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hseed
 
-    from .strategies import fault_plans, scheduler_configs, workloads
+    from ..strategies import fault_plans, scheduler_configs, workloads
 
     count = 0
 

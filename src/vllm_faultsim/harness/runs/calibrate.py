@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import real_engine as RE
+from ..drivers import real_engine as RE
 
 # A Llama-3-8B-shaped config (dummy weights: for timing only).
 LLAMA3_8B_SHAPE = {
@@ -49,7 +49,7 @@ GRIDS = {
 
 def model_dir(name: str, cache_dir: str | Path | None = None) -> Path:
     """The folder of a named model (or a path given as is)."""
-    from . import model_dirs
+    from ..drivers import model_dirs
     if name == "tiny-llama":
         return model_dirs.tiny_llama(cache_dir)
     if name == "llama3-8b-shape":
@@ -79,7 +79,7 @@ def engine_settings(args) -> dict:
 
 
 def scheduler_config(settings: dict):
-    from ..models.scheduler import SchedulerConfig
+    from ...models.scheduler import SchedulerConfig
     return SchedulerConfig(max_num_seqs=settings["max_num_seqs"],
                            max_num_batched_tokens=settings["max_num_batched_tokens"],
                            block_size=settings["block_size"], num_gpu_blocks=settings["num_gpu_blocks"],
@@ -122,7 +122,7 @@ def measure_grid(llm, grid: dict, *, max_num_seqs: int, max_model_len: int, kv_t
     """Rows (prefill tokens, decode requests, context tokens, wall seconds) over the grid."""
     from vllm import SamplingParams
 
-    from .workload import RequestSpec, prompt_token_ids
+    from ..workload import RequestSpec, prompt_token_ids
     engine, sched = llm.llm_engine, RE.scheduler_of(llm)
     sched.faultsim_keep = False
     rows: list[tuple] = []
@@ -247,7 +247,7 @@ def measure_trace(llm, specs) -> list[tuple]:
 
 
 def heldout_workload(model: str, seed: int, num_requests: int | None = None):
-    from .workload import poisson
+    from ..workload import poisson
     if model == "llama3-8b-shape":
         return poisson(6.0, num_requests=num_requests or 80, prompt={"uniform": [64, 1024]},
                        output={"uniform": [16, 160]}, seed=seed)
@@ -258,8 +258,8 @@ def heldout_workload(model: str, seed: int, num_requests: int | None = None):
 def fidelity(llm, profile_path: str | Path, settings: dict, specs, *, seed: int,
              steps_out: str | Path | None = None) -> dict:
     """Serve `specs` in real time and simulate them with the profile; latency errors."""
-    from ..faults.plan import FaultPlan
-    from .metrics import percentile
+    from ...faults.plan import FaultPlan
+    from ..metrics import percentile
     from .simulate import RunConfig, simulate
 
     real = RE.run_wall_clock(llm, specs)
@@ -396,6 +396,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m vllm_faultsim.harness.calibrate ... = vllm-faultsim calibrate ...
-    from .cli import main as cli_main
+if __name__ == "__main__":  # python -m vllm_faultsim.harness.runs.calibrate ... = vllm-faultsim calibrate ...
+    from ..cli import main as cli_main
     sys.exit(cli_main(["calibrate", *sys.argv[1:]]))

@@ -14,19 +14,19 @@ import random
 
 import simpy
 
-from ..faults.plan import FaultPlan
-from ..models import eplb as eplb_model
-from ..models import kv_offload as ko
-from ..models.ec_connector import ECConnector, PrefetchSchedule
-from ..models.engine import CAUSES, EngineCore
-from ..models.engine_procs import LatencyModel
-from ..models.offload_scheduler import OffloadScheduler
-from ..models.scheduler import Scheduler, SchedulerConfig
-from ..models.step_time import load_profile
-from . import workload as wl
-from .invariants import Invariants, InvariantViolation
-from .metrics import summarize
-from .trace import Trace, header
+from ...faults.plan import FaultPlan
+from ...models import eplb as eplb_model
+from ...models import kv_offload as ko
+from ...models.ec_connector import ECConnector, PrefetchSchedule
+from ...models.engine import CAUSES, EngineCore
+from ...models.engine_procs import LatencyModel
+from ...models.offload_scheduler import OffloadScheduler
+from ...models.scheduler import Scheduler, SchedulerConfig
+from ...models.step_time import load_profile
+from .. import workload as wl
+from ..invariants import Invariants, InvariantViolation
+from ..metrics import summarize
+from ..trace import Trace, header
 
 WORKLOAD_KINDS = ("poisson", "bursty", "jsonl")
 

@@ -1,0 +1,196 @@
+"""The EPLB check's runs: the model run like a real run, the link calibrated, the whole check (CPU diff tier and GPU tier)."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import replace
+
+from ...models import eplb as me
+from ..checkers.eplb import Tolerance, _cycles, _rank_events, compare, real_events
+
+# ---- the model for a real run; calibration -----------------------------------------------------
+
+def model_config(result: dict, link: me.EplbLink, *, step_sync: float = 0.0) -> me.EplbConfig:
+    c = result["config"]
+    sh = c["shape"]
+    return me.EplbConfig(layers=sh["layers"], logical_experts=sh["logical"], redundant_experts=sh["redundant"],
+                         ep_size=c["world"], expert_bytes=sh["expert_bytes"], step_interval=c["step_interval"],
+                         link=link, step_sync=step_sync, publish_bandwidth=1e18, contention=0.0)
+
+
+def replay_policy(result: dict):
+    """The model's placement: the maps the real worker published, rearrangement by rearrangement."""
+    rows = [e["new_map"] for e in _rank_events(result["ranks"][0], "publish")]
+    layers = result["config"]["shape"]["layers"]
+
+    def policy(cycle: int, old: list[list[int]]) -> list[list[int]]:
+        got = rows[cycle * layers:(cycle + 1) * layers]
+        return got + old[len(got):]
+    return policy
+
+
+def forward_s(result: dict) -> float:
+    return statistics.median(e["forward_end"] - e["t"] for e in _rank_events(result["ranks"][0], "step"))
+
+
+def simulate_like(result: dict, link: me.EplbLink, *, step_sync: float, mutant: str | None = None,
+                  plan=None) -> list[dict]:
+    """The model run the way the real driver ran: same shape, maps, interval, forward, faults."""
+    c = result["config"]
+    cfg = replace(model_config(result, link, step_sync=step_sync), mutant=mutant)
+    if plan is None and c["slow_link"] != 1.0:
+        from ...faults.plan import validate_plan
+        plan = validate_plan([{"kind": "slow_link", "start": 0, "end": 1e9, "factor": c["slow_link"]}])
+    return me.simulate_main_loop(cfg, replay_policy(result), forward_s=forward_s(result), cycles=c["cycles"],
+                                 extra_steps=c["extra_steps"], plan=plan)
+
+
+def _moved(ev: dict, expert_bytes: int) -> int:
+    return max(s + r for s, r in zip(ev["sent"], ev["recv"])) * expert_bytes
+
+
+def calibrate(results: list[dict]) -> tuple[me.EplbLink, float]:
+    """Fit the link (and the per-step all_reduce) to real runs of one host and backend:
+    ``latency`` + ``bandwidth`` by least squares of transfer time on moved bytes (each worker's
+    first transfer left out), ``setup`` the median excess of those first transfers, ``gap`` the median consume ->
+    next transfer start, ``rebalance`` the median rearrange -> first transfer start less ``gap``,
+    ``step_sync`` the median ``EplbState.step()`` time of steps that consumed nothing."""
+    pts, firsts, gaps, rebal, syncs = [], [], [], [], []
+    for res in results:
+        eb = res["config"]["shape"]["expert_bytes"]
+        ev = real_events(res)
+        trs = [e for e in ev if e["event"] == "transfer"]
+        for i, tr in enumerate(trs):
+            (firsts if i == 0 else pts).append((_moved(tr, eb), tr["dur"]))
+        for cyc in _cycles(ev, 0):
+            gaps += [tr["t"] - c["t"] for tr, c in zip(cyc["transfer"][1:], cyc["consume"])]
+        for e in ev:
+            if e["event"] == "rearrange":
+                nxt = next((x for x in ev if x["event"] == "transfer" and x["t"] > e["t"]), None)
+                if nxt:
+                    rebal.append(nxt["t"] - e["t"])
+        consumed = {c["step"] for c in ev if c["event"] == "consume"}
+        syncs += [s["end"] - s["forward_end"] for s in _rank_events(res["ranks"][0], "step") if s["step"] not in consumed]
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    slope = max(slope, 1e-15)
+    latency = max(0.0, my - slope * mx)
+    gap = statistics.median(gaps)
+    link = me.EplbLink(latency=latency, bandwidth=1.0 / slope, gap=gap,
+                       rebalance=max(0.0, statistics.median(rebal) - gap),
+                       setup=max(0.0, statistics.median(y - latency - slope * x for x, y in firsts)))
+    return link, statistics.median(syncs)
+
+
+# ---- the whole check (CPU diff tier and GPU tier) --------------------------------------------------
+
+def death_outcome(result: dict) -> dict:
+    """What the survivors of a rank death did (from their own records): error, where, when."""
+    death = result["death"]
+    out: dict = {"died": death, "exit_codes": result["exit_codes"], "survivors": []}
+    for r in result["ranks"]:
+        if r is None:
+            continue
+        t_death = death["t"] - r["t0"] if death else None
+        errs = [{"thread": e["kind"].split("_")[0], "step": e.get("step"), "error": e["error"],
+                 "after_death_ms": round(1e3 * (e["t"] - t_death), 1) if t_death is not None else None}
+                for e in r["events"] if e["kind"] in ("main_error", "worker_error")]
+        out["survivors"].append({"rank": r["rank"], "errors": errs, "worker_alive": r.get("worker_alive")})
+    return out
+
+
+def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float, tol: Tolerance,
+              communicator: str = "torch_gloo", slow_factor: float = 4.0, slow_min_s: float = 0.0,
+              timeout_s: float = 90.0) -> dict:
+    """Two launches of the real driver on ``device``: (1) two calibration shapes and three check
+    shapes, (2) a slow link on a check shape, then a rank death. The slow link divides the
+    calibrated bandwidth by ``slow_factor``, or more, so that a layer moving one expert takes at
+    least ``slow_min_s`` longer (a latency-bound link, as gloo on one CPU host, may calibrate to a
+    near-infinite bandwidth that no factor slows down). Every check run is compared with
+    the model calibrated on the calibration runs, and so are the model's mutants (each must be
+    caught); the death is reported with the model's prediction of the step the engine fails in."""
+    from pathlib import Path
+
+    from ...faults.plan import validate_plan
+    from ..drivers import real_eplb as re
+    out = Path(out_dir)
+    base = dict(device=device, communicator=communicator, forward_s=forward_s, timeout_s=timeout_s)
+    cal = [re.Shape(4, 8, 0, hidden), re.Shape(3, 6, 2, hidden)]
+    shapes = [re.Shape(4, 8, 4, hidden), re.Shape(6, 12, 4, hidden), re.Shape(5, 16, 8, hidden)]
+    first = re.run([re.RealEplbRun(s, **base) for s in cal + shapes], out / "launch1")
+    link, sync = calibrate(first[:2])
+    slow_factor = max(slow_factor, 1.0 + slow_min_s * link.bandwidth / shapes[0].expert_bytes)
+    second = re.run([re.RealEplbRun(shapes[0], slow_link=slow_factor, link_bandwidth=link.bandwidth, **base),
+                     re.RealEplbRun(cal[0], rank_death=(1, 1), **base)], out / "launch2")
+    summary: dict = {"device": device, "communicator": communicator, "hidden": list(hidden), "forward_s": forward_s,
+                     "tolerance": tol.__dict__, "link": link.__dict__, "step_sync": sync, "runs": [], "mutants": []}
+    for res in first[2:] + second[:1]:
+        rep = compare(res, simulate_like(res, link, step_sync=sync), tol)
+        summary["runs"].append({"shape": res["config"]["shape"], "slow_link": res["config"]["slow_link"],
+                                "ok": rep.ok, "errors": rep.errors, "rows": rep.rows})
+        for mutant in me.MUTANTS:
+            m = compare(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol)
+            summary["mutants"].append({"mutant": mutant, "shape": res["config"]["shape"]["layers"],
+                                       "slow_link": res["config"]["slow_link"], "caught": not m.ok,
+                                       "first_error": m.errors[0] if m.errors else None})
+    slow = second[0]
+    m = compare(slow, simulate_like(slow, link, step_sync=sync, plan=validate_plan([])), tol)
+    summary["mutants"].append({"mutant": "slow-link-not-modelled", "caught": not m.ok,
+                               "first_error": m.errors[0] if m.errors else None})
+    death = second[1]
+    plan = validate_plan([{"kind": "eplb_rank_death", "ep_rank": 1, "layer": 1}])
+    predicted = [e for e in simulate_like(death, link, step_sync=sync, plan=plan) if e["event"] == "step_error"]
+    summary["rank_death"] = {**death_outcome(death), "model_step_error": predicted[0]["step"] if predicted else None}
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    """A short text report of :func:`run_check`."""
+    lines = [f"async EPLB, real vLLM worker vs model: device {s['device']}, communicator {s['communicator']}, "
+             f"expert rows {s['hidden']} float32, forward {s['forward_s'] * 1e3:g} ms",
+             f"calibrated link: latency {s['link']['latency'] * 1e3:.3f} ms, bandwidth {s['link']['bandwidth'] / 1e9:.3f} "
+             f"GB/s, setup {s['link']['setup'] * 1e3:.2f} ms, gap {s['link']['gap'] * 1e3:.3f} ms, rebalance "
+             f"{s['link']['rebalance'] * 1e3:.2f} ms, step all_reduce {s['step_sync'] * 1e3:.3f} ms",
+             f"tolerance: per-layer transfer time {s['tolerance']['rel']:.0%} + {s['tolerance']['abs'] * 1e3:g} ms, "
+             f"{s['tolerance']['outliers']} outlier(s) a run",
+             "shape (layers, logical, redundant) | slow | ok | layer: real ms / model ms, real step / model step"]
+    for r in s["runs"]:
+        sh = r["shape"]
+        cells = " ".join(f"{w['layer']}:{w['real_ms']:.1f}/{w['model_ms']:.1f},{w['real_step']}/{w['model_step']}"
+                         for w in r["rows"])
+        lines.append(f"({sh['layers']}, {sh['logical']}, {sh['redundant']}) | {r['slow_link']:g} | {r['ok']} | {cells}")
+        lines += [f"    ERROR {e}" for e in r["errors"]]
+    errs = [abs(w["real_ms"] - w["model_ms"]) / w["model_ms"] for r in s["runs"] for w in r["rows"]
+            if w["model_ms"] and not w["setup"]]
+    if errs:
+        lines.append(f"per-layer transfer time |real - model| / model: median {statistics.median(errs):.1%}, "
+                     f"max {max(errs):.1%} over {len(errs)} layers (each worker's first transfer left out)")
+    for m in s["mutants"]:
+        lines.append(f"mutant {m['mutant']} ({m.get('shape', '')}{', slow' if m.get('slow_link', 1) != 1 else ''}): "
+                     f"{'caught' if m['caught'] else 'NOT CAUGHT'}: {m['first_error']}")
+    d = s["rank_death"]
+    lines.append(f"rank death: {d['died']} exit codes {d['exit_codes']}; model: engine fails in step "
+                 f"{d['model_step_error']}")
+    for sv in d["survivors"]:
+        for e in sv["errors"]:
+            lines.append(f"    survivor rank {sv['rank']} {e['thread']} thread (step {e['step']}): "
+                         f"+{e['after_death_ms']} ms: {e['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(s: dict) -> list[str]:
+    """Why a :func:`run_check` summary fails the acceptance (empty: it passes)."""
+    bad = [f"{r['shape']['layers']} layers, slow {r['slow_link']}: {r['errors'][:3]}" for r in s["runs"] if not r["ok"]]
+    bad += [f"mutant {m['mutant']} not caught" for m in s["mutants"] if not m["caught"]]
+    d = s["rank_death"]
+    if "hung" in d["exit_codes"]:
+        bad.append(f"a survivor hung after the rank death: {d['exit_codes']}")
+    main = [e["step"] for sv in d["survivors"] for e in sv["errors"] if e["thread"] == "main"]
+    if not main:
+        bad.append(f"no survivor's EplbState.step() raised after the rank death: {d['survivors']}")
+    elif d["model_step_error"] is None or abs(main[0] - d["model_step_error"]) > 1:
+        bad.append(f"engine fails in step {main[0]} (real), {d['model_step_error']} (model)")
+    return bad
+

@@ -1,0 +1,177 @@
+"""The vllm-faultsim.recording/1 format: a good recording round-trips (plain and gzip); each kind of
+bad input raises RecordingError with one line naming the file, the line, the field and the value."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+
+import pytest
+
+from vllm_faultsim.harness import recording as R
+
+
+def good() -> R.Recording:
+    header = {
+        "format": R.FORMAT, "model": "llama-3.1-8b", "gpu": "NVIDIA H200", "tensor_parallel_size": 1,
+        "dtype": "bfloat16", "vllm": "0.26.0", "torch": "2.11.0+cu130", "driver": "580.159.04",
+        "device": "1x NVIDIA H200 (143771 MiB), 16 CPUs", "entry_point": "AsyncLLM.from_vllm_config",
+        "workload": {"rate": 2.5, "n": 2, "prompt_tokens": [64, 1024], "output_tokens": [16, 256],
+                     "seed": 7, "load": "light"},
+        "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 8192, "max_model_len": 131072,
+                   "block_size": 16, "enable_prefix_caching": True, "async_scheduling": True,
+                   "enforce_eager": False, "gpu_memory_utilization": 0.9, "num_gpu_blocks": 50000},
+        "extra_key": {"kept": True},
+    }
+    requests = [
+        {"id": "r0", "arrival": 0.0, "prompt_tokens": 100, "output_tokens": 3, "first_token": 0.02, "finish": 0.05},
+        {"id": "r1", "arrival": 0.01, "prompt_tokens": 64, "output_tokens": 1, "first_token": 0.03, "finish": 0.03},
+    ]
+    steps = [  # async: step 1 is scheduled before step 0's output is processed
+        {"i": 5, "num_prefill_requests": 1, "sum_prefill_tokens": 100, "sum_prefill_kv_tokens": 0,
+         "num_decode_requests": 0, "sum_decode_kv_tokens": 0, "total_tokens": 100,
+         "schedule_start": 0.001, "schedule_end": 0.0012, "output_start": 0.019, "output_end": 0.0195,
+         "num_waiting": 0, "num_running": 1},
+        {"i": 6, "num_prefill_requests": 1, "sum_prefill_tokens": 64, "sum_prefill_kv_tokens": 0,
+         "num_decode_requests": 1, "sum_decode_kv_tokens": 100, "total_tokens": 65,
+         "schedule_start": 0.0125, "schedule_end": 0.0127, "output_start": 0.029, "output_end": 0.0293},
+    ]
+    return R.Recording(header=header, requests=requests, steps=steps)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_round_trip(tmp_path, suffix):
+    rec = good()
+    path = R.write(tmp_path / f"run{suffix}", rec)
+    raw = path.read_bytes()
+    assert (raw[:2] == R.GZIP_MAGIC) == suffix.endswith(".gz")
+    back = R.read(path)
+    assert back.header == {"kind": "header", **rec.header}
+    assert [{k: v for k, v in r.items() if k != "kind"} for r in back.requests] == rec.requests
+    assert [{k: v for k, v in s.items() if k != "kind"} for s in back.steps] == rec.steps
+    s = R.summary(back)
+    assert s["n"] == 2 and s["steps"] == 2
+    assert s["ttft_p50"] == pytest.approx(0.02)
+    assert s["tpot_p50"] == pytest.approx(0.015)  # only r0 has more than one token
+    assert s["e2e_p50"] == pytest.approx((0.05 + 0.02) / 2)
+
+
+def test_gzip_detected_by_magic_not_name(tmp_path):
+    plain = R.write(tmp_path / "a.jsonl", good())
+    disguised = tmp_path / "b.jsonl"
+    disguised.write_bytes(gzip.compress(plain.read_bytes()))
+    assert R.read(disguised).header["model"] == "llama-3.1-8b"
+
+
+def test_steps_are_optional_and_times_rounded(tmp_path):
+    rec = good()
+    rec.steps = []
+    rec.requests[0]["finish"] = 0.0500000004
+    back = R.read(R.write(tmp_path / "x.jsonl", rec))
+    assert back.steps == [] and back.requests[0]["finish"] == 0.05
+
+
+def _lines(rec: R.Recording) -> list[dict]:
+    return list(R._objects(rec))
+
+
+def _write_raw(tmp_path, objs, text_override=None) -> str:
+    p = tmp_path / "bad.jsonl"
+    body = text_override if text_override is not None else "".join(json.dumps(o) + "\n" for o in objs)
+    p.write_text(body)
+    return str(p)
+
+
+def _mutate(fn):
+    objs = _lines(good())
+    fn(objs)
+    return objs
+
+
+BAD = {
+    # name: (mutation of the line list, line number, field, value text in the message)
+    "no header": (lambda o: o.pop(0), 1, "kind", '"request"'),
+    "wrong format": (lambda o: o[0].update(format="vllm-faultsim.recording/2"), 1, "format",
+                     '"vllm-faultsim.recording/2"'),
+    "missing model": (lambda o: o[0].pop("model"), 1, "model", "null"),
+    "tp not int": (lambda o: o[0].update(tensor_parallel_size="1"), 1, "tensor_parallel_size", '"1"'),
+    "engine field missing": (lambda o: o[0]["engine"].pop("num_gpu_blocks"), 1, "engine.num_gpu_blocks", "null"),
+    "engine bool ill-typed": (lambda o: o[0]["engine"].update(async_scheduling=1), 1, "engine.async_scheduling", "1"),
+    "workload range": (lambda o: o[0]["workload"].update(prompt_tokens=[1024, 64]), 1, "workload.prompt_tokens",
+                       "[1024, 64]"),
+    "n mismatch": (lambda o: o[0]["workload"].update(n=3), 1, "workload.n", "3"),
+    "request id missing": (lambda o: o[1].pop("id"), 2, "id", "null"),
+    "tokens ill-typed": (lambda o: o[2].update(output_tokens=2.0), 3, "output_tokens", "2.0"),
+    "bool as int": (lambda o: o[2].update(prompt_tokens=True), 3, "prompt_tokens", "true"),
+    "non-finite": (lambda o: o[1].update(finish=float("inf")), 2, "finish", "inf"),
+    "nan": (lambda o: o[1].update(first_token=float("nan")), 2, "first_token", "nan"),
+    "negative": (lambda o: o[1].update(arrival=-0.5), 2, "arrival", "-0.5"),
+    "first token before arrival": (lambda o: o[2].update(first_token=0.005), 3, "first_token", "0.005"),
+    "finish before first token": (lambda o: o[1].update(finish=0.01), 2, "finish", "0.01"),
+    "arrivals out of order": (lambda o: o[2].update(arrival=0.0, first_token=0.03), None, None, None),
+    "duplicate id": (lambda o: o[2].update(id="r0"), 3, "id", '"r0"'),
+    "step field missing": (lambda o: o[3].pop("sum_prefill_kv_tokens"), 4, "sum_prefill_kv_tokens", "null"),
+    "step shape disagrees": (lambda o: o[4].update(total_tokens=64), 5, "total_tokens", "64"),
+    "step times backwards within": (lambda o: o[3].update(output_start=0.001), 4, "output_start", "0.001"),
+    "step scheduled before previous": (lambda o: o[4].update(schedule_start=0.0005), 5, "schedule_start", "0.0005"),
+    "step processed before previous": (lambda o: o[4].update(output_start=0.015, output_end=0.016), 5, "output_end",
+                                       "0.016"),
+    "step index not increasing": (lambda o: o[4].update(i=5), 5, "i", "5"),
+    "request after step": (lambda o: o.append(dict(o[1], id="r9")), 6, "kind", '"request"'),
+    "unknown kind": (lambda o: o[3].update(kind="stepp"), 4, "kind", '"stepp"'),
+    "optional step field ill-typed": (lambda o: o[3].update(num_waiting="3"), 4, "num_waiting", '"3"'),
+}
+BAD["arrivals out of order"] = (lambda o: (o[1].update(arrival=0.02, first_token=0.02), o[2].update(arrival=0.01)),
+                                3, "arrival", "0.01")
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_recordings_fail_with_one_line(tmp_path, case):
+    mutate, line, fld, value = BAD[case]
+    path = _write_raw(tmp_path, _mutate(mutate))
+    with pytest.raises(R.RecordingError) as exc:
+        R.read(path)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{path}: line {line}: {fld}: {value} ("), msg
+    assert isinstance(exc.value, ValueError)
+
+
+@pytest.mark.parametrize("case", ["wrong format", "finish before first token", "step shape disagrees", "n mismatch"])
+def test_writer_refuses_what_the_reader_refuses(tmp_path, case):
+    mutate, line, fld, _ = BAD[case]
+    objs = _mutate(mutate)
+    rec = R.Recording(header=objs[0], requests=[o for o in objs if o["kind"] == "request"],
+                      steps=[o for o in objs if o["kind"] == "step"])
+    out = tmp_path / "w.jsonl.gz"
+    with pytest.raises(R.RecordingError, match=rf"^{out}: line {line}: {fld}: "):
+        R.write(out, rec)
+    assert not out.exists()
+    with pytest.raises(R.RecordingError, match=rf"^mem: line {line}: {fld}: "):
+        R.validate(rec, name="mem")
+
+
+def test_not_json_empty_and_truncated(tmp_path):
+    p = _write_raw(tmp_path, None, text_override=json.dumps(_lines(good())[0]) + "\n{not json\n")
+    with pytest.raises(R.RecordingError, match=r": line 2: <json>: .*not JSON"):
+        R.read(p)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(R.RecordingError, match=r"empty.jsonl: line 1: kind: null \(no header"):
+        R.read(empty)
+    gz = R.write(tmp_path / "t.jsonl.gz", good())
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(gz.read_bytes()[:-12])
+    with pytest.raises(R.RecordingError, match=r"cut.jsonl.gz: line \d+: <file>: .*unreadable"):
+        R.read(cut)
+    with pytest.raises(R.RecordingError, match=r"missing.jsonl: line 0: <file>"):
+        R.read(tmp_path / "missing.jsonl")
+
+
+def test_good_mutation_baseline_is_valid(tmp_path):
+    # the bad cases differ from a recording the reader accepts only by their mutation
+    path = _write_raw(tmp_path, _mutate(lambda o: None))
+    assert R.summary(R.read(path))["n"] == 2
+    rec = copy.deepcopy(good())
+    R.validate(rec)
