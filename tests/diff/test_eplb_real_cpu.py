@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_faultsim.harness.checkers import eplb as ce
+from vllm_faultsim.harness.runs import eplb as re_eplb
 from vllm_faultsim.harness.drivers import real_eplb
 
 TOL = ce.Tolerance(rel=1.0, abs=0.010, step_margin=0.02, outliers=1)
@@ -21,9 +22,9 @@ def test_eplb_real_worker_vs_model_cpu(tmp_path):
     reason = real_eplb.skip_reason("cpu", 2)
     if reason:
         pytest.skip(f"diff tier (EPLB): {reason}")
-    summary = ce.run_check("cpu", tmp_path, hidden=(16384, 32768), forward_s=0.1, tol=TOL, slow_min_s=0.015)
-    print(ce.format_summary(summary))
-    bad = ce.verdict(summary)
+    summary = re_eplb.run_check("cpu", tmp_path, hidden=(16384, 32768), forward_s=0.1, tol=TOL, slow_min_s=0.015)
+    print(re_eplb.format_summary(summary))
+    bad = re_eplb.verdict(summary)
     assert not bad, "\n".join(bad) + (f"\nthe ranks' records: {tmp_path}/launch*; "
                                       "replay: python -m pytest -s tests/diff/test_eplb_real_cpu.py")
     assert len(summary["mutants"]) == 9  # two model mutants on each of 4 runs, and the unmodelled slow link

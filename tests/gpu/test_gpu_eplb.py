@@ -22,6 +22,7 @@ import json
 import pytest
 
 from vllm_faultsim.harness.checkers import eplb as ce
+from vllm_faultsim.harness.runs import eplb as re_eplb
 from vllm_faultsim.harness.drivers import real_eplb
 
 TOL = ce.Tolerance(rel=0.3, abs=0.005, step_margin=0.02)
@@ -33,10 +34,10 @@ def test_gpu_eplb_real_worker_vs_model(results_dir, tmp_path):
     reason = real_eplb.skip_reason("cuda", 2)
     if reason:
         pytest.skip(f"GPU tier (EPLB): {reason}")
-    summary = ce.run_check("cuda", tmp_path, hidden=HIDDEN, forward_s=FORWARD_S, tol=TOL, timeout_s=60)
+    summary = re_eplb.run_check("cuda", tmp_path, hidden=HIDDEN, forward_s=FORWARD_S, tol=TOL, timeout_s=60)
     (results_dir / "eplb.json").write_text(json.dumps(summary, indent=1))
-    (results_dir / "eplb.txt").write_text(ce.format_summary(summary))
-    print(ce.format_summary(summary))
-    bad = ce.verdict(summary)
+    (results_dir / "eplb.txt").write_text(re_eplb.format_summary(summary))
+    print(re_eplb.format_summary(summary))
+    bad = re_eplb.verdict(summary)
     assert not bad, "\n".join(bad) + (f"\nthe ranks' records: {tmp_path}/launch*; replay: NCCL_NVLS_ENABLE=0 "
                                       "python -m pytest -m gpu -s tests/gpu/test_gpu_eplb.py")
