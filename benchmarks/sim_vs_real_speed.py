@@ -65,7 +65,7 @@ class TimedCore:
 
 def build_core(side: str, cfg: RunConfig, specs):
     """(core, prefetch schedule): the simulated core as ``simulate()`` builds it, or the real one."""
-    prefetch = PrefetchSchedule(specs, FaultPlan())
+    prefetch = PrefetchSchedule(specs)
     if side == "sim":
         return Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy)), prefetch
     from vllm_faultsim.harness.drivers.real_scheduler import RealSchedulerCore

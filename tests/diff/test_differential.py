@@ -7,7 +7,8 @@ import pytest
 
 pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]')")
 
-from vllm_faultsim.harness.runs.diff import MUTANTS, DiffCase, check_case, run_side, search  # noqa: E402
+from vllm_faultsim.harness.mutants import SCHEDULER_MUTANTS as MUTANTS  # noqa: E402
+from vllm_faultsim.harness.runs.diff import DiffCase, check_case, run_side, search  # noqa: E402
 from vllm_faultsim.harness.workload import MMItem, RequestSpec  # noqa: E402
 from vllm_faultsim.models.scheduler import SchedulerConfig  # noqa: E402
 

@@ -15,9 +15,9 @@ pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]'
 
 from vllm_faultsim.faults.plan import validate_plan  # noqa: E402
 from vllm_faultsim.harness.drivers import real_procs  # noqa: E402
-from vllm_faultsim.harness.runs.procs import replay_command, run_fault_matrix  # noqa: E402
+from vllm_faultsim.harness.runs.procs import replay_command, run_fault_matrix, simulate_procs  # noqa: E402
 from vllm_faultsim.harness.checkers.procs import classify, compare, compare_latency, latencies  # noqa: E402
-from vllm_faultsim.models.engine_procs import MUTANTS, LatencyModel, ProcScenario, simulate  # noqa: E402
+from vllm_faultsim.models.engine_procs import MUTANTS, LatencyModel, ProcScenario  # noqa: E402
 from vllm_faultsim.models.shutdown_drain import ConnectorOp  # noqa: E402
 
 BUSY = 0.75  # load average per CPU above which latency figures are not comparable
@@ -48,7 +48,7 @@ def test_drain_bounded_by_the_manager_timeout_for_real():
                       duration=7.0, probe_at=6.5)
     plan = validate_plan([{"kind": "kill_engine", "at": 0.45, "rank": 1, "signal": "SIGKILL"}])
     real = real_procs.run_case(sc, plan)
-    sim = simulate(sc, plan)
+    sim = simulate_procs(sc, plan)
     assert not compare(sim, real), (compare(sim, real), "replay: pytest tests/diff/test_procs_diff.py -k drain_bounded")
     c = classify(real)
     assert c["exits"] == {0: -9, 1: -9} and c["ops"]["0.worker.ec"]["lost"] == 1

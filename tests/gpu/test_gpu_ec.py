@@ -22,9 +22,9 @@ from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.drivers import model_dirs
 from vllm_faultsim.harness.drivers import real_engine as RE
 from vllm_faultsim.harness.checkers.divergence import first_divergence
-from vllm_faultsim.harness.runs.simulate import RunConfig, run_engine
+from vllm_faultsim.harness.runs.simulate import RunConfig, prefetch_schedule, run_engine
 from vllm_faultsim.harness.workload import MMConfig, poisson
-from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
+from vllm_faultsim.models.ec_connector import ECConnector
 from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
 
 SCHED = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, block_size=16, num_gpu_blocks=256,
@@ -59,11 +59,11 @@ def test_ec_deferral_matches_simulator_and_shutdown_drains(results_dir, device, 
         scfg = replace(SCHED, encoder_compute_budget=sched.max_num_encoder_input_tokens,
                        encoder_cache_size=sched.encoder_cache_manager.cache_size)
         cfg = RunConfig(scheduler=scfg, seed=5)
-        real, core = RE.run_virtual(llm, cfg, plan, specs, prefetch=PrefetchSchedule(specs, plan),
+        real, core = RE.run_virtual(llm, cfg, plan, specs, prefetch=prefetch_schedule(specs, plan),
                                     trace_path=results_dir / "trace_ec_gpu.jsonl")
     finally:
         RE.shutdown_llm(llm)
-    pre = PrefetchSchedule(specs, plan)
+    pre = prefetch_schedule(specs, plan)
     sim = run_engine(Scheduler(scfg, ECConnector(pre)), specs, cfg, plan, side="sim", prefetch=pre,
                      trace_path=results_dir / "trace_ec_sim.jsonl")
     div = first_divergence(sim.events, real.events, ("sim", "gpu"))

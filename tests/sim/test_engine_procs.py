@@ -12,10 +12,10 @@ import pytest
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, compare,
                                                 compare_code0_naming, compare_latency)
-from vllm_faultsim.harness.runs.procs import Case, matrix_cases, matrix_scenario
+from vllm_faultsim.harness.runs.procs import Case, matrix_cases, matrix_scenario, simulate_procs
 from vllm_faultsim.harness.trace import dumps
 from vllm_faultsim.models.engine_procs import (MUTANTS, POLICIES, LatencyModel, ProcScenario, ScenarioError,
-                                               check_faults, policy_for_vllm, resolve_fault_time, simulate)
+                                               check_faults, policy_for_vllm, resolve_fault_time)
 from vllm_faultsim.models.shutdown_drain import DRAIN_POLICIES, ConnectorOp
 
 
@@ -43,15 +43,15 @@ SC = matrix_scenario()
 
 
 def test_same_seed_same_bytes_and_packaged_profile_loads():
-    a = simulate(SC, kill("exit0"), seed=7)
-    b = simulate(SC, kill("exit0"), seed=7)
+    a = simulate_procs(SC, kill("exit0"), seed=7)
+    b = simulate_procs(SC, kill("exit0"), seed=7)
     assert [dumps(e) for e in a] == [dumps(e) for e in b]
     prof = LatencyModel.load()
     assert prof.quantile("mp", "signal", 0.5) > 0 and 0 <= prof.exit0_unreaped <= 1
 
 
 def test_sigkill_mid_step_is_named_and_everything_shuts_down_with_the_others_drained():
-    ev = simulate(SC, kill("SIGKILL"), latency=latency())
+    ev = simulate_procs(SC, kill("SIGKILL"), latency=latency())
     c = classify(ev)
     assert c["exits"] == {0: 0, 1: -9}
     assert c["detect"] == [{"failed": 1, "failed_name": "EngineCore_DP1", "first_exit": 1}]
@@ -68,16 +68,16 @@ def test_sigkill_mid_step_is_named_and_everything_shuts_down_with_the_others_dra
 
 def test_exit_code_0_shuts_everything_down_and_is_named_only_through_the_reap_race():
     for signal in ("exit0", "SIGTERM"):
-        quiet = classify(simulate(SC, kill(signal), latency=latency(unreaped=0.0)))
+        quiet = classify(simulate_procs(SC, kill(signal), latency=latency(unreaped=0.0)))
         assert quiet["_code0_named"] == [False] and quiet["detect"][0]["failed"] == RACE
         assert quiet["manager_shutdowns"] == ["monitor"] and quiet["exits"] == {0: 0, 1: 0}
-        raced = simulate(SC, kill(signal), latency=latency(unreaped=1.0))
+        raced = simulate_procs(SC, kill(signal), latency=latency(unreaped=1.0))
         assert proc(raced, "detect")[0]["failed_name"] == "EngineCore_DP1"
-        assert not compare(raced, simulate(SC, kill(signal), latency=latency(unreaped=0.0)))
+        assert not compare(raced, simulate_procs(SC, kill(signal), latency=latency(unreaped=0.0)))
 
 
 def test_sigterm_mid_step_finishes_the_step_then_drains_in_shutdown_order():
-    ev = simulate(SC, kill("SIGTERM", rank=0), latency=latency())
+    ev = simulate_procs(SC, kill("SIGTERM", rank=0), latency=latency())
     assert [e["t"] for e in proc(ev, "core_shutdown") if e["rank"] == 0] == [0.5]  # the step ends at 0.5
     assert classify(ev)["shutdown_order"][0] == ["worker.kv", "worker.ec", "scheduler.kv", "scheduler.ec"]
     exit0 = [e for e in proc(ev, "exit") if e["rank"] == 0][0]
@@ -85,13 +85,13 @@ def test_sigterm_mid_step_finishes_the_step_then_drains_in_shutdown_order():
 
 
 def test_idle_sigterm_starts_the_shutdown_at_once():
-    ev = simulate(SC, kill("SIGTERM", rank=0, phase="idle"), latency=latency())
+    ev = simulate_procs(SC, kill("SIGTERM", rank=0, phase="idle"), latency=latency())
     assert [e["t"] for e in proc(ev, "core_shutdown") if e["rank"] == 0] == [pytest.approx(0.63)]
 
 
 def test_signals_during_the_shutdown_cut_the_drain():
     for signal, code in (("SIGKILL", -9), ("SIGTERM", -15), ("exit1", 1), ("exit0", 0)):
-        c = classify(simulate(SC, kill(signal, rank=0, phase="shutdown"), latency=latency()))
+        c = classify(simulate_procs(SC, kill(signal, rank=0, phase="shutdown"), latency=latency()))
         assert c["exits"][0] == code and c["faults"] == [True]
         assert c["ops"]["0.worker.ec"]["lost"] == 1 and c["ops"]["0.worker.kv"]["drain"] == 1
         assert c["ops"]["1.worker.ec"]["drain"] == 1 and c["detect"] == []  # the manager was stopping
@@ -99,7 +99,7 @@ def test_signals_during_the_shutdown_cut_the_drain():
 
 
 def test_client_stop_is_no_failure_and_drains_everything():
-    c = classify(simulate(SC, kill("stop", phase="mid_step"), latency=latency()))
+    c = classify(simulate_procs(SC, kill("stop", phase="mid_step"), latency=latency()))
     assert c["detect"] == [] and c["stops"] == ["fault"] and c["manager_shutdowns"] == ["client"]
     assert c["engine_dead"] == ["client_shutdown"] and c["probe"] == ["request_failed"]
     assert all(v["lost"] == 0 for v in c["ops"].values())
@@ -107,7 +107,7 @@ def test_client_stop_is_no_failure_and_drains_everything():
 
 def test_drain_is_bounded_by_the_managers_timeout():
     long = ProcScenario(ops=(ConnectorOp(0, "ec", "worker", "slow", 0.25, 9.0),), duration=12.0, probe_at=11.0)
-    ev = simulate(long, kill("SIGKILL", rank=1), latency=latency())
+    ev = simulate_procs(long, kill("SIGKILL", rank=1), latency=latency())
     c = classify(ev)
     assert c["exits"] == {0: -9, 1: -9} and c["ops"]["0.worker.ec"]["lost"] == 1
     (d,) = proc(ev, "detect")
@@ -116,8 +116,8 @@ def test_drain_is_bounded_by_the_managers_timeout():
 
 
 def test_shutdown_hook_of_pr_42423_drains_ec_and_without_it_ec_is_lost():
-    with_hook = classify(simulate(SC, kill("exit1", rank=0), latency=latency()))
-    without = classify(simulate(SC, kill("exit1", rank=0), "mutant:skip-ec-shutdown", latency=latency()))
+    with_hook = classify(simulate_procs(SC, kill("exit1", rank=0), latency=latency()))
+    without = classify(simulate_procs(SC, kill("exit1", rank=0), "mutant:skip-ec-shutdown", latency=latency()))
     assert with_hook["ops"]["0.worker.ec"] == {"op_done": 0, "drain": 1, "lost": 0}
     assert without["ops"]["0.worker.ec"] == {"op_done": 0, "drain": 0, "lost": 1}
     assert without["ops"]["0.worker.kv"]["drain"] == 1  # the KV connector kept its shutdown
@@ -126,37 +126,37 @@ def test_shutdown_hook_of_pr_42423_drains_ec_and_without_it_ec_is_lost():
 
 
 def test_polling_detects_up_to_one_interval_late():
-    ev = simulate(SC, kill("SIGKILL", phase="any", at=0.3), "polling", latency=latency())
+    ev = simulate_procs(SC, kill("SIGKILL", phase="any", at=0.3), "polling", latency=latency())
     assert proc(ev, "detect") == []  # the first poll (5 s) comes after the end-of-run stop
     long = ProcScenario(duration=12.0, probe_at=11.0)
     for at in (0.3, 2.0, 4.9):
-        (d,) = proc(simulate(long, kill("SIGKILL", phase="any", at=at), "polling", latency=latency()), "detect")
+        (d,) = proc(simulate_procs(long, kill("SIGKILL", phase="any", at=at), "polling", latency=latency()), "detect")
         assert d["t"] == 5.0 and 0 < d["latency"] <= POLICIES["polling"].poll_interval
 
 
 def test_ray_actor_policy():
     lat = latency()
-    crash = classify(simulate(SC, kill("SIGKILL"), "ray-actor", latency=lat))
+    crash = classify(simulate_procs(SC, kill("SIGKILL"), "ray-actor", latency=lat))
     assert crash["exits"] == {0: "killed", 1: "actor_died"} and crash["detect"][0]["failed"] == 1
     assert crash["detect"][0]["failed_name"] == "Actor <ref>"
     assert all(v["drain"] == 0 for v in crash["ops"].values())  # ray.kill: nobody drains
     # SystemExit out of EngineCoreActorMixin.run is an ActorDiedError: a failure
-    assert classify(simulate(SC, kill("exit0"), "ray-actor", latency=lat))["detect"][0]["failed"] == 1
+    assert classify(simulate_procs(SC, kill("exit0"), "ray-actor", latency=lat))["detect"][0]["failed"] == 1
     # a fatal error is a RayTaskError the monitor does not catch: no shutdown, never marked dead
-    fatal = classify(simulate(SC, kill("exit1"), "ray-actor", latency=lat))
+    fatal = classify(simulate_procs(SC, kill("exit1"), "ray-actor", latency=lat))
     assert fatal["monitor_error"] and fatal["detect"] == [] and fatal["probe"] == ["request_accepted"]
     assert fatal["manager_shutdowns"] == ["client"] and fatal["exit_by"] == {0: "client", 1: "self"}
     assert fatal["ops"]["1.worker.ec"]["drain"] == 1
-    stop = classify(simulate(SC, kill("stop"), "ray-actor", latency=lat))
+    stop = classify(simulate_procs(SC, kill("stop"), "ray-actor", latency=lat))
     assert stop["detect"] == [] and stop["exits"] == {0: "killed", 1: "killed"}
 
 
 def test_every_mutant_is_caught_by_the_checker():
     """Against the mp-0.26 model itself: per case for two mutants, by naming rate for the third."""
     lat = latency(unreaped=0.4)
-    base = {c.name: simulate(SC, c.plan(), "mp-0.26", seed=3, latency=lat) for c in matrix_cases()}
+    base = {c.name: simulate_procs(SC, c.plan(), "mp-0.26", seed=3, latency=lat) for c in matrix_cases()}
     for m in MUTANTS:
-        caught = [c.name for c in matrix_cases() if compare(simulate(SC, c.plan(), m, seed=3, latency=lat), base[c.name])]
+        caught = [c.name for c in matrix_cases() if compare(simulate_procs(SC, c.plan(), m, seed=3, latency=lat), base[c.name])]
         rate = POLICIES[m].code0_naming_rate(lat.exit0_unreaped)
         by_rate = not compare_code0_naming(code0_naming(base.values()), rate)["ok"]
         assert caught or by_rate, m
@@ -172,7 +172,7 @@ def test_phases_resolve_from_the_scenario():
     assert resolve_fault_time(SC, kill("SIGKILL", phase="idle").faults[0]) == pytest.approx(0.63)
     assert resolve_fault_time(SC, kill("SIGKILL", phase="idle", at=0.1).faults[0]) == 0.1
     assert resolve_fault_time(SC, kill("SIGKILL", phase="mid_step", at=0.7).faults[0]) is None
-    c = classify(simulate(SC, kill("SIGKILL", phase="mid_step", at=0.7), latency=latency()))
+    c = classify(simulate_procs(SC, kill("SIGKILL", phase="mid_step", at=0.7), latency=latency()))
     assert c["faults"] == [False] and c["detect"] == []
 
 
@@ -180,7 +180,7 @@ def test_bad_scenarios_and_faults_fail_with_one_line():
     with pytest.raises(ScenarioError, match="busy has 1 windows"):
         ProcScenario(dp_size=2, busy=((0, 1),))
     with pytest.raises(ScenarioError, match="rank 2 but dp_size is 2"):
-        check_faults(SC, kill("SIGKILL", rank=2))
+        check_faults(SC, kill("SIGKILL", rank=2).of_kind("kill_engine"))
     with pytest.raises(ValueError, match="connector must be one of"):
         ConnectorOp(0, "nvme", "worker", "x", 0, 1)
     with pytest.raises(KeyError, match="no ray/exit latencies"):
@@ -194,7 +194,7 @@ def test_bad_scenarios_and_faults_fail_with_one_line():
 def test_operations_are_conserved():
     for c in matrix_cases():
         for policy in ("mp-0.26", "ray-actor", *MUTANTS):
-            ev = simulate(SC, c.plan(), policy, latency=latency())
+            ev = simulate_procs(SC, c.plan(), policy, latency=latency())
             submitted = {e["op"] for e in ev if e.get("event") in ("op_done", "drain", "lost")}
             counted = [e["op"] for e in ev if e.get("event") in ("op_done", "drain", "lost")]
             assert len(counted) == len(submitted), (c.name, policy)
@@ -206,7 +206,7 @@ def test_mp_latency_scales_with_the_forking_clients_memory():
     assert lat.quantile("mp", "signal", 0.5, client_rss_mb=1000.0) == pytest.approx(0.04)
     assert lat.quantile("ray", "signal", 0.5, client_rss_mb=1000.0) == pytest.approx(0.01)  # actors are no forks
     big = ProcScenario(client_rss_mb=2000.0)
-    (d,) = proc(simulate(big, kill("SIGKILL"), latency=lat), "detect")
+    (d,) = proc(simulate_procs(big, kill("SIGKILL"), latency=lat), "detect")
     assert d["latency"] == pytest.approx(0.08)
     assert compare_latency(lat, "mp", [("signal", 0.08)], client_rss_mb=2000.0)["signal"]["ok"]
 

@@ -6,7 +6,6 @@ tests/gpu/test_gpu_eplb.py (2 GPUs)."""
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +13,8 @@ from hypothesis import strategies as st
 
 from vllm_faultsim.faults.plan import PlanError, validate_plan
 from vllm_faultsim.harness.checkers import eplb as ce
+from vllm_faultsim.harness.mutants import EPLB_MUTANTS
+from vllm_faultsim.harness.runs.eplb import simulate_main_loop
 from vllm_faultsim.harness.runs.simulate import ConfigError, config_from_dict, simulate
 from vllm_faultsim.models import eplb as me
 
@@ -34,9 +35,9 @@ CFG = me.EplbConfig(layers=4, logical_experts=8, redundant_experts=4, ep_size=2,
                                                       rebalance=2e-3), step_sync=1e-4)
 
 
-def run(cfg=CFG, plan=None, forward_s=0.02, cycles=2):
-    return me.simulate_main_loop(cfg, me.shuffle_policy(cfg, random.Random(0)), forward_s=forward_s, cycles=cycles,
-                                 extra_steps=2, plan=plan)
+def run(cfg=CFG, plan=None, forward_s=0.02, cycles=2, state_cls=me.EplbState):
+    return simulate_main_loop(cfg, me.shuffle_policy(cfg, random.Random(0)), forward_s=forward_s, cycles=cycles,
+                              extra_steps=2, plan=plan, state_cls=state_cls)
 
 
 def of(events, name):
@@ -73,7 +74,7 @@ def test_protocol_one_layer_per_step_in_order_after_sync():
 @pytest.mark.parametrize("mutant,needle", [("publish-all-at-once", "more than one layer consumed in one step"),
                                            ("no-stream-sync", "no stream synchronisation")])
 def test_mutants_are_caught(mutant, needle):
-    errs = ce.protocol_errors(run(replace(CFG, mutant=mutant)), CFG.layers)
+    errs = ce.protocol_errors(run(state_cls=EPLB_MUTANTS[mutant]), CFG.layers)
     assert any(needle in e for e in errs), errs
 
 
@@ -133,7 +134,7 @@ def test_engine_dies_of_an_eplb_rank_death():
 @pytest.mark.parametrize("section,needle", [({"layerz": 3}, "unknown field 'layerz'"),
                                             ({"link": {"speed": 1}}, "eplb.link"),
                                             ({"ep_size": 3}, "multiple of ep_size"),
-                                            ({"mutant": "x"}, "mutant must be one of")])
+                                            ({"mutant": "no-stream-sync"}, "unknown field 'mutant'")])  # mutants are not config
 def test_bad_eplb_config_is_one_line(section, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         config_from_dict({**ENGINE, "eplb": {**EPLB, **section}})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
+from vllm_faultsim.faults.sim_injector import SimInjector
 from vllm_faultsim.models import kv_offload as ko
 
 
@@ -159,7 +160,8 @@ def test_full_pool_refuses_the_store_and_retries():
 def test_transfer_engine_streams_faults_and_wait():
     plan = validate_plan({"faults": [{"kind": "kv_transfer_slow", "start": 1.0, "end": 2.0, "factor": 10},
                                      {"kind": "kv_transfer_fail", "start": 3.0, "end": 4.0}]}, "t")
-    eng = ko.TransferEngine(ko.OffloadConfig(bytes_per_block=1000, bandwidth=1e6, latency=0.001), plan)
+    eng = ko.TransferEngine(ko.OffloadConfig(bytes_per_block=1000, bandwidth=1e6, latency=0.001))
+    SimInjector(plan).arm_transfers(eng)
     eng.submit(1, "store", 2, 0.0)   # 1 ms + 2 ms
     eng.submit(2, "store", 1, 0.0)   # queued behind job 1 on the store stream
     eng.submit(3, "load", 1, 0.0)    # its own stream
@@ -177,7 +179,9 @@ def test_transfer_failure_raises_like_vllms_assert():
     plan = validate_plan({"faults": [{"kind": "kv_transfer_fail", "start": 0.0, "end": 1.0}]}, "f")
     pol = ko.OffloadPolicy("0.24+")
     sched = ko.OffloadingConnectorScheduler(CFG, pol)
-    worker = ko.OffloadingConnectorWorker(ko.TransferEngine(CFG, plan), pol, sched.names, sched.events)
+    eng = ko.TransferEngine(CFG)
+    SimInjector(plan).arm_transfers(eng)
+    worker = ko.OffloadingConnectorWorker(eng, pol, sched.names, sched.events)
     prefill(sched, worker, Req("r0", 8), [1, 2])
     with pytest.raises(ko.TransferFailed) as exc:
         step(sched, worker, ko.SchedOut([], {}), 0.02, 1.0)

@@ -2,6 +2,9 @@
 
 import pytest
 
+from vllm_faultsim.faults.plan import FaultPlan
+from vllm_faultsim.harness.mutants import SCHEDULER_MUTANTS
+from vllm_faultsim.harness.runs.simulate import prefetch_schedule
 from vllm_faultsim.harness.workload import MMItem, RequestSpec
 from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
 from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
@@ -11,8 +14,8 @@ def spec(rid, prompt, output=4, mm=(), stop_at=None, arrival=0.0):
     return RequestSpec(rid, arrival, prompt, output, tuple(mm), None, stop_at)
 
 
-def make(specs, **cfg):
-    sch = Scheduler(SchedulerConfig(**cfg))
+def make(specs, scheduler_cls=Scheduler, **cfg):
+    sch = scheduler_cls(SchedulerConfig(**cfg))
     for s in specs:
         sch.add_request(s, 0.0)
     return sch
@@ -69,12 +72,12 @@ def test_full_sequence_must_fit_before_admission():
     sch = make([spec("big", 100)], block_size=16, num_gpu_blocks=6, max_num_batched_tokens=16)
     assert step(sch)[0].sched == {}
     mutant = make([spec("big", 100)], block_size=16, num_gpu_blocks=6, max_num_batched_tokens=16,
-                  mutant="no-full-admission")
+                  scheduler_cls=SCHEDULER_MUTANTS["no-full-admission"][0])
     assert step(mutant)[0].sched == {"big": 16}
 
 
 def _ec(specs, plan=None, **cfg):
-    prefetch = PrefetchSchedule(tuple(specs), plan)
+    prefetch = prefetch_schedule(tuple(specs), plan or FaultPlan())
     sch = Scheduler(SchedulerConfig(num_gpu_blocks=200, **cfg), ECConnector(prefetch))
     for s in specs:
         sch.add_request(s, 0.0)

@@ -109,7 +109,8 @@ def cmd_diff(args) -> int:
     import importlib.util
 
     from .checkers.divergence import first_divergence
-    from .runs.diff import MUTANTS, DiffCase, check_case, report, save_case, search
+    from .mutants import SCHEDULER_MUTANTS as MUTANTS
+    from .runs.diff import DiffCase, check_case, report, save_case, search
     from .runs.simulate import ConfigError
 
     if args.mutant and args.mutant not in MUTANTS:

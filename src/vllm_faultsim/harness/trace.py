@@ -50,13 +50,8 @@ import operator
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+
 SCHEMA = "vllm-faultsim.trace/1"
-TIME_DIGITS = 9  # nanosecond resolution: keeps float noise out of the bytes
-
-
-def t(x: float | None) -> float | None:
-    """Round a time for the trace (None stays None)."""
-    return None if x is None else round(x, TIME_DIGITS)
 
 
 # json.dumps(event, separators=(",", ":"), allow_nan=False) without making an encoder per call (the C one)

@@ -14,8 +14,7 @@ use of it is compared.
 
 from __future__ import annotations
 
-from ..faults.plan import FaultPlan
-from ..harness.workload import RequestSpec
+from .request import RequestSpec
 
 
 class PrefetchSchedule:
@@ -26,23 +25,33 @@ class PrefetchSchedule:
     item can be loaded once any staging of it has landed (and it did not fail).
     """
 
-    def __init__(self, workload: tuple[RequestSpec, ...], plan: FaultPlan | None = None):
+    def __init__(self, workload: tuple[RequestSpec, ...]):
         self.latency: dict[tuple[str, str], float | None] = {}
-        idents = set()
+        self.idents: set[str] = set()
         for spec in workload:
             for m in spec.mm:
                 self.latency[(spec.req_id, m.identifier)] = m.prefetch
-                idents.add(m.identifier)
-        self.stall: dict[str, float] = {}
-        self.fail: set[str] = set()
-        for f in (plan.of_kind("ec_prefetch_stall", "ec_prefetch_fail") if plan else ()):
-            for ident in (sorted(idents) if f.item == "*" else [f.item]):
-                if f.kind == "ec_prefetch_stall":
-                    self.stall[ident] = self.stall.get(ident, 0.0) + f.delay
-                else:
-                    self.fail.add(ident)
+                self.idents.add(m.identifier)
+        self.stalled: dict[str, float] = {}  # identifier -> extra staging seconds
+        self.failed: set[str] = set()        # identifiers whose staging fails (encode locally)
         self.ready_at: dict[tuple[str, str], float] = {}   # started stagings -> ready time
         self.landed: dict[str, float] = {}                 # identifier -> earliest ready time
+
+    # ---- fault hooks (faults/sim_injector.py) ----------------------------------------------
+
+    def _items(self, item: str) -> list[str]:
+        return sorted(self.idents) if item == "*" else [item]
+
+    def stall(self, item: str, delay: float) -> None:
+        """Staging of ``item`` (``"*"``: every item) takes ``delay`` seconds longer."""
+        for ident in self._items(item):
+            self.stalled[ident] = self.stalled.get(ident, 0.0) + delay
+
+    def fail(self, item: str) -> None:
+        """Staging of ``item`` (``"*"``: every item) fails: the request encodes it locally."""
+        self.failed.update(self._items(item))
+
+    # ---- the connector's view -----------------------------------------------------------
 
     def ensure(self, req_id: str, ident: str, now: float) -> bool:
         """True when nothing needs waiting for: staged, failed (encode locally) or not remote."""
@@ -52,8 +61,8 @@ class PrefetchSchedule:
             lat = self.latency.get(key)
             if lat is None:
                 return True
-            at = self.ready_at[key] = now + lat + self.stall.get(ident, 0.0)
-            if ident not in self.fail and at < self.landed.get(ident, float("inf")):
+            at = self.ready_at[key] = now + lat + self.stalled.get(ident, 0.0)
+            if ident not in self.failed and at < self.landed.get(ident, float("inf")):
                 self.landed[ident] = at
         return now >= at
 

@@ -36,12 +36,11 @@ from typing import Callable, Iterable, Protocol
 
 import simpy
 
-from ..faults.plan import FaultPlan
-from ..harness.invariants import Invariants
-from ..harness.trace import Trace, t
-from ..harness.workload import RequestSpec
+from . import events
 from .eplb import EplbRankDeath, EplbState
+from .events import Emit
 from .kv_offload import TransferFailed
+from .request import RequestSpec
 from .step import StepResult
 
 # Detection latency when no liveness profile is given: the real 0.26.0 engine on an H200
@@ -80,26 +79,30 @@ class EngineStats:
 
 
 class EngineCore:
-    """One engine core: the step loop process plus the fault processes of the plan."""
+    """One engine core: the step loop process; faults arrive through its hooks
+    (:meth:`slow_steps`, :meth:`kill`), which the fault injector calls (faults/sim_injector.py).
+
+    ``emit`` receives every trace event (models/events.py); ``invariants``, when given, is called
+    before and after every step (``scheduled``, ``after_step``) and when the loop would sleep
+    (``idle``), and raises to stop the run (harness/invariants.py)."""
 
     def __init__(self, env: simpy.Environment, core, workload: Iterable[RequestSpec],
-                 step_time: Callable[[int, int, int], float], trace: Trace, *,
-                 plan: FaultPlan | None = None, wakeups: tuple[WakeupSource, ...] = (),
+                 step_time: Callable[[int, int, int], float], emit: Emit, *,
+                 wakeups: tuple[WakeupSource, ...] = (),
                  detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
-                 invariants: Invariants | None = None, full_trace: bool = True,
+                 invariants=None, full_trace: bool = True,
                  progress: Callable[[float], None] | None = None, eplb: EplbState | None = None):
-        self.env, self.core, self.trace = env, core, trace
+        self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         self.workload = tuple(workload)
         self.step_time = step_time
-        self.plan = plan or FaultPlan()
         self.wakeups = wakeups
         self.detection = detection
         self.invariants = invariants
         self.full_trace = full_trace
         self.progress = progress
         self.stats = EngineStats()
-        self.slow = [(f.start, f.end, f.factor) for f in self.plan.of_kind("slow_steps")]
+        self.slow: list[tuple[float, float, float]] = []  # slow_steps windows: (start, end, factor)
         self.alive = True
         self.shutdown_requested = False  # SIGTERM: the loop aborts everything at its next iteration
         self.stepping = False  # a SIGTERM waits for the step in flight
@@ -108,13 +111,22 @@ class EngineCore:
         self.kv_connector = hasattr(core, "pending_jobs")  # KV offloading: see _kv_idle_step, _kv_lost
         self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
         self.process = env.process(self._loop())
-        for f in self.plan.of_kind("kill_engine"):
-            env.process(self._kill(f))
+
+    # ---- fault hooks (the fault injector calls them before the run) ----------------------
+
+    def slow_steps(self, start: float, end: float, factor: float) -> None:
+        """A step starting in [start, end) takes ``factor`` times as long."""
+        self.slow.append((start, end, factor))
+
+    def kill(self, fault) -> None:
+        """End the engine core at ``fault.at`` with ``fault.signal`` (rank ``fault.rank``); the
+        fault's ``to_dict()`` goes into the trace."""
+        self.env.process(self._kill(fault))
 
     # ---- the step loop -----------------------------------------------------------------
 
     def _loop(self):
-        env, core, stats, trace = self.env, self.core, self.stats, self.trace
+        env, core, stats = self.env, self.core, self.stats
         records = stats.records
         arrivals = self.workload
         try:
@@ -208,9 +220,8 @@ class EngineCore:
         for f in finished:
             rec = records.pop(f.req_id)
             stats.finished += 1
-            self.trace.emit({"kind": "req", "req": f.req_id, "status": f.status, "arrival": rec.arrival,
-                             "first_token": t(rec.first_token), "finish": t(end), "num_output": f.num_output,
-                             "preemptions": rec.preemptions})
+            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, end, f.num_output,
+                                 rec.preemptions))
         if self.invariants is not None:
             self.invariants.after_step(stats.steps - 1, start, self.core, stats)
         if self.progress is not None:
@@ -227,20 +238,9 @@ class EngineCore:
             counts["wait"] = counts.get("wait", 0.0) + kv.get("wait", 0.0)
         if not self.full_trace:
             return
-        ev = {"kind": "step", "step": step, "t": t(start), "dur": t(dur), "sched": res.sched}
-        if res.deferred:
-            ev["deferred"] = res.deferred
-        if res.preempted:
-            ev["preempted"] = res.preempted
-        if finished:
-            ev["finished"] = [f.req_id for f in finished]
-        if res.enc:
-            ev["enc"] = res.enc
-        if res.ec_loaded:
-            ev["ec_loaded"] = res.ec_loaded
-        if res.kv:
-            ev["kv"] = res.kv
-        self.trace.emit(ev)
+        self.emit(events.step(step, start, dur, res.sched, deferred=res.deferred, preempted=res.preempted,
+                              finished=[f.req_id for f in finished], enc=res.enc, ec_loaded=res.ec_loaded,
+                              kv=res.kv))
 
     # ---- faults ------------------------------------------------------------------------
 
@@ -250,7 +250,7 @@ class EngineCore:
         if not self.alive:
             return
         self.alive = False
-        self.trace.emit({"kind": "fault", "t": t(env.now), "fault": fault.to_dict()})
+        self.emit(events.fault(env.now, fault.to_dict()))
         if self.kv_connector and fault.signal not in GRACEFUL:
             self._kv_lost("kill_engine")
         latency = self.detection(CAUSES[fault.signal])
@@ -263,7 +263,7 @@ class EngineCore:
         yield env.timeout(latency)
         self.stats.dead_at = env.now
         event = "engine_stopped" if fault.signal == "stop" else "engine_dead"
-        self.trace.emit({"kind": "proc", "t": t(env.now), "event": event, "proc": f"EngineCore_DP{fault.rank}"})
+        self.emit(events.proc(env.now, event, proc=f"EngineCore_DP{fault.rank}"))
         if fault.signal not in GRACEFUL:
             self._end(self.core.fail_all(), "failed")
             env.process(self._reject_arrivals())
@@ -281,12 +281,11 @@ class EngineCore:
         env = self.env
         self.alive = False
         self._record_step(start, dur, res, ())
-        self.trace.emit({"kind": "proc", "t": t(env.now), "event": "exit", "proc": "EngineCore_DP0",
-                         "cause": "kv_transfer_failed", "failed": exc.failed})
+        self.emit(events.proc(env.now, "exit", proc="EngineCore_DP0", cause="kv_transfer_failed", failed=exc.failed))
         self._kv_lost("kv_transfer_failed")
         yield env.timeout(self.detection("exit"))
         self.stats.dead_at = env.now
-        self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": "EngineCore_DP0"})
+        self.emit(events.proc(env.now, "engine_dead", proc="EngineCore_DP0"))
         self._end(self.core.fail_all(), "failed")
         env.process(self._reject_arrivals())
 
@@ -301,12 +300,12 @@ class EngineCore:
             self.alive = False
             self._record_step(start, dur, res, ())
             proc = f"EngineCore_DP{death.fault.rank}"
-            self.trace.emit({"kind": "proc", "t": t(env.now), "event": "exit", "proc": proc, "cause": "eplb_rank_death"})
+            self.emit(events.proc(env.now, "exit", proc=proc, cause="eplb_rank_death"))
             if self.kv_connector:
                 self._kv_lost("eplb_rank_death")
             yield env.timeout(self.detection("exit"))
             self.stats.dead_at = env.now
-            self.trace.emit({"kind": "proc", "t": t(env.now), "event": "engine_dead", "proc": proc})
+            self.emit(events.proc(env.now, "engine_dead", proc=proc))
             self._end(self.core.fail_all(), "failed")
             env.process(self._reject_arrivals())
             return None
@@ -323,7 +322,7 @@ class EngineCore:
             self._record_step(start, self.env.now - start, res, ())
         jobs = self.core.pending_jobs()
         self.stats.kv["lost"] = len(jobs)
-        self.trace.emit({"kind": "kv_lost", "t": t(self.env.now), "cause": cause, "jobs": jobs})
+        self.emit(events.kv_lost(self.env.now, cause, jobs))
 
     def _end(self, req_ids, status: str) -> None:
         now, records = self.env.now, self.stats.records
@@ -334,9 +333,7 @@ class EngineCore:
                 self.stats.failed += 1
             else:
                 self.stats.aborted += 1
-            self.trace.emit({"kind": "req", "req": rid, "status": status, "arrival": rec.arrival,
-                             "first_token": t(rec.first_token), "finish": t(now), "num_output": None,
-                             "preemptions": rec.preemptions})
+            self.emit(events.req(rid, status, rec.arrival, rec.first_token, now, None, rec.preemptions))
 
     def _reject_arrivals(self):
         """Requests sent after the core stopped taking them: rejected (aborted) while it shuts

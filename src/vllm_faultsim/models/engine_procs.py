@@ -99,9 +99,9 @@ from typing import Iterable
 
 import simpy
 
-from ..faults.plan import Fault, FaultPlan
-from ..harness.trace import Trace, header
-from ..harness.trace import t as tr
+from . import events
+from .events import Emit
+from .events import t as tr
 from .shutdown_drain import DRAIN_POLICIES, ConnectorOp, ConnectorOps, DrainPolicy
 
 SHUTDOWN_DEFAULT_TIMEOUT = 5.0  # vllm.v1.utils.shutdown(procs, timeout=None)
@@ -174,7 +174,7 @@ def proc_name(rank: int, dp_size: int) -> str:
     return f"EngineCore_DP{rank}" if dp_size > 1 else "EngineCore"
 
 
-def resolve_fault_time(sc: ProcScenario, fault: Fault) -> float | None:
+def resolve_fault_time(sc: ProcScenario, fault) -> float | None:
     """When a fault of phase any/idle/mid_step applies (None: never); phase ``shutdown`` is
     resolved at run time (see the module docstring)."""
     at, m = fault.at, sc.margin
@@ -196,9 +196,9 @@ def resolve_fault_time(sc: ProcScenario, fault: Fault) -> float | None:
     return None
 
 
-def check_faults(sc: ProcScenario, plan: FaultPlan) -> list[Fault]:
-    """The plan's kill_engine faults, checked against the scenario (one line per problem)."""
-    faults = plan.of_kind("kill_engine")
+def check_faults(sc: ProcScenario, faults: list) -> list:
+    """The ``kill_engine`` faults (``at``, ``rank``, ``signal``, ``phase``), checked against the
+    scenario (one line per problem)."""
     for i, f in enumerate(faults):
         if f.rank >= sc.dp_size:
             raise ScenarioError(f"kill_engine fault {i}: rank {f.rank} but dp_size is {sc.dp_size}")
@@ -444,19 +444,19 @@ class EngineCoreProc:
 class ProcSim:
     """The engine manager, its liveness monitor, the client and the nemesis, in one SimPy env."""
 
-    def __init__(self, sc: ProcScenario, plan: FaultPlan, policy: LivenessPolicy | str = "mp-0.26",
-                 *, seed: int = 0, latency: LatencyModel | None = None, trace: Trace | None = None):
+    def __init__(self, sc: ProcScenario, kills: list, policy: LivenessPolicy | str = "mp-0.26",
+                 *, seed: int = 0, latency: LatencyModel | None = None, emit: Emit = lambda ev: None):
+        """``kills``: the ``kill_engine`` faults to deliver (faults/sim_injector.py ``kills()``);
+        every event goes to ``emit`` and is kept in ``events``."""
         self.sc = sc
         self.policy = POLICIES[policy] if isinstance(policy, str) else policy
-        self.faults = check_faults(sc, plan)
-        self.plan = plan
+        self.faults = check_faults(sc, kills)
         self.seed = seed
         self.rng = random.Random(seed)
         self.latency = latency or LatencyModel.load()
-        self.trace = trace or Trace()
+        self.events: list[dict] = []
+        self._emit = emit
         self.env = simpy.Environment()
-        self.trace.emit(header("sim", seed, {"policy": self.policy.name, "scenario": sc.to_dict(),
-                                             "plan": plan.to_dict()}))
         self.last_t = 0.0
         self.manager_stopped = False
         self.manager_finalizer_alive = True   # CoreEngineProcManager._finalizer
@@ -465,7 +465,7 @@ class ProcSim:
         self.stopped_event = self.env.event()
         self.ray_killed: set[int] = set()
         self.procs = [EngineCoreProc(self, r) for r in range(sc.dp_size)]
-        self._shutdown_waiters: dict[int, list[tuple[Fault, float]]] = {r: [] for r in range(sc.dp_size)}
+        self._shutdown_waiters: dict[int, list[tuple[object, float]]] = {r: [] for r in range(sc.dp_size)}
         self.env.process(self.monitor_engine_cores())
         for f in self.faults:
             self.env.process(self._nemesis(f))
@@ -475,10 +475,11 @@ class ProcSim:
     def emit(self, e: dict) -> None:
         if e.get("t") is not None:
             self.last_t = max(self.last_t, e["t"])
-        self.trace.emit(e)
+        self.events.append(e)
+        self._emit(e)
 
     # --- the nemesis --------------------------------------------------------------------------
-    def _nemesis(self, f: Fault):
+    def _nemesis(self, f):
         if f.phase == "shutdown":
             self._shutdown_waiters[f.rank].append((f, f.at))
             return
@@ -498,18 +499,18 @@ class ProcSim:
             self.env.process(self._shutdown_phase_fault(f, p, max(at, self.env.now + self.sc.shutdown_delay)))
         self._shutdown_waiters[p.rank] = []
 
-    def _shutdown_phase_fault(self, f: Fault, p: EngineCoreProc, at: float):
+    def _shutdown_phase_fault(self, f, p: EngineCoreProc, at: float):
         yield self.env.timeout(at - self.env.now)
         ok = p.state == "shutdown"
         self._fault(f, self.env.now, ok)
         if ok:
             self._apply(f, p)
 
-    def _fault(self, f: Fault, at: float | None, applied: bool) -> None:
+    def _fault(self, f, at: float | None, applied: bool) -> None:
         self.emit({"kind": "fault", "t": tr(at) if at is not None else None, "fault": f.to_dict(),
                    "applied": applied, "rank": f.rank})
 
-    def _apply(self, f: Fault, p: EngineCoreProc) -> None:
+    def _apply(self, f, p: EngineCoreProc) -> None:
         if f.signal == "stop":
             self.env.process(self.client_shutdown(self.sc.stop_timeout, "fault"))
         else:
@@ -657,13 +658,13 @@ class ProcSim:
         return True
 
     # --- running ------------------------------------------------------------------------------
-    def run(self) -> Trace:
+    def run(self) -> list[dict]:
         self.env.run()
         for waiters in self._shutdown_waiters.values():   # their rank never began a shutdown
             for f, _ in waiters:
                 self._fault(f, None, applied=False)
-        self.trace.emit({"kind": "end", "t": tr(self.last_t), "summary": summarize(self.trace.events)})
-        return self.trace
+        self.emit(events.end(self.last_t, summary=summarize(self.events)))
+        return self.events
 
 
 def summarize(events: Iterable[dict]) -> dict:
@@ -674,11 +675,3 @@ def summarize(events: Iterable[dict]) -> dict:
             key = f"{e['rank']}.{e['role']}.{e['connector']}"
             counts.setdefault(key, {"op_done": 0, "drain": 0, "lost": 0})[e["event"]] += 1
     return {"ops": dict(sorted(counts.items()))}
-
-
-def simulate(sc: ProcScenario, plan: FaultPlan, policy: LivenessPolicy | str = "mp-0.26", *, seed: int = 0,
-             latency: LatencyModel | None = None, trace_path: str | Path | None = None) -> list[dict]:
-    """Run the model once; returns the trace's events (also written to ``trace_path``)."""
-    with Trace(trace_path) as trace:
-        ProcSim(sc, plan, policy, seed=seed, latency=latency, trace=trace).run()
-    return trace.events

@@ -27,9 +27,9 @@ that start in [start, end); ``eplb_rank_death`` kills one EP rank as it starts a
 survivors' next ``EplbState.step()`` all_reduce raises (gloo: connection reset by peer), so the
 engine core dies at the end of the next step (:class:`EplbRankDeath`).
 
-Mutants (for the checker): ``publish-all-at-once`` (the worker transfers every layer, then
-publishes them together and one step consumes all), ``no-stream-sync`` (the worker publishes a
-layer as soon as ``transfer_layer`` returns, before its stream finished the copies).
+vLLM's rules that the checker's mutants break are class attributes of :class:`EplbState`
+(``sync_stream_before_publish``, ``publish_each_layer``); the broken variants live with the
+checkers (harness/checkers/mutants.py).
 """
 
 from __future__ import annotations
@@ -39,9 +39,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
 import simpy
-
-MUTANTS = ("publish-all-at-once", "no-stream-sync")
-
 
 class EplbConfigError(ValueError):
     """An invalid ``eplb`` config section; the message is one line."""
@@ -87,7 +84,6 @@ class EplbConfig:
     step_sync: float = 2.6e-4
     publish_bandwidth: float = 1.0e12
     contention: float = 0.1
-    mutant: str | None = None
 
     @property
     def physical_experts(self) -> int:
@@ -109,12 +105,10 @@ def config_from_dict(d: dict) -> EplbConfig:
     link = d.get("link", {}) or {}
     if not isinstance(link, dict) or set(link) - link_names:
         raise EplbConfigError(f"eplb.link: must be a mapping of {', '.join(sorted(link_names))}")
-    for name, v in [*((k, v) for k, v in d.items() if k not in ("link", "mutant")), *link.items()]:
+    for name, v in [*((k, v) for k, v in d.items() if k != "link"), *link.items()]:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
             raise EplbConfigError(f"eplb: field {name!r} must be a number >= 0, got {v!r}")
     cfg = EplbConfig(**{**d, "link": EplbLink(**link)})
-    if cfg.mutant is not None and cfg.mutant not in MUTANTS:
-        raise EplbConfigError(f"eplb: mutant must be one of {', '.join(MUTANTS)}, got {cfg.mutant!r}")
     for name in ("layers", "logical_experts", "ep_size", "step_interval"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise EplbConfigError(f"eplb: field {name!r} must be an integer >= 1, got {getattr(cfg, name)!r}")
@@ -171,9 +165,13 @@ def shuffle_policy(cfg: EplbConfig, rng: random.Random) -> Callable[[int, list[l
 class EplbState:
     """The engine's EPLB state and its async worker, on a SimPy environment."""
 
+    # vLLM 0.26.0's rules (a mutant subclass breaks one of them)
+    sync_stream_before_publish = True  # cuda_stream.synchronize() before a layer's result is published
+    publish_each_layer = True          # one layer published (and consumed) at a time
+
     def __init__(self, env: simpy.Environment, cfg: EplbConfig,
                  policy: Callable[[int, list[list[int]]], list[list[int]]],
-                 emit: Callable[[dict], None] = lambda ev: None, *, plan=None):
+                 emit: Callable[[dict], None] = lambda ev: None):
         self.env, self.cfg, self.policy, self.emit = env, cfg, policy, emit
         self.physical_to_logical_map = [initial_map(cfg) for _ in range(cfg.layers)]
         self.expert_rearrangement_step = cfg.step_interval - cfg.step_interval // 4
@@ -184,11 +182,22 @@ class EplbState:
         self.rearrangements = 0
         self.transferred = 0              # layer transfers so far (the first pays the link's setup)
         self.busy: list[tuple[float, float]] = []  # the worker's transfer intervals (for contention)
-        self.slow = [(f.start, f.end, f.factor) for f in plan.of_kind("slow_link")] if plan else []
-        self.deaths = plan.of_kind("eplb_rank_death") if plan else []
+        self.slow: list[tuple[float, float, float]] = []  # slow_link windows
+        self.deaths: list = []            # eplb_rank_death faults (ep_rank, rearrangement, layer)
         self.dead = None                  # the eplb_rank_death fault that took effect
         self.step_index = 0
         env.process(self.transfer_run_periodically())
+
+    # ---- fault hooks (faults/sim_injector.py) ------------------------------------------------
+
+    def slow_link(self, start: float, end: float, factor: float) -> None:
+        """A layer transfer starting in [start, end) moves its bytes ``factor`` times slower."""
+        self.slow.append((start, end, factor))
+
+    def rank_death(self, fault) -> None:
+        """EP rank ``fault.ep_rank`` dies as it starts layer ``fault.layer`` of rearrangement
+        ``fault.rearrangement``."""
+        self.deaths.append(fault)
 
     # ---- the engine's side: EplbState.step() ---------------------------------------------
 
@@ -267,14 +276,14 @@ class EplbState:
                 ev = {"kind": "eplb", "event": "transfer", "layer": layer, "t": round(start, 9),
                       "end": round(start + dur, 9), "dur": round(dur, 9),
                       "sent": [s for s, _ in per_rank], "recv": [r for _, r in per_rank]}
-                if cfg.mutant == "no-stream-sync":  # published when transfer_layer returns
+                if not self.sync_stream_before_publish:  # published when transfer_layer returns
                     self.emit(ev)
                     self._publish(layer, new[layer])
                     yield self.consumed_event
                     continue
                 yield env.timeout(dur)                 # transfer_layer + cuda_stream.synchronize()
                 self.emit(ev)
-                if cfg.mutant == "publish-all-at-once":
+                if not self.publish_each_layer:
                     done.append((layer, new[layer]))
                     continue
                 self._publish(layer, new[layer])
@@ -287,36 +296,3 @@ class EplbState:
         self.pending_results.append((layer, new_row))
         self.consumed_event = self.env.event()
         self.emit({"kind": "eplb", "event": "publish", "layer": layer, "t": round(self.env.now, 9)})
-
-
-def simulate_main_loop(cfg: EplbConfig, policy, *, forward_s: float, cycles: int, extra_steps: int,
-                       plan=None, max_steps: int = 100_000) -> list[dict]:
-    """The engine's loop reduced to what EPLB sees (as the real driver runs it): a forward of
-    ``forward_s``, then ``EplbState.step()``, until ``cycles`` rearrangements are done and
-    ``extra_steps`` more ran (or the next step would rearrange again), or the step raises. Returns the ``eplb`` trace events, with a
-    ``step`` event at each ``EplbState.step()`` call."""
-    env = simpy.Environment()
-    events: list[dict] = []
-    state = EplbState(env, cfg, policy, events.append, plan=plan)
-
-    def main_loop():
-        done_at = None
-        for s in range(max_steps):
-            if done_at is not None and state.expert_rearrangement_step + 1 >= cfg.step_interval:
-                return  # the next step() would start one rearrangement more
-            yield env.timeout(forward_s)
-            events.append({"kind": "eplb", "event": "step", "step": s, "t": round(env.now, 9)})
-            try:
-                cost = state.step(s)
-            except EplbRankDeath:
-                events.append({"kind": "eplb", "event": "step_error", "step": s, "t": round(env.now, 9)})
-                return
-            yield env.timeout(cost)
-            if done_at is None and sum(e["event"] == "consume" and e["layer"] == cfg.layers - 1
-                                       for e in events) == cycles:
-                done_at = s
-            if done_at is not None and s >= done_at + extra_steps:
-                return
-
-    env.run(until=env.process(main_loop()))
-    return events

@@ -250,16 +250,21 @@ class TransferEngine:
     fails at its end time. ``poll(now)`` returns the jobs ended by ``now``; ``wait(jobs, now)``
     makes them reportable at once and returns how long a blocking wait would have taken."""
 
-    def __init__(self, config: OffloadConfig, plan=None):
+    def __init__(self, config: OffloadConfig):
         self.config = config
         self.slow: list[tuple[float, float, float]] = []
         self.fail: list[tuple[float, float]] = []
-        if plan is not None:
-            self.slow = [(f.start, f.end, f.factor) for f in plan.of_kind("kv_transfer_slow")]
-            self.fail = [(f.start, f.end) for f in plan.of_kind("kv_transfer_fail")]
         self.free_at = {"store": 0.0, "load": 0.0}
         self.pending: dict[int, Transfer] = {}
         self.now = 0.0  # the real driver sets this before each worker call
+
+    def slow_down(self, start: float, end: float, factor: float) -> None:
+        """Fault hook: a job submitted in [start, end) takes ``factor`` times as long."""
+        self.slow.append((start, end, factor))
+
+    def fail_between(self, start: float, end: float) -> None:
+        """Fault hook: a job submitted in [start, end) fails at its end time."""
+        self.fail.append((start, end))
 
     def duration(self, nblocks: int, submit: float) -> float:
         c = self.config

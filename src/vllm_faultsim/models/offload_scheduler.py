@@ -72,10 +72,10 @@ class OffloadingConnector:
     """The Scheduler's KV connector: vLLM's ``OffloadingConnector`` scheduler side, plus the
     worker's calls the model runner makes at the step's start and end (one process here)."""
 
-    def __init__(self, sched: Scheduler, offload: ko.OffloadConfig, policy: ko.OffloadPolicy, plan=None):
+    def __init__(self, sched: Scheduler, offload: ko.OffloadConfig, policy: ko.OffloadPolicy):
         self.sched = sched
         self.kv = ko.OffloadingConnectorScheduler(offload, policy)
-        self.engine = ko.TransferEngine(offload, plan)
+        self.engine = ko.TransferEngine(offload)
         self.worker = ko.OffloadingConnectorWorker(self.engine, policy, self.kv.names, self.kv.events)
         self.views: dict[str, _View] = {}
         self.finished_req_ids: set[str] = set()    # finished since the last schedule()
@@ -195,17 +195,22 @@ class OffloadingConnector:
 
 class OffloadScheduler(Scheduler):
     """A scheduler core (models/step.py) with KV offloading; ``policy`` picks the vLLM release's
-    rules (``kv_offload.policy_for``), ``plan`` the transfer faults. Text requests only."""
+    rules (``kv_offload.policy_for``); transfer faults arrive through ``transfers`` (its
+    ``TransferEngine``, armed by faults/sim_injector.py). Text requests only."""
 
-    def __init__(self, config: SchedulerConfig, offload: ko.OffloadConfig, policy: ko.OffloadPolicy | None = None,
-                 plan=None):
+    def __init__(self, config: SchedulerConfig, offload: ko.OffloadConfig, policy: ko.OffloadPolicy | None = None):
         if not config.enable_prefix_caching:
             raise ValueError("KV offloading needs prefix caching (block hashes): set enable_prefix_caching")
         if offload.block_size != config.block_size:
             raise ValueError("offload.block_size must equal the scheduler's block_size")
         super().__init__(config)
         self.policy = policy or ko.policy_for()
-        self.kv_connector = OffloadingConnector(self, offload, self.policy, plan)
+        self.kv_connector = OffloadingConnector(self, offload, self.policy)
+
+    @property
+    def transfers(self) -> ko.TransferEngine:
+        """The worker's transfer engine (its fault hooks: ``slow_down``, ``fail_between``)."""
+        return self.kv_connector.engine
 
     def add_request(self, spec, now):
         if spec.mm:

@@ -25,8 +25,9 @@ scheduling:
   into ``self.connector``: lookup, ``update_state_after_alloc``, ``WAITING_FOR_REMOTE_KVS``,
   ``build_connector_meta``, ``request_finished``, the worker's output (models/offload_scheduler.py).
 
-Mutant policies (deliberately wrong variants the differential checker must catch) are selected
-with ``SchedulerConfig.mutant``; see :data:`MUTANTS`.
+vLLM's rules that the differential checks' mutants break are class attributes
+(``continue_past_deferred``, ``requeue_skipped_at_front``, ``admit_full_sequence``); the broken
+variants are subclasses that live with the checkers (harness/checkers/mutants.py).
 """
 
 from __future__ import annotations
@@ -34,21 +35,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, fields
 
-from ..harness.workload import RequestSpec, prompt_token_ids
+from .request import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
 from .kv_cache import BlockPool, EncoderCacheManager
 from .step import Finished, StepResult, hash_str, sampled_token
 
 WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
 WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # a KV load from the connector in flight
-
-MUTANTS = {
-    None: "faithful to vLLM 0.26.0",
-    "ec-stop-at-deferred": "stop the waiting loop at the first deferred request instead of continuing",
-    "ec-requeue-back": "re-queue a deferred request at the back of the waiting queue",
-    "no-full-admission": "admit a request when its first chunk fits, not its full sequence",
-}
-
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -63,7 +56,6 @@ class SchedulerConfig:
     encoder_compute_budget: int = 8192  # max_num_encoder_input_tokens
     encoder_cache_size: int = 8192
     enable_prefix_caching: bool = False
-    mutant: str | None = None
 
     def validate(self) -> "SchedulerConfig":
         for f in fields(self):
@@ -80,8 +72,6 @@ class SchedulerConfig:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
                              f"({self.max_model_len}) with chunked prefill off (vLLM rejects this too)")
-        if self.mutant not in MUTANTS:
-            raise ValueError(f"unknown mutant {self.mutant!r} (known: {', '.join(m for m in MUTANTS if m)})")
         return self
 
 
@@ -177,6 +167,11 @@ class Scheduler:
 
     # ---- schedule() --------------------------------------------------------------------
 
+    # vLLM 0.26.0's rules (a mutant subclass breaks one of them)
+    continue_past_deferred = True    # PR #41627: a request deferred for its EC items is skipped, later ones run
+    requeue_skipped_at_front = True  # skipped requests go back to the front of the queue, in order
+    admit_full_sequence = True       # a new request is admitted only if its full sequence's blocks fit
+
     def schedule(self, now: float) -> StepResult:
         cfg = self.config
         res = StepResult()
@@ -256,7 +251,7 @@ class Scheduler:
                     if (self.ec_connector is not None and req.mm
                             and not self.ec_connector.ensure_cache_available(req, computed)):
                         res.deferred.append(rid)
-                        if cfg.mutant == "ec-stop-at-deferred":
+                        if not self.continue_past_deferred:
                             break
                         queue.popleft()
                         step_skipped_waiting.appendleft(req)
@@ -290,7 +285,7 @@ class Scheduler:
                 # allocate_slots: hit blocks still in the free queue count against it
                 extra = (self.watermark_blocks if running else 0) + (pool.num_evictable(hit) if hit else 0)
                 free = len(free_blocks)
-                full = num_tokens if cfg.mutant != "no-full-admission" else computed + n
+                full = num_tokens if self.admit_full_sequence else computed + n
                 held = reserved = 0
                 if kv is not None:  # a request admitted after its KV load holds its blocks
                     held = len(pool.req_blocks.get(rid, ()))
@@ -326,10 +321,10 @@ class Scheduler:
                     self._allocate_encoder_inputs(req, enc, ext, res)
                     encoder_budget = new_encoder_budget
             if step_skipped_waiting:
-                if cfg.mutant == "ec-requeue-back":
-                    self.waiting.extend(reversed(step_skipped_waiting))
-                else:
+                if self.requeue_skipped_at_front:
                     self.skipped_waiting.extendleft(step_skipped_waiting)
+                else:
+                    self.waiting.extend(reversed(step_skipped_waiting))
         if kv is not None:
             kv.build_connector_meta(res, now)
         return res

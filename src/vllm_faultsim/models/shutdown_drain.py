@@ -35,7 +35,7 @@ from typing import Callable
 
 import simpy
 
-from ..harness.trace import t as tr
+from .events import t as tr
 
 CONNECTORS = ("kv", "ec")
 ROLES = ("worker", "scheduler")

@@ -8,24 +8,16 @@ Mutants (deliberately wrong simulator policies) show the checker catches what it
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...faults.plan import FaultPlan, validate_plan
-from ...models.ec_connector import ECConnector, PrefetchSchedule
+from ...models.ec_connector import ECConnector
 from ...models.scheduler import Scheduler, SchedulerConfig
 from ..checkers.divergence import Divergence, first_divergence
-from .simulate import RunConfig, run_engine
+from ..mutants import SCHEDULER_MUTANTS
+from .simulate import RunConfig, prefetch_schedule, run_engine
 from ..workload import spec_from_dict, spec_to_dict, validate
-
-# mutant name -> (scheduler mutant, EC policy) applied to the simulator side
-MUTANTS: dict[str, tuple[str | None, str]] = {
-    "ec-stop-at-deferred": ("ec-stop-at-deferred", "future-only"),   # (a) break at the first deferred request
-    "ec-check-all-features": (None, "all-features"),                 # (b) wait for past features too
-    "ec-requeue-back": ("ec-requeue-back", "future-only"),           # (c) deferred request to the back
-    "no-full-admission": ("no-full-admission", "future-only"),       # admit when the first chunk fits
-}
-
 
 @dataclass(frozen=True)
 class DiffCase:
@@ -47,12 +39,13 @@ class DiffCase:
 
 
 def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]:
-    """Events of one side. side: "sim" or "real"; a mutant only changes the simulator."""
-    sched_mutant, ec_policy = MUTANTS[mutant] if mutant else (None, "future-only")
+    """Events of one side. side: "sim" or "real"; a mutant (harness/mutants.py) only changes the
+    simulator."""
+    scheduler_cls, ec_policy = SCHEDULER_MUTANTS[mutant] if mutant else (Scheduler, "future-only")
     cfg = RunConfig(scheduler=case.scheduler, seed=case.seed)
-    prefetch = PrefetchSchedule(case.specs, case.plan)
+    prefetch = prefetch_schedule(case.specs, case.plan)
     if side == "sim":
-        core = Scheduler(replace(case.scheduler, mutant=sched_mutant), ECConnector(prefetch, ec_policy))
+        core = scheduler_cls(case.scheduler, ECConnector(prefetch, ec_policy))
     else:
         from ..drivers.real_scheduler import RealSchedulerCore
         core = RealSchedulerCore(case.scheduler, ec=prefetch)

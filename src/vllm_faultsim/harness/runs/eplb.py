@@ -3,10 +3,98 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import replace
 
+import simpy
+
+from ...faults.sim_injector import SimInjector
 from ...models import eplb as me
+from ...models import events
+from ...models.engine import EngineCore
+from ...models.step import StepResult
 from ..checkers.eplb import Tolerance, _cycles, _rank_events, compare, real_events
+from ..mutants import EPLB_MUTANTS
+
+
+# ---- the engine loop as the real driver runs it ------------------------------------------------
+
+class _Recorded:
+    """Mixed into an ``EplbState``: also records each ``step()`` call (``step``) and the call that
+    raises (``step_error``), as the real driver records them."""
+
+    def step(self, step_index: int) -> float:
+        self.emit(events.eplb("step", step=step_index, t=events.t(self.env.now)))
+        try:
+            return super().step(step_index)
+        except me.EplbRankDeath:
+            self.emit(events.eplb("step_error", step=step_index, t=events.t(self.env.now)))
+            raise
+
+
+class _ForwardOnly:
+    """The scheduler core of the real EPLB driver's main loop: one forward pass a step, no
+    requests, until ``cycles`` rearrangements are consumed and ``extra_steps`` more steps ran, or
+    the next ``EplbState.step()`` would start one rearrangement more."""
+
+    def __init__(self, state: me.EplbState, cycles: int, extra_steps: int, max_steps: int):
+        self.state, self.cycles, self.extra_steps, self.max_steps = state, cycles, extra_steps, max_steps
+        self.consumed_last = 0   # consumptions of the last layer so far (one per rearrangement)
+        self.steps = 0
+        self.done_at: int | None = None
+        self.over = False
+
+    def has_unfinished_requests(self) -> bool:
+        st = self.state
+        if self.done_at is not None and st.expert_rearrangement_step + 1 >= st.cfg.step_interval:
+            self.over = True  # the next step() would start one rearrangement more
+        return not self.over and self.steps < self.max_steps
+
+    def schedule(self, now: float) -> StepResult:
+        return StepResult(sched={"forward": 1}, computed_before={"forward": 0}, prompt_len={"forward": 1})
+
+    def update_from_output(self, res: StepResult, now: float) -> list:
+        s = self.steps
+        self.steps += 1
+        if self.done_at is None and self.consumed_last == self.cycles:
+            self.done_at = s
+        if self.done_at is not None and s >= self.done_at + self.extra_steps:
+            self.over = True
+        return []
+
+    def count_consume(self, ev: dict) -> None:
+        if ev.get("event") == "consume" and ev["layer"] == self.state.cfg.layers - 1:
+            self.consumed_last += 1
+
+    def fail_all(self) -> list[str]:
+        return []
+
+    def counts(self) -> tuple[int, int]:
+        return 0, 0
+
+
+def simulate_main_loop(cfg: me.EplbConfig, policy, *, forward_s: float, cycles: int, extra_steps: int,
+                       plan=None, max_steps: int = 100_000, state_cls: type[me.EplbState] = me.EplbState) -> list[dict]:
+    """The engine loop (models/engine.py) reduced to what EPLB sees, as the real driver runs it: a
+    forward of ``forward_s``, then ``EplbState.step()``, until ``cycles`` rearrangements are done
+    and ``extra_steps`` more ran (or the next step would rearrange again), or the step raises.
+    Returns the ``eplb`` trace events, with a ``step`` event at each ``EplbState.step()`` call.
+    ``state_cls``: the ``EplbState`` (or a mutant of it, harness/mutants.py)."""
+    env = simpy.Environment()
+    out: list[dict] = []
+    core: _ForwardOnly | None = None
+
+    def emit(ev: dict) -> None:
+        if ev["kind"] == "eplb":
+            out.append(ev)
+            core.count_consume(ev)
+
+    state = type("RecordedEplbState", (_Recorded, state_cls), {})(env, cfg, policy, emit)
+    core = _ForwardOnly(state, cycles, extra_steps, max_steps)
+    injector = SimInjector(plan)
+    injector.arm_eplb(state)
+    engine = EngineCore(env, core, (), lambda *shape: forward_s, emit, eplb=state, full_trace=False)
+    injector.arm_engine(engine)
+    env.run(until=engine.process)
+    return out
 
 # ---- the model for a real run; calibration -----------------------------------------------------
 
@@ -35,14 +123,16 @@ def forward_s(result: dict) -> float:
 
 def simulate_like(result: dict, link: me.EplbLink, *, step_sync: float, mutant: str | None = None,
                   plan=None) -> list[dict]:
-    """The model run the way the real driver ran: same shape, maps, interval, forward, faults."""
+    """The model run the way the real driver ran: same shape, maps, interval, forward, faults;
+    ``mutant`` names a broken twin of harness/mutants.py."""
     c = result["config"]
-    cfg = replace(model_config(result, link, step_sync=step_sync), mutant=mutant)
+    cfg = model_config(result, link, step_sync=step_sync)
     if plan is None and c["slow_link"] != 1.0:
         from ...faults.plan import validate_plan
         plan = validate_plan([{"kind": "slow_link", "start": 0, "end": 1e9, "factor": c["slow_link"]}])
-    return me.simulate_main_loop(cfg, replay_policy(result), forward_s=forward_s(result), cycles=c["cycles"],
-                                 extra_steps=c["extra_steps"], plan=plan)
+    return simulate_main_loop(cfg, replay_policy(result), forward_s=forward_s(result), cycles=c["cycles"],
+                              extra_steps=c["extra_steps"], plan=plan,
+                              state_cls=EPLB_MUTANTS[mutant] if mutant else me.EplbState)
 
 
 def _moved(ev: dict, expert_bytes: int) -> int:
@@ -130,7 +220,7 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
         rep = compare(res, simulate_like(res, link, step_sync=sync), tol)
         summary["runs"].append({"shape": res["config"]["shape"], "slow_link": res["config"]["slow_link"],
                                 "ok": rep.ok, "errors": rep.errors, "rows": rep.rows})
-        for mutant in me.MUTANTS:
+        for mutant in EPLB_MUTANTS:
             m = compare(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol)
             summary["mutants"].append({"mutant": mutant, "shape": res["config"]["shape"]["layers"],
                                        "slow_link": res["config"]["slow_link"], "caught": not m.ok,

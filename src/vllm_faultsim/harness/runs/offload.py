@@ -1,116 +1,57 @@
-"""KV offloading: the engine step loop for offload runs, the per-step checker, the end invariants
-and the generated cases of the differential tests.
+"""KV offloading's differential runs: the generated cases and upstream's scenarios, each run
+through the engine loop (models/engine.py) on the real vLLM Scheduler + OffloadingConnector, the
+real Scheduler with the model's connector, or the pure simulator, and judged by the checker
+(harness/checkers/offload.py).
 
-``run_offload`` mirrors ``EngineCore.step()`` for a core with a KV connector: while the core
-``has_requests()`` (vLLM's ``Scheduler.has_requests()``: unfinished requests, finished ids not yet
-reported and, with 0.24+, ``has_pending_push_work``) it schedules, runs the step (an empty step
-takes ``idle_step`` seconds: the 1 ms sleep of ``EngineCore`` plus a no-forward pass; a step whose
-worker waits on flushed jobs takes that much longer) and applies the output -- empty steps included, since that is where the worker reports completions. A
-``kill_engine`` fault stops it; a failed transfer (``TransferFailed``) kills it too. Either way
-the ``end`` event lists the offloading jobs that were lost.
-
-The checker compares two traces step by step (scheduled tokens, preemptions, finishes and the
-``kv`` events) and reports every differing step (up to a limit). ``invariants`` checks one trace:
-nothing is lost (every job is retired, a flushed job is retired in its step, nothing is pending
-after the drain, a death reports exactly the jobs in flight) and every finished request's full
-prompt chunks are offloaded or the reason they are not is in the trace.
+``run_offload`` steps a core with a KV connector as the engine loop does for every run: while the
+core ``has_requests()`` (vLLM's ``Scheduler.has_requests()``: unfinished requests, finished ids not
+yet reported and, with 0.24+, ``has_pending_push_work``) it schedules, runs the step (an empty step
+takes ``IDLE_STEP``: the 1 ms sleep of ``EngineCore`` plus a no-forward pass; a step whose worker
+waits on flushed jobs takes that much longer) and applies the output -- empty steps included,
+since that is where the worker reports completions. A ``kill_engine`` fault or a failed transfer
+(``TransferFailed``) kills it; the ``end`` event it adds names what the checker judges: the jobs
+still pending, or the death, the jobs it lost and the requests that failed.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Callable
+
+import simpy
 
 from ...faults.plan import FaultPlan, validate_plan
+from ...faults.sim_injector import SimInjector
+from ...models import events as ev
 from ...models import kv_offload as ko
-from ...models.engine import IDLE_STEP
+from ...models.engine import EngineCore
 from ...models.step_time import LinearStepTime
 from ..checkers.offload import compare, invariants, kv_summary
+from ..invariants import Invariants
 from ..workload import RequestSpec, validate
 
 STEP_TIME = LinearStepTime(base=0.008, prefill_token=4e-05, decode_req=0.0001, context_token=5e-08, name="offload")
 
 
-def run_offload(core, specs, *, step_time: Callable[[int, int, int], float] = STEP_TIME,
-                idle_step: float = IDLE_STEP, plan: FaultPlan | None = None, max_steps: int = 200_000) -> list[dict]:
-    """Drive `core` over `specs`; returns the trace events (step, req, fault, proc, end)."""
-    plan = plan or FaultPlan()
-    kills = sorted(f.at for f in plan.of_kind("kill_engine"))
-    slow = [(f.start, f.end, f.factor) for f in plan.of_kind("slow_steps")]
-    events: list[dict] = []
-    specs = list(specs)
-    t, i, step = 0.0, 0, 0
-    arrival: dict[str, float] = {}
-    dead = None
-    while step < max_steps:
-        while i < len(specs) and specs[i].arrival <= t:
-            core.add_request(specs[i], t)
-            arrival[specs[i].req_id] = specs[i].arrival
-            i += 1
-        if kills and kills[0] <= t:
-            dead = ("kill_engine", kills[0])
-            break
-        if not core.has_requests():
-            if i == len(specs):
-                break
-            t = specs[i].arrival
-            if kills and kills[0] <= t:
-                t = kills[0]
-            continue
-        res = core.schedule(t)
-        dur = step_time(*res.shape()) if res.sched else idle_step
-        # the worker blocks on flushed jobs before the forward (handle_preemptions -> wait)
-        dur += (res.kv or {}).get("wait", 0.0)
-        for s, e, f in slow:
-            if s <= t < e:
-                dur *= f
-        if kills and kills[0] < t + dur:  # killed mid-step: the output never comes back
-            ev = _step_event(step, t, kills[0] - t, res, ())
-            events.append(ev)
-            t = kills[0]
-            dead = ("kill_engine", t)
-            break
-        try:
-            finished = core.update_from_output(res, t + dur)
-        except ko.TransferFailed as exc:
-            events.append(_step_event(step, t, dur, res, ()))
-            events.append({"kind": "proc", "t": round(t + dur, 9), "event": "engine_dead",
-                           "cause": "kv_transfer_failed", "failed": exc.failed})
-            t += dur
-            dead = ("kv_transfer_failed", t)
-            break
-        check = getattr(core, "check", None)
-        problem = check() if check is not None else None
-        if problem:
-            raise AssertionError(f"step {step} (t={t + dur:.6f}s): {problem}")
-        events.append(_step_event(step, t, dur, res, finished))
-        for f in finished:
-            events.append({"kind": "req", "req": f.req_id, "status": f.status, "arrival": arrival.pop(f.req_id),
-                           "finish": round(t + dur, 9), "num_output": f.num_output})
-        t += dur
-        step += 1
-    end: dict = {"kind": "end", "t": round(t, 9), "steps": step, "pending": core.pending_jobs()}
-    if dead is not None:
-        events.append({"kind": "fault", "t": round(dead[1], 9), "cause": dead[0]})
-        end["dead"] = dead[0]
-        end["lost"] = end.pop("pending")
-        failed = core.fail_all()
-        end["failed_requests"] = sorted(set(failed) | set(arrival) | {s.req_id for s in specs[i:]})
-    events.append(end)
-    return events
-
-
-def _step_event(step, t, dur, res, finished) -> dict:
-    ev = {"kind": "step", "step": step, "t": round(t, 9), "dur": round(dur, 9), "sched": dict(res.sched)}
-    if res.preempted:
-        ev["preempted"] = list(res.preempted)
-    if finished:
-        ev["finished"] = [f.req_id for f in finished]
-    if res.kv:
-        ev["kv"] = res.kv
-    return ev
-
+def run_offload(core, specs, *, plan: FaultPlan | None = None, limits: Invariants | None = None) -> list[dict]:
+    """Drive `core` over `specs` through the engine loop under `plan`; returns the trace events
+    (step, req, fault, proc, kv_lost) and the ``end`` event: ``steps``, then ``pending`` (the
+    connector's jobs not retired) or, after a death, ``dead`` (its cause), ``lost`` (the jobs in
+    flight) and ``failed_requests``. ``limits``: the per-step invariants (harness/invariants.py)."""
+    env = simpy.Environment()
+    out: list[dict] = []
+    engine = EngineCore(env, core, specs, STEP_TIME, out.append, invariants=limits)
+    SimInjector(plan).arm_engine(engine)
+    env.run()
+    end: dict = {"steps": engine.stats.steps}
+    if engine.alive:
+        end["pending"] = core.pending_jobs()
+    else:
+        lost = next((e for e in out if e["kind"] == "kv_lost"), {"cause": "engine_dead", "jobs": []})
+        end["dead"], end["lost"] = lost["cause"], lost["jobs"]
+        end["failed_requests"] = sorted(e["req"] for e in out if e["kind"] == "req" and e["status"] in ("failed", "aborted"))
+    out.append(ev.end(env.now, **end))
+    return out
 
 
 # ---- generated cases ---------------------------------------------------------------------------
@@ -223,19 +164,22 @@ def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None
     cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                           block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
                           enable_prefix_caching=True)
-    return OffloadScheduler(cfg, case.offload, ko.policy_for(policy, mutant), case.plan)
+    core = OffloadScheduler(cfg, case.offload, ko.policy_for(policy, mutant))
+    SimInjector(case.plan).arm_transfers(core.transfers)
+    return core
 
 
 def run_case(case: Case, connector: str, *, policy: str | None = None, mutant: str | None = None) -> list[dict]:
     """One side of a case: the real Scheduler with vLLM's OffloadingConnector (``"real"``), the
     real Scheduler with the simulator's model (``"sim"``), or the pure simulator (``"puresim"``:
     simulated Scheduler + model, no vLLM), the last two under `policy`/`mutant`."""
+    limits = Invariants(case.sched.max_num_batched_tokens, case.sched.max_num_seqs)
     if connector == "puresim":
-        return run_offload(sim_core(case, policy=policy, mutant=mutant), case.specs, plan=case.plan)
+        return run_offload(sim_core(case, policy=policy, mutant=mutant), case.specs, plan=case.plan, limits=limits)
     from ..drivers.real_offload import RealOffloadCore
     kw = dict(policy=policy, mutant=mutant) if connector == "sim" else {}
     core = RealOffloadCore(case.sched, case.offload, connector=connector, plan=case.plan, **kw)
-    return run_offload(core, case.specs, plan=case.plan)
+    return run_offload(core, case.specs, plan=case.plan, limits=limits)
 
 
 def check_case(case: Case, *, policy: str | None = None, mutant: str | None = None, side: str = "sim",

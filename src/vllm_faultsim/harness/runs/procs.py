@@ -11,13 +11,26 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from ...faults.plan import PHASES, SIGNALS, FaultPlan, validate_plan
-from ...models.engine_procs import MUTANTS, POLICIES, LatencyModel, ProcScenario, simulate
+from ...faults.sim_injector import SimInjector
+from ...models.engine_procs import MUTANTS, POLICIES, LatencyModel, LivenessPolicy, ProcScenario, ProcSim
 from ...models.shutdown_drain import ConnectorOp
 from ..checkers.procs import (MATRIX_PHASES, code0_naming, compare, compare_code0_naming, compare_latency,
                               latencies)
+from ..trace import Trace, header
 
 MAX_ATTEMPTS = 3    # a real run more than SLIP_LIMIT late against its schedule is run again up to this many times
 SLIP_LIMIT = 0.03
+
+
+def simulate_procs(sc: ProcScenario, plan: FaultPlan, policy: LivenessPolicy | str = "mp-0.26", *, seed: int = 0,
+                   latency: LatencyModel | None = None, trace_path: str | Path | None = None) -> list[dict]:
+    """Run the engine-process model once under `plan` (its kills armed by the simulator's
+    injector); returns the trace's events (also written to ``trace_path``)."""
+    policy = POLICIES[policy] if isinstance(policy, str) else policy
+    with Trace(trace_path) as trace:
+        trace.emit(header("sim", seed, {"policy": policy.name, "scenario": sc.to_dict(), "plan": plan.to_dict()}))
+        ProcSim(sc, SimInjector(plan).kills(), policy, seed=seed, latency=latency, emit=trace.emit).run()
+    return trace.events
 
 
 def matrix_scenario(dp_size: int = 2) -> ProcScenario:
@@ -164,11 +177,11 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
                 break
             log(f"{case.name}: the run slipped {slip * 1e3:.0f} ms behind its schedule (machine stalled); "
                 f"{'running it again' if attempt < MAX_ATTEMPTS else 'giving up on a valid run'}")
-        sim = simulate(sc, plan, policy, seed=seed, latency=model,
+        sim = simulate_procs(sc, plan, policy, seed=seed, latency=model,
                        trace_path=out / f"{case.name}.sim.jsonl" if out is not None else None)
         diffs = compare(sim, real)
         for m in mutants:
-            if compare(simulate(sc, plan, m, seed=seed, latency=model), real):
+            if compare(simulate_procs(sc, plan, m, seed=seed, latency=model), real):
                 caught[m].append(case.name)
         measured += latencies(real)
         res = CaseResult(case, time.perf_counter() - t, diffs, real, sim)
@@ -230,7 +243,7 @@ def main(args) -> int:
             out.mkdir(parents=True, exist_ok=True)
         real = run_case(sc, case.plan(), seed=args.seed, backend=args.backend,
                         trace_path=out / f"{case.name}.real.jsonl" if out else None)
-        sim = simulate(sc, case.plan(), policy, seed=args.seed,
+        sim = simulate_procs(sc, case.plan(), policy, seed=args.seed,
                        trace_path=out / f"{case.name}.sim.jsonl" if out else None)
     diffs = compare(sim, real)
     for d in diffs:

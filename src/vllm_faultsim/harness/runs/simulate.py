@@ -15,6 +15,7 @@ import random
 import simpy
 
 from ...faults.plan import FaultPlan
+from ...faults.sim_injector import SimInjector
 from ...models import eplb as eplb_model
 from ...models import kv_offload as ko
 from ...models.ec_connector import ECConnector, PrefetchSchedule
@@ -132,13 +133,13 @@ def liveness_model(cfg: RunConfig) -> LatencyModel:
         raise ConfigError(f"liveness profile {cfg.liveness!r}: {exc}") from None
 
 
-def detection(cfg: RunConfig, plan: FaultPlan) -> Callable[[str], float]:
+def detection(cfg: RunConfig, injector: SimInjector) -> Callable[[str], float]:
     """Engine-death latencies drawn from the liveness profile (MP engine cores), seeded by the run."""
     model = liveness_model(cfg)
-    for f in plan.of_kind("kill_engine"):
-        if not model.has("mp", CAUSES[f.signal]):
-            raise ConfigError(f"liveness profile {cfg.liveness!r} has no mp/{CAUSES[f.signal]} latencies "
-                              f"for a {f.signal} fault (measured profiles: liveness_h100 has all)")
+    for signal in injector.signals():
+        if not model.has("mp", CAUSES[signal]):
+            raise ConfigError(f"liveness profile {cfg.liveness!r} has no mp/{CAUSES[signal]} latencies "
+                              f"for a {signal} fault (measured profiles: liveness_h100 has all)")
     rng = random.Random(f"liveness:{cfg.seed}")
     return lambda cause: model.sample(rng, "mp", cause)
 
@@ -169,11 +170,20 @@ class RunResult:
     events: list[dict]
 
 
+def prefetch_schedule(specs, plan: FaultPlan) -> PrefetchSchedule:
+    """The EC prefetch schedule of `specs`, with the plan's EC faults armed."""
+    prefetch = PrefetchSchedule(specs)
+    SimInjector(plan).arm_prefetch(prefetch)
+    return prefetch
+
+
 def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace_path: str | Path | None = None,
                keep: bool | frozenset[str] = True, full_trace: bool = True, prefetch: PrefetchSchedule | None = None,
                wakeups: tuple = (), progress: Callable[[float], None] | None = None) -> RunResult:
-    """Drive `core` through the engine loop over `specs`; write the trace; return summary + events."""
+    """Drive `core` through the engine loop over `specs` under `plan` (its faults armed by the
+    simulator's injector); write the trace; return summary + events."""
     step_time = load_profile(cfg.profile)
+    injector = SimInjector(plan)
     kinds = True if keep is True else frozenset(keep or ()) | {"req"}  # req events feed the summary
     with Trace(trace_path, keep=kinds) as trace:
         trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()}))
@@ -182,15 +192,16 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
         if cfg.eplb is not None:
             ecfg = eplb_model.config_from_dict(cfg.eplb)
             eplb = eplb_model.EplbState(env, ecfg, eplb_model.shuffle_policy(ecfg, random.Random(f"eplb:{cfg.seed}")),
-                                        trace.emit, plan=plan)
-        elif plan.of_kind("slow_link", "eplb_rank_death"):
-            raise ConfigError(f"fault {plan.of_kind('slow_link', 'eplb_rank_death')[0].kind} needs an eplb section "
-                              "in the run config")
-        engine = EngineCore(env, core, specs, step_time, trace, plan=plan, eplb=eplb,
+                                        trace.emit)
+            injector.arm_eplb(eplb)
+        elif injector.eplb_faults():
+            raise ConfigError(f"fault {injector.eplb_faults()[0].kind} needs an eplb section in the run config")
+        engine = EngineCore(env, core, specs, step_time, trace.emit, eplb=eplb,
                             wakeups=((prefetch,) if prefetch else ()) + tuple(wakeups),
-                            detection=detection(cfg, plan),
+                            detection=detection(cfg, injector),
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
                             full_trace=full_trace, progress=progress)
+        injector.arm_engine(engine)
         try:
             env.run()
         finally:
@@ -214,13 +225,14 @@ def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str |
              progress: Callable[[float], None] | None = None) -> RunResult:
     """Run the simulator on `cfg` (or on explicit `specs`) under `plan`."""
     plan = plan or FaultPlan()
+    injector = SimInjector(plan)
     specs = build_workload(cfg) if specs is None else specs
-    prefetch = PrefetchSchedule(specs, plan)
+    prefetch = prefetch_schedule(specs, plan)
     if cfg.kv_offload:
         kv = dict(cfg.kv_offload)
         policy = ko.OffloadPolicy(kv.pop("policy"))
-        core = OffloadScheduler(cfg.scheduler, ko.OffloadConfig(block_size=cfg.scheduler.block_size, **kv),
-                                policy, plan)
+        core = OffloadScheduler(cfg.scheduler, ko.OffloadConfig(block_size=cfg.scheduler.block_size, **kv), policy)
+        injector.arm_transfers(core.transfers)
     else:
         core = Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy))
     return run_engine(core, specs, cfg, plan, side="sim", trace_path=trace_path, keep=keep,
