@@ -48,7 +48,6 @@ MARKERS = {
     "gpu": "simulator vs the real vLLM engine on a CUDA GPU",
 }
 SHOWN_RUNS = 4  # a failing test's report shows its last runs (Hypothesis replays the failing example last)
-TRACE_KINDS = frozenset({"header", "step", "req", "kv_lost", "eplb", "fault", "proc", "end"})
 
 _RUNS = pytest.StashKey[list]()
 
@@ -210,37 +209,21 @@ class FaultsimRun:
 
 
 def check_trace(path: str | Path, events: list[dict] | None = None) -> list[dict]:
-    """Read a trace file back and check its shape: a header of this schema first, known event kinds,
-    step indices increasing and step times non-decreasing, one ``req`` event per request, an ``end``
-    last whose summary ends the run; the same events as `events` when given. Returns the events."""
+    """Read a trace file back and check it against the schema (harness/trace.py ``validate_trace``:
+    header first, known event kinds and fields, steps in order, one ``req`` event per request), an
+    ``end`` last whose summary ends the run, and the same events as `events` when given. Returns
+    the events."""
     from . import trace as trace_mod
 
-    read = trace_mod.read_trace(path)
+    try:
+        read = trace_mod.read_trace(path)
+    except ValueError as exc:  # TraceError included
+        raise AssertionError(f"invalid trace: {exc}") from None
     problems = []
-    kinds = {e.get("kind") for e in read}
-    if kinds - TRACE_KINDS:
-        problems.append(f"unknown event kinds {sorted(map(str, kinds - TRACE_KINDS))}")
     if read[-1].get("kind") != "end" or "summary" not in read[-1]:
         problems.append(f"the last event is {read[-1].get('kind')!r}, not the run's end with its summary")
-    if [e for e in read[1:] if e.get("kind") == "header"]:
-        problems.append("a second header")
-    last_step, last_t, seen = -1, float("-inf"), set()
-    for e in read:
-        if e.get("kind") == "step":
-            if not e.get("step", -1) > last_step or not e.get("t", -1.0) >= last_t:
-                problems.append(f"step {e.get('step')} at t={e.get('t')} after step {last_step} at t={last_t}")
-                break
-            last_step, last_t = e["step"], e["t"]
-        elif e.get("kind") == "req":
-            if e.get("req") in seen:
-                problems.append(f"two req events for request {e.get('req')!r}")
-                break
-            seen.add(e.get("req"))
     if events is not None and json.loads(json.dumps(events)) != read:
         problems.append("the file's events differ from the run's")
-    validator = getattr(trace_mod, "validate_trace", None)  # the schema's own validator, where it has one
-    if validator is not None:
-        validator(read)
     if problems:
         raise AssertionError(f"{path}: invalid trace: {'; '.join(problems)}")
     return read

@@ -38,8 +38,10 @@ A trace is a sequence of events (dicts). The first is a ``header``; then, in tim
               ``lost`` (still pending when the process exited)
 - ``end``     the run's end time and summary
 
-The checker compares events of both sides; it never looks at either side's internal state.
-Serialisation is canonical (fixed key order, compact separators, rounded floats), so the same
+Events are built by models/events.py (one constructor per kind) on both sides;
+:func:`validate_event` / :func:`validate_trace` check a trace against this schema (the tests run
+every trace they write through them). The checker compares events of both sides; it never looks
+at either side's internal state. Serialisation is canonical (fixed key order, compact separators, rounded floats), so the same
 seed and inputs give the same bytes.
 """
 
@@ -125,17 +127,94 @@ class Trace:
         return [e for e in self.events if e["kind"] == kind]
 
 
+# ---- the schema as code -------------------------------------------------------------------------
+
+class TraceError(ValueError):
+    """A trace that breaks the schema; the message is one line naming the event and the field."""
+
+
+_NUM = (int, float)
+_OPT_NUM = (int, float, type(None))
+# kind -> {field: accepted types}: the fields every event of the kind carries
+REQUIRED: dict[str, dict[str, tuple]] = {
+    "header": {"schema": (str,), "side": (str,), "seed": (int,), "config": (dict,)},
+    "step": {"step": (int,), "t": _NUM, "dur": _NUM, "sched": (dict,)},
+    "req": {"req": (str,), "status": (str,), "arrival": _NUM, "first_token": _OPT_NUM, "finish": _OPT_NUM,
+            "num_output": (int, type(None)), "preemptions": (int,)},
+    "fault": {"t": _OPT_NUM, "fault": (dict,)},
+    "proc": {"t": _NUM, "event": (str,)},
+    "kv_lost": {"t": _NUM, "cause": (str,), "jobs": (list,)},
+    "eplb": {"event": (str,)},
+    "end": {"t": _NUM},
+}
+# optional step fields and their types
+STEP_OPTIONAL = {"deferred": list, "preempted": list, "finished": list, "enc": dict, "ec_loaded": list, "kv": dict}
+STATUSES = ("length", "stop", "failed", "aborted")
+
+
+def validate_event(ev: dict, where: str = "event") -> None:
+    """Raise :class:`TraceError` if `ev` is not an event of the schema."""
+    kind = ev.get("kind") if isinstance(ev, dict) else None
+    fields = REQUIRED.get(kind)
+    if fields is None:
+        raise TraceError(f"{where}: unknown event kind {kind!r} (known: {', '.join(REQUIRED)})")
+    for name, types in fields.items():
+        if name not in ev:
+            raise TraceError(f"{where}: {kind} event without {name!r}")
+        v = ev[name]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
+            raise TraceError(f"{where}: {kind}.{name} is {type(v).__name__} {v!r}")
+    if kind == "step":
+        if ev["dur"] < 0:
+            raise TraceError(f"{where}: step.dur is negative ({ev['dur']!r})")
+        for rid, n in ev["sched"].items():
+            if not isinstance(rid, str) or not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+                raise TraceError(f"{where}: step.sched[{rid!r}] is {n!r} (a positive token count)")
+        for name, typ in STEP_OPTIONAL.items():
+            if name in ev and not isinstance(ev[name], typ):
+                raise TraceError(f"{where}: step.{name} is {type(ev[name]).__name__}")
+    elif kind == "req" and ev["status"] not in STATUSES:
+        raise TraceError(f"{where}: req.status {ev['status']!r} (known: {', '.join(STATUSES)})")
+    elif kind == "header" and ev["schema"] != SCHEMA:
+        raise TraceError(f"{where}: header.schema {ev['schema']!r}, this version writes {SCHEMA!r}")
+
+
+def validate_trace(events: Iterable[dict], source: str = "trace") -> None:
+    """Raise :class:`TraceError` unless `events` is a trace of the schema: a header first and only
+    there, every event valid, steps numbered in order with start times that never go back, one
+    ``req`` event per request, nothing after the ``end``."""
+    last_step, last_t, seen, ended = -1, float("-inf"), set(), False
+    for n, ev in enumerate(events):
+        where = f"{source}: event {n}"
+        validate_event(ev, where)
+        kind = ev["kind"]
+        if (kind == "header") != (n == 0):
+            raise TraceError(f"{where}: {'the first event is not a header' if n == 0 else 'a second header'}")
+        if ended:
+            raise TraceError(f"{where}: {kind} event after the end")
+        if kind == "step":
+            if ev["step"] <= last_step or ev["t"] < last_t:
+                raise TraceError(f"{where}: step {ev['step']} at t={ev['t']} after step {last_step} at t={last_t}")
+            last_step, last_t = ev["step"], ev["t"]
+        elif kind == "req":
+            if ev["req"] in seen:
+                raise TraceError(f"{where}: a second req event for request {ev['req']!r}")
+            seen.add(ev["req"])
+        ended = kind == "end"
+
+
 def header(side: str, seed: int, config: dict) -> dict:
     return {"kind": "header", "schema": SCHEMA, "side": side, "seed": seed, "config": config}
 
 
 def read_trace(path: str | Path) -> list[dict]:
-    """Read a JSONL trace; refuses a file of another schema version."""
+    """Read a JSONL trace; refuses a file of another schema version or one that breaks the schema."""
     events = list(iter_jsonl(path))
     if not events or events[0].get("kind") != "header":
         raise ValueError(f"{path}: not a vllm-faultsim trace (no header line)")
     if events[0].get("schema") != SCHEMA:
         raise ValueError(f"{path}: trace schema {events[0].get('schema')!r}, this version reads {SCHEMA!r}")
+    validate_trace(events, str(path))
     return events
 
 

@@ -28,6 +28,7 @@ from ...models.engine import EngineCore
 from ...models.step_time import LinearStepTime
 from ..checkers.offload import compare, invariants, kv_summary
 from ..invariants import Invariants
+from ..trace import Trace
 from ..workload import RequestSpec, validate
 
 STEP_TIME = LinearStepTime(base=0.008, prefill_token=4e-05, decode_req=0.0001, context_token=5e-08, name="offload")
@@ -39,8 +40,9 @@ def run_offload(core, specs, *, plan: FaultPlan | None = None, limits: Invariant
     connector's jobs not retired) or, after a death, ``dead`` (its cause), ``lost`` (the jobs in
     flight) and ``failed_requests``. ``limits``: the per-step invariants (harness/invariants.py)."""
     env = simpy.Environment()
-    out: list[dict] = []
-    engine = EngineCore(env, core, specs, STEP_TIME, out.append, invariants=limits)
+    trace = Trace()
+    out = trace.events
+    engine = EngineCore(env, core, specs, STEP_TIME, trace.emit, invariants=limits)
     SimInjector(plan).arm_engine(engine)
     env.run()
     end: dict = {"steps": engine.stats.steps}
@@ -50,7 +52,7 @@ def run_offload(core, specs, *, plan: FaultPlan | None = None, limits: Invariant
         lost = next((e for e in out if e["kind"] == "kv_lost"), {"cause": "engine_dead", "jobs": []})
         end["dead"], end["lost"] = lost["cause"], lost["jobs"]
         end["failed_requests"] = sorted(e["req"] for e in out if e["kind"] == "req" and e["status"] in ("failed", "aborted"))
-    out.append(ev.end(env.now, **end))
+    trace.emit(ev.end(env.now, **end))
     return out
 
 
