@@ -16,10 +16,12 @@ layer: the coordinated-stop all_reduce, ``transfer_layer`` on its stream, ``cuda
 Observed (never changed) by wrapping names the worker looks up at call time: ``transfer_layer``
 (start/return, send/recv counts from the communicator), ``AsyncEplbLayerResult`` (publication:
 time and whether the worker's stream had finished, ``stream.query()``), ``_move_to_workspace``
-(which layer a step consumed) and ``rearrange``. Faults: ``slow_link`` drops the link to
-``link_bandwidth / factor``: after ``communicator.execute()`` the worker sleeps ``(factor - 1)``
-times the bytes this rank moved (its counted sends and receives) over ``link_bandwidth``;
-``rank_death`` SIGKILLs one rank as it starts transferring a layer.
+(which layer a step consumed) and ``rearrange``. Faults come from each run's plan (``slow_link``,
+``eplb_rank_death``) and are applied in the rank processes by the real-side injector
+(``faults.real_injector.EplbInjector``): a slow link drops the link to ``link_bandwidth / factor``
+for the layer transfers that start in its window (after ``communicator.execute()`` the worker
+waits ``(factor - 1)`` times the bytes this rank moved, its counted sends and receives, over
+``link_bandwidth``); a rank death SIGKILLs that EP rank as it starts transferring the layer.
 
 On CPU (``device="cpu"``, gloo) there are no CUDA streams or events. The narrowest stand-in:
 :class:`CpuStream` (``synchronize()`` / ``query()`` over a "work enqueued" flag set when
@@ -38,7 +40,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +48,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ...faults.plan import FaultPlan, validate_plan
+from ...faults.real_injector import EplbInjector
 from . import scratch
 
 
@@ -79,14 +82,17 @@ class RealEplbRun:
     cycles: int = 2                      # rearrangements to run (the load changes after each)
     extra_steps: int = 3
     seed: int = 0
-    slow_link: float = 1.0               # the link runs at link_bandwidth / slow_link (see the module docstring)
+    plan: FaultPlan = field(default_factory=FaultPlan)  # slow_link, eplb_rank_death (the run's clock)
     link_bandwidth: float = 0.0          # the link's calibrated bandwidth (B/s), for slow_link
-    rank_death: tuple[int, int] | None = None  # (rank, layer): SIGKILL that rank as it starts that layer
     timeout_s: float = 180.0             # the driver's bound; a rank still running then is killed ("hung")
 
+    def __post_init__(self):
+        EplbInjector(self.plan, 0, link_bandwidth=self.link_bandwidth)  # the plan is checked before anything runs
+
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k != "plan"}
         d["shape"]["expert_bytes"] = self.shape.expert_bytes
+        d["plan"] = self.plan.to_dict()
         return d
 
 
@@ -124,12 +130,12 @@ def weight_code(logical: int, layer: int, widx: int, shape: Shape) -> int:
 def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict]:
     """Run the configurations one after another in one set of ``world`` rank processes (one
     vLLM import); return, per configuration, what each rank observed. They share ``device`` and
-    ``world``; a ``rank_death`` run ends the processes, so only the last may have one."""
+    ``world``; a rank death ends the processes, so only the last run's plan may have one."""
     cfg0 = cfgs[0]
     if any((c.device, c.world) != (cfg0.device, cfg0.world) for c in cfgs):
         raise ValueError("runs of one launch share device and world")
-    if any(c.rank_death for c in cfgs[:-1]):
-        raise ValueError("only the last run may have a rank_death")
+    if any(c.plan.of_kind("eplb_rank_death") for c in cfgs[:-1]):
+        raise ValueError("only the last run may have an eplb_rank_death")
     out = Path(out_dir or tempfile.mkdtemp(prefix="eplb-real-"))
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
@@ -169,7 +175,8 @@ def collect(cfgs: list[RealEplbRun], out: Path, exit_codes: list) -> list[dict]:
             ranks.append(json.loads(f.read_text()) if f.exists() else None)
         death = out / "death.json"
         results.append({"config": cfg.to_dict(), "exit_codes": exit_codes, "ranks": ranks, "out": str(out),
-                        "death": json.loads(death.read_text()) if cfg.rank_death and death.exists() else None})
+                        "death": json.loads(death.read_text()) if cfg.plan.of_kind("eplb_rank_death")
+                        and death.exists() else None})
     return results
 
 
@@ -255,11 +262,13 @@ def _rank_main(specs: list[dict], rank: int, port: int, out: Path) -> None:
     real = {"transfer_layer": aw.transfer_layer, "result": aw.AsyncEplbLayerResult,
             "move": es._move_to_workspace, "run": aw.transfer_run_periodically}
     for i, spec in enumerate(specs):
-        _one_run(spec, rank, out / f"rank{rank}-{i}.json", out, vc, real)
+        injector = EplbInjector(validate_plan(spec["plan"], f"eplb-run-{i}"), rank,
+                                link_bandwidth=spec["link_bandwidth"])
+        _one_run(spec, rank, out / f"rank{rank}-{i}.json", out, vc, real, injector)
     os._exit(0)  # the workers are daemon threads blocked on their rearrange_event
 
 
-def _one_run(spec: dict, rank: int, path: Path, out: Path, vc, real: dict) -> None:
+def _one_run(spec: dict, rank: int, path: Path, out: Path, vc, real: dict, injector: EplbInjector) -> None:
     import threading
     from types import SimpleNamespace
 
@@ -298,7 +307,7 @@ def _one_run(spec: dict, rank: int, path: Path, out: Path, vc, real: dict) -> No
     torch.distributed.barrier()
     rec = _Recorder(time.time())
     comm = ms.communicator
-    counts = {"send": 0, "recv": 0}
+    counts = {"send": 0, "recv": 0, "start": 0.0}  # the layer transfer in progress
     real_send, real_recv, real_exec = comm.add_send, comm.add_recv, comm.execute
 
     def add_send(tensors, dst_rank, expert_id):
@@ -311,23 +320,18 @@ def _one_run(spec: dict, rank: int, path: Path, out: Path, vc, real: dict) -> No
 
     def execute():
         real_exec()
-        if spec["slow_link"] != 1.0:  # the bytes this rank moved, at bandwidth / factor
-            moved = (counts["send"] + counts["recv"]) * shape.expert_bytes
-            time.sleep((spec["slow_link"] - 1.0) * moved / spec["link_bandwidth"])
+        injector.slow_link(counts["start"], (counts["send"] + counts["recv"]) * shape.expert_bytes)
 
     comm.add_send, comm.add_recv, comm.execute = add_send, add_recv, execute
     streams = {}
     real_transfer, real_result, real_move = real["transfer_layer"], real["result"], real["move"]
-    death = spec["rank_death"]
-
     def transfer_layer(**kw):
         layer = kw["layer_idx"]
         streams["s"] = kw["cuda_stream"]
-        if death and death[0] == rank and death[1] == layer:
-            (out / "death.json").write_text(json.dumps({"rank": rank, "layer": layer, "t": time.time()}))
-            os.kill(os.getpid(), signal.SIGKILL)
+        injector.rank_death(layer, len(_of(rec, "rearrange")) - 1, lambda: (out / "death.json").write_text(
+            json.dumps({"rank": rank, "layer": layer, "t": time.time()})))
         counts["send"] = counts["recv"] = 0
-        start = rec.now()
+        counts["start"] = start = rec.now()
         meta = real_transfer(**kw)
         if isinstance(streams["s"], CpuStream):
             streams["s"].pending = True

@@ -36,14 +36,14 @@ vLLM is imported on first use.
 from __future__ import annotations
 
 import functools
-import itertools
 from dataclasses import dataclass
 from typing import Any
 
+from ...faults.sim_injector import SimInjector
 from ...models import kv_offload as ko
-from ...models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
+from ...models.step import StepResult
 from . import model_dirs
-from ..workload import RequestSpec, prompt_token_ids
+from .vllm_adapter import VllmSchedulerCore
 
 SPEC_NAME = "FaultsimOffloadingSpec"
 SIM_CONNECTOR = "SimOffloadingConnector"
@@ -319,7 +319,7 @@ def _block_hasher(block_size: int):
     return _HASHER[block_size]
 
 
-class RealOffloadCore:
+class RealOffloadCore(VllmSchedulerCore):
     """A scheduler core on the real vLLM Scheduler with KV offloading (see the module docstring).
 
     ``policy``/``mutant`` select the simulator model's rules (``connector="sim"`` only; default:
@@ -373,12 +373,13 @@ class RealOffloadCore:
         self.kv_cache_config = KVCacheConfig(num_blocks=nb, kv_cache_tensors=[KVCacheTensor(size=page * nb,
                                                                                           shared_by=["layer"])],
                                              kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
-        self.scheduler = Scheduler(vllm_config=vc, kv_cache_config=self.kv_cache_config,
+        super().__init__(Scheduler(vllm_config=vc, kv_cache_config=self.kv_cache_config,
                                    structured_output_manager=StructuredOutputManager(vc),
-                                   block_size=sched_config.block_size, log_stats=False)
+                                   block_size=sched_config.block_size, log_stats=False),
+                         _block_hasher(sched_config.block_size))
         self.block_size = sched_config.block_size
-        self.hasher = _block_hasher(sched_config.block_size)
-        self.engine = ko.TransferEngine(offload, plan)
+        self.engine = ko.TransferEngine(offload)  # the transfers run on the virtual clock, as in the model
+        SimInjector(plan).arm_transfers(self.engine)
         self.engine.waited = 0.0
         self.conn = self.scheduler.connector
         if connector == "real":
@@ -413,9 +414,6 @@ class RealOffloadCore:
             self.sim_worker = ko.OffloadingConnectorWorker(self.engine, self.policy, self.names, self.events)
         if cpu_blocks != offload.num_cpu_chunks:
             raise RuntimeError(f"CPU pool has {cpu_blocks} chunks, configured {offload.num_cpu_chunks}")
-        self._requests: dict[str, Any] = {}
-        self._stop_at: dict[str, int | None] = {}
-        self._last = None
         self.dead = False
 
     # ---- helpers -----------------------------------------------------------------------
@@ -443,28 +441,15 @@ class RealOffloadCore:
                         if k in js.keys:
                             names.owner.setdefault(k, (js.req_id, i))
 
-    def _preemption_order(self, preempted) -> list[str]:
-        preempted = set(preempted or ())
-        head = [r.request_id for r in itertools.islice(self.scheduler.waiting, len(preempted))][::-1]
-        return head if set(head) == preempted else sorted(preempted)
+    # ---- protocol (the rest is VllmSchedulerCore's) ----------------------------------------
 
-    # ---- protocol ----------------------------------------------------------------------
-
-    def add_request(self, spec: RequestSpec, now: float) -> None:
-        from vllm.sampling_params import SamplingParams
-        from vllm.v1.request import Request
-        params = SamplingParams(max_tokens=spec.output_len, ignore_eos=spec.stop_at is None)
-        params.update_from_generation_config({}, EOS_TOKEN_ID)
-        req = Request(request_id=spec.req_id, prompt_token_ids=prompt_token_ids(spec), sampling_params=params,
-                      pooling_params=None, arrival_time=spec.arrival, block_hasher=self.hasher)
-        self._requests[spec.req_id] = req
-        self._stop_at[spec.req_id] = spec.stop_at
-        self.scheduler.add_request(req)
-
-    def schedule(self, now: float) -> StepResult:
+    def _before_schedule(self, now: float) -> None:
         self.engine.now = now
         self.engine.waited = 0.0
-        out = self.scheduler.schedule()
+
+    def _after_schedule(self, out, res: StepResult, now: float) -> None:
+        """What the GPU model runner does at the step's start: ``handle_preemptions`` ->
+        ``bind_connector_metadata`` -> ``start_load_kv``."""
         meta = out.kv_connector_metadata
         if self.connector_kind == "real":
             self._name_new_jobs(meta)
@@ -476,25 +461,12 @@ class RealOffloadCore:
         else:
             self.sim_worker.handle_preemptions(meta.inner, now)
             self.sim_worker.start_kv_transfers(meta.inner, now)
-        res = StepResult()
-        before = {r.req_id: r.num_computed_tokens for r in out.scheduled_new_reqs}
-        cached = out.scheduled_cached_reqs
-        before.update(zip(cached.req_ids, cached.num_computed_tokens))
-        for rid, n in out.num_scheduled_tokens.items():
-            res.sched[rid] = n
-            res.computed_before[rid] = before[rid]
-            res.prompt_len[rid] = self._requests[rid].num_prompt_tokens
-        res.preempted = self._preemption_order(out.preempted_req_ids)
         res.kv = self.events.take()
-        self._last = (res, out)
-        return res
 
-    def update_from_output(self, result: StepResult, now: float) -> list[Finished]:
-        from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
-        if self._last is None or self._last[0] is not result:
-            raise ValueError("update_from_output() takes the StepResult of the latest schedule()")
-        out = self._last[1]
-        self._last = None
+    def _connector_output(self, out, now: float):
+        """What the GPU model runner does at the step's end: ``get_finished`` ->
+        ``build_connector_worker_meta``, as a ``KVConnectorOutput``."""
+        from vllm.v1.outputs import KVConnectorOutput
         self.engine.now = now
         if self.connector_kind == "real":
             try:
@@ -516,27 +488,13 @@ class RealOffloadCore:
                 raise ko.TransferFailed(exc.failed, self.pending_jobs(), now) from None
             sending = set()
             worker_meta = self.conn.WorkerMeta(completed) if completed else None
-        kv_out = KVConnectorOutput(finished_sending=sending or None, finished_recving=recving or None,
-                                   kv_connector_worker_meta=worker_meta)
-        req_ids = list(out.num_scheduled_tokens)
-        sampled = []
-        for rid in req_ids:
-            req = self._requests[rid]
-            sampled.append([] if req.num_computed_tokens < req.num_tokens
-                           else [sampled_token(rid, req.num_output_tokens + 1, self._stop_at[rid])])
-        mro = ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
-                                sampled_token_ids=sampled, kv_connector_output=kv_out)
-        finished = []
-        for client_outputs in self.scheduler.update_from_output(out, mro).values():
-            for o in client_outputs.outputs:
-                if o.finish_reason is not None:
-                    req = self._requests.pop(o.request_id)
-                    del self._stop_at[o.request_id]
-                    finished.append(Finished(o.request_id, str(o.finish_reason), req.num_output_tokens))
+        return KVConnectorOutput(finished_sending=sending or None, finished_recving=recving or None,
+                                 kv_connector_worker_meta=worker_meta)
+
+    def _after_update(self, result: StepResult) -> None:
         kv = self.events.take()
         if kv:
             result.kv = {**(result.kv or {}), **kv}
-        return finished
 
     def has_requests(self) -> bool:
         """vLLM's ``Scheduler.has_requests()``: what ``EngineCore.step()`` checks before stepping."""
@@ -555,13 +513,10 @@ class RealOffloadCore:
         return self.conn.model.pending_jobs()
 
     def fail_all(self) -> list[str]:
-        ids = list(self.scheduler.requests)
-        unfinished = [r for r in ids if r in self._requests]
-        self._requests.clear()
-        self._stop_at.clear()
-        self._last = None
+        """The engine died: the unfinished requests, in the order added."""
+        unfinished = [r for r in self.scheduler.requests if r in self._requests]
+        self._forget_all()
         self.dead = True
         return unfinished
 
-    def shutdown(self) -> None:
-        self.scheduler.shutdown()
+

@@ -29,10 +29,11 @@ What runs is vLLM 0.26.0's code, not a copy:
   has ``EngineCoreActorMixin.run``'s shape; the manager is built with ``object.__new__``
   (its constructor builds placement groups and real engine actors).
 
-The fault plan's ``kill_engine`` faults are applied here (the nemesis): SIGKILL and SIGTERM are
-real signals sent by the driver, ``stop`` is the real ``MPClient.shutdown(timeout)``; ``exit1``
-(a fatal error raised in the busy loop) and ``exit0`` (an unexpected ``SystemExit``) are raised
-by the process itself at the resolved time. Times are the shared CLOCK_MONOTONIC minus the run's
+The fault plan's ``kill_engine`` faults are applied by the real-side injector
+(``faults.real_injector.ProcsInjector``): SIGKILL and SIGTERM are real signals to the processes
+(or the actors' workers), ``stop`` is the real ``MPClient.shutdown(timeout)``; ``exit1`` (a fatal
+error raised in the busy loop) and ``exit0`` (an unexpected ``SystemExit``) are raised by the
+process itself at the times the injector resolves. Times are the shared CLOCK_MONOTONIC minus the run's
 start. The run records a history; :mod:`harness.checkers.procs` judges it.
 """
 
@@ -86,13 +87,13 @@ from vllm.v1.structured_output import StructuredOutputManager
 from vllm.v1.worker.gpu_worker import Worker
 
 from ...faults.plan import Fault, FaultPlan
-from ...models.engine_procs import (POLICIES, RAY_WAIT_TIMEOUT, ProcScenario, check_faults, proc_name,
-                                   resolve_fault_time, summarize)
+from ...faults.real_injector import EngineRank, ProcsInjector
+from ...models.engine_procs import POLICIES, RAY_WAIT_TIMEOUT, ProcScenario, proc_name, resolve_fault_time, summarize
 from ...models.shutdown_drain import ConnectorOp
 from . import model_dirs
 from . import scratch
 from ..trace import header, write_jsonl
-from ..trace import t as tr
+from ...models.events import t as tr
 
 MONITOR_THREAD = "MPClientEngineMonitor"  # the thread name start_engine_core_monitor gives
 
@@ -498,22 +499,23 @@ def run_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0, backend: str =
     """Run one scenario for real; returns the trace's events (also written to ``trace_path``)."""
     if backend == "ray":
         return run_ray_case(sc, plan, seed=seed, trace_path=trace_path)
-    faults = check_faults(sc, plan)
-    vc, kv = _configs(sc.dp_size)
     hist = _History()
+    client = None
+    injector = ProcsInjector(sc, plan, now=hist.now, record=hist.add,
+                             stop=lambda: _fault_stop(hist, client, sc.stop_timeout))
+    faults = injector.faults
+    vc, kv = _configs(sc.dp_size)
     report_r, report_w = os.pipe()
     go = [os.pipe() for _ in range(sc.dp_size)]
     shutdown_seen = {r: threading.Event() for r in range(sc.dp_size)}
     ready = threading.Event()
-    manager = client = None
-    threads: list[threading.Thread] = []
+    manager = None
     reader = threading.Thread(target=_reader, args=(report_r, hist, ready, sc.dp_size, shutdown_seen),
                               daemon=True, name="procs-report-reader")
     try:
         _CHILD.scripts = {r: _ChildScript(
             rank=r, sc=sc, scheduler=_scheduler(vc, kv), report_fd=report_w, go_fd=go[r][0],
-            exit_faults=[(i, f, resolve_fault_time(sc, f) if f.phase != "shutdown" else None)
-                         for i, f in enumerate(faults) if f.rank == r and f.signal in ("exit1", "exit0")])
+            exit_faults=injector.exits(r))
             for r in range(sc.dp_size)}
         # The constructor overwrites assigned_physical_gpu_ids with the last rank's shard on
         # platforms without CUDA; a second manager on the same config would take that for the
@@ -535,16 +537,12 @@ def run_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0, backend: str =
         hist.t0 = t0 = time.monotonic()
         for r, (gr, gw) in enumerate(go):
             os.write(gw, repr(t0).encode())
-        for i, f in enumerate(faults):
-            if f.signal in ("exit1", "exit0"):
-                continue
-            th = threading.Thread(target=_nemesis, args=(i, f, sc, manager, client, hist, shutdown_seen),
-                                  daemon=True, name=f"nemesis-{i}")
-            th.start()
-            threads.append(th)
+        injector.start({r: EngineRank(p.pid, exited=lambda p=p: p.exitcode is not None,
+                                      alive=lambda p=p: p.exitcode is None and p.is_alive(),
+                                      shutdown_seen=shutdown_seen[r], shutdown_began=functools.partial(_shutdown_began, hist, r))
+                        for r, p in enumerate(manager.processes)})
         _probe_then_stop(hist, sc, client)
-        for th in threads:
-            th.join()
+        injector.join()
         for p in manager.processes:
             p.join(sc.stop_timeout + 1)
         reader.join(5)
@@ -609,34 +607,16 @@ def _sleep_until(hist: _History, t: float) -> None:
     time.sleep(max(0.0, t - hist.now()))
 
 
-def _nemesis(i: int, f: Fault, sc: ProcScenario, manager, client, hist: _History,
-             shutdown_seen: dict[int, threading.Event]) -> None:
-    """Applies one driver-side fault (SIGKILL, SIGTERM, stop) at its resolved time."""
-    proc = manager.processes[f.rank]
-    if f.phase == "shutdown":
-        while not shutdown_seen[f.rank].wait(0.05):
-            if proc.exitcode is not None or hist.now() > sc.duration + sc.stop_timeout:
-                return
-        begin = max(r["t"] for r in list(hist.records) if r["ev"] == "core_shutdown" and r["rank"] == f.rank)
-        at = max(f.at, begin + sc.shutdown_delay)
-    else:
-        at = resolve_fault_time(sc, f)
-        if at is None or at >= sc.duration:
-            return
-    _sleep_until(hist, at)
-    alive = proc.exitcode is None and proc.is_alive()
-    if not alive or (f.phase in ("idle", "mid_step") and shutdown_seen[f.rank].is_set()):
-        return
-    if f.phase == "shutdown" and not shutdown_seen[f.rank].is_set():
-        return
-    hist.add("fault_applied", index=i, rank=f.rank)
-    if f.signal == "stop":
-        if client._finalizer.alive:
-            hist.add("stop", cause="fault", timeout=sc.stop_timeout)
-        client.shutdown(timeout=sc.stop_timeout)
-    else:
-        hist.add("signal", rank=f.rank, signal=f.signal)
-        os.kill(proc.pid, getattr(signal, f.signal))
+def _fault_stop(hist: _History, client, timeout: float) -> None:
+    """A ``stop`` fault: the client's real shutdown (the injector calls it)."""
+    if client._finalizer.alive:
+        hist.add("stop", cause="fault", timeout=timeout)
+    client.shutdown(timeout=timeout)
+
+
+def _shutdown_began(hist: _History, rank: int) -> float:
+    """When the rank's core reported the start of its shutdown (the latest report)."""
+    return max(r["t"] for r in list(hist.records) if r["ev"] == "core_shutdown" and r["rank"] == rank)
 
 
 def _cleanup(manager, client, fds: list[int], reader: threading.Thread) -> None:
@@ -926,15 +906,18 @@ def run_ray_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0,
     from vllm.v1.engine.utils import CoreEngineActorManager
     if not ray.is_initialized():
         raise RuntimeError("Ray cases run inside real_procs.ray_cluster()")
-    faults = check_faults(sc, plan)
     hist = _History()
+    client = manager = None
+    injector = ProcsInjector(sc, plan, now=hist.now, record=hist.add,
+                             stop=lambda: _fault_stop(hist, client, sc.stop_timeout),
+                             manager_stopped=lambda: manager.manager_stopped.is_set())
+    faults = injector.faults
     tmp = tempfile.mkdtemp(prefix="vfs-raycase-")
     log_path = os.path.join(tmp, "actors.jsonl")
     open(log_path, "w").close()
     stop = threading.Event()
     shutdown_seen = {r: threading.Event() for r in range(sc.dp_size)}
     actors: list = []
-    client = None
     threads: list[threading.Thread] = []
     old_hook = threading.excepthook
     drain_steps = [list(s) for s in POLICIES["ray-actor"].drain.shutdown_steps()]
@@ -950,9 +933,8 @@ def run_ray_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0,
         for r in range(sc.dp_size):
             script = {"ops": [op.to_dict() for op in sc.ops_of(r)], "steps": sc.steps(r),
                       "shutdown_delay": sc.shutdown_delay, "shutdown_steps": drain_steps,
-                      "exit_faults": [{"index": i, "signal": f.signal, "phase": f.phase, "at": f.at,
-                                       "t": resolve_fault_time(sc, f) if f.phase != "shutdown" else None}
-                                      for i, f in enumerate(faults) if f.rank == r and f.signal in ("exit1", "exit0")]}
+                      "exit_faults": [{"index": i, "signal": f.signal, "phase": f.phase, "at": f.at, "t": t}
+                                      for i, f, t in injector.exits(r)]}
             actors.append(Actor.remote(r, script, log_path))
         pids = ray.get([a.wait_for_init.remote() for a in actors], timeout=120)
         manager = object.__new__(CoreEngineActorManager)
@@ -980,15 +962,13 @@ def run_ray_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0,
             threads.append(threading.Thread(target=target, args=args, daemon=True, name=f"ray-{target.__name__}"))
             threads[-1].start()
         client.start_engine_core_monitor()
-        nemeses = []
-        for i, f in enumerate(faults):
-            if f.signal not in ("exit1", "exit0"):
-                nemeses.append(threading.Thread(target=_ray_nemesis, daemon=True, name=f"nemesis-{i}",
-                                                args=(i, f, sc, pids[f.rank], manager, client, hist, shutdown_seen)))
-                nemeses[-1].start()
+        def ended(r: int) -> bool:
+            return any(x["ev"] == "ref_ready" and x["rank"] == r for x in list(hist.records))
+        injector.start({r: EngineRank(pids[r], exited=functools.partial(ended, r), alive=lambda r=r: not ended(r),
+                                      shutdown_seen=shutdown_seen[r], shutdown_began=functools.partial(_shutdown_began, hist, r))
+                        for r in range(sc.dp_size)})
         _probe_then_stop(hist, sc, client)
-        for th in nemeses:
-            th.join()
+        injector.join()
         ray.wait(manager.run_refs, num_returns=len(manager.run_refs), timeout=30)
         time.sleep(0.05)
         hist.add("end")
@@ -1010,37 +990,6 @@ def run_ray_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0,
     if trace_path is not None:
         write_jsonl(trace_path, events)
     return events
-
-
-def _ray_nemesis(i: int, f: Fault, sc: ProcScenario, pid: int, manager, client, hist: _History,
-                 shutdown_seen: dict[int, threading.Event]) -> None:
-    def alive() -> bool:
-        return not any(x["ev"] == "ref_ready" and x["rank"] == f.rank for x in list(hist.records))
-    if f.phase == "shutdown":
-        while not shutdown_seen[f.rank].wait(0.05):
-            if not alive() or hist.now() > sc.duration + sc.stop_timeout:
-                return
-        begin = max(x["t"] for x in list(hist.records) if x["ev"] == "core_shutdown" and x["rank"] == f.rank)
-        at = max(f.at, begin + sc.shutdown_delay)
-    else:
-        at = resolve_fault_time(sc, f)
-        if at is None or at >= sc.duration:
-            return
-    _sleep_until(hist, at)
-    if not alive() or manager.manager_stopped.is_set() and f.signal != "stop":
-        return
-    if f.phase in ("idle", "mid_step") and shutdown_seen[f.rank].is_set():
-        return
-    if f.phase == "shutdown" and not shutdown_seen[f.rank].is_set():
-        return
-    hist.add("fault_applied", index=i, rank=f.rank)
-    if f.signal == "stop":
-        if client._finalizer.alive:
-            hist.add("stop", cause="fault", timeout=sc.stop_timeout)
-        client.shutdown(timeout=sc.stop_timeout)
-    else:
-        hist.add("signal", rank=f.rank, signal=f.signal)
-        os.kill(pid, getattr(signal, f.signal))
 
 
 def _ray_exits(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> dict[int, tuple[float, dict, str]]:

@@ -6,6 +6,7 @@ import statistics
 
 import simpy
 
+from ...faults.plan import validate_plan
 from ...faults.sim_injector import SimInjector
 from ...models import eplb as me
 from ...models import events
@@ -123,16 +124,20 @@ def forward_s(result: dict) -> float:
 
 def simulate_like(result: dict, link: me.EplbLink, *, step_sync: float, mutant: str | None = None,
                   plan=None) -> list[dict]:
-    """The model run the way the real driver ran: same shape, maps, interval, forward, faults;
-    ``mutant`` names a broken twin of harness/mutants.py."""
+    """The model run the way the real driver ran: same shape, maps, interval, forward, faults (the
+    run's own plan unless ``plan`` is given); ``mutant`` names a broken twin of harness/mutants.py."""
     c = result["config"]
     cfg = model_config(result, link, step_sync=step_sync)
-    if plan is None and c["slow_link"] != 1.0:
-        from ...faults.plan import validate_plan
-        plan = validate_plan([{"kind": "slow_link", "start": 0, "end": 1e9, "factor": c["slow_link"]}])
+    if plan is None:
+        plan = validate_plan(c["plan"], "the real run's plan")
     return simulate_main_loop(cfg, replay_policy(result), forward_s=forward_s(result), cycles=c["cycles"],
                               extra_steps=c["extra_steps"], plan=plan,
                               state_cls=EPLB_MUTANTS[mutant] if mutant else me.EplbState)
+
+
+def slow_link_factor(result: dict) -> float:
+    """The real run's slow-link factor (1: none)."""
+    return next((f["factor"] for f in result["config"]["plan"]["faults"] if f["kind"] == "slow_link"), 1.0)
 
 
 def _moved(ev: dict, expert_bytes: int) -> int:
@@ -203,7 +208,6 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
     caught); the death is reported with the model's prediction of the step the engine fails in."""
     from pathlib import Path
 
-    from ...faults.plan import validate_plan
     from ..drivers import real_eplb as re
     out = Path(out_dir)
     base = dict(device=device, communicator=communicator, forward_s=forward_s, timeout_s=timeout_s)
@@ -212,26 +216,27 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
     first = re.run([re.RealEplbRun(s, **base) for s in cal + shapes], out / "launch1")
     link, sync = calibrate(first[:2])
     slow_factor = max(slow_factor, 1.0 + slow_min_s * link.bandwidth / shapes[0].expert_bytes)
-    second = re.run([re.RealEplbRun(shapes[0], slow_link=slow_factor, link_bandwidth=link.bandwidth, **base),
-                     re.RealEplbRun(cal[0], rank_death=(1, 1), **base)], out / "launch2")
+    slow_plan = validate_plan([{"kind": "slow_link", "start": 0, "end": 1e9, "factor": slow_factor}], "slow-link")
+    death_plan = validate_plan([{"kind": "eplb_rank_death", "ep_rank": 1, "layer": 1}], "rank-death")
+    second = re.run([re.RealEplbRun(shapes[0], plan=slow_plan, link_bandwidth=link.bandwidth, **base),
+                     re.RealEplbRun(cal[0], plan=death_plan, **base)], out / "launch2")
     summary: dict = {"device": device, "communicator": communicator, "hidden": list(hidden), "forward_s": forward_s,
                      "tolerance": tol.__dict__, "link": link.__dict__, "step_sync": sync, "runs": [], "mutants": []}
     for res in first[2:] + second[:1]:
         rep = compare(res, simulate_like(res, link, step_sync=sync), tol)
-        summary["runs"].append({"shape": res["config"]["shape"], "slow_link": res["config"]["slow_link"],
+        summary["runs"].append({"shape": res["config"]["shape"], "slow_link": slow_link_factor(res),
                                 "ok": rep.ok, "errors": rep.errors, "rows": rep.rows})
         for mutant in EPLB_MUTANTS:
             m = compare(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol)
             summary["mutants"].append({"mutant": mutant, "shape": res["config"]["shape"]["layers"],
-                                       "slow_link": res["config"]["slow_link"], "caught": not m.ok,
+                                       "slow_link": slow_link_factor(res), "caught": not m.ok,
                                        "first_error": m.errors[0] if m.errors else None})
     slow = second[0]
     m = compare(slow, simulate_like(slow, link, step_sync=sync, plan=validate_plan([])), tol)
     summary["mutants"].append({"mutant": "slow-link-not-modelled", "caught": not m.ok,
                                "first_error": m.errors[0] if m.errors else None})
     death = second[1]
-    plan = validate_plan([{"kind": "eplb_rank_death", "ep_rank": 1, "layer": 1}])
-    predicted = [e for e in simulate_like(death, link, step_sync=sync, plan=plan) if e["event"] == "step_error"]
+    predicted = [e for e in simulate_like(death, link, step_sync=sync) if e["event"] == "step_error"]
     summary["rank_death"] = {**death_outcome(death), "model_step_error": predicted[0]["step"] if predicted else None}
     return summary
 
