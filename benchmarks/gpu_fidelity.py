@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "src"))
 def cmd_run(args) -> int:
     from vllm_faultsim.harness.runs import calibrate
     from vllm_faultsim.harness.drivers import real_engine as RE
+    from vllm_faultsim.harness.runs.gpu import write_json
     from vllm_faultsim.models.step_time import load_profile
 
     reason = RE.gpu_skip_reason()
@@ -49,7 +50,7 @@ def cmd_run(args) -> int:
     res.update({"profile": doc["name"], "device": RE.host_info().get("device"), "vllm": RE.host_info().get("vllm"),
                 "model": eng["model"], "seed": args.seed, "profile_device": doc.get("device")})
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"gpu_fidelity_{doc['name']}.json"
-    RE.write_json(out, res)
+    write_json(out, res)
     print(json.dumps({m: res[m]["mape_pct"] for m in ("ttft", "tpot", "e2e")}))
     RE.shutdown_llm(llm)
     return 0
@@ -82,8 +83,9 @@ def cmd_summary(args) -> int:
     if j:
         k = j["detect_s"]
         say(f"engine kills: {j['completed']}/{j['trials']} trials ({j['parallel_engines']} engines at a time), "
-            f"errors {len(j['errors'])}; predicted detection {1000 * j['predicted_detection_s']:.0f} ms "
-            f"(tolerance {1000 * j['tolerance_s']:.0f} ms)")
+            f"errors {len(j['errors'])}; predicted detection " + ", ".join(
+                f"{sig} {1000 * p:.0f} ms (tolerance {1000 * j['tolerance_s'][sig]:.0f} ms)"
+                for sig, p in j["predicted_detection_s"].items()))
         for sig, v in k.items():
             n = v.get("n", "")
             say(f"  detect {sig:<14} " + (f"n={n} " if n else "") + " ".join(

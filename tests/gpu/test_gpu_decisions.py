@@ -1,6 +1,7 @@
 """The real engine decides as the simulator does: same workload, same fault plan, same trace.
 
-The simulator's own engine loop drives the real in-process engine (``real_engine.RealEngineCore``):
+The simulator's own engine loop drives the real in-process engine (``real_engine.RealEngineCore``,
+``runs.gpu.run_virtual``):
 requests are added at the steps where the simulator adds them, each step is one real
 ``EngineCore.step()`` on the GPU, and both sides step the virtual clock with the same step-time
 model. Tolerance: none. Every step's scheduled tokens (in scheduling order), preemptions and
@@ -13,6 +14,7 @@ from __future__ import annotations
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.drivers import model_dirs
 from vllm_faultsim.harness.drivers import real_engine as RE
+from vllm_faultsim.harness.runs.gpu import run_virtual, write_json
 from vllm_faultsim.harness.checkers.divergence import first_divergence
 from vllm_faultsim.harness.metrics import percentile
 from vllm_faultsim.harness.runs.simulate import RunConfig, simulate
@@ -31,13 +33,13 @@ def test_text_workload_trace_identical(results_dir, device):
     specs = poisson(60.0, num_requests=80, prompt={"uniform": [16, 400]}, output={"uniform": [4, 96]}, seed=7)
     llm = RE.open_llm(**RE.engine_args(SCHED, model=model_dirs.tiny_llama()))
     try:
-        real, core = RE.run_virtual(llm, cfg, plan, specs, trace_path=results_dir / "trace_text_gpu.jsonl")
+        real, core = run_virtual(llm, cfg, plan, specs, trace_path=results_dir / "trace_text_gpu.jsonl")
     finally:
         RE.shutdown_llm(llm)
     sim = simulate(cfg, plan, specs=specs, trace_path=results_dir / "trace_text_sim.jsonl")
     div = first_divergence(sim.events, real.events, ("sim", "gpu"))
     walls = [w.wall for w in core.walls]
-    RE.write_json(results_dir / "decisions.json", {
+    write_json(results_dir / "decisions.json", {
         "device": device, "requests": len(specs), "steps": real.summary["steps"],
         "preemptions": real.summary["preemptions"], "identical": div is None,
         "divergence": div.explain() if div else None,

@@ -21,6 +21,8 @@ from dataclasses import replace
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.drivers import model_dirs
 from vllm_faultsim.harness.drivers import real_engine as RE
+from vllm_faultsim.harness.drivers.dry_run import DRYRUN
+from vllm_faultsim.harness.runs.gpu import run_virtual, write_json
 from vllm_faultsim.harness.checkers.divergence import first_divergence
 from vllm_faultsim.harness.runs.simulate import RunConfig, prefetch_schedule, run_engine
 from vllm_faultsim.harness.workload import MMConfig, poisson
@@ -59,7 +61,7 @@ def test_ec_deferral_matches_simulator_and_shutdown_drains(results_dir, device, 
         scfg = replace(SCHED, encoder_compute_budget=sched.max_num_encoder_input_tokens,
                        encoder_cache_size=sched.encoder_cache_manager.cache_size)
         cfg = RunConfig(scheduler=scfg, seed=5)
-        real, core = RE.run_virtual(llm, cfg, plan, specs, prefetch=prefetch_schedule(specs, plan),
+        real, core = run_virtual(llm, cfg, plan, specs, prefetch=prefetch_schedule(specs, plan),
                                     trace_path=results_dir / "trace_ec_gpu.jsonl")
     finally:
         RE.shutdown_llm(llm)
@@ -73,7 +75,7 @@ def test_ec_deferral_matches_simulator_and_shutdown_drains(results_dir, device, 
     shutdowns = {e["role"]: e for e in events if e["event"] == "shutdown"}
     t_real, t_sim = ttft(real.events), ttft(sim.events)
     mm_reqs = sorted({s.req_id for s in specs if s.mm})
-    RE.write_json(results_dir / "ec_deferral.json", {
+    write_json(results_dir / "ec_deferral.json", {
         "device": device, "requests": len(specs), "mm_requests": len(mm_reqs),
         "plan": plan.to_dict(), "identical": div is None, "divergence": div.explain() if div else None,
         "steps": len(steps), "steps_with_deferral": sum(1 for d in deferrals if d),
@@ -84,7 +86,7 @@ def test_ec_deferral_matches_simulator_and_shutdown_drains(results_dir, device, 
         "connector_events": events, "this_pid": os.getpid()})
     assert div is None, div.explain()
     assert sum(deferrals) > 0 and t_real == t_sim
-    if RE.DRYRUN:  # no worker process in a dry run
+    if DRYRUN:  # no worker process in a dry run
         assert "scheduler" in shutdowns
         return
     assert set(shutdowns) == {"scheduler", "worker"}, f"connector shutdown seen in {sorted(shutdowns)}"

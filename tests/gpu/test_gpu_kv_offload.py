@@ -32,6 +32,9 @@ import pytest
 
 from vllm_faultsim.harness.drivers import model_dirs
 from vllm_faultsim.harness.drivers import real_engine as RE
+from vllm_faultsim.harness.drivers.dry_run import DRYRUN
+from vllm_faultsim.harness.drivers.wall_clock import run_rounds
+from vllm_faultsim.harness.runs.gpu import write_json
 from vllm_faultsim.harness.trace import Trace, header
 from vllm_faultsim.harness.workload import RequestSpec, validate
 from vllm_faultsim.models.scheduler import SchedulerConfig
@@ -97,13 +100,13 @@ def simulate_rounds_on_cpu(tmp_path) -> dict:
 
 
 def test_kv_offload_matches_simulator_and_nothing_pending(results_dir, device, tmp_path):
-    if RE.DRYRUN:
+    if DRYRUN:
         pytest.skip("KV offloading needs a real worker (VLLM_FAULTSIM_DRYRUN has none)")
     rs = rounds()
     kw = RE.engine_args(SCHED, model=model_dirs.tiny_llama(), kv_offload_gib=0.5, prefix_caching=True)
     llm = RE.open_llm(**kw)
     try:
-        out = RE.run_rounds(llm, rs)
+        out = run_rounds(llm, rs)
     finally:
         RE.shutdown_llm(llm)
     sim = simulate_rounds_on_cpu(tmp_path)
@@ -129,7 +132,7 @@ def test_kv_offload_matches_simulator_and_nothing_pending(results_dir, device, t
             tr.emit({"kind": "req", "req": rid, "status": "length", "arrival": rec["arrival"],
                      "first_token": rec["first_token"], "finish": rec["finish"], "num_output": rec["num_output"],
                      "preemptions": 0, "cached": rec["cached"]})
-    RE.write_json(results_dir / "kv_offload.json", {
+    write_json(results_dir / "kv_offload.json", {
         "device": device, "requests": len(reqs),
         "cached_tokens": {"gpu": cached, "sim": dict(sorted(sim["cached"].items())), "rule": expected},
         "cached_identical": cached == sim["cached"] == expected,

@@ -43,7 +43,7 @@ from ...faults.sim_injector import SimInjector
 from ...models import kv_offload as ko
 from ...models.step import StepResult
 from . import model_dirs
-from .vllm_adapter import VllmSchedulerCore
+from .vllm_adapter import VllmSchedulerCore, block_hasher
 
 SPEC_NAME = "FaultsimOffloadingSpec"
 SIM_CONNECTOR = "SimOffloadingConnector"
@@ -304,21 +304,6 @@ def _base_vllm_config(model: str, sc: OffloadSchedConfig):
     return VllmConfig(model_config=mc, scheduler_config=sched, cache_config=cache, device_config=DeviceConfig("cpu"))
 
 
-_HASHER = None
-
-
-def _block_hasher(block_size: int):
-    global _HASHER
-    from vllm.utils.hashing import sha256
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-    if _HASHER is None:
-        init_none_hash(sha256)
-        _HASHER = {}
-    if block_size not in _HASHER:
-        _HASHER[block_size] = get_request_block_hasher(block_size, sha256)
-    return _HASHER[block_size]
-
-
 class RealOffloadCore(VllmSchedulerCore):
     """A scheduler core on the real vLLM Scheduler with KV offloading (see the module docstring).
 
@@ -376,7 +361,7 @@ class RealOffloadCore(VllmSchedulerCore):
         super().__init__(Scheduler(vllm_config=vc, kv_cache_config=self.kv_cache_config,
                                    structured_output_manager=StructuredOutputManager(vc),
                                    block_size=sched_config.block_size, log_stats=False),
-                         _block_hasher(sched_config.block_size))
+                         block_hasher(sched_config.block_size))
         self.block_size = sched_config.block_size
         self.engine = ko.TransferEngine(offload)  # the transfers run on the virtual clock, as in the model
         SimInjector(plan).arm_transfers(self.engine)

@@ -72,7 +72,6 @@ from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorBase
 from vllm.distributed.kv_transfer import kv_transfer_state
 from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 from vllm.distributed.kv_transfer.kv_connector.v1 import KVConnectorRole
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreRequest, EngineCoreRequestType
@@ -91,6 +90,7 @@ from ...faults.real_injector import EngineRank, ProcsInjector
 from ...models.engine_procs import POLICIES, RAY_WAIT_TIMEOUT, ProcScenario, proc_name, resolve_fault_time, summarize
 from ...models.shutdown_drain import ConnectorOp
 from . import model_dirs
+from .external_kv_connector import NoOpKVConnector
 from . import scratch
 from ..trace import header, write_jsonl
 from ...models.events import t as tr
@@ -152,7 +152,7 @@ class PendingOpsECConnector(_PendingOps, ECConnectorBase):
         return None
 
 
-class PendingOpsKVConnector(_PendingOps, KVConnectorBase_V1):
+class PendingOpsKVConnector(_PendingOps, NoOpKVConnector):
     """A KV connector whose only behaviour is pending asynchronous operations."""
 
     connector = "kv"
@@ -160,27 +160,6 @@ class PendingOpsKVConnector(_PendingOps, KVConnectorBase_V1):
     def __init__(self, vllm_config, role, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         self._ops_init()
-
-    def start_load_kv(self, forward_context, **kwargs) -> None:
-        return None
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return None
-
-    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
-        return None
-
-    def wait_for_save(self) -> None:
-        return None
-
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        return 0, False
-
-    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        return None
-
-    def build_connector_meta(self, scheduler_output):
-        return None
 
 
 # --- the real vLLM objects ----------------------------------------------------------------------
@@ -404,6 +383,15 @@ class _History:
             self.records.append(rec)
         return rec
 
+    def add_lines(self, buf: bytes) -> tuple[bytes, list[dict]]:
+        """The processes' reports: each complete JSON line of ``buf`` becomes a record; returns
+        what is left of ``buf`` and the new records."""
+        *lines, rest = buf.split(b"\n")
+        recs = [json.loads(line) for line in lines]
+        with self.lock:
+            self.records.extend(recs)
+        return rest, recs
+
 
 def _reader(fd: int, hist: _History, ready: threading.Event, dp_size: int, events: dict) -> None:
     buf = b""
@@ -415,12 +403,8 @@ def _reader(fd: int, hist: _History, ready: threading.Event, dp_size: int, event
         chunk = os.read(fd, 65536)
         if not chunk:
             return
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            rec = json.loads(line)
-            with hist.lock:
-                hist.records.append(rec)
+        buf, recs = hist.add_lines(buf + chunk)
+        for rec in recs:
             if rec["ev"] == "ready":
                 n_ready += 1
                 if n_ready == dp_size:
@@ -646,7 +630,7 @@ def _cleanup(manager, client, fds: list[int], reader: threading.Thread) -> None:
 
 def _mp_exits(sc: ProcScenario, faults: list[Fault], recs: list[dict],
               exitcodes: dict[int, int | None]) -> dict[int, tuple[float, dict, str]]:
-    """Per rank: (exit time, exit fields, latency cause). The time is the nemesis's signal that
+    """Per rank: (exit time, exit fields, latency cause). The time is the injector's signal that
     ended it, else its own last report (or its injected exit during the shutdown), else the
     manager's SIGTERM, else the end of the manager's shutdown (kill_process_tree)."""
     killed_t = next(x["t"] for x in recs if x["ev"] in ("manager_shutdown_done", "end"))
@@ -867,12 +851,8 @@ def _tail(path: str, hist: _History, stop: threading.Event, shutdown_seen: dict[
         while True:
             chunk = fh.read()
             if chunk:
-                buf += chunk
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    rec = json.loads(line)
-                    with hist.lock:
-                        hist.records.append(rec)
+                buf, recs = hist.add_lines(buf + chunk)
+                for rec in recs:
                     if rec["ev"] == "core_shutdown":
                         shutdown_seen[rec["rank"]].set()
             elif stop.is_set():

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from ..workload import RequestSpec
 from . import model_dirs
-from .vllm_adapter import VllmSchedulerCore, ec_item_ready
+from .vllm_adapter import VllmSchedulerCore, block_hasher, ec_item_ready
 
 EC_CONNECTOR = "FaultsimECConnector"
 EC_CONNECTOR_MODULE = "vllm_faultsim.harness.drivers.real_ec_connector"
@@ -82,26 +82,6 @@ def _vllm_config(key: _Key):
                       ec_transfer_config=ec, kv_transfer_config=kv, device_config=DeviceConfig("cpu"))
 
 
-@functools.cache
-def _none_hash(algo: str):
-    """The hash function, with vLLM's global NONE_HASH set once per process: setting it again
-    would change the hashes of new requests under the blocks cached by live cores."""
-    from vllm.utils.hashing import get_hash_fn_by_name
-    from vllm.v1.core.kv_cache_utils import init_none_hash
-
-    hash_fn = get_hash_fn_by_name(algo)
-    init_none_hash(hash_fn)
-    return hash_fn
-
-
-def _block_hasher(vllm_config):
-    """As ``EngineCore`` makes it."""
-    from vllm.v1.core.kv_cache_utils import get_request_block_hasher
-
-    cache = vllm_config.cache_config
-    return get_request_block_hasher(cache.block_size, _none_hash(cache.prefix_caching_hash_algo))
-
-
 class RealSchedulerCore(VllmSchedulerCore):
     """A scheduler core (see models/step.py) backed by the real vLLM ``Scheduler``.
 
@@ -144,7 +124,9 @@ class RealSchedulerCore(VllmSchedulerCore):
         scheduler = Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
                               structured_output_manager=StructuredOutputManager(vllm_config),
                               block_size=config.block_size, log_stats=False)
-        super().__init__(scheduler, _block_hasher(vllm_config) if config.enable_prefix_caching else None)
+        cache = vllm_config.cache_config
+        super().__init__(scheduler, block_hasher(cache.block_size, cache.prefix_caching_hash_algo)
+                         if config.enable_prefix_caching else None)
         self.multimodal = multimodal
         # the budgets vLLM really uses (0 for a text-only model): the simulator must use the same
         self.encoder_compute_budget = scheduler.max_num_encoder_input_tokens

@@ -3,7 +3,8 @@
 deterministic model runner, vLLM's own outputs of a step (:class:`VllmStep`), and
 :class:`VllmSchedulerCore`, the scheduler-core protocol (models/step.py) on a vLLM ``Scheduler``.
 
-Used by the CPU cores (``real_scheduler``, ``real_offload``), the engine's recording scheduler
+Also the request block hasher (prefix caching). Used by the CPU cores (``real_scheduler``,
+``real_offload``), the engine's recording scheduler
 (``real_engine``) and the dry-run executor (``dry_run``). vLLM is imported on first use.
 
 **Preemption order.** vLLM reports a step's preempted requests as a set
@@ -19,12 +20,31 @@ noted when it runs and come first. Anything else is not vLLM's behaviour and rai
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Mapping
 
 from ...models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
 from ..workload import RequestSpec, prompt_token_ids
+
+
+_NONE_HASH_FN: list = []  # the hash function vLLM's global NONE_HASH was set with (once per process)
+
+
+@functools.cache
+def block_hasher(block_size: int, algo: str = "sha256"):
+    """A request's block hasher as ``EngineCore`` makes it (``get_request_block_hasher``), with
+    vLLM's global ``NONE_HASH`` set once per process: setting it again would change the hashes
+    of new requests under the blocks cached by live cores."""
+    from vllm.utils.hashing import get_hash_fn_by_name
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    hash_fn = get_hash_fn_by_name(algo)
+    if not _NONE_HASH_FN:
+        init_none_hash(hash_fn)
+        _NONE_HASH_FN.append(hash_fn)
+    return get_request_block_hasher(block_size, hash_fn)
 
 
 def vllm_request(spec: RequestSpec, *, block_hasher=None):

@@ -28,6 +28,9 @@ import time
 from pathlib import Path
 
 from ..drivers import real_engine as RE
+from ..drivers.dry_run import EXECUTOR as DRYRUN_EXECUTOR, use_cpu_platform
+from ..drivers.wall_clock import run_wall_clock
+from .gpu import latency_metrics, mape, records_from_trace, write_json
 
 # A Llama-3-8B-shaped config (dummy weights: for timing only).
 LLAMA3_8B_SHAPE = {
@@ -87,7 +90,7 @@ def scheduler_config(settings: dict):
 
 
 def open_engine(model: Path, settings: dict, *, dry_run: bool = False):
-    extra = {"distributed_executor_backend": f"{RE.MODULE}.DryRunExecutor"} if dry_run else {}
+    extra = {"distributed_executor_backend": DRYRUN_EXECUTOR} if dry_run else {}
     kw = RE.engine_args(scheduler_config(settings), model=model, dtype=settings["dtype"],
                         gpu_memory_utilization=settings["gpu_memory_utilization"], **extra)
     return RE.open_llm(**kw)
@@ -242,7 +245,7 @@ TRAIN_SEED = 99  # the training trace's seed; the held-out trace's default is 12
 def measure_trace(llm, specs) -> list[tuple]:
     """Rows (prefill, decode, context, loop period) of a Poisson trace served in real time."""
     from dataclasses import replace
-    run = RE.run_wall_clock(llm, [replace(s, req_id=f"train-{s.req_id}") for s in specs])
+    run = run_wall_clock(llm, [replace(s, req_id=f"train-{s.req_id}") for s in specs])
     return [(*st.shape, st.cycle) for st in run.steps]
 
 
@@ -262,7 +265,7 @@ def fidelity(llm, profile_path: str | Path, settings: dict, specs, *, seed: int,
     from ..metrics import percentile
     from .simulate import RunConfig, simulate
 
-    real = RE.run_wall_clock(llm, specs)
+    real = run_wall_clock(llm, specs)
     if steps_out:
         with open(steps_out, "w") as fh:
             for st in real.steps:
@@ -270,8 +273,8 @@ def fidelity(llm, profile_path: str | Path, settings: dict, specs, *, seed: int,
                                      "wall": st.wall, "cycle": st.cycle}) + "\n")
     cfg = RunConfig(scheduler=scheduler_config(settings), seed=seed, profile=str(profile_path))
     sim = simulate(cfg, FaultPlan(), specs=specs, full_trace=False, keep=frozenset({"req"}))
-    rm = RE.latency_metrics(real.requests)
-    sm = RE.latency_metrics(RE.records_from_trace(sim.events))
+    rm = latency_metrics(real.requests)
+    sm = latency_metrics(records_from_trace(sim.events))
     out: dict = {"requests": len(specs), "real_span_s": round(real.span, 3),
                  "sim_span_s": sim.summary["sim_time_s"], "real_steps": len(real.steps),
                  "sim_steps": sim.summary["steps"]}
@@ -281,7 +284,7 @@ def fidelity(llm, profile_path: str | Path, settings: dict, specs, *, seed: int,
         common = [k for k in r if k in s]
         mean_r = sum(r[k] for k in common) / len(common)
         mean_s = sum(s[k] for k in common) / len(common)
-        entry = {"mape_pct": round(RE.mape(s, r), 3), "n": len(common),
+        entry = {"mape_pct": round(mape(s, r), 3), "n": len(common),
                  "mean_ms": {"real": round(1000 * mean_r, 3), "sim": round(1000 * mean_s, 3)},
                  "mean_err_pct": round(100 * (mean_s - mean_r) / mean_r, 3)}
         for q in (50, 90, 99):
@@ -343,7 +346,7 @@ def device_slug() -> str:
 def main(args: argparse.Namespace) -> int:
     reason = RE.gpu_skip_reason()
     if args.dry_run:
-        RE.use_cpu_platform()
+        use_cpu_platform()
     elif reason:
         print(f"calibrate: {reason}", file=sys.stderr)
         return 2
@@ -387,7 +390,7 @@ def main(args: argparse.Namespace) -> int:
         res.update({"profile": name, "device": doc["device"], "vllm": doc["vllm"], "model": label,
                     "seed": args.heldout_seed})
         hp = Path(args.heldout_out) if args.heldout_out else Path("benchmarks/results") / f"gpu_fidelity_{name}.json"
-        RE.write_json(hp, res)
+        write_json(hp, res)
         print("calibrate: held-out " + ", ".join(f"{m.upper()} MAPE {res[m]['mape_pct']}% (mean err "
                                                    f"{res[m]['mean_err_pct']}%)" for m in ("ttft", "tpot", "e2e")),
               flush=True)

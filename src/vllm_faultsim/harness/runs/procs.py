@@ -252,6 +252,6 @@ def main(args) -> int:
     return 1 if diffs else 0
 
 
-if __name__ == "__main__":  # python -m vllm_faultsim.harness.drivers.real_procs ... = vllm-faultsim procs ...
+if __name__ == "__main__":  # python -m vllm_faultsim.harness.runs.procs ... = vllm-faultsim procs ...
     from ..cli import main as cli_main
     sys.exit(cli_main(["procs", *sys.argv[1:]]))
