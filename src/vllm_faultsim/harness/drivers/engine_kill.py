@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ...faults.plan import FaultPlan, validate_plan
 from ...faults.real_injector import EngineCoreKill
-from ..workload import RequestSpec, spec_from_dict, spec_to_dict
+from ...models.request import RequestSpec
+from ..workload import spec_from_dict, spec_to_dict
 from .real_engine import ENV_EXIT_FILE, prompt_for, sampling_for
 
 

@@ -50,6 +50,8 @@ class NoOpKVConnector(KVConnectorBase_V1):
 
 
 class ExternalTokensKVConnector(NoOpKVConnector):
+    """Offers each request the tokens of ``external`` beyond its local prefix-cache hit."""
+
     def __init__(self, vllm_config, role, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
         self.external: dict[str, int] = {}  # req -> first prompt tokens the remote store holds

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from ..workload import IMAGE_TOKEN_ID
+from ...models.request import IMAGE_TOKEN_ID
 
 TINY_LLAMA = "tiny-llama"
 TINY_LLAVA = "tiny-llava"

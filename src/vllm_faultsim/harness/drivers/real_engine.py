@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ...models.request import RequestSpec, prompt_token_ids
 from ...models.step import Finished, StepResult
-from ..workload import RequestSpec, prompt_token_ids
 from .dry_run import DRYRUN, EXECUTOR as DRYRUN_EXECUTOR
 from .vllm_adapter import VllmStep, ec_item_ready, running_preemption_order, step_result
 

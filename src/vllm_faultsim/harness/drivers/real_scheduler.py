@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-from ..workload import RequestSpec
+from ...models.request import RequestSpec
 from . import model_dirs
 from .vllm_adapter import VllmSchedulerCore, block_hasher, ec_item_ready
 

@@ -3,9 +3,9 @@
 deterministic model runner, vLLM's own outputs of a step (:class:`VllmStep`), and
 :class:`VllmSchedulerCore`, the scheduler-core protocol (models/step.py) on a vLLM ``Scheduler``.
 
-Also the request block hasher (prefix caching). Used by the CPU cores (``real_scheduler``,
-``real_offload``), the engine's recording scheduler
-(``real_engine``) and the dry-run executor (``dry_run``). vLLM is imported on first use.
+Also the requests' block hasher (prefix caching). Used by the CPU cores (``real_scheduler``,
+``real_offload``), the engine's recording scheduler (``real_engine``) and the dry-run executor
+(``dry_run``). vLLM is imported on first use.
 
 **Preemption order.** vLLM reports a step's preempted requests as a set
 (``SchedulerOutput.preempted_req_ids``). Their order is recovered from the waiting queue:
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Mapping
 
+from ...models.request import RequestSpec, prompt_token_ids
 from ...models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
-from ..workload import RequestSpec, prompt_token_ids
-
 
 _NONE_HASH_FN: list = []  # the hash function vLLM's global NONE_HASH was set with (once per process)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from ..workload import RequestSpec
+from ...models.request import RequestSpec
 from .real_engine import StepWall, prompt_for, sampling_for, scheduler_of
 
 

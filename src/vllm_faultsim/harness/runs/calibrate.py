@@ -125,7 +125,7 @@ def measure_grid(llm, grid: dict, *, max_num_seqs: int, max_model_len: int, kv_t
     """Rows (prefill tokens, decode requests, context tokens, wall seconds) over the grid."""
     from vllm import SamplingParams
 
-    from ..workload import RequestSpec, prompt_token_ids
+    from ...models.request import RequestSpec, prompt_token_ids
     engine, sched = llm.llm_engine, RE.scheduler_of(llm)
     sched.faultsim_keep = False
     rows: list[tuple] = []
