@@ -18,7 +18,8 @@ def test_slow_steps_stretch_only_their_window():
     dur = lambda evs, lo, hi: [e["dur"] for e in evs if e["kind"] == "step" and lo <= e["t"] < hi and e["sched"]]
     assert dur(base, 0, 2) == dur(slow, 0, 2)
     first = next(e for e in slow if e["kind"] == "step" and e["t"] >= 2.0 and e["sched"])
-    matching = next(e for e in base if e["kind"] == "step" and e["sched"] == first["sched"])
+    matching = next(e for e in base if e["kind"] == "step" and e["step"] == first["step"])  # same until 2.0
+    assert matching["sched"] == first["sched"] and matching["t"] == first["t"]
     assert first["dur"] == pytest.approx(5 * matching["dur"])
 
 

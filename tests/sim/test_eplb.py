@@ -102,7 +102,7 @@ EPLB = {"layers": 8, "logical_experts": 16, "redundant_experts": 4, "ep_size": 2
 
 
 def test_engine_pays_for_rebalancing(tmp_path):
-    plain = simulate(config_from_dict(ENGINE))
+    plain = simulate(config_from_dict({**ENGINE, "scheduler": {"async_scheduling": False}}))  # EPLB runs are sync
     with_eplb = simulate(config_from_dict({**ENGINE, "eplb": EPLB}))
     no_cost = simulate(config_from_dict({**ENGINE, "eplb": {**EPLB, "contention": 0.0, "step_sync": 0.0,
                                                                "publish_bandwidth": 1e30}}))

@@ -150,7 +150,7 @@ def test_a_preempted_prefill_no_longer_reserves_blocks():
     from vllm_faultsim.harness.workload import RequestSpec
     from vllm_faultsim.models.offload_scheduler import OffloadScheduler
     from vllm_faultsim.models.scheduler import SchedulerConfig
-    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, block_size=4, num_gpu_blocks=64,
+    cfg = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=8, block_size=4, num_gpu_blocks=64, async_scheduling=False,
                           max_model_len=2048, enable_prefix_caching=True)
     core = OffloadScheduler(cfg, ko.OffloadConfig(block_size=4), ko.OffloadPolicy("0.24+"))
     core.add_request(RequestSpec("r0", 0.0, 32, 2), 0.0)

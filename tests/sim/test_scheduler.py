@@ -72,7 +72,7 @@ def test_full_sequence_must_fit_before_admission():
     sch = make([spec("big", 100)], block_size=16, num_gpu_blocks=6, max_num_batched_tokens=16)
     assert step(sch)[0].sched == {}
     mutant = make([spec("big", 100)], block_size=16, num_gpu_blocks=6, max_num_batched_tokens=16,
-                  scheduler_cls=SCHEDULER_MUTANTS["no-full-admission"][0])
+                  scheduler_cls=SCHEDULER_MUTANTS["no-full-admission"].scheduler_cls)
     assert step(mutant)[0].sched == {"big": 16}
 
 

@@ -58,9 +58,10 @@ def workloads(draw, *, min_size: int = 1, max_size: int = 12, mm: bool = True, m
 
 @st.composite
 def scheduler_configs(draw, *, kv_pressure: bool | None = None, max_prompt: int = 300,
-                      max_output: int = 24) -> SchedulerConfig:
+                      max_output: int = 24, async_scheduling: bool = True) -> SchedulerConfig:
     """Configs under which every request of `workloads(max_prompt, max_output)` fits the KV cache
-    on its own (so a run cannot stall), with KV pressure (preemptions) when asked for."""
+    on its own (so a run cannot stall), with KV pressure (preemptions) when asked for, in the
+    scheduling mode asked for (vLLM 0.26.0's default: async)."""
     block_size = draw(st.sampled_from([4, 8, 16]))
     one_request = -(-(max_prompt + max_output) // block_size) + 1
     pressure = draw(st.booleans()) if kv_pressure is None else kv_pressure
@@ -76,6 +77,7 @@ def scheduler_configs(draw, *, kv_pressure: bool | None = None, max_prompt: int 
         long_prefill_token_threshold=draw(st.sampled_from([0, 0, 48])),
         encoder_compute_budget=draw(st.sampled_from([max_prompt, 2 * max_prompt])),
         encoder_cache_size=draw(st.sampled_from([max_prompt, 2 * max_prompt])),
+        async_scheduling=async_scheduling,
     )
 
 

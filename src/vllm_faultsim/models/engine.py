@@ -25,12 +25,24 @@ waits on flushed jobs takes that much longer. A failed KV transfer kills the eng
 offloading worker asserts success); any engine death or shutdown names the KV jobs it loses in a
 ``kv_lost`` event and the summary (``kv_jobs_lost``).
 
+With async scheduling (vLLM 0.26.0's default: ``max_concurrent_batches`` 2) the loop is the twin
+of ``EngineCore.step_with_batch_queue``: each call first schedules a batch if the queue has room
+and the core ``has_requests()``, and returns without waiting while the queue is not full and the
+batch ran the model (or more can be scheduled); otherwise it blocks on the *oldest* batch and
+applies its output. So step N+1 is scheduled while step N's forward runs, and outputs come back one
+step late (the core keeps output placeholders, models/scheduler.py). The GPU runs one forward at a
+time: a batch's forward starts at ``max(scheduled at, previous forward's end)``. Where vLLM spins
+on empty schedules (1 ms sleeps) the loop, having nothing in flight, sleeps until the next wake-up:
+the same decisions. A step's trace event is written when its output is applied, with ``t`` its
+forward's start and ``dur`` its forward.
+
 The loop owns the virtual clock, the trace and the invariants; the core only decides (see
 models/step.py). The same loop drives the simulated scheduler and the real vLLM adapters.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Protocol
 
@@ -91,7 +103,8 @@ class EngineCore:
                  wakeups: tuple[WakeupSource, ...] = (),
                  detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
                  invariants=None, full_trace: bool = True,
-                 progress: Callable[[float], None] | None = None, eplb: EplbState | None = None):
+                 progress: Callable[[float], None] | None = None, eplb: EplbState | None = None,
+                 max_concurrent_batches: int = 1):
         self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         self.workload = tuple(workload)
@@ -110,7 +123,10 @@ class EngineCore:
         self.prefilling: dict[str, RequestRecord] = {}  # the records without a first token yet
         self.kv_connector = hasattr(core, "pending_jobs")  # KV offloading: see _kv_idle_step, _kv_lost
         self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
-        self.process = env.process(self._loop())
+        if max_concurrent_batches > 1 and (eplb is not None or self.kv_connector):
+            raise ValueError("async scheduling (a batch queue) is not modelled with EPLB or a KV connector")
+        self.max_concurrent_batches = max_concurrent_batches
+        self.process = env.process(self._loop() if max_concurrent_batches == 1 else self.step_with_batch_queue())
 
     # ---- fault hooks (the fault injector calls them before the run) ----------------------
 
@@ -125,22 +141,36 @@ class EngineCore:
 
     # ---- the step loop -----------------------------------------------------------------
 
+    def _add_arrivals(self, now: float) -> int:
+        """``_process_input_queue``: every request that has arrived by `now` is added; returns the
+        index of the next arrival."""
+        arrivals, core, stats = self.workload, self.core, self.stats
+        records = stats.records
+        while self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= now:
+            spec = arrivals[self.nxt]
+            self.nxt += 1
+            core.add_request(spec, now)
+            records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(spec.arrival)
+            stats.arrived += 1
+        return self.nxt
+
+    def _forward_time(self, now: float, res: StepResult) -> float:
+        """The step time of `res`'s batch, times the slow_steps factor of a forward starting at `now`."""
+        dur = self.step_time(*res.shape()) if res.sched else 0.0
+        for start, end, factor in self.slow:
+            if start <= now < end:
+                dur *= factor
+        return dur
+
     def _loop(self):
         env, core, stats = self.env, self.core, self.stats
-        records = stats.records
         arrivals = self.workload
         try:
             while True:
                 if self.shutdown_requested:
                     return self._abort()
                 now = env.now
-                while self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= now:
-                    spec = arrivals[self.nxt]
-                    self.nxt += 1
-                    core.add_request(spec, now)
-                    records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(spec.arrival)
-                    stats.arrived += 1
-                nxt = self.nxt
+                nxt = self._add_arrivals(now)
                 if not core.has_unfinished_requests():
                     if nxt == len(arrivals):
                         return
@@ -180,6 +210,67 @@ class EngineCore:
                 self._abort()
             # killed: _kill fails the requests
 
+    apply_outputs_late = True  # vLLM applies a batch's output when it blocks on it (a mutant: at once)
+
+    def step_with_batch_queue(self):
+        """The engine loop with a batch queue (async scheduling): ``run_busy_loop`` around vLLM's
+        ``EngineCore.step_with_batch_queue`` (see the module docstring). ``batch_queue`` holds
+        (forward start, forward end, decisions), newest first, as vLLM's deque."""
+        env, core, stats = self.env, self.core, self.stats
+        arrivals, size = self.workload, self.max_concurrent_batches
+        batch_queue: deque[tuple[float, float, StepResult]] = deque()
+        gpu_free = 0.0
+        done: set[int] = set()  # (a mutant's) batches whose output was applied when scheduled
+        try:
+            while True:
+                if self.shutdown_requested:  # _handle_shutdown, between two calls
+                    return self._abort()
+                now = env.now
+                nxt = self._add_arrivals(now)
+                if core.has_unfinished_requests():
+                    res = core.schedule(now)
+                    if self.invariants is not None:
+                        self.invariants.scheduled(stats.steps, now, now, res, stats.records)
+                    start = gpu_free if gpu_free > now else now
+                    gpu_free = end = start + self._forward_time(start, res)
+                    if not self.apply_outputs_late:  # (a mutant) the output is applied as it is scheduled
+                        self._account(res, core.update_from_output(res, now), start, end - start)
+                        done.add(id(res))
+                    batch_queue.appendleft((start, end, res))
+                    if res.sched:
+                        if len(batch_queue) < size:
+                            continue  # don't block while the queue has room
+                    elif not any(b[2].sched for b in batch_queue):
+                        # nothing in flight ran the model: apply the empty batches, then wait for
+                        # something to change (vLLM spins here, with the same decisions)
+                        while batch_queue:
+                            start, end, res = batch_queue.pop()
+                            if id(res) not in done:
+                                self._account(res, core.update_from_output(res, now), start, end - start)
+                        wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
+                        if self.invariants is not None:
+                            self.invariants.idle(stats.steps, now, wake, core)
+                        yield env.timeout(wake - now)
+                        continue
+                    elif len(batch_queue) < size:
+                        continue
+                elif not batch_queue:
+                    if nxt == len(arrivals):
+                        return
+                    yield env.timeout(arrivals[nxt].arrival - now)
+                    continue
+                start, end, res = self.in_step = batch_queue.pop()  # block on the oldest batch
+                if end > now:
+                    self.stepping = True
+                    yield env.timeout(end - now)
+                    self.stepping = False
+                if id(res) not in done:
+                    self._account(res, core.update_from_output(res, env.now), start, end - start)
+        except simpy.Interrupt as stop:
+            if stop.cause == "shutdown":  # SIGTERM while idle: abort now
+                self._abort()
+            # killed: _kill fails the requests; the batches in the queue never come back
+
     def _next_wakeup(self, now: float, next_arrival: float | None) -> float | None:
         times = [w for w in (src.next_event(now) for src in self.wakeups) if w is not None and w > now]
         if next_arrival is not None:
@@ -206,14 +297,15 @@ class EngineCore:
 
     def _account(self, res: StepResult, finished, start: float, dur: float) -> None:
         stats, records, end = self.stats, self.stats.records, self.env.now
-        if self.invariants is not None:
+        if self.invariants is not None and self.max_concurrent_batches == 1:  # a batch queue checks at schedule()
             self.invariants.scheduled(stats.steps, start, end, res, records)
         prefilling, sched = self.prefilling, res.sched
         for rid in prefilling.keys() & sched.keys():  # in C, over the smaller of the two
             if res.computed_before[rid] + sched[rid] >= res.prompt_len[rid]:
                 prefilling.pop(rid).first_token = end
         for rid in res.preempted:
-            records[rid].preemptions += 1
+            if rid in records:  # (a request preempted in a later batch may have finished already)
+                records[rid].preemptions += 1
         stats.preemptions += len(res.preempted)
         stats.tokens += sum(res.sched.values())
         self._record_step(start, dur, res, finished)

@@ -201,6 +201,8 @@ class OffloadScheduler(Scheduler):
     def __init__(self, config: SchedulerConfig, offload: ko.OffloadConfig, policy: ko.OffloadPolicy | None = None):
         if not config.enable_prefix_caching:
             raise ValueError("KV offloading needs prefix caching (block hashes): set enable_prefix_caching")
+        if config.async_scheduling:
+            raise ValueError("KV offloading is modelled with synchronous scheduling: set async_scheduling false")
         if offload.block_size != config.block_size:
             raise ValueError("offload.block_size must equal the scheduler's block_size")
         super().__init__(config)

@@ -17,6 +17,15 @@ scheduling:
   admission requires the full sequence to fit (``scheduler_reserve_full_isl``) plus the
   watermark; a failed allocation stops the loop. Requests skipped in this pass are re-queued,
   order kept, ahead of older skipped ones.
+- Async scheduling (``async_scheduling``, vLLM 0.26.0's default: ``AsyncScheduler``,
+  vllm/v1/core/sched/async_scheduler.py): a request scheduled past its prompt gets an output
+  *placeholder* (``num_output_placeholders``) for the token its batch will sample, so the next step
+  can be scheduled before that token is known (``num_new_tokens = num_tokens + placeholders -
+  num_computed_tokens``); a request sure to reach ``max_tokens`` with what is in flight is not
+  scheduled again; a batch's tokens arrive one step late, are dropped for requests that finished
+  meanwhile, kept (without caching) for requests preempted meanwhile, and blocks are cached at
+  ``num_computed_tokens - num_output_placeholders``. The batch queue itself is the engine loop's
+  (models/engine.py ``step_with_batch_queue``).
 - ``update_from_output``: every scheduled request whose prefill is complete samples one token;
   stop on EOS (unless ignored), then on ``max_tokens`` / ``max_model_len``; finished requests
   free their blocks and encoder-cache references.
@@ -56,6 +65,7 @@ class SchedulerConfig:
     encoder_compute_budget: int = 8192  # max_num_encoder_input_tokens
     encoder_cache_size: int = 8192
     enable_prefix_caching: bool = False
+    async_scheduling: bool = True  # vLLM 0.26.0's default (vllm/config/vllm.py)
 
     def validate(self) -> "SchedulerConfig":
         for f in fields(self):
@@ -77,7 +87,8 @@ class SchedulerConfig:
 
 class Request:
     __slots__ = ("req_id", "num_prompt_tokens", "num_output_tokens", "num_tokens", "num_computed_tokens",
-                 "stop_at", "finish_at", "status", "mm", "tokens", "block_hashes")
+                 "stop_at", "finish_at", "status", "mm", "tokens", "block_hashes", "max_tokens",
+                 "num_output_placeholders")
 
     def __init__(self, spec: RequestSpec, max_model_len: int, block_size: int | None = None):
         self.req_id = spec.req_id
@@ -86,6 +97,8 @@ class Request:
         self.num_tokens = spec.prompt_len  # prompt + output
         self.num_computed_tokens = 0
         self.stop_at = spec.stop_at
+        self.max_tokens = spec.output_len
+        self.num_output_placeholders = 0  # async scheduling: tokens of batches in flight
         # the output count at which it finishes: EOS (stop_at), max_tokens or max_model_len
         self.finish_at = min(spec.output_len, max_model_len - spec.prompt_len,
                              spec.stop_at if spec.stop_at is not None and spec.stop_at >= 1 else spec.output_len)
@@ -126,6 +139,7 @@ class Scheduler:
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
         self.kv_connector = None  # KV offloading hooks (models/offload_scheduler.py)
+        self.async_scheduling = config.async_scheduling
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -171,6 +185,7 @@ class Scheduler:
     continue_past_deferred = True    # PR #41627: a request deferred for its EC items is skipped, later ones run
     requeue_skipped_at_front = True  # skipped requests go back to the front of the queue, in order
     admit_full_sequence = True       # a new request is admitted only if its full sequence's blocks fit
+    use_output_placeholders = True   # async: a batch that samples gives its requests a placeholder
 
     def schedule(self, now: float) -> StepResult:
         cfg = self.config
@@ -191,9 +206,15 @@ class Scheduler:
         # num_computed_tokens advances as it is scheduled; a victim is never one scheduled already.)
         limit = max_model_len - 1
         preempted = res.preempted
+        async_ = self.async_scheduling
+        if async_:
+            res.sampling = sampling = set()
         for req in running:  # a preemption pops the list's end: the iteration sees it
             computed = req.num_computed_tokens
-            n = req.num_tokens - computed
+            ph = req.num_output_placeholders
+            if ph and computed + 2 - ph >= req.num_prompt_tokens + req.max_tokens:
+                continue  # async: what is in flight already reaches max_tokens
+            n = req.num_tokens + ph - computed
             mm = req.mm
             if n != 1 or mm or computed >= limit:  # else one decode token, which no clip below changes
                 if 0 < threshold < n:
@@ -216,11 +237,15 @@ class Scheduler:
                     break  # the request itself was preempted
                 pool.allocate(rid, need)
             if caching:
-                pool.cache_blocks(rid, req.block_hashes, end, bs)
+                pool.cache_blocks(rid, req.block_hashes, end if end < req.num_tokens else req.num_tokens, bs)
             sched[rid] = n
             before[rid] = computed
             plen[rid] = req.num_prompt_tokens
             req.num_computed_tokens = end
+            if async_ and end >= req.num_tokens + ph:  # _update_after_schedule: not a prefill chunk
+                if self.use_output_placeholders:
+                    req.num_output_placeholders = ph + 1
+                sampling.add(rid)
             token_budget -= n
             if mm and (enc or ext):
                 self._allocate_encoder_inputs(req, enc, ext, res)
@@ -313,6 +338,10 @@ class Scheduler:
                     kv.admitted(req, computed + n)
                 req.status = RUNNING
                 req.num_computed_tokens = computed + n
+                if async_ and computed + n >= num_tokens + req.num_output_placeholders:
+                    if self.use_output_placeholders:
+                        req.num_output_placeholders += 1
+                    sampling.add(rid)
                 sched[rid] = n
                 before[rid] = computed
                 plen[rid] = req.num_prompt_tokens
@@ -394,6 +423,8 @@ class Scheduler:
     # ---- update_from_output() ----------------------------------------------------------
 
     def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
+        if res.sampling is not None:
+            return self._update_async(res)
         finished: list[Finished] = []
         kv = self.kv_connector
         if kv is not None:  # the worker's get_finished, at the step's end
@@ -420,6 +451,49 @@ class Scheduler:
             self._free_request(req)
         if kv is not None:  # _update_from_kv_xfer_finished: after the finished requests were freed
             kv.update_connector_output(res)
+        return finished
+
+    # the check of AsyncScheduler._update_request_with_output's cache_blocks (a mutant drops it)
+    cache_less_placeholders = True
+
+    def _update_async(self, res: StepResult) -> list[Finished]:
+        """``update_from_output`` of a batch scheduled one step before (AsyncScheduler): requests
+        finished meanwhile are skipped; a request preempted meanwhile keeps its token (vLLM appends
+        it; it is not cached); placeholders resolve; blocks are cached at computed - placeholders."""
+        finished: list[Finished] = []
+        sampling, bs = res.sampling, self.config.block_size
+        for rid in res.sched:
+            req = self.requests.get(rid)
+            if req is None:
+                continue  # finished (or aborted) while the batch was in flight
+            if req.mm:
+                self._free_encoder_inputs(req)
+            if rid not in sampling:
+                continue  # a partial prefill chunk samples nothing
+            out = req.num_output_tokens = req.num_output_tokens + 1
+            req.num_tokens += 1
+            if req.num_output_placeholders:
+                req.num_output_placeholders -= 1
+            if req.tokens is not None:
+                req.tokens.append(sampled_token(rid, out, req.stop_at))
+                req.update_block_hashes(bs)
+                if req.status == RUNNING:
+                    cached = req.num_computed_tokens
+                    if self.cache_less_placeholders:
+                        cached -= req.num_output_placeholders
+                    self.pool.cache_blocks(rid, req.block_hashes, cached, bs)
+            if out < req.finish_at:
+                continue
+            status = "stop" if out == req.stop_at else "length"
+            finished.append(Finished(rid, status, out))
+            if req.status == RUNNING:
+                self.running.remove(req)
+            elif req in self.waiting:
+                self.waiting.remove(req)
+            else:
+                self.skipped_waiting.remove(req)
+            req.status = FINISHED
+            self._free_request(req)
         return finished
 
     def _free_encoder_inputs(self, req: Request) -> None:

@@ -51,6 +51,7 @@ class StepResult:
     enc: dict[str, list[int]] = field(default_factory=dict)    # encoder inputs computed locally
     ec_loaded: list[str] = field(default_factory=list)         # items loaded from the EC connector
     kv: dict | None = None                                     # KV offload events of this step
+    sampling: set[str] | None = None                           # async scheduling: the requests that sample
 
     def shape(self) -> tuple[int, int, int]:
         """(prefill tokens, decode requests, context tokens): the step-time model's inputs."""

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from ...faults.plan import FaultPlan, validate_plan
 from ...models.ec_connector import ECConnector
-from ...models.scheduler import Scheduler, SchedulerConfig
+from ...models.scheduler import SchedulerConfig
 from ..checkers.divergence import Divergence, first_divergence
-from ..mutants import SCHEDULER_MUTANTS
+from ..mutants import SCHEDULER_MUTANTS, Mutant
 from .simulate import RunConfig, prefetch_schedule, run_engine
 from ..workload import spec_from_dict, spec_to_dict, validate
 
@@ -41,15 +41,15 @@ class DiffCase:
 def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]:
     """Events of one side. side: "sim" or "real"; a mutant (harness/mutants.py) only changes the
     simulator."""
-    scheduler_cls, ec_policy = SCHEDULER_MUTANTS[mutant] if mutant else (Scheduler, "future-only")
+    m = SCHEDULER_MUTANTS[mutant] if mutant and side == "sim" else Mutant()
     cfg = RunConfig(scheduler=case.scheduler, seed=case.seed)
     prefetch = prefetch_schedule(case.specs, case.plan)
     if side == "sim":
-        core = scheduler_cls(case.scheduler, ECConnector(prefetch, ec_policy))
+        core = m.scheduler_cls(case.scheduler, ECConnector(prefetch, m.ec_policy))
     else:
         from ..drivers.real_scheduler import RealSchedulerCore
         core = RealSchedulerCore(case.scheduler, ec=prefetch)
-    return run_engine(core, case.specs, cfg, case.plan, side=side, prefetch=prefetch).events
+    return run_engine(core, case.specs, cfg, case.plan, side=side, prefetch=prefetch, engine_cls=m.engine_cls).events
 
 
 def check_case(case: DiffCase, mutant: str | None = None) -> Divergence | None:
@@ -75,9 +75,10 @@ class DivergenceFound(AssertionError):
 
 
 def search(examples: int, seed: int, *, mutant: str | None = None, mm: bool = True,
-           kv_pressure: bool | None = None, progress=None) -> tuple[int, DiffCase | None, Divergence | None]:
-    """Generate `examples` cases with Hypothesis; on a divergence, shrink it to a minimal case.
-    Returns (cases run, minimal failing case or None, its divergence)."""
+           kv_pressure: bool | None = None, async_scheduling: bool = True,
+           progress=None) -> tuple[int, DiffCase | None, Divergence | None]:
+    """Generate `examples` cases with Hypothesis in one scheduling mode; on a divergence, shrink it
+    to a minimal case. Returns (cases run, minimal failing case or None, its divergence)."""
     from hypothesis import HealthCheck, given, settings
     from hypothesis import seed as hseed
 
@@ -88,7 +89,7 @@ def search(examples: int, seed: int, *, mutant: str | None = None, mm: bool = Tr
     @hseed(seed)
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
               suppress_health_check=list(HealthCheck))
-    @given(specs=workloads(mm=mm), sched=scheduler_configs(kv_pressure=kv_pressure), plan=fault_plans())
+    @given(specs=workloads(mm=mm), sched=scheduler_configs(kv_pressure=kv_pressure, async_scheduling=async_scheduling), plan=fault_plans())
     def prop(specs, sched, plan):
         nonlocal count
         count += 1

@@ -165,7 +165,7 @@ def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None
     s = case.sched
     cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                           block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
-                          enable_prefix_caching=True)
+                          enable_prefix_caching=True, async_scheduling=False)
     core = OffloadScheduler(cfg, case.offload, ko.policy_for(policy, mutant))
     SimInjector(case.plan).arm_transfers(core.transfers)
     return core

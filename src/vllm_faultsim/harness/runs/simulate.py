@@ -105,11 +105,17 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     bad = set(sched) - known
     if bad:
         raise ConfigError(f"unknown scheduler field {sorted(bad)[0]!r} (fields: {', '.join(sorted(known))})")
+    rest = {k: v for k, v in d.items() if k != "scheduler"}
+    sync_only = [k for k in ("kv_offload", "eplb") if rest.get(k) is not None]
+    if sync_only:  # modelled with synchronous scheduling only: the default follows, an explicit true is refused
+        if sched.get("async_scheduling") is True:
+            raise ConfigError(f"scheduler.async_scheduling: true is not modelled with {sync_only[0]} yet "
+                              "(set it false)")
+        sched = {**sched, "async_scheduling": False}
     try:
         scfg = SchedulerConfig(**sched).validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"scheduler: {exc}") from None
-    rest = {k: v for k, v in d.items() if k != "scheduler"}
     if rest.get("kv_offload") is not None:
         rest["kv_offload"] = kv_offload_config(rest["kv_offload"], scfg)
     if rest.get("eplb") is not None:
@@ -179,7 +185,8 @@ def prefetch_schedule(specs, plan: FaultPlan) -> PrefetchSchedule:
 
 def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace_path: str | Path | None = None,
                keep: bool | frozenset[str] = True, full_trace: bool = True, prefetch: PrefetchSchedule | None = None,
-               wakeups: tuple = (), progress: Callable[[float], None] | None = None) -> RunResult:
+               wakeups: tuple = (), progress: Callable[[float], None] | None = None,
+               engine_cls: type[EngineCore] = EngineCore) -> RunResult:
     """Drive `core` through the engine loop over `specs` under `plan` (its faults armed by the
     simulator's injector); write the trace; return summary + events."""
     step_time = load_profile(cfg.profile)
@@ -196,11 +203,12 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
             injector.arm_eplb(eplb)
         elif injector.eplb_faults():
             raise ConfigError(f"fault {injector.eplb_faults()[0].kind} needs an eplb section in the run config")
-        engine = EngineCore(env, core, specs, step_time, trace.emit, eplb=eplb,
+        engine = engine_cls(env, core, specs, step_time, trace.emit, eplb=eplb,
                             wakeups=((prefetch,) if prefetch else ()) + tuple(wakeups),
                             detection=detection(cfg, injector),
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
-                            full_trace=full_trace, progress=progress)
+                            full_trace=full_trace, progress=progress,
+                            max_concurrent_batches=2 if cfg.scheduler.async_scheduling else 1)
         injector.arm_engine(engine)
         try:
             env.run()
