@@ -1,0 +1,1 @@
+"""The SimPy twins of vLLM's components, one module each; they import nothing above them."""

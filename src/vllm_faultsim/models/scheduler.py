@@ -12,8 +12,9 @@ scheduling:
   allocation fits or the request itself was preempted.
 - Then, only if nothing was preempted, WAITING requests: ``skipped_waiting`` before ``waiting``;
   stop at ``max_num_seqs``; a new request first takes its prefix-cache hit (full blocks, at most
-  ``num_tokens - 1`` tokens); a multimodal request whose EC items are still in flight
-  (``ensure_cache_available`` False) is popped onto ``step_skipped_waiting`` and the loop goes on;
+  ``num_tokens - 1`` tokens), then the KV connector's (``get_num_new_matched_tokens``); a
+  multimodal request whose EC items are still in flight (``ensure_cache_available`` with local +
+  external computed tokens is False) is popped onto ``step_skipped_waiting`` and the loop goes on;
   admission requires the full sequence to fit (``scheduler_reserve_full_isl``) plus the
   watermark; a failed allocation stops the loop. Requests skipped in this pass are re-queued,
   order kept, ahead of older skipped ones.
@@ -273,6 +274,14 @@ class Scheduler:
                     if caching:
                         hit = pool.get_computed_blocks(req.block_hashes, num_tokens - 1, bs)
                     computed = len(hit) * bs
+                    if kv is not None:
+                        num_external, load_async = kv.get_num_new_matched_tokens(req, computed)
+                        if num_external is None:
+                            queue.popleft()
+                            step_skipped_waiting.appendleft(req)
+                            continue
+                        computed += num_external
+                    # after the KV connector's lookup, with local + external computed tokens (as vLLM)
                     if (self.ec_connector is not None and req.mm
                             and not self.ec_connector.ensure_cache_available(req, computed)):
                         res.deferred.append(rid)
@@ -281,13 +290,6 @@ class Scheduler:
                         queue.popleft()
                         step_skipped_waiting.appendleft(req)
                         continue
-                    if kv is not None:
-                        num_external, load_async = kv.get_num_new_matched_tokens(req, computed)
-                        if num_external is None:
-                            queue.popleft()
-                            step_skipped_waiting.appendleft(req)
-                            continue
-                        computed += num_external
                 else:
                     computed = req.num_computed_tokens
                 if load_async:

@@ -1,0 +1,1 @@
+"""Measured step-time and liveness profiles (JSON; host and vLLM version recorded in each)."""

@@ -1,0 +1,1 @@
+"""Checkers: they read traces (both sides' common schema) and judge them; they run nothing."""
