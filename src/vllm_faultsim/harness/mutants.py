@@ -35,6 +35,10 @@ class _NoFullAdmission(Scheduler):
     admit_full_sequence = False
 
 
+class _EcLocalTokensOnly(Scheduler):
+    ec_sees_external_tokens = False
+
+
 class _NoPlaceholders(Scheduler):
     use_output_placeholders = False
 
@@ -65,12 +69,14 @@ SCHEDULER_MUTANTS: dict[str, Mutant] = {
     "ec-check-all-features": Mutant(ec_policy="all-features"),   # wait for past features too
     "ec-requeue-back": Mutant(_RequeueAtBack),                   # deferred request to the back
     "no-full-admission": Mutant(_NoFullAdmission),               # admit when the first chunk fits
+    "ec-local-tokens-only": Mutant(_EcLocalTokensOnly),          # EC lookup without the KV connector's tokens
     "no-placeholders": Mutant(_NoPlaceholders),                  # async: decode without placeholders
     "cache-with-placeholders": Mutant(_CacheWithPlaceholders),   # async: cache_blocks(num_computed_tokens)
     "batch-queue-1": Mutant(engine_cls=_QueueOfOne),             # async scheduler, no batch queue
     "outputs-in-same-step": Mutant(engine_cls=_OutputsAtOnce),   # output applied in the step that made it
 }
 ASYNC = ("no-placeholders", "cache-with-placeholders", "batch-queue-1", "outputs-in-same-step")
+KV_CONNECTOR = ("ec-local-tokens-only",)  # shown only with a KV connector offering external tokens
 
 
 class _NoStreamSync(EplbState):

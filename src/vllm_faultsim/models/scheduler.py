@@ -187,6 +187,7 @@ class Scheduler:
     requeue_skipped_at_front = True  # skipped requests go back to the front of the queue, in order
     admit_full_sequence = True       # a new request is admitted only if its full sequence's blocks fit
     use_output_placeholders = True   # async: a batch that samples gives its requests a placeholder
+    ec_sees_external_tokens = True   # ensure_cache_available gets local + KV-connector computed tokens
 
     def schedule(self, now: float) -> StepResult:
         cfg = self.config
@@ -282,8 +283,8 @@ class Scheduler:
                             continue
                         computed += num_external
                     # after the KV connector's lookup, with local + external computed tokens (as vLLM)
-                    if (self.ec_connector is not None and req.mm
-                            and not self.ec_connector.ensure_cache_available(req, computed)):
+                    if (self.ec_connector is not None and req.mm and not self.ec_connector.ensure_cache_available(
+                            req, computed if self.ec_sees_external_tokens else computed - num_external)):
                         res.deferred.append(rid)
                         if not self.continue_past_deferred:
                             break
