@@ -1,0 +1,465 @@
+"""Record real vLLM 0.26.0 as it is served by default, on a GPU, as vllm-faultsim.recording/1 files.
+
+    python benchmarks/record_serving.py --models llama-3.2-1b,llama-3.1-8b --out "$OUT" [--deadline-s 520]
+
+For each model shape (config.json written here from the published Hugging Face configs; dummy
+weights, bf16, TP 1) the engine is started the way ``vllm serve`` builds it, without the HTTP
+layer: ``AsyncEngineArgs(...).create_engine_config(usage_context=OPENAI_API_SERVER)`` then
+``AsyncLLM.from_vllm_config`` (engine core in its own process; async scheduling, CUDA graphs and
+torch.compile, prefix caching, chunked prefill and ``max_num_batched_tokens`` all left to vLLM's
+defaults for that entry point: 8192 on a >= 70 GiB GPU). Only ``max_num_seqs`` is set (64), and the
+scheduler class is the recorder of :mod:`vllm_faultsim.harness.drivers.serving_recorder` for the
+mode vLLM resolved (an ``AsyncScheduler`` subclass under async scheduling), which logs every
+step's shape and times. Requests carry prompt token ids (no tokenizer), ``ignore_eos`` and a fixed
+``max_tokens``, streamed back as deltas like a streaming client.
+
+Per model: warm-up requests, a capacity probe (3 x max_num_seqs requests at once; the steady
+completion rate while the queue is non-empty is the max sustainable rate), then three Poisson
+runs at 0.3x (light), 0.9x (near saturation) and 1.3x (overload: the queue grows) of that rate,
+prompts uniform 64-1024 and outputs uniform 16-256 tokens (seeded). Run lengths shrink to fit
+``--deadline-s``. Each run is written to ``OUT/<model>-<load>.jsonl.gz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from vllm_faultsim.harness import recording as REC
+from vllm_faultsim.harness.drivers import serving_recorder as SR
+
+PROMPT_TOKENS = (64, 1024)
+OUTPUT_TOKENS = (16, 256)
+LOADS = (("light", 0.3), ("near", 0.9), ("overload", 1.3))
+BASE_SEED = 20261201
+MAX_FILE_BYTES = 1 << 20
+
+_LLAMA_COMMON = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama", "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 128256,
+}
+# name -> (Hugging Face model, its config.json, max_num_seqs)
+MODELS = {
+    "llama-3.2-1b": ("meta-llama/Llama-3.2-1B", {
+        **_LLAMA_COMMON, "head_dim": 64, "hidden_size": 2048, "intermediate_size": 8192,
+        "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": True, "transformers_version": "4.45.0.dev0"}, 64),
+    "llama-3.1-8b": ("meta-llama/Llama-3.1-8B", {
+        **_LLAMA_COMMON, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+        "num_hidden_layers": 32, "num_key_value_heads": 8,
+        "rope_scaling": {"factor": 8.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "tie_word_embeddings": False, "transformers_version": "4.43.0.dev0"}, 64),
+    # as shipped in aiconfigurator-core 0.12.0 (model_configs/Qwen--Qwen3-30B-A3B_config.json)
+    "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645, "head_dim": 128,
+        "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 6144,
+        "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+        "model_type": "qwen3_moe", "moe_intermediate_size": 768, "norm_topk_prob": True,
+        "num_attention_heads": 32, "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 48,
+        "num_key_value_heads": 4, "output_router_logits": False, "rms_norm_eps": 1e-06,
+        "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+        "vocab_size": 151936}, 64),
+}
+
+
+def write_model_dir(root: Path, name: str) -> Path:
+    d = root / name
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps(MODELS[name][1], indent=2, sort_keys=True))
+    return d
+
+
+# ---- workload -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Spec:
+    id: str
+    arrival: float     # planned, seconds from the run's start
+    prompt_len: int
+    output_len: int
+
+
+def plan(prefix: str, n: int, rate: float | None, seed: int) -> list[Spec]:
+    """``n`` requests, Poisson arrivals at ``rate`` per second (None: all at 0), uniform lengths."""
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for k in range(n):
+        if rate:
+            t += rng.expovariate(rate)
+        out.append(Spec(f"{prefix}-{k}", t, rng.randint(*PROMPT_TOKENS), rng.randint(*OUTPUT_TOKENS)))
+    return out
+
+
+def prompt_ids(spec: Spec, vocab: int, seed: int) -> list[int]:
+    rng = random.Random(f"{seed}:{spec.id}")
+    return [rng.randrange(vocab) for _ in range(spec.prompt_len)]
+
+
+@dataclass
+class Served:
+    t0: float                  # perf_counter at the run's start
+    t0_unix: float
+    requests: list[dict]       # recording/1 request lines, by arrival
+    aborted: int
+    lag_max: float             # submit time - planned arrival
+    lag_mean: float
+    end: float                 # perf_counter when the last request ended
+
+
+async def serve(engine, specs: list[Spec], prompts: dict[str, list[int]], make_params,
+                timeout: float) -> Served:
+    """Submit ``specs`` at their planned times on this event loop; the client side times of each.
+    ``engine.generate(prompt, params, request_id=...)`` streams outputs with
+    ``.outputs[0].token_ids`` (delta) and ``.finished``. Requests still running after ``timeout``
+    seconds are cancelled (vLLM aborts them) and left out."""
+    t0 = time.perf_counter()
+    t0_unix = time.time()
+    done: dict[str, dict] = {}
+    lags: list[float] = []
+
+    async def one(spec: Spec):
+        delay = spec.arrival - (time.perf_counter() - t0)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        sub = time.perf_counter() - t0
+        lags.append(sub - spec.arrival)
+        first, n = None, 0
+        prompt = {"prompt_token_ids": prompts[spec.id]}
+        async for out in engine.generate(prompt, make_params(spec), request_id=spec.id):
+            k = len(out.outputs[0].token_ids)
+            if k and first is None:
+                first = time.perf_counter() - t0
+            n += k
+            if out.finished:
+                break
+        fin = time.perf_counter() - t0
+        done[spec.id] = {"id": spec.id, "arrival": sub, "prompt_tokens": spec.prompt_len, "output_tokens": n,
+                         "first_token": first if first is not None else fin, "finish": fin}
+
+    tasks = [asyncio.ensure_future(one(s)) for s in specs]
+    finished, pending = await asyncio.wait(tasks, timeout=timeout)
+    for t in pending:
+        t.cancel()
+    if pending:
+        await asyncio.gather(*pending, return_exceptions=True)
+    for t in finished:
+        if t.exception() is not None:
+            raise t.exception()
+    end = time.perf_counter()
+    reqs = sorted(done.values(), key=lambda r: (r["arrival"], r["id"]))
+    return Served(t0, t0_unix, reqs, len(pending), max(lags, default=0.0),
+                  sum(lags) / len(lags) if lags else 0.0, end)
+
+
+def saturated_rate(finishes: list[float], max_num_seqs: int) -> float:
+    """Completions per second of a burst while its queue is still non-empty: from the
+    (max_num_seqs/2)-th completion to the (n - max_num_seqs)-th."""
+    f = sorted(finishes)
+    k1, k2 = max_num_seqs // 2, len(f) - max_num_seqs
+    if k2 <= k1 or f[k2] <= f[k1]:
+        k1, k2 = 0, len(f) - 1
+    return (k2 - k1) / (f[k2] - f[k1])
+
+
+def loop_name() -> str:
+    loop = asyncio.get_running_loop()
+    return f"{type(loop).__module__}.{type(loop).__name__}"
+
+
+# ---- host and engine description ------------------------------------------------------------
+
+def _smi(query: str) -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def host_info() -> dict:
+    rows = [r.split(", ") for r in _smi("name,driver_version,memory.total")]
+    name, driver, mem = rows[0] if rows else ("unknown", "unknown", "?")
+    try:
+        import torch
+        torch_v, cuda_v = torch.__version__, torch.version.cuda
+    except ImportError:
+        torch_v, cuda_v = "none", None
+    try:
+        import vllm
+        vllm_v = vllm.__version__
+    except ImportError:
+        vllm_v = "none"
+    device = f"{len(rows)}x {name} ({mem} MiB), CUDA {cuda_v}, {os.cpu_count()} CPUs, {os.uname().release}"
+    return {"gpu": name, "driver": driver, "device": device, "torch": torch_v, "vllm": vllm_v}
+
+
+def wait_gpu_free(limit_mib: int = 4096, timeout: float = 90.0) -> float:
+    """Wait until the GPU's used memory drops below ``limit_mib`` (the last engine's processes gone)."""
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        used = _smi("memory.used")
+        if not used or int(used[0]) < limit_mib:
+            break
+        time.sleep(0.5)
+    return time.monotonic() - t
+
+
+def _enum_name(value) -> str:
+    return getattr(value, "name", None) or str(value)
+
+
+class VllmEngine:
+    """AsyncLLM built as ``vllm serve`` builds it (usage context OPENAI_API_SERVER), with the
+    recording scheduler of the resolved scheduling mode."""
+
+    ENTRY = ("AsyncLLM.from_vllm_config(AsyncEngineArgs(...).create_engine_config("
+             "usage_context=OPENAI_API_SERVER)), as vllm serve builds it, without the HTTP server; "
+             "engine core in its own process")
+
+    def __init__(self, model_dir: Path, max_num_seqs: int, steps_file: Path, **extra):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.args = dict(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
+                         max_num_seqs=max_num_seqs, seed=0, **extra)
+        cfg = AsyncEngineArgs(**self.args).create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        sc = cfg.scheduler_config
+        sc.scheduler_cls = SR.scheduler_cls_for(bool(sc.async_scheduling))
+        os.environ[SR.ENV_STEPS_FILE] = str(steps_file)
+        self.steps_file = steps_file
+        self.config = cfg
+        self.client = AsyncLLM.from_vllm_config(vllm_config=cfg, usage_context=UsageContext.OPENAI_API_SERVER)
+
+    def generate(self, prompt, params, request_id):
+        return self.client.generate(prompt, params, request_id=request_id)
+
+    def make_params(self, spec: Spec):
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+        return SamplingParams(max_tokens=spec.output_len, ignore_eos=True, detokenize=False,
+                              output_kind=RequestOutputKind.DELTA)
+
+    def describe(self, meta: dict) -> tuple[dict, dict]:
+        """(engine, extra) header parts; ``meta`` is the engine core's line from the steps file."""
+        c = self.config
+        sc, cc, mc, comp = c.scheduler_config, c.cache_config, c.model_config, c.compilation_config
+        engine = {
+            "max_num_seqs": sc.max_num_seqs, "max_num_batched_tokens": sc.max_num_batched_tokens,
+            "max_model_len": mc.max_model_len, "block_size": int(meta.get("block_size") or cc.block_size),
+            "enable_prefix_caching": bool(cc.enable_prefix_caching), "async_scheduling": bool(sc.async_scheduling),
+            "enforce_eager": bool(mc.enforce_eager), "gpu_memory_utilization": float(cc.gpu_memory_utilization),
+            "num_gpu_blocks": int(meta["num_gpu_blocks"]),
+            "enable_chunked_prefill": bool(sc.enable_chunked_prefill),
+            "long_prefill_token_threshold": sc.long_prefill_token_threshold,
+            "scheduler_cls": sc.scheduler_cls, "engine_core_scheduler": meta.get("scheduler_cls"),
+            "compilation_mode": _enum_name(getattr(comp, "mode", None)),
+            "cudagraph_mode": _enum_name(getattr(comp, "cudagraph_mode", None)),
+            "max_cudagraph_capture_size": getattr(comp, "max_cudagraph_capture_size", None),
+            "load_format": "dummy", "seed": 0,
+        }
+        return engine, {"dtype": str(mc.dtype).replace("torch.", ""),
+                        "tensor_parallel_size": c.parallel_config.tensor_parallel_size}
+
+    def close(self) -> None:
+        self.client.shutdown()
+
+
+# ---- one model ------------------------------------------------------------------------------
+
+def _steps_rate(steps: list[list], t0: float, t1: float) -> float:
+    n = sum(1 for s in steps if t0 <= s[1] <= t1)
+    return n / max(t1 - t0, 1e-9)
+
+
+async def record_model(name: str, out: Path, work: Path, share_end: float, open_engine,
+                       max_duration: float, host: dict, log=print, warm_bursts: int = 1) -> list[dict]:
+    hf_name, hf_config, max_num_seqs = MODELS[name]
+    vocab = hf_config["vocab_size"]
+    seed0 = BASE_SEED + 1000 * list(MODELS).index(name)
+    steps_file = work / f"{name}-steps.jsonl"
+    steps_file.unlink(missing_ok=True)
+    t_start = time.perf_counter()
+    engine = open_engine(write_model_dir(work / "models", name), max_num_seqs, steps_file)
+    startup = time.perf_counter() - t_start
+    log(f"[{name}] engine up in {startup:.1f} s")
+    results = []
+    try:
+        def prompts_for(specs, seed):
+            return {s.id: prompt_ids(s, vocab, seed) for s in specs}
+
+        warm = [Spec("warm-long", 0.0, PROMPT_TOKENS[1], OUTPUT_TOKENS[1])]
+        await serve(engine, warm, prompts_for(warm, seed0), engine.make_params, 120)
+        warm = plan("warm", 16, None, seed0 + 1)
+        w = await serve(engine, warm, prompts_for(warm, seed0 + 1), engine.make_params, 120)
+        for b in range(warm_bursts):  # the probe's shapes once unmeasured (Triton JIT of new sizes)
+            burst = plan(f"warmburst{b}", 3 * max_num_seqs, None, seed0 + 3 + b)
+            await serve(engine, burst, prompts_for(burst, seed0 + 3 + b), engine.make_params, 300)
+        probe = plan("probe", 3 * max_num_seqs, None, seed0 + 2)
+        p = await serve(engine, probe, prompts_for(probe, seed0 + 2), engine.make_params, 300)
+        await asyncio.sleep(0.5)
+        _, steps = SR.read_steps(steps_file)
+        cap = saturated_rate([r["finish"] for r in p.requests], max_num_seqs)
+        busy_rate = _steps_rate(steps, p.t0, p.end)
+        light_rate = _steps_rate(steps, w.t0, w.end)
+        out_tps = sum(r["output_tokens"] for r in p.requests) / (p.end - p.t0)
+        probe_info = {"n": len(probe), "capacity_rps": cap, "duration_s": p.end - p.t0,
+                      "output_tokens_per_s": out_tps, "steps_per_s_busy": busy_rate,
+                      "steps_per_s_16_requests": light_rate, "engine_startup_s": startup,
+                      "warmup": f"1 request of {PROMPT_TOKENS[1]}+{OUTPUT_TOKENS[1]} tokens, 16 at once, then "
+                                f"{warm_bursts} unmeasured burst(s) of {3 * max_num_seqs}",
+                      "method": f"{len(probe)} requests at once; completions per second from the "
+                                f"{max_num_seqs // 2}th to the {len(probe) - max_num_seqs}th completion"}
+        log(f"[{name}] probe: capacity {cap:.2f} req/s, {out_tps:.0f} output tok/s, "
+            f"{busy_rate:.0f} steps/s busy, {light_rate:.0f} steps/s at 16 requests")
+        for li, (load, factor) in enumerate(LOADS):
+            rate = factor * cap
+            left = share_end - time.perf_counter() - 12.0 - 4.0 * (len(LOADS) - li)
+            weights = sum(max(1.0, f) * 1.2 for _, f in LOADS[li:])
+            dur = min(max_duration, left / weights)
+            step_rate = max(busy_rate, light_rate)
+            # gzip'd bytes: ~25 per request and ~35 per step seen on CPU; 40 and 60 leave room
+            bytes_per_s = 40 * rate + 60 * step_rate * max(1.0, factor)
+            while dur > 4 and bytes_per_s * dur > 0.9 * MAX_FILE_BYTES:
+                dur *= 0.9
+            if dur < 4:
+                log(f"[{name}] {load}: skipped, {left:.0f} s left")
+                continue
+            n = max(10, round(rate * dur))
+            seed = seed0 + 10 + li
+            specs = plan(load, n, rate, seed)
+            prompts = prompts_for(specs, seed)
+            timeout = specs[-1].arrival * max(1.0, factor) * 2.0 + 30.0
+            s = await serve(engine, specs, prompts, engine.make_params, timeout)
+            await asyncio.sleep(0.5)
+            metas, steps = SR.read_steps(steps_file)
+            meta = metas[-1] if metas else {}
+            engine_hdr, extra = engine.describe(meta)
+            rec_steps = SR.to_recording_steps(steps, s.t0, s.end + 0.25)
+            want = {x.id: x.output_len for x in specs}
+            wrong = [r["id"] for r in s.requests if r["output_tokens"] != want[r["id"]]]
+            header = {
+                "format": REC.FORMAT, "model": name, "hf_model": hf_name, "hf_config": hf_config,
+                "gpu": host["gpu"], "tensor_parallel_size": extra["tensor_parallel_size"], "dtype": extra["dtype"],
+                "vllm": host["vllm"], "torch": host["torch"], "driver": host["driver"], "device": host["device"],
+                "entry_point": getattr(engine, "ENTRY", type(engine).__name__),
+                "workload": {"load": load, "rate": rate, "rate_factor": factor, "n": len(s.requests),
+                             "n_planned": n, "n_aborted": s.aborted, "arrival": "poisson",
+                             "prompt_tokens": list(PROMPT_TOKENS), "output_tokens": list(OUTPUT_TOKENS),
+                             "length_distribution": "uniform integers, inclusive", "seed": seed,
+                             "planned_duration_s": specs[-1].arrival,
+                             "prompt_token_ids": "uniform over the vocabulary, seeded by seed and request id",
+                             "sampling": "SamplingParams(max_tokens=output_tokens, ignore_eos=True, detokenize=False, "
+                                         "output_kind=DELTA), other fields default (temperature 1.0)",
+                             "submit_lag_max_s": s.lag_max, "submit_lag_mean_s": s.lag_mean,
+                             "output_tokens_mismatch": len(wrong)},
+                "engine": engine_hdr,
+                "probe": probe_info,
+                "client": f"one asyncio task per request on {loop_name()} (vllm serve runs uvloop), in the "
+                          "process of AsyncLLM (the API server's place); times from time.perf_counter",
+                "clock": "seconds from the run's start: client perf_counter at t0 (CLOCK_MONOTONIC, shared with the "
+                         "engine-core process on this host); step times measured in the engine core",
+                "t0_unix": s.t0_unix,
+                # time.time() - time.perf_counter() in the engine core minus the same in this process: ~0
+                # when both processes read one monotonic clock
+                "clock_offset_check_s": (meta["wall_minus_perf"] - (time.time() - time.perf_counter())
+                                         if "wall_minus_perf" in meta else None),
+                "steps_note": "every step that scheduled tokens with schedule_start in [0, last finish + 0.25 s]",
+            }
+            path = REC.write(out / f"{name}-{load}.jsonl.gz", REC.Recording(header, s.requests, rec_steps))
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                log(f"[{name}] {load}: WARNING {path.name} is {size} bytes (> 1 MiB)")
+            sm = REC.summary(REC.read(path))
+            line = {"model": name, "load": load, "rate": round(rate, 3), "n": sm["n"], "aborted": s.aborted,
+                    "ttft_p50_ms": round(sm["ttft_p50"] * 1e3, 2), "tpot_p50_ms": round(sm["tpot_p50"] * 1e3, 3),
+                    "e2e_p50_s": round(sm["e2e_p50"], 3), "steps": sm["steps"], "bytes": size,
+                    "max_num_batched_tokens": engine_hdr["max_num_batched_tokens"],
+                    "num_gpu_blocks": engine_hdr["num_gpu_blocks"], "wall_s": round(s.end - s.t0, 1),
+                    "max_waiting": max((st["num_waiting"] for st in rec_steps), default=0),
+                    "submit_lag_max_ms": round(s.lag_max * 1e3, 1), "output_tokens_mismatch": len(wrong)}
+            log(f"[{name}] {load}: " + json.dumps(line))
+            results.append(line)
+    finally:
+        engine.close()
+    return results
+
+
+async def main_async(args) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    names = [m for m in args.models.split(",") if m]
+    for m in names:
+        if m not in MODELS:
+            print(f"record_serving: unknown model {m!r} (known: {', '.join(MODELS)})", file=sys.stderr)
+            return 2
+    host = host_info()
+    print("host:", json.dumps(host), flush=True)
+    deadline = time.perf_counter() + args.deadline_s
+    rows = []
+    for k, name in enumerate(names):
+        wait_gpu_free()
+        share_end = time.perf_counter() + (deadline - time.perf_counter()) / (len(names) - k)
+        if share_end - time.perf_counter() < 100:
+            print(f"[{name}] skipped: {deadline - time.perf_counter():.0f} s left", flush=True)
+            continue
+        try:
+            rows += await record_model(name, out, work, share_end, VllmEngine, args.max_duration_s, host,
+                                       log=lambda s: print(s, flush=True), warm_bursts=args.warm_bursts)
+        except Exception as exc:  # noqa: BLE001 (the next model still runs)
+            import traceback
+            traceback.print_exc()
+            print(f"[{name}] FAILED: {type(exc).__name__}: {exc}", flush=True)
+    print("summary:", flush=True)
+    for r in rows:
+        print(f"  {r['model']:14s} {r['load']:8s} rate {r['rate']:7.2f}/s n {r['n']:5d}  TTFT p50 {r['ttft_p50_ms']:8.1f} ms"
+              f"  TPOT p50 {r['tpot_p50_ms']:6.2f} ms  E2E p50 {r['e2e_p50_s']:6.2f} s  steps {r['steps']:6d}"
+              f"  {r['bytes'] / 1024:6.0f} KiB  mnbt {r['max_num_batched_tokens']}", flush=True)
+    return 0 if len(rows) == len(names) * len(LOADS) else 1
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of: {', '.join(MODELS)}")
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results/recordings"))
+    ap.add_argument("--work", default="/tmp/record-serving", help="model folders and engine step files")
+    ap.add_argument("--deadline-s", type=float, default=520.0, help="finish everything within this many seconds")
+    ap.add_argument("--max-duration-s", type=float, default=30.0, help="longest arrival window of one run")
+    ap.add_argument("--warm-bursts", type=int, default=1,
+                    help="unmeasured bursts of 3 x max_num_seqs requests before the capacity probe")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_async(args))
+    return uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
