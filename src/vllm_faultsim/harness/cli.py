@@ -166,6 +166,11 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_fidelity(args) -> int:
+    from .runs.fidelity import fidelity_main
+    return fidelity_main(args)
+
+
 def cmd_check_plan(args) -> int:
     from ..faults.plan import load_plan
 
@@ -250,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("trace", help="a trace written by run (or by a real driver)")
     pl.add_argument("--out", help="the PNG (default: the trace's name with .png)")
     pl.set_defaults(func=cmd_plot)
+
+    f = sub.add_parser("fidelity", help="replay a recorded real vLLM run; simulated vs measured TTFT/TPOT/E2E/step time")
+    f.add_argument("recording", nargs="+", help="recording(s), vllm-faultsim.recording/1 (.jsonl or .jsonl.gz)")
+    f.add_argument("--config", help="run config (YAML/JSON) merged over the one the header gives")
+    f.add_argument("--trace", help="write the simulator's trace here (one recording)")
+    f.add_argument("--json", help="write the numbers here (JSON)")
+    f.add_argument("--out", default="vllm-faultsim-fidelity", help="folder for the pictures (default: %(default)s)")
+    f.set_defaults(func=cmd_fidelity)
 
     c = sub.add_parser("check-plan", help="validate a fault plan")
     c.add_argument("plan")

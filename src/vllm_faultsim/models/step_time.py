@@ -32,6 +32,12 @@ class LinearStepTime:
         return (self.base + self.prefill_token * prefill_tokens + self.decode_req * decode_reqs
                 + self.context_token * context_tokens)
 
+    def batch_seconds(self, shape: tuple[int, int, int, int, int]) -> float:
+        """The step time of a batch shape (num_prefill_requests, sum_prefill_tokens,
+        sum_prefill_kv_tokens, num_decode_requests, sum_decode_kv_tokens)."""
+        _, prefill_tokens, prefill_kv, decode_reqs, decode_kv = shape
+        return self(prefill_tokens, decode_reqs, prefill_kv + decode_kv)
+
 
 def available_profiles() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("vllm_faultsim.profiles").iterdir()

@@ -1,0 +1,295 @@
+"""``vllm-faultsim fidelity RECORDING``: replay a recorded real vLLM run through the simulator and
+say how far its latencies are from the measured ones.
+
+A recording (``vllm-faultsim.recording/1``, harness/recording.py) holds what ran (model, GPU,
+tensor-parallel size, dtype, vLLM's engine arguments), every request's client-side times and,
+optionally, every engine step's shape and times. The run config comes from the header: the engine
+arguments by vLLM's names become the ``scheduler`` section (``max_num_seqs``,
+``max_num_batched_tokens``, ``max_model_len``, ``block_size``, ``enable_prefix_caching``,
+``async_scheduling``, ``num_gpu_blocks``), the model, GPU, tensor-parallel size and dtype the
+``step_time`` section; ``--config`` overrides any of it (a mapping merged over it, section by
+section). The requests are replayed as recorded (arrival, prompt and output lengths: the real run
+used ``ignore_eos``, so output lengths are exact).
+
+Metrics, per request: TTFT (first token - arrival), TPOT ((finish - first token) / (outputs - 1),
+requests with more than one output token), E2E (finish - arrival). Per step, where steps are
+recorded: the step-time model evaluated on each *recorded* batch shape against that step's measured
+time, ``output_start[N] - max(schedule_end[N], output_start[N-1])`` with async scheduling (the
+step's GPU time bounded from above; see harness/recording.py) and ``output_start - schedule_end``
+without. For each: MAPE (mean |pred - meas| / meas, %), signed bias (mean (pred - meas) / meas, %),
+p50/p90/p99 of both sides (nearest rank).
+
+Bad recordings (missing header, unknown model or GPU, non-monotonic times, a request finishing
+before its first token, ...) raise :class:`~vllm_faultsim.harness.runs.simulate.ConfigError` with
+one line (the CLI exits 2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...models.request import RequestSpec
+from ...models.step_time import load_profile
+from .. import recording as recording_format
+from ..metrics import percentile
+from .simulate import ConfigError, RunConfig, config_from_dict, simulate
+
+# GPU names as torch.cuda.get_device_name() gives them -> aiconfigurator's system names.
+GPU_SYSTEMS = {
+    "NVIDIA H200": "h200_sxm", "NVIDIA H200 NVL": "h200_sxm",
+    "NVIDIA H100 80GB HBM3": "h100_sxm", "NVIDIA H100": "h100_sxm",
+    "NVIDIA B200": "b200_sxm", "NVIDIA B300": "b300_sxm", "NVIDIA GB200": "gb200", "NVIDIA GB300": "gb300",
+    "NVIDIA L40S": "l40s", "NVIDIA RTX PRO 6000 Blackwell Server Edition": "rtx_pro_6000_server",
+}
+# Recording model names -> the name of a config aiconfigurator ships (used when the header has no hf_config).
+MODELS = {"llama-3.1-8b": "meta-llama/Meta-Llama-3.1-8B", "llama-3.1-70b": "meta-llama/Meta-Llama-3.1-70B",
+          "qwen3-30b-a3b": "Qwen/Qwen3-30B-A3B", "qwen3-8b": "Qwen/Qwen3-8B", "qwen3-32b": "Qwen/Qwen3-32B"}
+SCHEDULER_ARGS = ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "block_size", "enable_prefix_caching",
+                  "async_scheduling", "num_gpu_blocks", "enable_chunked_prefill", "long_prefill_token_threshold")
+METRICS = ("ttft", "tpot", "e2e", "step")
+LABELS = {"ttft": "TTFT", "tpot": "TPOT", "e2e": "E2E", "step": "step time"}
+
+
+def load(path: str | Path) -> recording_format.Recording:
+    """Read and validate a recording; any problem is a one-line ConfigError."""
+    try:
+        rec = recording_format.read(path)
+    except recording_format.RecordingError as exc:
+        raise ConfigError(str(exc)) from None
+    h = rec.header
+    if h["gpu"] not in GPU_SYSTEMS:
+        raise ConfigError(f"{path}: line 1: gpu: {json.dumps(h['gpu'])} (unknown GPU; known: {', '.join(sorted(GPU_SYSTEMS))})")
+    if not isinstance(h.get("hf_config"), dict) and h["model"] not in MODELS:
+        raise ConfigError(f"{path}: line 1: model: {json.dumps(h['model'])} (unknown model: no hf_config in the "
+                          f"header and not one of {', '.join(sorted(MODELS))})")
+    return rec
+
+
+def hf_config_dir(config: dict) -> str:
+    """A folder holding `config` as config.json (content-addressed, under the temp dir), for
+    estimators that take a Hugging Face model folder."""
+    text = json.dumps(config, sort_keys=True, indent=1)
+    d = Path(tempfile.gettempdir()) / "vllm-faultsim-hf" / hashlib.sha256(text.encode()).hexdigest()[:16]
+    if not (d / "config.json").is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(text, encoding="utf-8")
+    return str(d)
+
+
+def header_config(rec: recording_format.Recording) -> dict:
+    """The run config (as a mapping) of the recorded run: scheduler from vLLM's engine arguments,
+    step time from the model, GPU, tensor-parallel size and dtype."""
+    h, e = rec.header, rec.header["engine"]
+    sched = {k: e[k] for k in SCHEDULER_ARGS if k in e}
+    return {"scheduler": sched}
+
+
+def merge(base: dict, over: dict) -> dict:
+    """`over` merged over `base`, section by section (mapping sections merge, anything else replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def specs_of(rec: recording_format.Recording) -> tuple[RequestSpec, ...]:
+    return tuple(RequestSpec(r["id"], r["arrival"], r["prompt_tokens"], r["output_tokens"]) for r in rec.requests)
+
+
+def write_workload(rec: recording_format.Recording, path: Path) -> Path:
+    path.write_text("".join(json.dumps({"id": r["id"], "arrival": r["arrival"], "prompt_tokens": r["prompt_tokens"],
+                                        "output_tokens": r["output_tokens"]}) + "\n" for r in rec.requests),
+                    encoding="utf-8")
+    return path
+
+
+def run_config(rec: recording_format.Recording, workload_path: Path, overrides: dict | None = None) -> RunConfig:
+    d = merge(header_config(rec), overrides or {})
+    d["workload"] = {"kind": "jsonl", "path": str(workload_path)}
+    return config_from_dict(d)
+
+
+# ---- metrics --------------------------------------------------------------------------------
+
+def request_metrics(r: dict) -> dict[str, float]:
+    """TTFT, E2E and (more than one output) TPOT of a request from its times (recording or trace)."""
+    out = {"ttft": r["first_token"] - r["arrival"], "e2e": r["finish"] - r["arrival"]}
+    n = r.get("output_tokens", r.get("num_output"))
+    if n > 1:
+        out["tpot"] = (r["finish"] - r["first_token"]) / (n - 1)
+    return out
+
+
+def measured_step_times(rec: recording_format.Recording) -> list[tuple[dict, float]]:
+    """(step, measured seconds) for every recorded step: the step's GPU time bounded from above."""
+    asyncs = rec.header["engine"].get("async_scheduling", True)
+    out, prev = [], None
+    for s in rec.steps:
+        start = s["schedule_end"]
+        if asyncs and prev is not None and s["i"] == prev["i"] + 1:
+            start = max(start, prev["output_start"])
+        out.append((s, s["output_start"] - start))
+        prev = s
+    return out
+
+
+def shape_of(step: dict) -> tuple[int, int, int, int, int]:
+    return (step["num_prefill_requests"], step["sum_prefill_tokens"], step["sum_prefill_kv_tokens"],
+            step["num_decode_requests"], step["sum_decode_kv_tokens"])
+
+
+def compare(pred: list[float], meas: list[float]) -> dict[str, Any]:
+    """MAPE and signed bias (%), p50/p90/p99 of both sides (ms), over pairs with a positive measurement."""
+    pairs = [(p, m) for p, m in zip(pred, meas) if m > 0]
+    if not pairs:
+        return {"n": 0}
+    rel = [(p - m) / m for p, m in pairs]
+    ps, ms = [p for p, _ in pairs], [m for _, m in pairs]
+    out: dict[str, Any] = {"n": len(pairs), "mape_pct": round(100 * sum(abs(x) for x in rel) / len(rel), 2),
+                           "bias_pct": round(100 * sum(rel) / len(rel), 2)}
+    for q in (50, 90, 99):
+        out[f"meas_p{q}_ms"] = round(1000 * percentile(ms, q), 3)
+        out[f"pred_p{q}_ms"] = round(1000 * percentile(ps, q), 3)
+    return out
+
+
+@dataclass
+class Fidelity:
+    recording: str
+    header: dict
+    config: RunConfig
+    metrics: dict[str, dict] = field(default_factory=dict)
+    pairs: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)  # metric -> (pred, meas) s
+    summary: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        h = self.header
+        return {"recording": self.recording, "model": h["model"], "gpu": h["gpu"], "vllm": h["vllm"],
+                "load": h["workload"].get("load"), "requests": len(self.pairs.get("e2e", ([], []))[0]),
+                "config": self.config.to_dict(), "metrics": self.metrics, "simulated": self.summary,
+                "notes": self.notes}
+
+
+def fidelity(path: str | Path, overrides: dict | None = None, *, trace_path: str | Path | None = None,
+             step_model=None) -> Fidelity:
+    """Replay the recording at `path` through the simulator; the per-metric comparison."""
+    rec = load(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        wpath = write_workload(rec, (Path(trace_path).with_suffix(".workload.jsonl") if trace_path
+                                     else Path(tmp) / "workload.jsonl"))
+        cfg = run_config(rec, wpath, overrides)
+        res = simulate(cfg, trace_path=trace_path, specs=specs_of(rec), keep=frozenset({"req"}), full_trace=True)
+    out = Fidelity(str(path), rec.header, cfg, summary=res.summary)
+    sim = {e["req"]: e for e in res.events if e.get("kind") == "req"}
+    for metric in ("ttft", "tpot", "e2e"):
+        out.pairs[metric] = ([], [])
+    for r in rec.requests:
+        s = sim.get(r["id"])
+        if s is None or s.get("status") not in ("length", "stop"):
+            out.notes.append(f"request {r['id']}: not finished in the simulation ({s and s.get('status')})")
+            continue
+        meas, pred = request_metrics(r), request_metrics(s)
+        for metric, m in meas.items():
+            if metric in pred:
+                out.pairs[metric][0].append(pred[metric])
+                out.pairs[metric][1].append(m)
+    if rec.steps:
+        model = step_model or load_profile(cfg.profile)
+        steps = measured_step_times(rec)
+        out.pairs["step"] = ([model.batch_seconds(shape_of(s)) for s, _ in steps], [m for _, m in steps])
+    for metric, (pred, meas) in out.pairs.items():
+        out.metrics[metric] = compare(pred, meas)
+    return out
+
+
+def format_report(f: Fidelity) -> str:
+    h = f.header
+    d = f.config.to_dict()
+    st = d.get("step_time") or {"backend": "linear", "profile": f.config.profile}
+    st_text = ", ".join(f"{k}={Path(str(v)).name if k == 'model' else v}" for k, v in st.items())
+    lines = [f"{f.recording}: {h['model']} on {h['gpu']} (tp {h['tensor_parallel_size']}, {h['dtype']}), "
+             f"vLLM {h['vllm']}, {len(f.header and f.pairs['e2e'][1])} requests, async_scheduling "
+             f"{str(f.config.scheduler.async_scheduling).lower()}; step time: {st_text}",
+             f"  {'metric':<10} {'n':>6} {'MAPE%':>7} {'bias%':>7}   {'p50 meas/sim ms':<18} {'p90 meas/sim ms':<18} "
+             f"{'p99 meas/sim ms':<18}"]
+    for metric in METRICS:
+        m = f.metrics.get(metric)
+        if not m or not m.get("n"):
+            continue
+        cells = [f"{m[f'meas_p{q}_ms']:.2f}/{m[f'pred_p{q}_ms']:.2f}".ljust(18) for q in (50, 90, 99)]
+        lines.append(f"  {LABELS[metric]:<10} {m['n']:>6} {m['mape_pct']:>7.1f} {m['bias_pct']:>+7.1f}   " + " ".join(cells))
+    lines += f.notes[:5]
+    if len(f.notes) > 5:
+        lines.append(f"... {len(f.notes) - 5} more notes")
+    return "\n".join(lines)
+
+
+def plot(f: Fidelity, path: str | Path) -> bool:
+    """Predicted against measured, one panel per metric (log-log, y = x drawn); False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    metrics = [m for m in METRICS if f.pairs.get(m) and f.pairs[m][0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        pred, meas = f.pairs[metric]
+        xs, ys = [1000 * m for m in meas], [1000 * p for p in pred]
+        ax.scatter(xs, ys, s=4, alpha=0.4)
+        pos = [v for v in xs + ys if v > 0]
+        if pos:
+            lo, hi = min(pos), max(pos)
+            ax.plot([lo, hi], [lo, hi], color="k", lw=0.8)
+            ax.set(xscale="log", yscale="log")
+        m = f.metrics[metric]
+        ax.set(xlabel="measured (ms)", ylabel="simulated (ms)",
+               title=f"{LABELS[metric]}: MAPE {m['mape_pct']:.1f}%, bias {m['bias_pct']:+.1f}%")
+    h = f.header
+    fig.suptitle(f"vllm-faultsim fidelity: {Path(f.recording).name} ({h['model']}, {h['gpu']})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def stem(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def fidelity_main(args) -> int:
+    """The ``fidelity`` subcommand (arguments: harness/cli.py)."""
+    overrides = None
+    if args.config:
+        from ..config_file import read_config_file
+        overrides = read_config_file(args.config)
+    if args.trace and len(args.recording) > 1:
+        raise ConfigError("--trace takes one recording")
+    results = []
+    for path in args.recording:
+        f = fidelity(path, overrides, trace_path=args.trace)
+        results.append(f)
+        print(format_report(f))
+        png = Path(args.out) / (stem(path) + ".png")
+        if plot(f, png):
+            print(f"  plot: {png}")
+        else:
+            print("  plot: skipped (matplotlib not installed: pip install 'vllm-faultsim[plot]')")
+    if args.trace:
+        print(f"trace: {args.trace}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps([f.to_dict() for f in results], indent=1) + "\n", encoding="utf-8")
+        print(f"json: {args.json}")
+    return 0

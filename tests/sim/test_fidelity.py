@@ -1,0 +1,150 @@
+"""``vllm-faultsim fidelity``: a recording replayed through the simulator, compared metric by metric.
+
+A recording made *by the simulator* (its own request times, written in the recording format) must
+come back with MAPE ~0 under the step time that made it, and with a large MAPE under a wrong one:
+the comparison can fail. Bad recordings are one-line errors (exit 2). One committed real recording
+runs end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from vllm_faultsim.harness import recording as R
+from vllm_faultsim.harness.cli import main
+from vllm_faultsim.harness.runs import fidelity as F
+from vllm_faultsim.harness.runs.simulate import config_from_dict, simulate
+from vllm_faultsim.models.request import RequestSpec
+
+pytestmark = pytest.mark.sim
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMITTED = ROOT / "benchmarks" / "results" / "recordings" / "qwen3-30b-a3b-light.jsonl.gz"
+ENGINE = {"max_num_seqs": 8, "max_num_batched_tokens": 512, "max_model_len": 4096, "block_size": 16,
+          "enable_prefix_caching": False, "async_scheduling": True, "enforce_eager": False,
+          "gpu_memory_utilization": 0.9, "num_gpu_blocks": 2000}
+
+
+def header(n: int, **changes) -> dict:
+    h = {"format": R.FORMAT, "model": "llama-3.1-8b", "gpu": "NVIDIA H200", "tensor_parallel_size": 1,
+         "dtype": "bfloat16", "vllm": "0.26.0", "torch": "2.11.0+cu130", "driver": "580", "device": "test",
+         "entry_point": "test", "workload": {"rate": 5.0, "n": n, "prompt_tokens": [32, 300],
+                                             "output_tokens": [2, 40], "seed": 1},
+         "engine": dict(ENGINE)}
+    h.update(changes)
+    return h
+
+
+def sim_made_recording(tmp_path: Path, profile: str = "default") -> Path:
+    """Requests simulated with `profile` (linear step time), written as a recording with steps."""
+    specs = tuple(RequestSpec(f"q{i}", round(0.05 * i, 6), 32 + 37 * i % 260, 2 + 7 * i % 38) for i in range(40))
+    sched = {k: ENGINE[k] for k in F.SCHEDULER_ARGS if k in ENGINE}
+    cfg = config_from_dict({"scheduler": sched, "profile": profile,
+                            "workload": {"kind": "poisson", "rate": 1, "duration": 1, "prompt": 8, "output": 2}})
+    res = simulate(cfg, specs=specs)
+    reqs = {e["req"]: e for e in res.events if e["kind"] == "req"}
+    requests = [{"id": s.req_id, "arrival": s.arrival, "prompt_tokens": s.prompt_len, "output_tokens": s.output_len,
+                 "first_token": reqs[s.req_id]["first_token"], "finish": reqs[s.req_id]["finish"]} for s in specs]
+    # two recorded steps, their measured time = the linear model's on their shape (synchronous spacing)
+    lin = F.load_profile(profile)
+    shapes = [(1, 200, 0, 3, 900), (0, 0, 0, 8, 4000)]
+    steps, t = [], 0.001
+    for i, (npf, spt, spkv, nd, dkv) in enumerate(shapes):
+        dur = lin.batch_seconds((npf, spt, spkv, nd, dkv))
+        steps.append({"i": i, "num_prefill_requests": npf, "sum_prefill_tokens": spt, "sum_prefill_kv_tokens": spkv,
+                      "num_decode_requests": nd, "sum_decode_kv_tokens": dkv, "total_tokens": spt + nd,
+                      "schedule_start": t, "schedule_end": t, "output_start": t + dur, "output_end": t + dur})
+        t += dur
+    return R.write(tmp_path / "simmade.jsonl.gz", R.Recording(header(len(requests)), requests, steps))
+
+
+def test_replaying_the_simulators_own_run_gives_near_zero_error(tmp_path):
+    path = sim_made_recording(tmp_path)
+    f = F.fidelity(path, {"profile": "default"})
+    for metric in ("ttft", "tpot", "e2e", "step"):
+        assert f.metrics[metric]["n"] > 0
+        assert f.metrics[metric]["mape_pct"] < 0.5, (metric, f.metrics[metric])
+    assert f.metrics["e2e"]["n"] == 40 and f.metrics["step"]["n"] == 2
+
+
+def test_a_wrong_step_time_makes_the_mape_large(tmp_path):
+    path = sim_made_recording(tmp_path)
+    good = json.loads((ROOT / "src" / "vllm_faultsim" / "profiles" / "default.json").read_text())
+    wrong = copy.deepcopy(good)
+    wrong["coeffs"] = {k: 3 * v for k, v in good["coeffs"].items()}  # every step 3x as long
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    f = F.fidelity(path, {"profile": str(tmp_path / "wrong.json")})
+    assert f.metrics["tpot"]["mape_pct"] > 100 and f.metrics["tpot"]["bias_pct"] > 100
+    assert f.metrics["e2e"]["mape_pct"] > 100
+    assert f.metrics["step"]["mape_pct"] == pytest.approx(200, rel=1e-3)
+
+
+def test_cli_writes_numbers_trace_and_says_where(tmp_path, capsys):
+    path = sim_made_recording(tmp_path)
+    cfg = tmp_path / "over.yaml"
+    cfg.write_text("profile: default\n")
+    rc = main(["fidelity", str(path), "--config", str(cfg), "--json", str(tmp_path / "f.json"),
+               "--trace", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "pics")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "MAPE%" in out and "TTFT" in out and "step time" in out
+    assert ("plot: " + str(tmp_path / "pics" / "simmade.png")) in out or "plot: skipped (matplotlib not installed" in out
+    doc = json.loads((tmp_path / "f.json").read_text())
+    assert doc[0]["metrics"]["e2e"]["mape_pct"] < 0.5
+    assert doc[0]["config"]["scheduler"]["max_num_seqs"] == 8  # from the header's engine arguments
+    from vllm_faultsim.harness.trace import read_trace
+    events = read_trace(tmp_path / "t.jsonl")
+    assert sum(e["kind"] == "req" for e in events) == 40 and any(e["kind"] == "step" for e in events)
+
+
+def test_header_engine_arguments_become_the_scheduler_section(tmp_path):
+    path = sim_made_recording(tmp_path)
+    f = F.fidelity(path, {"profile": "default", "scheduler": {"max_num_seqs": 2}})
+    s = f.config.scheduler
+    assert (s.max_num_seqs, s.max_num_batched_tokens, s.num_gpu_blocks, s.async_scheduling) == (2, 512, 2000, True)
+    assert f.metrics["e2e"]["mape_pct"] > 1  # fewer seqs than the run had: not the same run any more
+
+
+def _bad(tmp_path: Path, mutate) -> Path:
+    rec = R.Recording(header(1), [{"id": "a", "arrival": 0.5, "prompt_tokens": 10, "output_tokens": 2,
+                                   "first_token": 0.51, "finish": 0.52}])
+    lines = [{"kind": "header", **rec.header}] + [{"kind": "request", **r} for r in rec.requests]
+    lines = mutate(lines)
+    p = tmp_path / "bad.jsonl"
+    p.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    return p
+
+
+def _set(i, key, value):
+    def f(lines):
+        lines[i][key] = value
+        return lines
+    return f
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda lines: lines[1:], "the first line must be the header"),
+    (_set(0, "gpu", "NVIDIA Z9000"), "unknown GPU"),
+    (_set(0, "model", "no-such-model"), "unknown model"),
+    (_set(1, "finish", 0.505), "before first_token"),
+    (lambda lines: lines + [{"kind": "request", "id": "b", "arrival": 0.2, "prompt_tokens": 3, "output_tokens": 1,
+                             "first_token": 0.3, "finish": 0.3}], "before the previous request's"),
+])
+def test_bad_recordings_are_one_line_errors(tmp_path, capsys, mutate, needle):
+    rc = main(["fidelity", str(_bad(tmp_path, mutate)), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.count("\n") == 1 and needle in err and err.startswith("vllm-faultsim: error: ")
+
+
+def test_a_committed_real_recording_runs(tmp_path):
+    f = F.fidelity(COMMITTED)
+    rec = R.read(COMMITTED)
+    assert f.metrics["e2e"]["n"] == len(rec.requests) and f.metrics["step"]["n"] == len(rec.steps)
+    for metric in ("ttft", "tpot", "e2e", "step"):
+        m = f.metrics[metric]
+        assert m["mape_pct"] >= 0 and m["meas_p50_ms"] > 0 and m["pred_p50_ms"] > 0
+    assert f.config.scheduler.max_num_batched_tokens == rec.header["engine"]["max_num_batched_tokens"]
