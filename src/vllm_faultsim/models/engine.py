@@ -54,6 +54,7 @@ from .events import Emit
 from .kv_offload import TransferFailed
 from .request import RequestSpec
 from .step import StepResult
+from .step_time import step_seconds_of
 
 # Detection latency when no liveness profile is given: the real 0.26.0 engine on an H200
 # (recipes/gpu_engine_kill.py) took 124-128 ms from a SIGKILL to EngineDeadError.
@@ -109,6 +110,7 @@ class EngineCore:
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         self.workload = tuple(workload)
         self.step_time = step_time
+        self.step_seconds = step_seconds_of(step_time)  # res -> forward seconds (models/step_time.py)
         self.wakeups = wakeups
         self.detection = detection
         self.invariants = invariants
@@ -156,7 +158,7 @@ class EngineCore:
 
     def _forward_time(self, now: float, res: StepResult) -> float:
         """The step time of `res`'s batch, times the slow_steps factor of a forward starting at `now`."""
-        dur = self.step_time(*res.shape()) if res.sched else 0.0
+        dur = self.step_seconds(res) if res.sched else 0.0
         for start, end, factor in self.slow:
             if start <= now < end:
                 dur *= factor
@@ -184,7 +186,7 @@ class EngineCore:
                         self.invariants.idle(stats.steps, now, wake, core)
                     yield env.timeout(wake - now)
                     continue
-                dur = self.step_time(*res.shape()) if res.sched else self._kv_idle_step(now, res)
+                dur = self.step_seconds(res) if res.sched else self._kv_idle_step(now, res)
                 if res.kv:  # the worker blocked on flushed jobs before the forward
                     dur += res.kv.get("wait", 0.0)
                 for start, end, factor in self.slow:

@@ -64,6 +64,22 @@ class StepResult:
                 decode += 1
         return sum(self.sched.values()) - decode, decode, context  # a decode request schedules 1 token
 
+    def batch_shape(self) -> tuple[int, int, int, int, int]:
+        """(num_prefill_requests, sum_prefill_tokens, sum_prefill_kv_tokens, num_decode_requests,
+        sum_decode_kv_tokens), as Dynamo's ForwardPassMetrics and aiconfigurator take it: a request
+        is a decode request when it schedules 1 token past its prompt; the KV sums are the tokens
+        computed before this step."""
+        decode = context = decode_kv = 0
+        computed_before, prompt_len = self.computed_before, self.prompt_len
+        for rid, n in self.sched.items():
+            before = computed_before[rid]
+            context += before
+            if n == 1 and before >= prompt_len[rid]:
+                decode += 1
+                decode_kv += before
+        return (len(self.sched) - decode, sum(self.sched.values()) - decode, context - decode_kv, decode,
+                decode_kv)
+
 
 @dataclass(frozen=True)
 class Finished:

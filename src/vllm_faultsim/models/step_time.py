@@ -1,17 +1,37 @@
-"""Step-time models: how long one engine step takes, from the batch's shape.
+"""Step-time models (backends): how long one engine step's forward takes, from the batch's shape.
 
-The default is linear in (prefill tokens, decode requests, context tokens) with coefficients read
-from a named profile, a JSON file in ``vllm_faultsim/profiles`` (or any path). ``vllm-faultsim
-calibrate`` fits and writes such a profile from measurements of the real engine on a GPU.
-Any callable ``(prefill_tokens, decode_reqs, context_tokens) -> seconds`` can stand in.
+One interface: a backend has ``of_step(res: StepResult) -> seconds`` (what the engine loop calls
+every step) and ``batch_seconds(shape) -> seconds`` on a batch shape ``(num_prefill_requests,
+sum_prefill_tokens, sum_prefill_kv_tokens, num_decode_requests, sum_decode_kv_tokens)``
+(``StepResult.batch_shape()``; the shape Dynamo's ForwardPassMetrics and aiconfigurator take).
+Chosen by the run config's ``step_time`` section (:func:`from_config`):
+
+- ``{backend: linear, profile: NAME}`` (and, without a section, the top-level ``profile: NAME``):
+  linear in (prefill tokens, decode requests, context tokens) with coefficients read from a named
+  profile, a JSON file in ``vllm_faultsim/profiles`` (or any path). ``vllm-faultsim calibrate``
+  fits and writes such a profile from measurements of the real engine on a GPU.
+- ``{backend: aic, model, system, tp, dtype, version}``: NVIDIA's aiconfigurator-core
+  (``RustForwardPassPerfModel``, measured per-operation data; forward pass only): ``model`` the
+  name of a config it ships (e.g. ``meta-llama/Meta-Llama-3.1-8B``) or a Hugging Face model folder
+  or ``config.json`` path, ``system`` its GPU system name (``h200_sxm``, ``h100_sxm``,
+  ``b200_sxm``, ...), ``tp`` tensor-parallel size, ``dtype`` (weights: ``bfloat16``, ``fp8``, ...),
+  ``version`` of vLLM's data (``0.24.0``). Memoised by shape, with the KV sums bucketed to
+  1/``KV_BUCKETS`` of their power of two (``kv_bucket``). Where aiconfigurator-core is missing or
+  has no data for the model/GPU, one line names the fallback (the linear ``fallback`` profile).
+- ``scale`` (either backend, default 1): a multiplicative correction, e.g. fitted on recorded steps.
+
+Any callable ``(prefill_tokens, decode_reqs, context_tokens) -> seconds`` can still stand in
+(:func:`step_seconds_of`).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any, Callable
 
 COEFFS = ("base", "prefill_token", "decode_req", "context_token")
 
@@ -31,6 +51,9 @@ class LinearStepTime:
     def __call__(self, prefill_tokens: int, decode_reqs: int, context_tokens: int) -> float:
         return (self.base + self.prefill_token * prefill_tokens + self.decode_req * decode_reqs
                 + self.context_token * context_tokens)
+
+    def of_step(self, res) -> float:
+        return self(*res.shape())
 
     def batch_seconds(self, shape: tuple[int, int, int, int, int]) -> float:
         """The step time of a batch shape (num_prefill_requests, sum_prefill_tokens,
@@ -64,3 +87,149 @@ def load_profile(name_or_path: str = "default") -> LinearStepTime:
     if values["base"] <= 0 or any(v < 0 for v in values.values()):
         raise ProfileError(f"step-time profile {name_or_path!r}: base must be > 0 and all coefficients >= 0")
     return LinearStepTime(**values, name=data.get("name", str(name_or_path)))
+
+
+# ---- the backend interface and the run config's step_time section ---------------------------
+
+BACKENDS = ("linear", "aic")
+SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, float)},
+                  "aic": {"backend": str, "model": str, "system": str, "tp": int, "dtype": str, "version": str,
+                          "fallback": str, "scale": (int, float), "kv_bucket": bool}}
+AIC_DEFAULTS = {"system": "h200_sxm", "tp": 1, "dtype": "bfloat16", "version": "0.24.0", "kv_bucket": True}
+AIC_PACKAGE = "aiconfigurator-core==0.12.0"
+KV_BUCKETS = 64  # the KV sums are memoised in buckets of 1/64 of their power of two (<= 1.6% off)
+
+
+def step_seconds_of(step_time) -> Callable:
+    """``res -> seconds`` for a backend, or for a plain ``(prefill, decode, context)`` callable."""
+    of_step = getattr(step_time, "of_step", None)
+    return of_step if of_step is not None else (lambda res: step_time(*res.shape()))
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """A backend times a constant (a correction fitted on recorded steps)."""
+    inner: Any
+    scale: float
+
+    def of_step(self, res) -> float:
+        return self.scale * self.inner.of_step(res)
+
+    def batch_seconds(self, shape) -> float:
+        return self.scale * self.inner.batch_seconds(shape)
+
+
+def _bucket(x: int) -> int:
+    """x rounded to a multiple of 1/KV_BUCKETS of its power of two (exact below 2 * KV_BUCKETS)."""
+    if x < 2 * KV_BUCKETS:
+        return x
+    q = (1 << (x.bit_length() - 1)) // KV_BUCKETS
+    return (x + q // 2) // q * q
+
+
+class AicStepTime:
+    """aiconfigurator-core's forward-pass estimate, memoised by batch shape (seconds)."""
+
+    def __init__(self, section: dict):
+        import logging
+
+        from aiconfigurator_core.sdk import RustForwardPassPerfModel  # optional dependency
+        self.section = section
+        model = section["model"]
+        path = Path(model)
+        if path.name == "config.json" and path.is_file():
+            model = str(path.parent)  # aiconfigurator takes the model folder
+        config = {"schema_version": 1, "model_name": model, "system_name": section["system"], "backend": "vllm",
+                  "backend_version": section["version"], "kv_block_size": None, "tp_size": section["tp"],
+                  "pp_size": 1, "moe_tp_size": None, "moe_ep_size": None, "attention_dp_size": 1, "cp_size": None,
+                  "weight_dtype": section["dtype"], "moe_dtype": None, "activation_dtype": None,
+                  "kv_cache_dtype": None, "nextn": None, "extra": {}}
+        self._memo: dict[tuple, float] = {}
+        self._bucketed = section.get("kv_bucket", True)
+        previous = logging.root.manager.disable
+        logging.disable(logging.WARNING)  # "low-fidelity fallback rows" for families a model does not use
+        try:
+            self._model = RustForwardPassPerfModel.from_native(config)
+            self.batch_seconds((1, 16, 0, 1, 16))  # a model the estimator cannot run fails here, not mid-run
+        finally:
+            logging.disable(previous)
+
+    def batch_seconds(self, shape) -> float:
+        npf, spt, spkv, nd, dkv = shape
+        if self._bucketed:
+            spkv, dkv = _bucket(spkv), _bucket(dkv)
+        key = (npf, spt, spkv, nd, dkv)
+        t = self._memo.get(key)
+        if t is None:
+            t = self._memo[key] = 1e-3 * self._model.estimate_forward_pass_time_ms({
+                "version": 1, "wall_time": 0.0,
+                "scheduled_requests": {"num_prefill_requests": npf, "sum_prefill_tokens": spt,
+                                       "sum_prefill_kv_tokens": spkv, "num_decode_requests": nd,
+                                       "sum_decode_kv_tokens": dkv}})
+        return t
+
+    def of_step(self, res) -> float:
+        return self.batch_seconds(res.batch_shape())
+
+
+def check_section(section: Any) -> dict:
+    """The ``step_time`` section, checked (one-line ProfileError) and completed with the defaults."""
+    if not isinstance(section, dict):
+        raise ProfileError(f"step_time must be a mapping, got {type(section).__name__}")
+    backend = section.get("backend", "linear")
+    if backend not in BACKENDS:
+        raise ProfileError(f"step_time.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    spec = SECTION_FIELDS[backend]
+    for key, value in section.items():
+        kind = spec.get(key)
+        if kind is None:
+            raise ProfileError(f"unknown step_time field {key!r} for backend {backend} (fields: {', '.join(spec)})")
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ProfileError(f"step_time.{key} must be {getattr(kind, '__name__', 'a number')}, "
+                               f"got {type(value).__name__} {value!r}")
+    if "scale" in section and not section["scale"] > 0:
+        raise ProfileError(f"step_time.scale must be > 0, got {section['scale']!r}")
+    out = {"backend": backend, **section}
+    if backend == "aic":
+        if "model" not in section:
+            raise ProfileError("step_time.model is missing (a config aiconfigurator ships, e.g. "
+                               "meta-llama/Meta-Llama-3.1-8B, or a Hugging Face config.json path)")
+        out = {**{"backend": "aic"}, **AIC_DEFAULTS, **out}
+        if out["tp"] < 1:
+            raise ProfileError(f"step_time.tp must be >= 1, got {out['tp']}")
+    return out
+
+
+_BUILT: dict[str, Any] = {}
+
+
+def from_config(section: dict | None, profile: str = "default",
+                warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)):
+    """The backend a run config asks for: ``section`` (its ``step_time``) or, without one, the
+    linear ``profile``. An aic backend that cannot be built (package missing, no data for the
+    model or GPU) falls back to the linear ``fallback`` profile (default: ``profile``), saying so
+    in one line through ``warn``. Built backends are shared within the process."""
+    if section is None:
+        return load_profile(profile)
+    section = check_section(section)
+    scale = float(section.get("scale", 1.0))
+    if section["backend"] == "linear":
+        model = load_profile(section.get("profile", profile))
+    else:
+        key = json.dumps({k: v for k, v in section.items() if k not in ("scale", "fallback")}, sort_keys=True)
+        model = _BUILT.get(key)
+        if model is None:
+            fallback = section.get("fallback", profile)
+            try:
+                model = _BUILT[key] = AicStepTime(section)
+            except ImportError:
+                warn(f"vllm-faultsim: step_time aic: aiconfigurator-core is not installed (pip install "
+                     f"'{AIC_PACKAGE}'); falling back to the linear profile {fallback!r}")
+                model = _BUILT[key] = load_profile(fallback)
+            except Exception as exc:  # no data for this model / GPU / version / dtype
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                warn(f"vllm-faultsim: step_time aic: no estimate for model {section['model']!r} on "
+                     f"{section['system']!r} (tp {section['tp']}, {section['dtype']}, vLLM data {section['version']}): "
+                     f"{first}; falling back to the linear profile {fallback!r}")
+                model = _BUILT[key] = load_profile(fallback)
+    return model if scale == 1.0 else Scaled(model, scale)

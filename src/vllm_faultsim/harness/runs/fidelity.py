@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from ...models.request import RequestSpec
-from ...models.step_time import load_profile
+from ...models.step_time import load_profile  # noqa: F401 (tests build sim-made recordings with it)
 from .. import recording as recording_format
 from ..metrics import percentile
-from .simulate import ConfigError, RunConfig, config_from_dict, simulate
+from .simulate import ConfigError, RunConfig, config_from_dict, simulate, step_time_model
 
 # GPU names as torch.cuda.get_device_name() gives them -> aiconfigurator's system names.
 GPU_SYSTEMS = {
@@ -83,15 +83,25 @@ def hf_config_dir(config: dict) -> str:
 
 def header_config(rec: recording_format.Recording) -> dict:
     """The run config (as a mapping) of the recorded run: scheduler from vLLM's engine arguments,
-    step time from the model, GPU, tensor-parallel size and dtype."""
+    step time (aiconfigurator) from the model (the header's ``hf_config``, else a shipped config
+    by name), GPU, tensor-parallel size and dtype."""
     h, e = rec.header, rec.header["engine"]
     sched = {k: e[k] for k in SCHEDULER_ARGS if k in e}
-    return {"scheduler": sched}
+    model = hf_config_dir(h["hf_config"]) if isinstance(h.get("hf_config"), dict) else MODELS[h["model"]]
+    step_time = {"backend": "aic", "model": model, "system": GPU_SYSTEMS[h["gpu"]],
+                 "tp": h["tensor_parallel_size"], "dtype": h["dtype"]}
+    return {"scheduler": sched, "step_time": step_time}
 
 
 def merge(base: dict, over: dict) -> dict:
-    """`over` merged over `base`, section by section (mapping sections merge, anything else replaces)."""
+    """`over` merged over `base`, section by section (mapping sections merge, anything else
+    replaces; a ``step_time`` with another backend, or a top-level ``profile``, replaces the
+    header's step time)."""
     out = dict(base)
+    if "profile" in over and "step_time" not in over:
+        out.pop("step_time", None)
+    if "backend" in (over.get("step_time") or {}) and over["step_time"]["backend"] != out.get("step_time", {}).get("backend"):
+        out.pop("step_time", None)
     for k, v in over.items():
         out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
@@ -200,7 +210,7 @@ def fidelity(path: str | Path, overrides: dict | None = None, *, trace_path: str
                 out.pairs[metric][0].append(pred[metric])
                 out.pairs[metric][1].append(m)
     if rec.steps:
-        model = step_model or load_profile(cfg.profile)
+        model = step_model or step_time_model(cfg)
         steps = measured_step_times(rec)
         out.pairs["step"] = ([model.batch_seconds(shape_of(s)) for s, _ in steps], [m for _, m in steps])
     for metric, (pred, meas) in out.pairs.items():

@@ -23,7 +23,7 @@ from ...models.engine import CAUSES, EngineCore
 from ...models.engine_procs import LatencyModel
 from ...models.offload_scheduler import OffloadScheduler
 from ...models.scheduler import Scheduler, SchedulerConfig
-from ...models.step_time import load_profile
+from ...models import step_time as step_time_backends
 from .. import workload as wl
 from ..invariants import Invariants, InvariantViolation
 from ..metrics import summarize
@@ -47,6 +47,7 @@ class RunConfig:
     liveness: str = "liveness_h100"  # detection-latency profile: a packaged name or a JSON path
     kv_offload: dict | None = None  # KV offloading to CPU (kv_offload_config); None: off
     eplb: dict | None = None  # async EPLB (models/eplb.py EplbConfig); None: off
+    step_time: dict | None = None  # step-time backend (models/step_time.py); None: linear `profile`
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -55,6 +56,8 @@ class RunConfig:
             del d["kv_offload"]
         if d["eplb"] is None:
             del d["eplb"]
+        if d["step_time"] is None:
+            del d["step_time"]
         return d
 
 
@@ -123,6 +126,8 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
             rest["eplb"] = eplb_model.config_from_dict(rest["eplb"]).to_dict()
         except eplb_model.EplbConfigError as exc:
             raise ConfigError(str(exc)) from None
+    if rest.get("step_time") is not None:
+        rest["step_time"] = step_time_backends.check_section(rest["step_time"])
     cfg = RunConfig(scheduler=scfg, **rest)
     specs = build_workload(cfg)  # validates the workload description
     mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
@@ -130,6 +135,11 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"kv_offload models text-only requests; workload request {mm} has multimodal items")
     liveness_model(cfg)
     return cfg
+
+
+def step_time_model(cfg: RunConfig):
+    """The step-time backend of `cfg`: its ``step_time`` section, or the linear ``profile``."""
+    return step_time_backends.from_config(cfg.step_time, cfg.profile)
 
 
 def liveness_model(cfg: RunConfig) -> LatencyModel:
@@ -189,7 +199,7 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
                engine_cls: type[EngineCore] = EngineCore) -> RunResult:
     """Drive `core` through the engine loop over `specs` under `plan` (its faults armed by the
     simulator's injector); write the trace; return summary + events."""
-    step_time = load_profile(cfg.profile)
+    step_time = step_time_model(cfg)
     injector = SimInjector(plan)
     kinds = True if keep is True else frozenset(keep or ()) | {"req"}  # req events feed the summary
     with Trace(trace_path, keep=kinds) as trace:
