@@ -148,3 +148,31 @@ def test_a_committed_real_recording_runs(tmp_path):
         m = f.metrics[metric]
         assert m["mape_pct"] >= 0 and m["meas_p50_ms"] > 0 and m["pred_p50_ms"] > 0
     assert f.config.scheduler.max_num_batched_tokens == rec.header["engine"]["max_num_batched_tokens"]
+
+
+def test_serving_costs_delay_outputs_and_a_fit_finds_the_recorded_ones(tmp_path):
+    base = {"workload": {"kind": "poisson", "rate": 20, "duration": 3, "prompt": 256, "output": 32}, "seed": 3}
+    plain = simulate(config_from_dict(base)).summary
+    zero = simulate(config_from_dict({**base, "serving": {"schedule_base_s": 0, "update_base_s": 0}})).summary
+    assert zero == plain  # costs of 0: the same run
+    hidden = simulate(config_from_dict({**base, "serving": {"schedule_base_s": 0.002, "update_base_s": 0.001}})).summary
+    assert abs(hidden["tpot_p50_ms"] - plain["tpot_p50_ms"]) < 0.5  # async scheduling overlaps it with the forward
+    slow = simulate(config_from_dict({**base, "serving": {"schedule_base_s": 0.012, "update_base_s": 0.004}})).summary
+    assert slow["tpot_p50_ms"] > plain["tpot_p50_ms"] + 4 and slow["finished"] == plain["finished"]  # CPU-bound
+    from vllm_faultsim.harness.runs.simulate import ConfigError
+    with pytest.raises(ConfigError, match="async scheduling only"):
+        config_from_dict({**base, "scheduler": {"async_scheduling": False}, "serving": {"update_base_s": 0.001}})
+    path = sim_made_recording(tmp_path)
+    fitted = F.fit([path], {"profile": "default"})
+    assert fitted["step_time"]["scale"] == pytest.approx(1, abs=1e-3)
+    assert fitted["step_time"]["decode_scale"] == pytest.approx(1, abs=1e-3)
+    assert fitted["serving"]["schedule_base_s"] == 0 and fitted["serving"]["update_base_s"] == 0  # recorded as 0
+
+
+def test_cli_fit_reports_held_out_or_not(tmp_path, capsys):
+    path = sim_made_recording(tmp_path)
+    cfg = tmp_path / "over.yaml"
+    cfg.write_text("profile: default\n")
+    assert main(["fidelity", str(path), "--fit", str(path), "--config", str(cfg), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated on 1 recording(s) (simmade)" in out and "not held out" in out

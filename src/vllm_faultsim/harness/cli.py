@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--trace", help="write the simulator's trace here (one recording)")
     f.add_argument("--json", help="write the numbers here (JSON)")
     f.add_argument("--out", default="vllm-faultsim-fidelity", help="folder for the pictures (default: %(default)s)")
+    f.add_argument("--fit", nargs="+", metavar="REC", help="calibrate (serving CPU costs, step-time scale) on these "
+                   "recordings first, then report on RECORDING (held out when not among them)")
     f.set_defaults(func=cmd_fidelity)
 
     c = sub.add_parser("check-plan", help="validate a fault plan")

@@ -105,12 +105,13 @@ class EngineCore:
                  detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
                  invariants=None, full_trace: bool = True,
                  progress: Callable[[float], None] | None = None, eplb: EplbState | None = None,
-                 max_concurrent_batches: int = 1):
+                 max_concurrent_batches: int = 1, cpu_costs=None):
         self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         self.workload = tuple(workload)
         self.step_time = step_time
         self.step_seconds = step_seconds_of(step_time)  # res -> forward seconds (models/step_time.py)
+        self.cpu_costs = cpu_costs  # serving-mode CPU time of schedule()/update_from_output() (step_time.ServingCosts)
         self.wakeups = wakeups
         self.detection = detection
         self.invariants = invariants
@@ -233,6 +234,9 @@ class EngineCore:
                     res = core.schedule(now)
                     if self.invariants is not None:
                         self.invariants.scheduled(stats.steps, now, now, res, stats.records)
+                    if self.cpu_costs is not None and res.sched:  # the core is busy in schedule()
+                        yield env.timeout(self.cpu_costs.schedule(res))
+                        now = env.now
                     start = gpu_free if gpu_free > now else now
                     gpu_free = end = start + self._forward_time(start, res)
                     if not self.apply_outputs_late:  # (a mutant) the output is applied as it is scheduled
@@ -266,6 +270,8 @@ class EngineCore:
                     self.stepping = True
                     yield env.timeout(end - now)
                     self.stepping = False
+                if self.cpu_costs is not None and res.sched:  # update_from_output(); outputs leave after it
+                    yield env.timeout(self.cpu_costs.update(res))
                 if id(res) not in done:
                     self._account(res, core.update_from_output(res, env.now), start, end - start)
         except simpy.Interrupt as stop:

@@ -18,7 +18,8 @@ Chosen by the run config's ``step_time`` section (:func:`from_config`):
   ``version`` of vLLM's data (``0.24.0``). Memoised by shape, with the KV sums bucketed to
   1/``KV_BUCKETS`` of their power of two (``kv_bucket``). Where aiconfigurator-core is missing or
   has no data for the model/GPU, one line names the fallback (the linear ``fallback`` profile).
-- ``scale`` (either backend, default 1): a multiplicative correction, e.g. fitted on recorded steps.
+- ``scale`` and ``decode_scale`` (either backend, default 1 and ``scale``): multiplicative
+  corrections of batches with prefill work and of decode-only batches, fitted on recorded steps.
 
 Any callable ``(prefill_tokens, decode_reqs, context_tokens) -> seconds`` can still stand in
 (:func:`step_seconds_of`).
@@ -92,9 +93,9 @@ def load_profile(name_or_path: str = "default") -> LinearStepTime:
 # ---- the backend interface and the run config's step_time section ---------------------------
 
 BACKENDS = ("linear", "aic")
-SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, float)},
+SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, float), "decode_scale": (int, float)},
                   "aic": {"backend": str, "model": str, "system": str, "tp": int, "dtype": str, "version": str,
-                          "fallback": str, "scale": (int, float), "kv_bucket": bool}}
+                          "fallback": str, "scale": (int, float), "decode_scale": (int, float), "kv_bucket": bool}}
 AIC_DEFAULTS = {"system": "h200_sxm", "tp": 1, "dtype": "bfloat16", "version": "0.24.0", "kv_bucket": True}
 AIC_PACKAGE = "aiconfigurator-core==0.12.0"
 KV_BUCKETS = 64  # the KV sums are memoised in buckets of 1/64 of their power of two (<= 1.6% off)
@@ -108,15 +109,17 @@ def step_seconds_of(step_time) -> Callable:
 
 @dataclass(frozen=True)
 class Scaled:
-    """A backend times a constant (a correction fitted on recorded steps)."""
+    """A backend times a constant, ``decode_scale`` for decode-only batches and ``scale`` for the
+    others (a correction fitted on recorded steps: ``vllm-faultsim fidelity --fit``)."""
     inner: Any
     scale: float
+    decode_scale: float
 
     def of_step(self, res) -> float:
-        return self.scale * self.inner.of_step(res)
+        return self.batch_seconds(res.batch_shape())
 
     def batch_seconds(self, shape) -> float:
-        return self.scale * self.inner.batch_seconds(shape)
+        return (self.scale if shape[0] else self.decode_scale) * self.inner.batch_seconds(shape)
 
 
 def _bucket(x: int) -> int:
@@ -187,8 +190,9 @@ def check_section(section: Any) -> dict:
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise ProfileError(f"step_time.{key} must be {getattr(kind, '__name__', 'a number')}, "
                                f"got {type(value).__name__} {value!r}")
-    if "scale" in section and not section["scale"] > 0:
-        raise ProfileError(f"step_time.scale must be > 0, got {section['scale']!r}")
+    for key in ("scale", "decode_scale"):
+        if key in section and not section[key] > 0:
+            raise ProfileError(f"step_time.{key} must be > 0, got {section[key]!r}")
     out = {"backend": backend, **section}
     if backend == "aic":
         if "model" not in section:
@@ -213,10 +217,12 @@ def from_config(section: dict | None, profile: str = "default",
         return load_profile(profile)
     section = check_section(section)
     scale = float(section.get("scale", 1.0))
+    decode_scale = float(section.get("decode_scale", scale))
     if section["backend"] == "linear":
         model = load_profile(section.get("profile", profile))
     else:
-        key = json.dumps({k: v for k, v in section.items() if k not in ("scale", "fallback")}, sort_keys=True)
+        key = json.dumps({k: v for k, v in section.items() if k not in ("scale", "decode_scale", "fallback")},
+                         sort_keys=True)
         model = _BUILT.get(key)
         if model is None:
             fallback = section.get("fallback", profile)
@@ -232,4 +238,42 @@ def from_config(section: dict | None, profile: str = "default",
                      f"{section['system']!r} (tp {section['tp']}, {section['dtype']}, vLLM data {section['version']}): "
                      f"{first}; falling back to the linear profile {fallback!r}")
                 model = _BUILT[key] = load_profile(fallback)
-    return model if scale == 1.0 else Scaled(model, scale)
+    return model if scale == decode_scale == 1.0 else Scaled(model, scale, decode_scale)
+
+
+# ---- serving-mode CPU costs around the forward (the run config's ``serving`` section) ---------
+
+SERVING_FIELDS = ("schedule_base_s", "schedule_per_req_s", "update_base_s", "update_per_req_s")
+
+
+@dataclass(frozen=True)
+class ServingCosts:
+    """The engine core's CPU time per step around the forward, which async scheduling overlaps
+    with the previous batch's forward (models/engine.py ``step_with_batch_queue``):
+    ``Scheduler.schedule()`` (``schedule_base_s + schedule_per_req_s * scheduled requests``; the
+    batch reaches the GPU after it) and ``update_from_output()`` (``update_base_s +
+    update_per_req_s * scheduled requests``; the step's outputs reach the client after it).
+    Measured: the recordings' step lines time both calls (``schedule_start``/``schedule_end``,
+    ``output_start``/``output_end``); ``vllm-faultsim fidelity --fit`` fits the four numbers."""
+    schedule_base_s: float = 0.0
+    schedule_per_req_s: float = 0.0
+    update_base_s: float = 0.0
+    update_per_req_s: float = 0.0
+
+    def schedule(self, res) -> float:
+        return self.schedule_base_s + self.schedule_per_req_s * len(res.sched)
+
+    def update(self, res) -> float:
+        return self.update_base_s + self.update_per_req_s * len(res.sched)
+
+
+def serving_costs(section: Any) -> ServingCosts:
+    """The ``serving`` section, checked (one-line ProfileError)."""
+    if not isinstance(section, dict):
+        raise ProfileError(f"serving must be a mapping, got {type(section).__name__}")
+    for key, value in section.items():
+        if key not in SERVING_FIELDS:
+            raise ProfileError(f"unknown serving field {key!r} (fields: {', '.join(SERVING_FIELDS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ProfileError(f"serving.{key} must be a number >= 0, got {value!r}")
+    return ServingCosts(**{k: float(v) for k, v in section.items()})

@@ -271,6 +271,49 @@ def plot(f: Fidelity, path: str | Path) -> bool:
     return True
 
 
+# ---- calibration on other recordings ---------------------------------------------------------
+
+def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares a + b x, both clamped to >= 0."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    b = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var) if var > 0 else 0.0
+    return max(0.0, my - b * mx), b
+
+
+def fit(paths: list[str | Path], overrides: dict | None = None) -> dict:
+    """A config fragment calibrated on the recordings at `paths`: the serving CPU costs (least
+    squares of each step's measured ``schedule()`` and ``update_from_output()`` times against its
+    scheduled requests) and step-time corrections ``scale`` (batches with prefill work) and
+    ``decode_scale`` (decode-only batches): measured over predicted step time, summed over their
+    steps (time-weighted, so throughput comes out right), with the step-time model of each
+    recording's own config."""
+    reqs, sched, upd = [], [], []
+    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # decode-only? -> [measured, predicted]
+    for path in paths:
+        rec = load(path)
+        if not rec.steps:
+            raise ConfigError(f"{path}: no step lines to calibrate on")
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = run_config(rec, write_workload(rec, Path(tmp) / "w.jsonl"), overrides)
+        model = step_time_model(cfg)
+        for s, meas in measured_step_times(rec):
+            n = s["num_prefill_requests"] + s["num_decode_requests"]
+            reqs.append(n)
+            sched.append(s["schedule_end"] - s["schedule_start"])
+            upd.append(s["output_end"] - s["output_start"])
+            acc = sums[s["num_prefill_requests"] == 0]
+            acc[0] += meas
+            acc[1] += model.batch_seconds(shape_of(s))
+    sa, sb = _line(reqs, sched)
+    ua, ub = _line(reqs, upd)
+    scale, decode_scale = ((m / p if p > 0 and m > 0 else 1.0) for m, p in (sums[False], sums[True]))
+    return {"serving": {"schedule_base_s": round(sa, 7), "schedule_per_req_s": round(sb, 9),
+                        "update_base_s": round(ua, 7), "update_per_req_s": round(ub, 9)},
+            "step_time": {"scale": round(scale, 4), "decode_scale": round(decode_scale, 4)}}
+
+
 def stem(path: str | Path) -> str:
     name = Path(path).name
     for suffix in (".gz", ".jsonl", ".json"):
@@ -286,6 +329,14 @@ def fidelity_main(args) -> int:
         overrides = read_config_file(args.config)
     if args.trace and len(args.recording) > 1:
         raise ConfigError("--trace takes one recording")
+    if args.fit:
+        fitted = fit(args.fit, overrides)
+        print(f"calibrated on {len(args.fit)} recording(s) ({', '.join(stem(p) for p in args.fit)}): "
+              f"{json.dumps(fitted)}")
+        held = sorted(set(map(str, args.fit)) & set(map(str, args.recording)))
+        if held:
+            print(f"  note: {', '.join(stem(p) for p in held)} also used for calibration: not held out")
+        overrides = merge(overrides or {}, fitted)
     results = []
     for path in args.recording:
         f = fidelity(path, overrides, trace_path=args.trace)

@@ -48,6 +48,7 @@ class RunConfig:
     kv_offload: dict | None = None  # KV offloading to CPU (kv_offload_config); None: off
     eplb: dict | None = None  # async EPLB (models/eplb.py EplbConfig); None: off
     step_time: dict | None = None  # step-time backend (models/step_time.py); None: linear `profile`
+    serving: dict | None = None  # CPU time per step around the forward (step_time.ServingCosts); None: none
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -58,6 +59,8 @@ class RunConfig:
             del d["eplb"]
         if d["step_time"] is None:
             del d["step_time"]
+        if d["serving"] is None:
+            del d["serving"]
         return d
 
 
@@ -128,6 +131,10 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
             raise ConfigError(str(exc)) from None
     if rest.get("step_time") is not None:
         rest["step_time"] = step_time_backends.check_section(rest["step_time"])
+    if rest.get("serving") is not None:
+        step_time_backends.serving_costs(rest["serving"])
+        if not scfg.async_scheduling:
+            raise ConfigError("serving (CPU costs per step) is modelled with async scheduling only (the batch queue)")
     cfg = RunConfig(scheduler=scfg, **rest)
     specs = build_workload(cfg)  # validates the workload description
     mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
@@ -218,7 +225,8 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
                             detection=detection(cfg, injector),
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
                             full_trace=full_trace, progress=progress,
-                            max_concurrent_batches=2 if cfg.scheduler.async_scheduling else 1)
+                            max_concurrent_batches=2 if cfg.scheduler.async_scheduling else 1,
+                            **({"cpu_costs": step_time_backends.serving_costs(cfg.serving)} if cfg.serving else {}))
         injector.arm_engine(engine)
         try:
             env.run()
