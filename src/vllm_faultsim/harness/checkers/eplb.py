@@ -18,6 +18,15 @@ only (:func:`compare`):
   either side (timing noise, reported); a layer's step is anchored on the real consumption of the
   previous layer (the worker starts the next transfer only after it), so one such layer does not
   shift every later one;
+- deterministic (always judged, :func:`compare` with ``timing=False`` judges only these and the
+  above): the first rearrangement's step; every later one at vLLM's rule on that side's own
+  consume steps (``EplbState.step()`` rearranges once ``step_interval`` steps passed *and* the
+  previous rearrangement's last layer was consumed: ``max(previous + step_interval, last
+  consume)``); every layer consumed after its rearrangement, in a step of its own, by every rank
+  in the same step; the consumed layers and the send/recv counts identical to the model's;
+- wall-clock (``timing=True`` only: the GPU tier and benchmarks/eplb_timing.py, never the CPU
+  diff tier, whose shared host stretches any transfer): the consume step of each layer and the
+  later rearrangement steps equal to the model's, the number of rearrangements, and
 - timing: each layer's transfer time (``transfer_layer`` call -> publication, slowest rank) is
   within ``tol.rel`` x model + ``tol.abs`` of the model's (``tol.outliers`` layers a run may
   miss); each worker's first transfer (a
@@ -146,18 +155,46 @@ class Report:
         return not self.errors
 
 
-def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance()) -> Report:
-    """Placement, protocol on both sides, and the twin/timing comparison of one real run."""
+def rearrangement_rule_errors(events: list[dict], step_interval: int, cycles: int) -> list[str]:
+    """vLLM 0.26.0's ``EplbState.step()`` on one side's trace, from its own steps only (no clock):
+    a rearrangement at step R is followed by the next at ``max(R + step_interval, C)``, C the
+    step that consumed R's last layer (async: the counter waits while ``rebalanced``); every
+    layer is consumed after its rearrangement's step."""
+    errs = []
+    rs = [e["step"] for e in events if e["event"] == "rearrange"][:cycles]
+    cycs = _cycles(events, 0)
+    for c, (r, cyc) in enumerate(zip(rs, cycs)):
+        steps = [e["step"] for e in cyc["consume"]]
+        if steps and min(steps) <= r:
+            errs.append(f"rearrangement {c} (step {r}): a layer consumed in step {min(steps)}, not after it")
+        if c + 1 < len(rs) and steps:
+            want = max(r + step_interval, steps[-1])
+            if rs[c + 1] != want:
+                errs.append(f"rearrangement {c + 1} in step {rs[c + 1]}, vLLM's rule gives {want} "
+                            f"(rearrangement {c} in step {r}, its last layer consumed in step {steps[-1]}, "
+                            f"interval {step_interval})")
+    return errs
+
+
+def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance(), *, timing: bool = True) -> Report:
+    """Placement, protocol on both sides, and the twin comparison of one real run; ``timing``
+    also judges what depends on the wall clock (consume steps, later rearrangement steps,
+    per-layer transfer times: see the module docstring). Rows always carry the figures."""
     layers = result["config"]["shape"]["layers"]
     real = real_events(result)
     errs = placement_errors(result)
     errs += [f"real: {e}" for e in protocol_errors(real, layers)]
     errs += [f"model: {e}" for e in protocol_errors(model, layers)]
     n = result["config"]["cycles"]  # a further rearrangement may start as the last one ends: not compared
+    interval = result["config"]["step_interval"]
+    errs += [f"real: {e}" for e in rearrangement_rule_errors(real, interval, n)]
+    errs += [f"model: {e}" for e in rearrangement_rule_errors(model, interval, n)]
     rs = [e["step"] for e in real if e["event"] == "rearrange"][:n]
     ms = [e["step"] for e in model if e["event"] == "rearrange"][:n]
-    if rs != ms:
+    if timing and rs != ms:
         errs.append(f"rearrangement steps: real {rs}, model {ms}")
+    elif not timing and (rs[:1] != ms[:1] or len(rs) != n or len(ms) != n):
+        errs.append(f"rearrangement steps: real {rs}, model {ms} ({n} expected, the first in the same step)")
     rows, slow = [], []
     for c, (rc, mc) in enumerate(zip(_cycles(real, layers)[:n], _cycles(model, layers)[:n])):
         if [e["layer"] for e in rc["consume"]] != [e["layer"] for e in mc["consume"]]:
@@ -172,14 +209,14 @@ def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance()) -> Re
                             f"model {mt['sent']}/{mt['recv']}")
             real_dur, model_dur = rp["t"] - rt["t"], mp["t"] - mt["t"]
             setup = c == 0 and layer == 0  # the worker's first transfer: one-time set-up, not asserted
-            if not setup and abs(real_dur - model_dur) > tol.rel * model_dur + tol.abs:
+            if timing and not setup and abs(real_dur - model_dur) > tol.rel * model_dur + tol.abs:
                 slow.append(f"rearrangement {c} layer {layer}: transfer time real {real_dur * 1e3:.2f} ms, model "
                             f"{model_dur * 1e3:.2f} ms (tolerance {tol.rel:.0%} + {tol.abs * 1e3:g} ms)")
             slack = _boundary_slack(model, mp["t"])
             if len(rcn.get("steps", [rcn["step"]])) > 1:
                 errs.append(f"rearrangement {c} layer {layer}: ranks consumed it in different steps {rcn['steps']}")
             off = rcn["step"] - mcn["step"] - shift
-            if off and not (abs(off) == 1 and slack < tol.step_margin):
+            if timing and off and not (abs(off) == 1 and slack < tol.step_margin):
                 errs.append(f"rearrangement {c} layer {layer}: consumed in step {rcn['step']} (real), "
                             f"{mcn['step'] + shift} (model, anchored on the real previous layer)")
             shift = rcn["step"] - mcn["step"]
@@ -188,7 +225,7 @@ def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance()) -> Re
                          "sent": rt["sent"], "recv": rt["recv"], "setup": setup})
         if len(rc["consume"]) != len(mc["consume"]):
             errs.append(f"rearrangement {c}: {len(rc['consume'])} layers consumed (real), {len(mc['consume'])} (model)")
-    if len(rs) != len(ms):
+    if timing and len(rs) != len(ms):
         errs.append(f"rearrangements: {len(rs)} real, {len(ms)} model")
     if len(slow) > tol.outliers:
         errs += slow

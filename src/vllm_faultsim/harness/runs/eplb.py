@@ -198,14 +198,20 @@ def death_outcome(result: dict) -> dict:
 
 def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float, tol: Tolerance,
               communicator: str = "torch_gloo", slow_factor: float = 4.0, slow_min_s: float = 0.0,
-              timeout_s: float = 90.0) -> dict:
+              timeout_s: float = 90.0, timing: bool = True) -> dict:
     """Two launches of the real driver on ``device``: (1) two calibration shapes and three check
     shapes, (2) a slow link on a check shape, then a rank death. The slow link divides the
     calibrated bandwidth by ``slow_factor``, or more, so that a layer moving one expert takes at
     least ``slow_min_s`` longer (a latency-bound link, as gloo on one CPU host, may calibrate to a
     near-infinite bandwidth that no factor slows down). Every check run is compared with
     the model calibrated on the calibration runs, and so are the model's mutants (each must be
-    caught); the death is reported with the model's prediction of the step the engine fails in."""
+    caught); the death is reported with the model's prediction of the step the engine fails in.
+
+    ``timing=False`` (the CPU diff tier on a shared host) judges only what does not depend on the
+    wall clock (checkers/eplb.py ``compare``): the slow link is still run and its placement,
+    protocol and counts checked, but the model that ignores it (caught by transfer times only)
+    and the step the engine fails in after the rank death are left to ``timing=True``
+    (benchmarks/eplb_timing.py, the GPU tier); every figure is still in the summary."""
     from pathlib import Path
 
     from ..drivers import real_eplb as re
@@ -221,20 +227,24 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
     second = re.run([re.RealEplbRun(shapes[0], plan=slow_plan, link_bandwidth=link.bandwidth, **base),
                      re.RealEplbRun(cal[0], plan=death_plan, **base)], out / "launch2")
     summary: dict = {"device": device, "communicator": communicator, "hidden": list(hidden), "forward_s": forward_s,
-                     "tolerance": tol.__dict__, "link": link.__dict__, "step_sync": sync, "runs": [], "mutants": []}
+                     "tolerance": tol.__dict__, "link": link.__dict__, "step_sync": sync, "runs": [], "mutants": [],
+                     "timing": timing}
     for res in first[2:] + second[:1]:
-        rep = compare(res, simulate_like(res, link, step_sync=sync), tol)
+        rep = compare(res, simulate_like(res, link, step_sync=sync), tol, timing=timing)
+        timed = rep if timing else compare(res, simulate_like(res, link, step_sync=sync), tol)
         summary["runs"].append({"shape": res["config"]["shape"], "slow_link": slow_link_factor(res),
-                                "ok": rep.ok, "errors": rep.errors, "rows": rep.rows})
+                                "ok": rep.ok, "errors": rep.errors, "rows": rep.rows,
+                                "timing_errors": [e for e in timed.errors if e not in rep.errors]})
         for mutant in EPLB_MUTANTS:
-            m = compare(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol)
+            m = compare(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol, timing=timing)
             summary["mutants"].append({"mutant": mutant, "shape": res["config"]["shape"]["layers"],
                                        "slow_link": slow_link_factor(res), "caught": not m.ok,
                                        "first_error": m.errors[0] if m.errors else None})
     slow = second[0]
-    m = compare(slow, simulate_like(slow, link, step_sync=sync, plan=validate_plan([])), tol)
-    summary["mutants"].append({"mutant": "slow-link-not-modelled", "caught": not m.ok,
-                               "first_error": m.errors[0] if m.errors else None})
+    if timing:  # a model without the slow link differs from the real run in transfer times only
+        m = compare(slow, simulate_like(slow, link, step_sync=sync, plan=validate_plan([])), tol)
+        summary["mutants"].append({"mutant": "slow-link-not-modelled", "caught": not m.ok,
+                                   "first_error": m.errors[0] if m.errors else None})
     death = second[1]
     predicted = [e for e in simulate_like(death, link, step_sync=sync) if e["event"] == "step_error"]
     summary["rank_death"] = {**death_outcome(death), "model_step_error": predicted[0]["step"] if predicted else None}
@@ -249,7 +259,8 @@ def format_summary(s: dict) -> str:
              f"GB/s, setup {s['link']['setup'] * 1e3:.2f} ms, gap {s['link']['gap'] * 1e3:.3f} ms, rebalance "
              f"{s['link']['rebalance'] * 1e3:.2f} ms, step all_reduce {s['step_sync'] * 1e3:.3f} ms",
              f"tolerance: per-layer transfer time {s['tolerance']['rel']:.0%} + {s['tolerance']['abs'] * 1e3:g} ms, "
-             f"{s['tolerance']['outliers']} outlier(s) a run",
+             f"{s['tolerance']['outliers']} outlier(s) a run" + ("" if s.get("timing", True) else
+                                                                 " (reported, not judged: timing=False)"),
              "shape (layers, logical, redundant) | slow | ok | layer: real ms / model ms, real step / model step"]
     for r in s["runs"]:
         sh = r["shape"]
@@ -257,6 +268,7 @@ def format_summary(s: dict) -> str:
                          for w in r["rows"])
         lines.append(f"({sh['layers']}, {sh['logical']}, {sh['redundant']}) | {r['slow_link']:g} | {r['ok']} | {cells}")
         lines += [f"    ERROR {e}" for e in r["errors"]]
+        lines += [f"    timing (not judged here) {e}" for e in r.get("timing_errors", ())]
     errs = [abs(w["real_ms"] - w["model_ms"]) / w["model_ms"] for r in s["runs"] for w in r["rows"]
             if w["model_ms"] and not w["setup"]]
     if errs:
@@ -266,8 +278,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"mutant {m['mutant']} ({m.get('shape', '')}{', slow' if m.get('slow_link', 1) != 1 else ''}): "
                      f"{'caught' if m['caught'] else 'NOT CAUGHT'}: {m['first_error']}")
     d = s["rank_death"]
-    lines.append(f"rank death: {d['died']} exit codes {d['exit_codes']}; model: engine fails in step "
-                 f"{d['model_step_error']}")
+    main = [e["step"] for sv in d["survivors"] for e in sv["errors"] if e["thread"] == "main"]
+    lines.append(f"rank death: {d['died']} exit codes {d['exit_codes']}; engine fails in step "
+                 f"{main[0] if main else None} (real), {d['model_step_error']} (model)")
     for sv in d["survivors"]:
         for e in sv["errors"]:
             lines.append(f"    survivor rank {sv['rank']} {e['thread']} thread (step {e['step']}): "
@@ -285,7 +298,9 @@ def verdict(s: dict) -> list[str]:
     main = [e["step"] for sv in d["survivors"] for e in sv["errors"] if e["thread"] == "main"]
     if not main:
         bad.append(f"no survivor's EplbState.step() raised after the rank death: {d['survivors']}")
-    elif d["model_step_error"] is None or abs(main[0] - d["model_step_error"]) > 1:
+    elif d["model_step_error"] is None:
+        bad.append(f"the model predicts no failed step after the rank death (real: step {main[0]})")
+    elif s.get("timing", True) and abs(main[0] - d["model_step_error"]) > 1:
         bad.append(f"engine fails in step {main[0]} (real), {d['model_step_error']} (model)")
     return bad
 
