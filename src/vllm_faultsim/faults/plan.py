@@ -180,6 +180,9 @@ def load_plan(path: str | Path | None) -> FaultPlan:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise PlanError(f"{path}: cannot read fault plan ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise PlanError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                         "a fault plan is a UTF-8 YAML or JSON file") from None
     try:
         if p.suffix == ".json":
             data = json.loads(text)

@@ -37,6 +37,9 @@ def _run_config(args):
             d = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
         except OSError as exc:
             raise ConfigError(f"{args.config}: cannot read config ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{args.config}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                             "a config is a UTF-8 YAML or JSON file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{args.config}: not valid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(d, dict):
@@ -54,8 +57,42 @@ def _run_config(args):
     if args.seed is not None:
         d["seed"] = args.seed
     if args.profile is not None:
+        if args.profile.endswith(".json") and Path(args.profile).is_file():
+            try:
+                Path(args.profile).read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"{args.profile}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                  f"{exc.start}): a step-time profile is a UTF-8 JSON file") from None
         d["profile"] = args.profile
     return config_from_dict(d)
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except OSError:
+        pass
+
+
+def _output_path(path: str, option: str, *, folder: bool = False) -> Path:
+    """An output path that can be written: its folder exists and is writable; a file (``folder``:
+    a folder) or nothing is there yet. Else a one-line ConfigError, before anything runs."""
+    import os
+
+    from .runs.simulate import ConfigError
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.exists() or p.is_symlink():
+        if folder and not p.is_dir():
+            raise ConfigError(f"{option} {path}: exists and is not a folder")
+        if not folder and not p.is_file():
+            raise ConfigError(f"{option} {path}: exists and is not a regular file "
+                              f"({'a folder' if p.is_dir() else 'a device or special file'})")
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: no folder {str(parent)!r} to write into")
+    if not os.access(parent, os.W_OK | os.X_OK) or str(parent.resolve()).startswith(("/proc", "/sys")):
+        raise ConfigError(f"{option} {path}: the folder {str(parent)!r} is not writable")
+    return p
 
 
 def _replay_command(args) -> str:
@@ -64,22 +101,41 @@ def _replay_command(args) -> str:
 
 def cmd_run(args) -> int:
     from ..faults.plan import load_plan
+    from .runs.simulate import ConfigError
     from .invariants import InvariantViolation
     from .progress import progress_bar
-    from .runs.simulate import build_workload, simulate
+    from .runs.simulate import admission_errors, build_workload, plan_applicability_errors, simulate
 
     plan = load_plan(args.plan)
     cfg = _run_config(args)
     specs = build_workload(cfg)
+    try:
+        admission_errors(specs, cfg.scheduler)
+    except ConfigError as exc:
+        source = args.workload or args.config
+        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    plan_applicability_errors(plan, cfg, specs)
     horizon = round(max((s.arrival for s in specs), default=0.0), 1)  # the bar covers the arrivals
+    final = _output_path(args.trace, "--trace")
+    partial = final.with_name(f".{final.name}.partial")  # renamed to the final name once the run ends
     try:
         with progress_bar(total=horizon, unit="sim-s", desc="run", disable=args.no_progress,
                           bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} sim-s [{elapsed}<{remaining}]") as bar:
-            res = simulate(cfg, plan, trace_path=args.trace, keep=False, specs=specs,
+            res = simulate(cfg, plan, trace_path=partial, keep=False, specs=specs,
                            progress=lambda now: bar.update(min(now, horizon) - bar.n) if now - bar.n >= 0.1 else None)
+        partial.replace(final)
     except InvariantViolation as exc:
-        print(f"vllm-faultsim: {exc}\n  seed {cfg.seed}; replay: {_replay_command(args)}", file=sys.stderr)
+        kept = final.with_name(final.name + ".partial")
+        _quietly(lambda: partial.replace(kept))
+        print(f"vllm-faultsim: {exc}\n  seed {cfg.seed}; replay: {_replay_command(args)}\n  "
+              f"the trace up to the violation: {kept} (incomplete: no end event)", file=sys.stderr)
         return 1
+    except OSError as exc:
+        _quietly(partial.unlink)
+        raise ConfigError(f"--trace {args.trace}: cannot write the trace ({exc.strerror or exc}); nothing written") from None
+    except BaseException:
+        _quietly(partial.unlink)  # interrupted: no trace under its name, and no partial one left
+        raise
     if args.json:
         print(json.dumps(res.summary, indent=2))
     else:
@@ -91,10 +147,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
+    from .runs.simulate import ConfigError
     from .runs.study import format_table, load_study, plot, run_study
 
     spec = load_study(args.spec)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {args.out}: exists and is not a folder")
+    if not out.exists():
+        _output_path(args.out, "--out", folder=True)
     rows = run_study(spec, out, progress=not args.no_progress)
     print(format_table(rows))
     print(f"\ncsv: {out / 'study.csv'}")
@@ -116,8 +177,17 @@ def cmd_diff(args) -> int:
     if args.mutant and args.mutant not in MUTANTS:
         raise ConfigError(f"unknown mutant {args.mutant!r} (known: {', '.join(MUTANTS)})")
     if args.traces:
-        div = first_divergence(_read_trace(args.traces[0]), _read_trace(args.traces[1]), sides=("left", "right"))
+        left, right = _read_trace(args.traces[0]), _read_trace(args.traces[1])
+        div = first_divergence(left, right, sides=("left", "right"))
+        ended = [ev[-1].get("kind") == "end" for ev in (left, right)]
+        cut = [path for path, e in zip(args.traces, ended) if not e]
+        note = f"{' and '.join(cut)} {'is' if len(cut) == 1 else 'are'} incomplete (no end event: interrupted or failed run)"
+        if div is None and ended[0] != ended[1]:
+            print(f"traces agree as far as both go, but {note}")
+            return 1
         print("traces agree" if div is None else div.explain())
+        if cut:
+            print(f"note: {note}")
         return 0 if div is None else 1
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError("diff needs the real vLLM: pip install 'vllm-faultsim[vllm]' (vllm==0.26.0)")
@@ -160,8 +230,15 @@ def cmd_plot(args) -> int:
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("plot needs matplotlib: pip install 'vllm-faultsim[plot]'")
     events = _read_trace(args.trace)
+    if events[-1].get("kind") != "end":
+        raise ConfigError(f"{args.trace}: incomplete trace (no end event after line {len(events)}: the run was "
+                          "interrupted or failed); plot draws complete runs only")
     out = args.out or str(Path(args.trace).with_suffix(".png"))
-    plot_timeline(events, out, title=f"{args.trace} ({events[0].get('side', '?')}, seed {events[0].get('seed')})")
+    _output_path(out, "--out")
+    try:
+        plot_timeline(events, out, title=f"{args.trace} ({events[0].get('side', '?')}, seed {events[0].get('seed')})")
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write the plot ({exc.strerror or exc})") from None
     print(f"plot: {out}")
     return 0
 

@@ -22,6 +22,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                         "a config is a UTF-8 YAML or JSON file") from None
     try:
         if p.suffix == ".json":
             data = json.loads(text) if text.strip() else {}

@@ -20,6 +20,27 @@ class WorkloadError(ValueError):
     """An invalid workload description; the message is one line."""
 
 
+MAX_REQUESTS = 10_000_000   # a generated workload larger than this is refused (memory: the specs are built up front)
+
+
+def _number(v: Any, what: str, *, lo: float = 0.0, lo_open: bool = False, hi: float = math.inf) -> float:
+    """A finite real number in [lo, hi] (``lo_open``: (lo, hi]), or a one-line WorkloadError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise WorkloadError(f"{what} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise WorkloadError(f"{what} must be a finite number, got {v!r}")
+    if v < lo or (lo_open and v == lo) or v > hi:
+        bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
+        raise WorkloadError(f"{what} must be {bounds}, got {v!r}")
+    return float(v)
+
+
+def _expected(n: float, what: str) -> None:
+    if n > MAX_REQUESTS:
+        raise WorkloadError(f"{what} would generate about {n:.3g} requests (at most {MAX_REQUESTS:,}: "
+                            "split the run, or replay a JSONL workload)")
+
+
 # ---- length distributions -------------------------------------------------------------------
 
 def length_sampler(spec: Any, what: str):
@@ -38,14 +59,21 @@ def length_sampler(spec: Any, what: str):
                 raise WorkloadError(f"{what}: uniform bounds must satisfy 1 <= lo <= hi, got {arg}")
             return lambda rng: rng.randint(lo, hi)
         if kind == "lognormal" and isinstance(arg, dict):
+            unknown = sorted(set(arg) - {"median", "sigma", "max"})
+            if unknown:
+                raise WorkloadError(f"{what}: lognormal has no field {unknown[0]!r} (median, sigma, max)")
             try:
                 median, sigma, mx = float(arg["median"]), float(arg["sigma"]), int(arg.get("max", 1 << 30))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise WorkloadError(f"{what}: lognormal needs numeric 'median' and 'sigma' (and optional 'max')") from None
+            _number(median, f"{what}: lognormal median", lo_open=True)
+            _number(sigma, f"{what}: lognormal sigma")
+            if mx < 1:
+                raise WorkloadError(f"{what}: lognormal max must be >= 1, got {mx}")
             mu = math.log(median)
             return lambda rng: max(1, min(mx, int(round(rng.lognormvariate(mu, sigma)))))
     raise WorkloadError(f"{what}: unknown length distribution {spec!r} (use an int, "
-                        "{{uniform: [lo, hi]}} or {{lognormal: {{median, sigma, max}}}})")
+                        "{uniform: [lo, hi]} or {lognormal: {median, sigma, max}})")
 
 
 # ---- generators -----------------------------------------------------------------------------
@@ -63,11 +91,36 @@ class MMConfig:
 
 def _prefetch_sampler(spec: Any):
     if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        return lambda rng: float(spec)
+        x = _number(spec, "mm.prefetch (seconds)")
+        return lambda rng: x
     if isinstance(spec, dict) and set(spec) == {"uniform"}:
-        lo, hi = spec["uniform"]
+        arg = spec["uniform"]
+        if not (isinstance(arg, list) and len(arg) == 2):
+            raise WorkloadError(f"mm.prefetch: uniform needs [lo, hi] seconds, got {arg!r}")
+        lo, hi = (_number(a, "mm.prefetch: uniform bound (seconds)") for a in arg)
+        if lo > hi:
+            raise WorkloadError(f"mm.prefetch: uniform bounds must satisfy lo <= hi, got {arg!r}")
         return lambda rng: rng.uniform(lo, hi)
     raise WorkloadError(f"mm.prefetch: expected seconds or {{uniform: [lo, hi]}}, got {spec!r}")
+
+
+def mm_config(d: Any) -> MMConfig:
+    """An :class:`MMConfig` from a workload's ``mm`` mapping (unknown keys and bad values named)."""
+    if not isinstance(d, dict):
+        raise WorkloadError(f"mm must be a mapping (fraction, tokens, prefetch, offset, reuse), got {d!r}")
+    known = ("fraction", "tokens", "prefetch", "offset", "reuse")
+    unknown = sorted(set(d) - set(known), key=str)
+    if unknown:
+        raise WorkloadError(f"mm has no field {unknown[0]!r} (fields: {', '.join(known)})")
+    for key in ("fraction", "reuse"):
+        if key in d:
+            _number(d[key], f"mm.{key}", hi=1.0)
+    for key in ("tokens", "offset"):
+        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < (key == "tokens")):
+            raise WorkloadError(f"mm.{key} must be an integer >= {int(key == 'tokens')}, got {d[key]!r}")
+    cfg = MMConfig(**d)
+    _prefetch_sampler(cfg.prefetch)
+    return cfg
 
 
 def _attach_mm(rng: random.Random, i: int, prompt_len: int, mm: MMConfig, seen: list[str], sample_prefetch):
@@ -85,10 +138,17 @@ def poisson(rate: float, *, duration: float | None = None, num_requests: int | N
             prompt: Any = 512, output: Any = 128, seed: int = 0, mm: MMConfig | None = None,
             start: float = 0.0) -> tuple[RequestSpec, ...]:
     """Poisson arrivals at `rate` req/s for `duration` seconds or `num_requests` requests."""
-    if not (isinstance(rate, (int, float)) and rate > 0):
-        raise WorkloadError(f"rate must be > 0 req/s, got {rate!r}")
+    rate = _number(rate, "rate (req/s)", lo_open=True)
     if (duration is None) == (num_requests is None):
         raise WorkloadError("give exactly one of duration or num_requests")
+    if duration is not None:
+        duration = _number(duration, "duration (s)", lo_open=True)
+        _expected(rate * duration, f"rate {rate:g} req/s for {duration:g} s")
+    elif isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
+        raise WorkloadError(f"num_requests must be an integer >= 1, got {num_requests!r}")
+    else:
+        _expected(num_requests, f"num_requests {num_requests}")
+    start = _number(start, "start (s)")
     rng = random.Random(seed)
     sp, so = length_sampler(prompt, "prompt"), length_sampler(output, "output")
     mm = mm or MMConfig()
@@ -109,8 +169,11 @@ def poisson(rate: float, *, duration: float | None = None, num_requests: int | N
 def bursty(rate_high: float, rate_low: float, *, on: float, off: float, duration: float,
            prompt: Any = 512, output: Any = 128, seed: int = 0, mm: MMConfig | None = None) -> tuple[RequestSpec, ...]:
     """On/off (two-state) arrivals: `rate_high` for `on` seconds, then `rate_low` for `off` seconds."""
-    if rate_high <= 0 or rate_low < 0 or on <= 0 or off <= 0 or duration <= 0:
-        raise WorkloadError("bursty needs rate_high > 0, rate_low >= 0, on > 0, off > 0, duration > 0")
+    rate_high = _number(rate_high, "rate_high (req/s)", lo_open=True)
+    rate_low = _number(rate_low, "rate_low (req/s)")
+    on, off = _number(on, "on (s)", lo_open=True), _number(off, "off (s)", lo_open=True)
+    duration = _number(duration, "duration (s)", lo_open=True)
+    _expected(max(rate_high, rate_low) * duration, f"rate {max(rate_high, rate_low):g} req/s for {duration:g} s")
     rng = random.Random(seed)
     sp, so = length_sampler(prompt, "prompt"), length_sampler(output, "output")
     mm = mm or MMConfig()
@@ -143,6 +206,9 @@ def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise WorkloadError(f"{path}: cannot read workload ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                         "a workload is a UTF-8 JSONL file, one request per line") from None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -158,15 +224,21 @@ def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
     return validate(out)
 
 
+JSONL_FIELDS = ("id", "arrival", "prompt_tokens", "output_tokens", "mm", "prefix", "stop_at")
+
+
 def spec_from_dict(d: dict, default_id: str) -> RequestSpec:
     if not isinstance(d, dict):
         raise WorkloadError(f"a request must be an object, got {type(d).__name__}")
     for key in ("arrival", "prompt_tokens", "output_tokens"):
         if key not in d:
             raise WorkloadError(f"missing field {key!r}")
+    unknown = sorted(set(d) - set(JSONL_FIELDS))
+    if unknown:
+        raise WorkloadError(f"unknown field {unknown[0]!r} (fields: {', '.join(JSONL_FIELDS)})")
     arrival = d["arrival"]
-    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or arrival < 0:
-        raise WorkloadError(f"field 'arrival' must be a number >= 0, got {arrival!r}")
+    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not math.isfinite(arrival) or arrival < 0:
+        raise WorkloadError(f"field 'arrival' must be a finite number >= 0, got {arrival!r}")
     for key in ("prompt_tokens", "output_tokens"):
         if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1:
             raise WorkloadError(f"field {key!r} must be an integer >= 1, got {d[key]!r}")
@@ -177,6 +249,8 @@ def spec_from_dict(d: dict, default_id: str) -> RequestSpec:
                              None if m.get("prefetch", 0.0) is None else float(m.get("prefetch", 0.0))))
         except (KeyError, TypeError, ValueError):
             raise WorkloadError(f"mm[{j}] needs id, offset, length (and optional prefetch seconds)") from None
+        if mm[-1].prefetch is not None:
+            _number(mm[-1].prefetch, f"mm[{j}].prefetch (seconds)")
     prefix = tuple(d["prefix"]) if d.get("prefix") is not None else None
     return RequestSpec(str(d.get("id", default_id)), float(arrival), d["prompt_tokens"], d["output_tokens"],
                        tuple(mm), prefix, d.get("stop_at"))

@@ -18,7 +18,7 @@ from ...faults.plan import FaultPlan
 from ...faults.sim_injector import SimInjector
 from ...models import eplb as eplb_model
 from ...models import kv_offload as ko
-from ...models.ec_connector import ECConnector, PrefetchSchedule
+from ...models.ec_connector import EC_POLICIES, ECConnector, PrefetchSchedule
 from ...models.engine import CAUSES, EngineCore
 from ...models.engine_procs import LatencyModel
 from ...models.offload_scheduler import OffloadScheduler
@@ -135,6 +135,13 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         step_time_backends.serving_costs(rest["serving"])
         if not scfg.async_scheduling:
             raise ConfigError("serving (CPU costs per step) is modelled with async scheduling only (the batch queue)")
+    if "ec_policy" in rest and rest["ec_policy"] not in EC_POLICIES:
+        raise ConfigError(f"ec_policy must be one of {', '.join(EC_POLICIES)}, got {rest['ec_policy']!r}")
+    if "seed" in rest and (isinstance(rest["seed"], bool) or not isinstance(rest["seed"], int)):
+        raise ConfigError(f"seed must be an integer, got {rest['seed']!r}")
+    for key in ("profile", "liveness"):
+        if key in rest and not isinstance(rest[key], str):
+            raise ConfigError(f"{key} must be a profile name or a JSON path, got {rest[key]!r}")
     cfg = RunConfig(scheduler=scfg, **rest)
     specs = build_workload(cfg)  # validates the workload description
     mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
@@ -142,6 +149,51 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         raise ConfigError(f"kv_offload models text-only requests; workload request {mm} has multimodal items")
     liveness_model(cfg)
     return cfg
+
+
+def admission_errors(specs, scfg: SchedulerConfig) -> None:
+    """What vLLM refuses before a request reaches the scheduler, with vLLM 0.26.0's wording
+    (``InputProcessor._validate_model_input``), and a request the whole KV cache cannot hold
+    (vLLM refuses to start an engine whose max seq len does not fit the KV cache; the simulator,
+    given the pool as data, refuses the request that would stall it)."""
+    for s in specs:
+        if s.prompt_len > scfg.max_model_len:
+            raise ConfigError(f"request {s.req_id}: The decoder prompt (length {s.prompt_len}) is longer than the "
+                              f"maximum model length of {scfg.max_model_len}. Make sure that `max_model_len` is "
+                              "no smaller than the number of text tokens.")
+        if s.prompt_len == scfg.max_model_len:
+            raise ConfigError(f"request {s.req_id}: The decoder prompt (length {s.prompt_len}) plus the number of "
+                              f"requested output tokens (at least 1) is longer than the maximum model length of "
+                              f"{scfg.max_model_len}. Make sure that `max_model_len` is no smaller than the number "
+                              "of text tokens (prompt + requested output tokens).")
+        tokens = min(s.prompt_len + s.output_len - 1, scfg.max_model_len)
+        blocks = -(-tokens // scfg.block_size)
+        if blocks > scfg.num_gpu_blocks:
+            raise ConfigError(f"request {s.req_id} (prompt {s.prompt_len} + output {s.output_len} tokens) needs "
+                              f"{blocks} KV blocks of {scfg.block_size} tokens, larger than the whole KV cache "
+                              f"(num_gpu_blocks {scfg.num_gpu_blocks}): it could never be scheduled")
+
+
+def plan_applicability_errors(plan: FaultPlan, cfg: RunConfig, specs) -> None:
+    """A fault that cannot apply to this run is refused (it would be silently ignored): KV
+    transfer faults need ``kv_offload``; EC prefetch faults need multimodal requests (one that
+    names an item, an item of the workload); EPLB faults need ``eplb``."""
+    items = {m.identifier for s in specs for m in s.mm}
+    for i, f in enumerate(plan.faults):
+        where = f"{plan.source or 'plan'}: faults[{i}] ({f.kind})"
+        if f.kind.startswith("kv_transfer_") and cfg.kv_offload is None:
+            raise ConfigError(f"{where}: the run has no kv_offload section, so there are no KV transfers to "
+                              "fault (add kv_offload to the run config)")
+        if f.kind.startswith("ec_prefetch_"):
+            item = f.params.get("item", "*")
+            if not items:
+                raise ConfigError(f"{where}: the workload is text-only, no encoder inputs to prefetch "
+                                  "(add mm to the workload)")
+            if item != "*" and item not in items:
+                raise ConfigError(f"{where}: item {item!r} is in no request of the workload "
+                                  f"(items: {', '.join(sorted(items)[:5])}{', ...' if len(items) > 5 else ''})")
+        if f.kind in ("slow_link", "eplb_rank_death") and cfg.eplb is None:
+            raise ConfigError(f"{where}: the run has no eplb section (add eplb to the run config)")
 
 
 def step_time_model(cfg: RunConfig):
@@ -167,22 +219,40 @@ def detection(cfg: RunConfig, injector: SimInjector) -> Callable[[str], float]:
     return lambda cause: model.sample(rng, "mp", cause)
 
 
+WORKLOAD_FIELDS = {  # per kind: required, optional (the generators' keyword arguments, as a config names them)
+    "poisson": ((), ("rate", "duration", "num_requests", "prompt", "output", "mm", "start")),
+    "bursty": (("rate_high", "rate_low", "on", "off", "duration"), ("prompt", "output", "mm")),
+    "jsonl": (("path",), ()),
+}
+
+
 def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
-    w = dict(cfg.workload)
+    if not isinstance(cfg.workload, dict):
+        raise ConfigError(f"workload must be a mapping with a kind ({', '.join(WORKLOAD_KINDS)}), got {cfg.workload!r}")
+    # YAML 1.1 reads a bare on/off key as a boolean: the bursty workload written naturally
+    w = {("on" if k is True else "off" if k is False else k): v for k, v in cfg.workload.items()}
     kind = w.pop("kind", None)
     if kind not in WORKLOAD_KINDS:
         raise ConfigError(f"workload.kind must be one of {', '.join(WORKLOAD_KINDS)}, got {kind!r}")
+    required, optional = WORKLOAD_FIELDS[kind]
+    unknown = sorted((k for k in w if k not in required + optional), key=str)
+    if unknown:
+        raise ConfigError(f"workload ({kind}): unknown field {unknown[0]!r} "
+                          f"(fields: {', '.join(required + optional)})")
+    missing = [k for k in required if k not in w]
+    if missing:
+        raise ConfigError(f"workload ({kind}): missing field {missing[0]!r}")
+    if kind == "poisson" and "rate" not in w:
+        raise ConfigError("workload (poisson): missing field 'rate'")
     try:
         if kind == "jsonl":
             return wl.load_jsonl(w["path"])
         mm = w.pop("mm", None)
-        mmc = wl.MMConfig(**mm) if mm else None
+        mmc = wl.mm_config(mm) if mm is not None else None
         fn = wl.poisson if kind == "poisson" else wl.bursty
         return fn(**w, seed=cfg.seed, mm=mmc)
-    except KeyError as exc:
-        raise ConfigError(f"workload ({kind}): missing field {exc.args[0]!r}") from None
-    except TypeError as exc:
-        raise ConfigError(f"workload ({kind}): {exc}") from None
+    except wl.WorkloadError as exc:
+        raise wl.WorkloadError(f"workload ({kind}): {exc}") from None
     except wl.WorkloadError as exc:
         raise ConfigError(f"workload ({kind}): {exc}") from None
 

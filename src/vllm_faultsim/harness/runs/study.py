@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import itertools
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +22,9 @@ from .simulate import ConfigError, config_from_dict, simulate
 COLUMNS = ("throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "preemptions", "failed")
 
 
+STUDY_KEYS = ("name", "description", "base", "grid", "plans", "plot")
+
+
 def load_study(path: str | None) -> dict:
     if path is None:
         text = (resources.files("vllm_faultsim.studies") / "default.yaml").read_text(encoding="utf-8")
@@ -29,13 +34,25 @@ def load_study(path: str | None) -> dict:
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read study spec ({exc.strerror})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                             "a study spec is a UTF-8 YAML or JSON file") from None
         source = path
     try:
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}), dict):
+    if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}) or {}, dict):
         raise ConfigError(f"{source}: a study needs a mapping with 'base', 'grid' and 'plans'")
+    unknown = sorted(set(spec) - set(STUDY_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"{source}: unknown study key {unknown[0]!r} (keys: {', '.join(STUDY_KEYS)})")
+    for k, v in (spec.get("grid") or {}).items():
+        if not isinstance(v, list) or not v:
+            raise ConfigError(f"{source}: grid.{k} must be a non-empty list of values, got {v!r}")
+    for k in ("base", "plans"):
+        if spec.get(k) is not None and not isinstance(spec[k], dict):
+            raise ConfigError(f"{source}: {k} must be a mapping, got {spec[k]!r}")
     spec["source"] = source
     return spec
 
@@ -58,7 +75,11 @@ def points(spec: dict):
         d = copy.deepcopy(spec.get("base", {}))
         for k, v in zip(keys, combo):
             _set(d, k, v)
-        cfg = config_from_dict(d)
+        try:
+            cfg = config_from_dict(d)
+        except ValueError as exc:  # ConfigError, WorkloadError: name the point
+            point = ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo))
+            raise type(exc)(f"{spec['source']}: {'grid point ' + point + ': ' if point else 'base: '}{exc}") from None
         for name, plan in plans.items():
             out.append((dict(zip(keys, combo)), cfg, name, plan))
     return out
@@ -70,12 +91,51 @@ def run_study(spec: dict, out_dir: Path, progress: bool = True) -> list[dict]:
     pts = points(spec)
     rows = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    for params, cfg, plan_name, plan in progress_bar(pts, desc="study", unit="run", disable=not progress):
-        res = simulate(cfg, plan, keep=False, full_trace=False)
-        rows.append({**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name,
-                     **{c: res.summary[c] for c in COLUMNS}, "requests": res.summary["requests"]})
+    # every finished point is kept (study.csv rewritten after each, and a progress file): an
+    # interrupted study run again with the same spec and --out resumes where it stopped
+    digest = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k != "source"}, sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    progress_path = out_dir / PROGRESS
+    done = _finished_points(progress_path, digest)
+    with open(progress_path, "w", encoding="utf-8") as fh:  # rewritten whole: a line cut by the interruption goes
+        fh.write(json.dumps({"spec": digest}) + "\n")
+        fh.writelines(json.dumps({"key": k, "row": r}) + "\n" for k, r in done.items())
+        for i, (params, cfg, plan_name, plan) in enumerate(progress_bar(pts, desc="study", unit="run",
+                                                                        disable=not progress)):
+            key = json.dumps([i, params, plan_name], sort_keys=True, default=str)
+            if key in done:
+                rows.append(done[key])
+                continue
+            res = simulate(cfg, plan, keep=False, full_trace=False)
+            rows.append({**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name,
+                         **{c: res.summary[c] for c in COLUMNS}, "requests": res.summary["requests"]})
+            fh.write(json.dumps({"key": key, "row": rows[-1]}) + "\n")
+            fh.flush()
+            write_csv(out_dir / "study.csv", rows)
     write_csv(out_dir / "study.csv", rows)
+    progress_path.unlink()
     return rows
+
+
+PROGRESS = ".study-progress.jsonl"
+
+
+def _finished_points(path: Path, digest: str) -> dict[str, dict]:
+    """The points an interrupted run of the same spec finished (empty: none, or another spec)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if not lines or json.loads(lines[0]).get("spec") != digest:
+            return {}
+        out = {}
+        for line in lines[1:]:
+            try:
+                d = json.loads(line)
+            except ValueError:  # the line being written when it stopped
+                break
+            out[d["key"]] = d["row"]
+        return out
+    except (OSError, ValueError, KeyError, AttributeError):
+        return {}
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,232 @@
+"""Bad input (issue 15, items 1-2): every invalid input to the CLI exits 2 with one line on stderr
+that names the file or option and the value, no traceback, and nothing written (no trace, no
+partial trace, no study folder). Hypothesis generates the invalid inputs of every kind."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from vllm_faultsim.harness.cli import main
+
+pytestmark = pytest.mark.sim
+
+GOOD_WL = {"kind": "poisson", "rate": 5, "duration": 2, "prompt": 64, "output": 8}
+NONFINITE = st.sampled_from([math.inf, -math.inf, math.nan, 1e400])
+BAD_NUMBER = st.one_of(NONFINITE, st.floats(max_value=0, allow_nan=False, allow_infinity=False),
+                       st.sampled_from(["x", [1], {"a": 1}, True]))
+
+
+def _yaml(d) -> str:
+    import yaml
+    return yaml.safe_dump(d)
+
+
+def _jsonl(rows) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+# (kind, files {name: text or bytes}, argv with {dir} for the folder)
+BINARY = st.sampled_from([b"\xff\xfe\x00a\x00b", "kind: x".encode("utf-16"), b"\x00\x9f\x92\x96binary"])
+
+
+@st.composite
+def bad_inputs(draw):
+    kind = draw(st.sampled_from([
+        "binary", "config_field", "workload_field", "workload_number", "mm", "jsonl", "study", "cli_number",
+        "out_path", "admission", "plan_mismatch"]))
+    if kind == "plan_mismatch":
+        fault = draw(st.sampled_from([
+            {"kind": "kv_transfer_slow", "start": 0, "end": 1, "factor": 3}, {"kind": "kv_transfer_fail", "start": 0, "end": 1},
+            {"kind": "ec_prefetch_stall", "item": "*", "delay": 0.2}, {"kind": "ec_prefetch_fail", "item": "img3"},
+            {"kind": "slow_link", "start": 0, "end": 1, "factor": 2}]))
+        return kind, {"plan.yaml": _yaml({"version": 1, "faults": [fault]})}, ["run", "--duration", "1", "--plan",
+                                                                               "{dir}/plan.yaml"]
+    if kind == "binary":
+        blob = draw(BINARY)
+        where = draw(st.sampled_from(["--plan", "--config", "--workload", "--spec", "check-plan", "--profile"]))
+        name = "in.json" if where == "--profile" else "in.yaml"
+        argv = {"--plan": ["run", "--plan"], "--config": ["run", "--config"], "--workload": ["run", "--workload"],
+                "--spec": ["study", "--out", "{dir}/study", "--spec"], "check-plan": ["check-plan"],
+                "--profile": ["run", "--profile"]}[where]
+        return kind, {name: blob}, argv + ["{dir}/" + name]
+    if kind == "config_field":
+        cfg = draw(st.sampled_from([
+            {"ec_policy": "whatever"}, {"workload": [1]}, {"workload": "poisson"}, {"seed": "one"},
+            {"seed": 1.5}, {"profile": 3}, {"nonsense": 1}, {"scheduler": {"max_num_seqs": "many"}},
+            {"workload": {**GOOD_WL, "promt": 64}}, {"workload": {"kind": "bursty", "rate_high": 5}},
+            {"workload": {"kind": "nope"}}]))
+        return kind, {"run.yaml": _yaml(cfg)}, ["run", "--config", "{dir}/run.yaml"]
+    if kind == "workload_field":
+        field = draw(st.sampled_from(["rate", "duration", "num_requests"]))
+        wl = {**GOOD_WL}
+        if field == "num_requests":
+            wl.pop("duration")
+            wl["num_requests"] = draw(st.one_of(st.integers(max_value=0), st.sampled_from([1.5, "x", 10**9])))
+        else:
+            wl[field] = draw(BAD_NUMBER)
+        return kind, {"run.yaml": _yaml({"workload": wl}).replace(".inf", ".inf")}, ["run", "--config", "{dir}/run.yaml"]
+    if kind == "workload_number":
+        which = draw(st.sampled_from(["sigma", "median", "uniform"]))
+        prompt = {"sigma": {"lognormal": {"median": 64, "sigma": draw(st.floats(max_value=-1e-6, allow_nan=False,
+                                                                                  allow_infinity=False))}},
+                  "median": {"lognormal": {"median": draw(st.sampled_from([0, -3, math.inf])), "sigma": 0.5}},
+                  "uniform": {"uniform": draw(st.sampled_from([[1], [5, 2], [0, 3], "x"]))}}[which]
+        return kind, {"run.yaml": _yaml({"workload": {**GOOD_WL, "prompt": prompt}})}, ["run", "--config", "{dir}/run.yaml"]
+    if kind == "mm":
+        mm = draw(st.sampled_from([
+            {"prefetch": {"uniform": [1]}}, {"prefetch": -0.5}, {"prefetch": {"uniform": [0.3, 0.1]}},
+            {"fraction": 2}, {"fraction": math.nan}, {"tokens": 0}, {"size": 3}, [1], "img"]))
+        return kind, {"run.yaml": _yaml({"workload": {**GOOD_WL, "mm": {"fraction": 0.5, **mm} if isinstance(mm, dict)
+                                                      else mm}})}, ["run", "--config", "{dir}/run.yaml"]
+    if kind == "jsonl":
+        good = {"arrival": 0.1, "prompt_tokens": 16, "output_tokens": 4}
+        bad = draw(st.sampled_from([
+            '{"arrival": NaN, "prompt_tokens": 16, "output_tokens": 4}',
+            '{"arrival": Infinity, "prompt_tokens": 16, "output_tokens": 4}',
+            {**good, "arival": 1}, {**good, "prompt_tokens": 0}, {**good, "arrival": -1},
+            {**good, "mm": [{"id": "a", "offset": 0, "length": 4, "prefetch": -1}]},
+            "not json", [1, 2]]))
+        return kind, {"w.jsonl": _jsonl([good, bad])}, ["run", "--workload", "{dir}/w.jsonl"]
+    if kind == "study":
+        spec = draw(st.sampled_from([
+            {"base": {"workload": GOOD_WL}, "grid": {"workload.rate": 5}},
+            {"base": {"workload": GOOD_WL}, "grid": {"workload.rate": []}},
+            {"base": {"workload": GOOD_WL}, "grid": {"workload.rate": [5]}, "plns": {}},
+            {"base": {"workload": GOOD_WL}, "grid": {"workload.rate": [5, math.inf]}},
+            {"base": [1], "grid": {}}]))
+        return kind, {"s.yaml": _yaml(spec)}, ["study", "--spec", "{dir}/s.yaml", "--out", "{dir}/study"]
+    if kind == "cli_number":
+        opt = draw(st.sampled_from(["--rate", "--duration"]))
+        val = draw(st.sampled_from(["1e400", "inf", "nan", "-1", "0", "1e9"]))
+        return kind, {}, ["run", opt, val]
+    if kind == "out_path":
+        which = draw(st.sampled_from(["missing", "folder", "device", "proc", "study_file"]))
+        if which == "study_file":
+            return kind, {"f.txt": "x"}, ["study", "--out", "{dir}/f.txt"]
+        trace = {"missing": "{dir}/no/such/t.jsonl", "folder": "{dir}", "device": "/dev/full",
+                 "proc": "/proc/t.jsonl"}[which]
+        return kind, {}, ["run", "--duration", "1", "--trace", trace]
+    which = draw(st.sampled_from(["too_long", "equal", "kv"]))
+    row = {"too_long": {"arrival": 0, "prompt_tokens": 300, "output_tokens": 4},
+           "equal": {"arrival": 0, "prompt_tokens": 256, "output_tokens": 4},
+           "kv": {"arrival": 0, "prompt_tokens": 200, "output_tokens": 40}}[which]
+    return kind, {"w.jsonl": _jsonl([row])}, ["run", "--workload", "{dir}/w.jsonl", "--max-model-len", "256",
+                                              "--num-gpu-blocks", "8", "--block-size", "16",
+                                              "--max-num-batched-tokens", "256"]
+
+
+def _listing(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*")}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=bad_inputs())
+def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path_factory, capsys, monkeypatch, case):
+    kind, files, argv = case
+    d = tmp_path_factory.mktemp("bad")
+    for name, text in files.items():
+        (d / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    before = _listing(d)
+    monkeypatch.chdir(d)  # the default trace / study folder would land here
+    argv = [a.replace("{dir}", str(d)) for a in argv]
+    if argv[0] == "run":
+        argv += ["--no-progress"]
+        if "--trace" not in argv:
+            argv += ["--trace", str(d / "trace.jsonl")]
+    elif argv[0] == "study":
+        argv += ["--no-progress"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (kind, argv, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vllm-faultsim: error: "), (kind, argv, err)
+    assert "Traceback" not in err and "__init__()" not in err and "got an unexpected keyword" not in err, err
+    assert _listing(d) == before, (kind, argv, _listing(d) - before)  # nothing written, not even a partial trace
+
+
+def test_bursty_on_off_written_naturally(tmp_path):
+    """YAML 1.1 reads a bare ``on:``/``off:`` as booleans: the bursty workload accepts it."""
+    (tmp_path / "run.yaml").write_text("workload: {kind: bursty, rate_high: 20, rate_low: 1, on: 1, off: 1, "
+                                       "duration: 3, prompt: 32, output: 4}\n")
+    assert main(["run", "--config", str(tmp_path / "run.yaml"), "--trace", str(tmp_path / "t.jsonl"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "t.jsonl").exists() and not (tmp_path / ".t.jsonl.partial").exists()
+
+
+def test_prompt_longer_than_max_model_len_uses_vllms_wording(tmp_path, capsys):
+    (tmp_path / "w.jsonl").write_text('{"arrival": 0, "prompt_tokens": 300, "output_tokens": 4}\n')
+    assert main(["run", "--workload", str(tmp_path / "w.jsonl"), "--max-model-len", "256",
+                 "--max-num-batched-tokens", "256", "--trace", str(tmp_path / "t.jsonl"), "--no-progress"]) == 2
+    assert ("The decoder prompt (length 300) is longer than the maximum model length of 256"
+            in capsys.readouterr().err)
+
+
+def test_interrupted_trace_refused_by_plot_and_flagged_by_diff(tmp_path, capsys):
+    t = tmp_path / "t.jsonl"
+    assert main(["run", "--duration", "2", "--trace", str(t), "--no-progress"]) == 0
+    cut = tmp_path / "cut.jsonl"
+    lines = t.read_text().splitlines()
+    cut.write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    capsys.readouterr()
+    assert main(["plot", str(cut), "--out", str(tmp_path / "p.png")]) == 2
+    assert "incomplete trace" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+    assert main(["diff", "--traces", str(t), str(cut)]) == 1
+    assert "incomplete" in capsys.readouterr().out
+
+
+def test_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """A write that fails mid-run (ENOSPC) is one line, exit 2, and no trace (not even a partial one)."""
+    import errno
+
+    from vllm_faultsim.harness import trace as tr
+    real_open = open
+
+    class Full:
+        def __init__(self, *a, **k):
+            self.fh = real_open(*a, **k)
+
+        def write(self, s):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __getattr__(self, n):
+            return getattr(self.fh, n)
+
+    monkeypatch.setattr(tr, "open", Full, raising=False)
+    code = main(["run", "--duration", "2", "--trace", str(tmp_path / "t.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0], err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_study_keeps_its_points_and_resumes(tmp_path, monkeypatch):
+    """A study stopped after two points keeps them (study.csv and the progress file); run again, it
+    runs only the rest, and the table equals an uninterrupted run's."""
+    from vllm_faultsim.harness.runs import study
+
+    spec = {"base": {"workload": {"kind": "poisson", "rate": 5, "duration": 2, "prompt": 32, "output": 4}},
+            "grid": {"workload.rate": [2, 4, 6], "scheduler.max_num_seqs": [4, 8]}, "source": "t"}
+    whole = study.run_study(dict(spec), tmp_path / "whole", progress=False)
+    calls = []
+    real = study.simulate
+
+    def stop_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(study, "simulate", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(dict(spec), tmp_path / "cut", progress=False)
+    assert len((tmp_path / "cut" / "study.csv").read_text().splitlines()) == 3  # header + 2 points kept
+    ran = []
+    monkeypatch.setattr(study, "simulate", lambda *a, **k: ran.append(1) or real(*a, **k))
+    assert study.run_study(dict(spec), tmp_path / "cut", progress=False) == whole
+    assert len(ran) == len(whole) - 2 and not (tmp_path / "cut" / study.PROGRESS).exists()
+    assert (tmp_path / "cut" / "study.csv").read_text() == (tmp_path / "whole" / "study.csv").read_text()
