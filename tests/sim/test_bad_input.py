@@ -230,3 +230,25 @@ def test_interrupted_study_keeps_its_points_and_resumes(tmp_path, monkeypatch):
     assert study.run_study(dict(spec), tmp_path / "cut", progress=False) == whole
     assert len(ran) == len(whole) - 2 and not (tmp_path / "cut" / study.PROGRESS).exists()
     assert (tmp_path / "cut" / "study.csv").read_text() == (tmp_path / "whole" / "study.csv").read_text()
+
+
+def test_an_overloaded_run_says_so_and_a_stable_one_does_not(tmp_path, capsys):
+    """Item 5: arrivals that outpace the engine make TTFT grow with arrival time: the run's summary
+    and the study table say ``overloaded``; the same workload at a sustainable rate does not."""
+    import json as _json
+
+    from vllm_faultsim.harness.runs import study
+
+    def run(rate):
+        assert main(["run", "--rate", str(rate), "--duration", "20", "--prompt", "512", "--output", "128",
+                     "--max-num-seqs", "8", "--trace", str(tmp_path / f"t{rate}.jsonl"), "--json",
+                     "--no-progress"]) == 0
+        return _json.loads(capsys.readouterr().out)
+
+    assert run(80)["overloaded"] is True
+    assert run(2)["overloaded"] is False
+    rows = study.run_study({"base": {"workload": {"kind": "poisson", "duration": 20, "prompt": 512, "output": 128},
+                                     "scheduler": {"max_num_seqs": 8}},
+                            "grid": {"workload.rate": [2, 80]}, "source": "t"}, tmp_path / "s", progress=False)
+    assert [r["overloaded"] for r in rows] == [False, True]
+    assert "overloaded" in (tmp_path / "s" / "study.csv").read_text().splitlines()[0]

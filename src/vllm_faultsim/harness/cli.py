@@ -136,12 +136,18 @@ def cmd_run(args) -> int:
     except BaseException:
         _quietly(partial.unlink)  # interrupted: no trace under its name, and no partial one left
         raise
+    from .metrics import overloaded
+    # the queue grew without bound: derived from the requests (not in the trace's end event)
+    summary = {**res.summary, "overloaded": overloaded(e for e in res.events if e["kind"] == "req")}
     if args.json:
-        print(json.dumps(res.summary, indent=2))
+        print(json.dumps(summary, indent=2))
     else:
-        width = max(len(k) for k in res.summary)
-        for k, v in res.summary.items():
+        width = max(len(k) for k in summary)
+        for k, v in summary.items():
             print(f"{k.ljust(width)}  {'-' if v is None else v}")
+        if summary["overloaded"]:
+            print("OVERLOADED: time to first token grows with arrival time (the queue grows without bound); "
+                  "lower the rate or add capacity")
         print(f"trace: {args.trace}  (timeline: vllm-faultsim plot {args.trace})")
     return 0
 

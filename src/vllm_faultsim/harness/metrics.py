@@ -55,3 +55,27 @@ def summarize(req_events: Iterable[dict], *, steps: int, end: float) -> dict:
 
 def _ms(x: float | None) -> float | None:
     return None if x is None else round(1000 * x, 3)
+
+
+OVERLOAD_SLOPE = 0.05  # s of extra TTFT per s of arrivals: the backlog grows by >= 5% of what is served
+
+
+def overloaded(req_events: Iterable[dict]) -> bool:
+    """Whether the engine's queue grew without bound over the run: the time to first token of the
+    requests that got one grows with their arrival time (least-squares slope >= OVERLOAD_SLOPE)
+    and the last quarter of arrivals waits at least twice as long (median TTFT) as the first.
+    A stable queue has a flat TTFT whatever its level; a run whose arrivals outpace the engine has
+    one that rises until the arrivals stop. Needs 20 requests with a first token (else False)."""
+    pts = sorted((e["arrival"], e["first_token"] - e["arrival"]) for e in req_events
+                 if e.get("first_token") is not None and e["status"] not in ("failed", "aborted"))
+    if len(pts) < 20:
+        return False
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    if var <= 0:
+        return False
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var
+    q = len(pts) // 4
+    first, last = sorted(ys[:q]), sorted(ys[-q:])
+    return slope >= OVERLOAD_SLOPE and last[len(last) // 2] >= 2 * first[len(first) // 2]

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from ...faults.plan import validate_plan
+from ..metrics import overloaded
 from .simulate import ConfigError, config_from_dict, simulate
 
 COLUMNS = ("throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "preemptions", "failed")
@@ -108,7 +109,9 @@ def run_study(spec: dict, out_dir: Path, progress: bool = True) -> list[dict]:
                 continue
             res = simulate(cfg, plan, keep=False, full_trace=False)
             rows.append({**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name,
-                         **{c: res.summary[c] for c in COLUMNS}, "requests": res.summary["requests"]})
+                         **{c: res.summary[c] for c in COLUMNS},
+                         "overloaded": overloaded(e for e in res.events if e["kind"] == "req"),
+                         "requests": res.summary["requests"]})
             fh.write(json.dumps({"key": key, "row": rows[-1]}) + "\n")
             fh.flush()
             write_csv(out_dir / "study.csv", rows)
