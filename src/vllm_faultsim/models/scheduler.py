@@ -503,9 +503,12 @@ class Scheduler:
         ids = self.encoder_cache.request_cached_ids.get(req.req_id)
         if not ids:
             return
+        # vLLM: offset + length <= num_computed_tokens - num_output_placeholders (async: the positions
+        # of the batches in flight are not computed yet; sync: no placeholders)
+        done = req.num_computed_tokens - req.num_output_placeholders
         for i in list(ids):
             m = req.mm[i]
-            if m.offset + m.length <= req.num_computed_tokens:
+            if m.offset + m.length <= done:
                 self.encoder_cache.free_encoder_input(req, i)
 
     def _free_request(self, req: Request) -> None:
