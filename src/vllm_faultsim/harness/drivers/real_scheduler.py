@@ -2,8 +2,13 @@
 
 The real ``vllm.v1.core.sched.scheduler.Scheduler`` runs on CPU with a tiny model folder
 (``harness.model_dirs``), one full-attention KV cache group of ``num_gpu_blocks`` blocks, FCFS,
-synchronous scheduling, prefix caching as configured (block hashes made as ``EngineCore`` makes
-them). The deterministic model runner of ``vllm_adapter`` stands in for the GPU. With an ``ec``
+prefix caching as configured (block hashes made as ``EngineCore`` makes them), and the scheduling
+mode of the config's ``async_scheduling`` (vLLM 0.26.0's default, True: vLLM's ``AsyncScheduler``
+with a ``VllmConfig`` whose ``max_concurrent_batches`` is 2, its batches' outputs applied oldest
+first by the engine loop that drives it, ``models.engine.EngineCore.step_with_batch_queue``;
+False: the synchronous ``Scheduler``). The deterministic model runner of ``vllm_adapter`` stands
+in for the GPU (under async scheduling, what a batch samples is fixed when it is scheduled:
+``vllm_adapter.async_samples``). With an ``ec``
 prefetch schedule, vLLM loads ``real_ec_connector.FaultsimECConnector`` through its connector
 factory; with ``kv_external``, the stand-in KV connector ``external_kv_connector.ExternalTokensKVConnector``.
 
@@ -44,6 +49,7 @@ class _Key(NamedTuple):
     enable_prefix_caching: bool
     ec_policy: str | None
     kv_external: bool
+    async_scheduling: bool
 
 
 @functools.lru_cache(maxsize=16)
@@ -59,7 +65,7 @@ def _vllm_config(key: _Key):
                                 max_model_len=key.max_model_len, is_encoder_decoder=False,
                                 enable_chunked_prefill=key.enable_chunked_prefill,
                                 long_prefill_token_threshold=key.long_prefill_token_threshold,
-                                watermark=key.watermark, async_scheduling=False)
+                                watermark=key.watermark, async_scheduling=key.async_scheduling)
     except pydantic.ValidationError as exc:  # several lines: keep the messages only
         raise ValueError("vLLM rejects the scheduler config: "
                          + "; ".join(e["msg"] for e in exc.errors())) from None
@@ -78,8 +84,12 @@ def _vllm_config(key: _Key):
     if key.kv_external:
         kv = KVTransferConfig(kv_connector=KV_CONNECTOR, kv_connector_module_path=KV_CONNECTOR_MODULE,
                               kv_role="kv_both", engine_id="faultsim")
-    return VllmConfig(model_config=model, scheduler_config=sched, cache_config=cache,
-                      ec_transfer_config=ec, kv_transfer_config=kv, device_config=DeviceConfig("cpu"))
+    config = VllmConfig(model_config=model, scheduler_config=sched, cache_config=cache,
+                        ec_transfer_config=ec, kv_transfer_config=kv, device_config=DeviceConfig("cpu"))
+    if config.scheduler_config.async_scheduling != key.async_scheduling:
+        raise RuntimeError(f"vLLM resolved async_scheduling={config.scheduler_config.async_scheduling}, "
+                           f"asked for {key.async_scheduling}")
+    return config
 
 
 class RealSchedulerCore(VllmSchedulerCore):
@@ -88,7 +98,9 @@ class RealSchedulerCore(VllmSchedulerCore):
     ``config`` is any object with the fields of ``models.scheduler.SchedulerConfig``:
     max_num_seqs, max_num_batched_tokens, block_size, num_gpu_blocks, max_model_len,
     enable_chunked_prefill, long_prefill_token_threshold, watermark, encoder_compute_budget,
-    encoder_cache_size, enable_prefix_caching (other fields are ignored).
+    encoder_cache_size, enable_prefix_caching, async_scheduling (missing: False; other fields
+    are ignored). With ``async_scheduling`` the scheduler is vLLM's ``AsyncScheduler`` and
+    ``update_from_output`` takes the oldest batch in flight.
     ``ec``: the shared prefetch schedule; ``None`` runs without an EC connector (every encoder
     input is computed locally). ``ec_policy`` selects the connector's ``ensure_cache_available`` policy
     (``real_ec_connector.POLICIES``). ``kv_external`` (request id -> tokens) loads vLLM with the
@@ -104,6 +116,7 @@ class RealSchedulerCore(VllmSchedulerCore):
     def __init__(self, config, ec=None, *, ec_policy: str = "future-only", kv_external=None,
                  multimodal: bool = True, model_cache_dir=None):
         try:
+            from vllm.v1.core.sched.async_scheduler import AsyncScheduler
             from vllm.v1.core.sched.scheduler import Scheduler
         except ImportError:
             raise ImportError("RealSchedulerCore needs vllm==0.26.0 (pip install -e .[vllm])") from None
@@ -112,21 +125,23 @@ class RealSchedulerCore(VllmSchedulerCore):
         from vllm.v1.structured_output import StructuredOutputManager
 
         model = model_dirs.tiny_llava(model_cache_dir) if multimodal else model_dirs.tiny_llama(model_cache_dir)
+        async_scheduling = bool(getattr(config, "async_scheduling", False))
         key = _Key(str(model), multimodal, config.max_num_seqs, config.max_num_batched_tokens,
                    config.block_size, config.num_gpu_blocks, config.max_model_len,
                    config.enable_chunked_prefill, config.long_prefill_token_threshold, config.watermark,
                    config.encoder_compute_budget, config.encoder_cache_size, config.enable_prefix_caching,
-                   ec_policy if ec is not None else None, kv_external is not None)
+                   ec_policy if ec is not None else None, kv_external is not None, async_scheduling)
         vllm_config = _vllm_config(key)
         spec = FullAttentionSpec(block_size=config.block_size, num_kv_heads=1, head_size=1, dtype=torch.float32)
         kv_cache_config = KVCacheConfig(num_blocks=config.num_gpu_blocks, kv_cache_tensors=[],
                                         kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
-        scheduler = Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
-                              structured_output_manager=StructuredOutputManager(vllm_config),
-                              block_size=config.block_size, log_stats=False)
+        scheduler_cls = AsyncScheduler if async_scheduling else Scheduler
+        scheduler = scheduler_cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
+                                  structured_output_manager=StructuredOutputManager(vllm_config),
+                                  block_size=config.block_size, log_stats=False)
         cache = vllm_config.cache_config
         super().__init__(scheduler, block_hasher(cache.block_size, cache.prefix_caching_hash_algo)
-                         if config.enable_prefix_caching else None)
+                         if config.enable_prefix_caching else None, async_scheduling=async_scheduling)
         self.multimodal = multimodal
         # the budgets vLLM really uses (0 for a text-only model): the simulator must use the same
         self.encoder_compute_budget = scheduler.max_num_encoder_input_tokens

@@ -16,11 +16,20 @@ scheduler.py:666), so at the end of ``schedule()`` the first ``len(preempted)`` 
 ``waiting`` are that step's victims, newest first. Requests preempted between steps (by
 ``reset_prefix_cache(reset_running_requests=True)``, which pops ``running`` from its end) are
 noted when it runs and come first. Anything else is not vLLM's behaviour and raises.
+
+**Async scheduling** (``VllmSchedulerCore(..., async_scheduling=True)`` on vLLM's
+``AsyncScheduler``): a batch's output is applied a step late, after the next batch was scheduled,
+so what it samples is fixed when it is scheduled (:func:`async_samples`, as a worker that got the
+``SchedulerOutput`` at ``execute_model(non_block=True)`` would): nothing for a request that is a
+prefill chunk right after ``schedule()`` (``request.is_prefill_chunk``), else output number
+``len(output_token_ids) + num_output_placeholders`` (the placeholders include this batch's).
+Outputs are applied oldest batch first, as ``EngineCore.step_with_batch_queue`` pops its queue.
 """
 
 from __future__ import annotations
 
 import functools
+from collections import deque
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Mapping
@@ -149,6 +158,30 @@ class DeterministicRunner:
         self._reqs.clear()
 
 
+def async_samples(so, requests: Mapping[str, Any], stop_at: Mapping[str, int | None]) -> dict[str, int | None]:
+    """What the batch ``so`` samples under async scheduling, read right after ``schedule()``
+    (``requests``: the scheduler's id -> vLLM Request): per scheduled request, ``None`` for a prefill
+    chunk, else ``models.step.sampled_token`` of the output number the batch produces."""
+    out: dict[str, int | None] = {}
+    for rid in so.num_scheduled_tokens:
+        req = requests[rid]
+        if req.is_prefill_chunk:
+            out[rid] = None
+        else:
+            out[rid] = sampled_token(rid, len(req.output_token_ids) + req.num_output_placeholders, stop_at.get(rid))
+    return out
+
+
+def _runner_output(samples: Mapping[str, int | None], kv_connector_output=None):
+    """The ``ModelRunnerOutput`` of a batch whose requests sample ``samples`` (None: nothing)."""
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    req_ids = list(samples)
+    return ModelRunnerOutput(req_ids=req_ids, req_id_to_index={r: i for i, r in enumerate(req_ids)},
+                             sampled_token_ids=[[] if t is None else [t] for t in samples.values()],
+                             kv_connector_output=kv_connector_output)
+
+
 @dataclass
 class VllmStep:
     """vLLM's own outputs of one step, beside the ``StepResult`` made of them."""
@@ -187,13 +220,24 @@ class VllmSchedulerCore:
     """The scheduler-core protocol (models/step.py) on a vLLM ``Scheduler`` in this process,
     stepped by :class:`DeterministicRunner`. Subclasses build the scheduler and its connectors.
 
+    With ``async_scheduling`` (the scheduler is vLLM's ``AsyncScheduler``) several batches may be
+    in flight: ``update_from_output`` takes the oldest one's ``StepResult``, and what each batch
+    samples was fixed when it was scheduled (:func:`async_samples`). Without it,
+    ``update_from_output`` takes the latest ``schedule()``'s.
+
     Beside each ``StepResult`` it keeps vLLM's own outputs: :attr:`last_step` (a
     :class:`VllmStep`), :attr:`on_step` (called with each finished step's ``VllmStep``),
     :attr:`step_times` (the virtual time of every step)."""
 
-    def __init__(self, scheduler, block_hasher=None):
+    def __init__(self, scheduler, block_hasher=None, *, async_scheduling: bool = False):
+        if async_scheduling != any(c.__name__ == "AsyncScheduler" for c in type(scheduler).__mro__):
+            raise TypeError(f"async_scheduling={async_scheduling} needs {'an' if async_scheduling else 'no'} "
+                            f"AsyncScheduler, got {type(scheduler).__name__}")
         self.scheduler = scheduler
         self.block_hasher = block_hasher
+        self.async_scheduling = async_scheduling
+        # async: the batches in flight, oldest first: (StepResult, SchedulerOutput, samples, VllmStep)
+        self._in_flight: deque[tuple[StepResult, Any, dict[str, int | None], VllmStep]] = deque()
         self._requests: dict[str, Any] = {}   # req_id -> vLLM Request, until it finishes
         self._stop_at: dict[str, int | None] = {}
         self.runner = DeterministicRunner(self._stop_at)
@@ -236,17 +280,29 @@ class VllmSchedulerCore:
         res = step_result(out, self.scheduler.requests, self.scheduler.waiting, self._preempted_between)
         self._preempted_between = []
         self._after_schedule(out, res, now)
-        self._last = (res, out)
-        self.last_step = VllmStep(len(self.step_times), now, res, out)
+        self.last_step = step = VllmStep(len(self.step_times), now, res, out)
         self.step_times.append(now)
+        if self.async_scheduling:
+            samples = async_samples(out, self.scheduler.requests, self._stop_at)
+            res.sampling = {rid for rid, token in samples.items() if token is not None}
+            self._in_flight.append((res, out, samples, step))
+        else:
+            self._last = (res, out)
         return res
 
     def update_from_output(self, result: StepResult, now: float) -> list[Finished]:
-        if self._last is None or self._last[0] is not result:
-            raise ValueError("update_from_output() takes the StepResult of the latest schedule()")
-        out = self._last[1]
-        self._last = None
-        runner_output = self.runner.execute_model(out, self._connector_output(out, now))
+        if self.async_scheduling:
+            if not self._in_flight or self._in_flight[0][0] is not result:
+                raise ValueError("update_from_output() takes the StepResult of the oldest batch in flight")
+            _, out, samples, step = self._in_flight.popleft()
+            runner_output = _runner_output(samples, self._connector_output(out, now))
+        else:
+            if self._last is None or self._last[0] is not result:
+                raise ValueError("update_from_output() takes the StepResult of the latest schedule()")
+            out = self._last[1]
+            self._last = None
+            step = self.last_step
+            runner_output = self.runner.execute_model(out, self._connector_output(out, now))
         outputs = self.scheduler.update_from_output(out, runner_output)
         finished = []
         for client_outputs in outputs.values():
@@ -256,7 +312,6 @@ class VllmSchedulerCore:
                     del self._stop_at[o.request_id]
                     finished.append(Finished(o.request_id, str(o.finish_reason), req.num_output_tokens))
         self._after_update(result)
-        step = self.last_step
         step.model_runner_output, step.engine_core_outputs = runner_output, outputs
         if self.on_step is not None:
             self.on_step(step)
@@ -273,6 +328,7 @@ class VllmSchedulerCore:
         self._stop_at.clear()
         self.runner.clear()
         self._last = None
+        self._in_flight.clear()
 
     def shutdown(self) -> None:
         self.scheduler.shutdown()
