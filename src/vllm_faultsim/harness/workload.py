@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..models.request import IMAGE_TOKEN_ID, MMItem, RequestSpec, prompt_token_ids  # noqa: F401 (for the drivers)
+from ..models.request import MMItem, RequestSpec
 
 class WorkloadError(ValueError):
     """An invalid workload description; the message is one line."""

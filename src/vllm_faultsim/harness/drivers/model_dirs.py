@@ -1,7 +1,7 @@
 """Tiny model folders that real vLLM accepts offline (no hub): ``tiny-llama`` and ``tiny-llava``.
 
 ``tiny-llama`` is a text-only Llama config; ``tiny-llava`` is a LLaVA config with a tokenizer and
-an image processor built in code, its image placeholder id being ``workload.IMAGE_TOKEN_ID``.
+an image processor built in code, its image placeholder id being ``models.request.IMAGE_TOKEN_ID``.
 vLLM builds configs, processors and schedulers from them; engines run them with
 ``load_format="dummy"``. Folders are written once per cache directory: each is built in a
 temporary sibling and renamed into place, so concurrent callers never see a partial folder.
@@ -22,7 +22,7 @@ TINY_LLAMA = "tiny-llama"
 TINY_LLAVA = "tiny-llava"
 FORMAT = "2"  # bump when a folder's contents change: older caches are rebuilt
 MARKER = ".vllm-faultsim-complete"
-VOCAB_SIZE = 1100  # text ids of workload.prompt_token_ids lie in [3, 1003)
+VOCAB_SIZE = 1100  # text ids of models.request.prompt_token_ids lie in [3, 1003)
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2  # models.step.EOS_TOKEN_ID
 _TEXT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=2, vocab_size=VOCAB_SIZE, max_position_embeddings=131072,
