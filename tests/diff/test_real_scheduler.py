@@ -1,4 +1,6 @@
-"""RealSchedulerCore: the scheduler-core protocol on vLLM's real v1 Scheduler (CPU)."""
+"""RealSchedulerCore: the scheduler-core protocol on vLLM's real v1 Scheduler (CPU). The fixed-step
+tests drive the synchronous Scheduler (``async_scheduling=False``); the async ones vLLM's
+AsyncScheduler through the twin's batch-queue loop."""
 
 from dataclasses import replace
 from functools import partial
@@ -16,9 +18,9 @@ from vllm_faultsim.models.scheduler import SchedulerConfig  # noqa: E402
 STEP = 0.025
 
 
-# a small engine
+# a small engine, synchronous scheduling (drive() applies each step's output before the next)
 Config = partial(SchedulerConfig, max_num_seqs=4, max_num_batched_tokens=512, block_size=16, num_gpu_blocks=200,
-                 max_model_len=2048, encoder_compute_budget=512, encoder_cache_size=512)
+                 max_model_len=2048, encoder_compute_budget=512, encoder_cache_size=512, async_scheduling=False)
 
 
 class Prefetch(PrefetchSchedule):
@@ -191,3 +193,80 @@ def test_config_vllm_rejects_is_one_line(models):
     with pytest.raises(ValueError, match=r"^vLLM rejects the scheduler config: Value error, max_num_batched_tokens "
                                          r"\(256\) is smaller than max_model_len \(2048\)[^\n]*$"):
         RealSchedulerCore(Config(max_num_batched_tokens=256, enable_chunked_prefill=False), model_cache_dir=models)
+
+
+# ---- async scheduling: vLLM's AsyncScheduler ------------------------------------------------
+
+def test_async_mode_builds_vllms_async_scheduler(models):
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+
+    on = RealSchedulerCore(Config(async_scheduling=True), multimodal=False, model_cache_dir=models)
+    off = RealSchedulerCore(Config(), multimodal=False, model_cache_dir=models)
+    assert isinstance(on.scheduler, AsyncScheduler) and on.async_scheduling
+    assert not isinstance(off.scheduler, AsyncScheduler) and not off.async_scheduling
+    assert on.scheduler.vllm_config.max_concurrent_batches == 2
+    assert off.scheduler.vllm_config.max_concurrent_batches == 1
+
+
+def test_async_outputs_come_back_oldest_first(models):
+    """Two batches in flight: the second decode is scheduled on a placeholder; outputs are applied
+    oldest first, each with the token its batch sampled."""
+    from vllm_faultsim.models.step import sampled_token
+
+    core = RealSchedulerCore(Config(async_scheduling=True), multimodal=False, model_cache_dir=models)
+    core.add_request(RequestSpec("r", 0.0, 20, 4), 0.0)
+    first = core.schedule(0.0)
+    second = core.schedule(STEP)
+    assert first.sched == {"r": 20} and second.sched == {"r": 1} and second.computed_before == {"r": 20}
+    assert first.sampling == {"r"} and second.sampling == {"r"}
+    assert core.scheduler.requests["r"].num_output_placeholders == 2
+    with pytest.raises(ValueError, match="oldest batch in flight"):
+        core.update_from_output(second, STEP)
+    assert core.update_from_output(first, STEP) == []
+    assert core.last_step.index == 1  # the latest schedule(); the output applied was step 0's
+    assert list(core.scheduler.requests["r"].output_token_ids) == [sampled_token("r", 1, None)]
+    core.update_from_output(second, 2 * STEP)
+    assert list(core.scheduler.requests["r"].output_token_ids) == [sampled_token("r", k, None) for k in (1, 2)]
+
+
+def test_async_samples_are_what_a_worker_fed_at_schedule_time_samples(models):
+    """Through the twin's batch-queue loop, under KV pressure (preemptions with a batch in flight)
+    and EOS stops (outputs in flight dropped): every batch's ModelRunnerOutput is what
+    DeterministicRunner, the dry run's worker, samples when it gets the SchedulerOutput at
+    schedule() (as execute_model(non_block=True) does); every request's tokens are
+    sampled_token(1..n)."""
+    from vllm_faultsim.faults.plan import FaultPlan
+    from vllm_faultsim.harness.drivers.vllm_adapter import DeterministicRunner
+    from vllm_faultsim.harness.runs.simulate import RunConfig, run_engine
+    from vllm_faultsim.models.step import sampled_token
+
+    cfg = Config(async_scheduling=True, num_gpu_blocks=12, max_num_batched_tokens=64, enable_prefix_caching=True)
+    specs = poisson(200, num_requests=16, prompt={"uniform": [8, 90]}, output={"uniform": [2, 30]}, seed=5)
+    specs = tuple(RequestSpec(s.req_id, s.arrival, s.prompt_len, s.output_len, stop_at=s.output_len // 2 or None)
+                  if i % 3 == 0 else s for i, s in enumerate(specs))
+    stop_at = {s.req_id: s.stop_at for s in specs}
+    core = RealSchedulerCore(cfg, multimodal=False, model_cache_dir=models)
+    worker, fed, applied, tokens = DeterministicRunner(stop_at), {}, [], {}
+    schedule = core.schedule
+
+    def schedule_and_feed(now):
+        res = schedule(now)
+        out = worker.execute_model(core.last_step.scheduler_output)
+        fed[core.last_step.index] = dict(zip(out.req_ids, out.sampled_token_ids))
+        return res
+
+    def on_step(step):
+        mro = step.model_runner_output
+        applied.append((step.index, dict(zip(mro.req_ids, mro.sampled_token_ids))))
+        for eco in step.engine_core_outputs.values():
+            for o in eco.outputs:
+                tokens.setdefault(o.request_id, []).extend(o.new_token_ids)
+
+    core.schedule, core.on_step = schedule_and_feed, on_step
+    result = run_engine(core, specs, RunConfig(scheduler=cfg), FaultPlan(), side="real")
+    assert [i for i, _ in applied] == sorted(fed)  # every batch applied, oldest first
+    assert all(sampled == fed[i] for i, sampled in applied)
+    assert result.summary["preemptions"] > 0  # a victim preempted with its decode in flight
+    for s in specs:
+        n = s.stop_at or s.output_len
+        assert tokens[s.req_id] == [sampled_token(s.req_id, k, s.stop_at) for k in range(1, n + 1)], s.req_id

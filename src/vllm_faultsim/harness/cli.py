@@ -209,9 +209,11 @@ def cmd_diff(args) -> int:
     with progress_bar(total=args.examples, desc="diff", unit="case", disable=args.no_progress) as bar:
         n, case, div = search(args.examples, args.seed, mutant=args.mutant, mm=args.kind != "text",
                               kv_pressure={"any": None, "yes": True, "no": False}[args.kv_pressure],
-                              progress=bar.update)
+                              async_scheduling=args.async_ == "yes", progress=bar.update)
+    mode = "async" if args.async_ == "yes" else "sync"
     if div is None:
-        print(f"{n} cases, 0 divergences (seed {args.seed}{', mutant ' + args.mutant if args.mutant else ''})")
+        print(f"{n} cases, 0 divergences ({mode} scheduling, seed {args.seed}"
+              f"{', mutant ' + args.mutant if args.mutant else ''})")
         return 0
     path = save_case(case, args.out)
     print(f"{n} cases tried; divergence found and shrunk:\n{report(case, div, path, args.mutant)}")
@@ -323,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="Hypothesis seed (default: %(default)s)")
     d.add_argument("--kind", choices=("mixed", "text"), default="mixed", help="workload kind")
     d.add_argument("--kv-pressure", choices=("any", "yes", "no"), default="any")
+    d.add_argument("--async", dest="async_", choices=("yes", "no"), default="yes",
+                   help="async scheduling on both sides (AsyncScheduler, batch queue of 2) or the sync path "
+                        "(default: %(default)s, as vLLM 0.26.0 serves; --replay takes the case's own mode)")
     d.add_argument("--mutant", help="a deliberately wrong simulator policy, to see the checker catch it")
     d.add_argument("--replay", help="replay a saved case (JSON)")
     d.add_argument("--traces", nargs=2, metavar=("LEFT", "RIGHT"), help="compare two saved traces offline")

@@ -1,6 +1,11 @@
 """Differential runs: one case (workload + engine config + fault plan) through the simulator and
 through the real vLLM ``Scheduler`` on CPU, both driven by the same engine loop, then checked.
 
+The case's ``scheduler.async_scheduling`` picks the mode on both sides: on (vLLM 0.26.0's default),
+the real side is vLLM's ``AsyncScheduler`` and the loop is the twin of
+``EngineCore.step_with_batch_queue`` (two batches in flight, outputs one step late); off, vLLM's
+``Scheduler`` and the synchronous ``EngineCore.step()`` loop.
+
 A failing case is written as JSON and can be replayed with ``vllm-faultsim diff --replay FILE``.
 Mutants (deliberately wrong simulator policies) show the checker catches what it claims to.
 """
@@ -8,7 +13,7 @@ Mutants (deliberately wrong simulator policies) show the checker catches what it
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ...faults.plan import FaultPlan, validate_plan
@@ -34,8 +39,9 @@ class DiffCase:
     def from_json(cls, text: str, source: str = "<case>") -> "DiffCase":
         d = json.loads(text)
         specs = validate([spec_from_dict(r, f"r{i}") for i, r in enumerate(d["requests"])])
-        return cls(specs, SchedulerConfig(**d["scheduler"]).validate(), validate_plan(d["plan"], source),
-                   d.get("seed", 0))
+        # cases saved before async scheduling was modelled ran synchronously: replay them so
+        sched = {"async_scheduling": False, **d["scheduler"]}
+        return cls(specs, SchedulerConfig(**sched).validate(), validate_plan(d["plan"], source), d.get("seed", 0))
 
 
 def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]:
@@ -75,21 +81,28 @@ class DivergenceFound(AssertionError):
 
 
 def search(examples: int, seed: int, *, mutant: str | None = None, mm: bool = True,
-           kv_pressure: bool | None = None, async_scheduling: bool = True,
-           progress=None) -> tuple[int, DiffCase | None, Divergence | None]:
-    """Generate `examples` cases with Hypothesis in one scheduling mode; on a divergence, shrink it
-    to a minimal case. Returns (cases run, minimal failing case or None, its divergence)."""
-    from hypothesis import HealthCheck, given, settings
+           kv_pressure: bool | None = None, async_scheduling: bool = True, prefix_caching: bool | None = None,
+           shrink: bool = True, progress=None) -> tuple[int, DiffCase | None, Divergence | None]:
+    """Generate `examples` cases with Hypothesis in one scheduling mode (``async_scheduling``);
+    ``prefix_caching`` True/False forces it on/off (None: drawn); on a divergence, shrink it to a
+    minimal case (``shrink=False``: stop at the first). Returns (cases run, minimal failing case or
+    None, its divergence)."""
+    from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hseed
 
     from ..strategies import fault_plans, scheduler_configs, workloads
 
     count = 0
+    scheds = scheduler_configs(kv_pressure=kv_pressure, async_scheduling=async_scheduling)
+    if prefix_caching is not None:
+        scheds = scheds.map(lambda s: replace(s, enable_prefix_caching=prefix_caching))
+    no_shrink = {} if shrink else {"phases": tuple(p for p in settings.default.phases
+                                                   if p not in (Phase.shrink, Phase.explain))}
 
     @hseed(seed)
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck))
-    @given(specs=workloads(mm=mm), sched=scheduler_configs(kv_pressure=kv_pressure, async_scheduling=async_scheduling), plan=fault_plans())
+              suppress_health_check=list(HealthCheck), **no_shrink)
+    @given(specs=workloads(mm=mm), sched=scheds, plan=fault_plans())
     def prop(specs, sched, plan):
         nonlocal count
         count += 1
