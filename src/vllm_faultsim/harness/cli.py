@@ -235,12 +235,12 @@ def cmd_plot(args) -> int:
     from .runs.simulate import ConfigError
     from .timeline import plot_timeline
 
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ConfigError("plot needs matplotlib: pip install 'vllm-faultsim[plot]'")
-    events = _read_trace(args.trace)
+    events = _read_trace(args.trace)  # the input is judged first, with or without matplotlib
     if events[-1].get("kind") != "end":
         raise ConfigError(f"{args.trace}: incomplete trace (no end event after line {len(events)}: the run was "
                           "interrupted or failed); plot draws complete runs only")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("plot needs matplotlib: pip install 'vllm-faultsim[plot]'")
     out = args.out or str(Path(args.trace).with_suffix(".png"))
     _output_path(out, "--out")
     try:
