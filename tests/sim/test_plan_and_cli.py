@@ -130,6 +130,9 @@ def test_plot_draws_a_runs_timeline_from_its_trace(tmp_path, capsys):
 def test_plot_without_matplotlib_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
     import importlib.util
     real = importlib.util.find_spec
+    t = tmp_path / "t.jsonl"
+    assert main(["run", "--duration", "1", "--trace", str(t), "--no-progress"]) == 0  # a good trace
+    capsys.readouterr()
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
-    assert main(["plot", str(tmp_path / "t.jsonl")]) == 2
+    assert main(["plot", str(t)]) == 2
     assert capsys.readouterr().err.strip() == "vllm-faultsim: error: plot needs matplotlib: pip install 'vllm-faultsim[plot]'"
