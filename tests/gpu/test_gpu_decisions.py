@@ -3,13 +3,19 @@
 The simulator's own engine loop drives the real in-process engine (``real_engine.RealEngineCore``,
 ``runs.gpu.run_virtual``):
 requests are added at the steps where the simulator adds them, each step is one real
-``EngineCore.step()`` on the GPU, and both sides step the virtual clock with the same step-time
-model. Tolerance: none. Every step's scheduled tokens (in scheduling order), preemptions and
+``EngineCore.step()`` (async: one ``step_with_batch_queue`` call) on the GPU, and both sides step
+the virtual clock with the same step-time model. Tolerance: none. Every step's scheduled tokens (in scheduling order), preemptions and
 finishes, and every request's first-token and finish time must be identical; a divergence
 prints the first differing step. The real steps' wall times are reported beside (they do not
-enter the trace)."""
+enter the trace). Both scheduling modes: async (vLLM 0.26.0's default: the engine's
+``AsyncRecordingScheduler`` on vLLM's AsyncScheduler, a batch queue of 2, the simulator's
+batch-queue loop) and sync."""
 
 from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.drivers import model_dirs
@@ -27,20 +33,25 @@ SCHED = SchedulerConfig(max_num_seqs=16, max_num_batched_tokens=512, block_size=
 PLAN = {"faults": [{"kind": "slow_steps", "start": 0.5, "end": 1.0, "factor": 2.5}]}
 
 
-def test_text_workload_trace_identical(results_dir, device):
-    cfg = RunConfig(scheduler=SCHED, seed=7)
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_text_workload_trace_identical(results_dir, device, mode):
+    sched = replace(SCHED, async_scheduling=mode == "async")
+    tag = "_async" if sched.async_scheduling else ""  # the sync run keeps its files' names (benchmarks/gpu_fidelity.py)
+    cfg = RunConfig(scheduler=sched, seed=7)
     plan = validate_plan(PLAN, "decisions-plan")
     specs = poisson(60.0, num_requests=80, prompt={"uniform": [16, 400]}, output={"uniform": [4, 96]}, seed=7)
-    llm = RE.open_llm(**RE.engine_args(SCHED, model=model_dirs.tiny_llama()))
+    llm = RE.open_llm(**RE.engine_args(sched, model=model_dirs.tiny_llama(), async_scheduling=sched.async_scheduling))
     try:
-        real, core = run_virtual(llm, cfg, plan, specs, trace_path=results_dir / "trace_text_gpu.jsonl")
+        assert RE.scheduler_of(llm).scheduler_config.async_scheduling == sched.async_scheduling
+        assert llm.llm_engine.engine_core.engine_core.batch_queue_size == (2 if sched.async_scheduling else 1)
+        real, core = run_virtual(llm, cfg, plan, specs, trace_path=results_dir / f"trace_text_gpu{tag}.jsonl")
     finally:
         RE.shutdown_llm(llm)
-    sim = simulate(cfg, plan, specs=specs, trace_path=results_dir / "trace_text_sim.jsonl")
+    sim = simulate(cfg, plan, specs=specs, trace_path=results_dir / f"trace_text_sim{tag}.jsonl")
     div = first_divergence(sim.events, real.events, ("sim", "gpu"))
     walls = [w.wall for w in core.walls]
-    write_json(results_dir / "decisions.json", {
-        "device": device, "requests": len(specs), "steps": real.summary["steps"],
+    write_json(results_dir / f"decisions{tag}.json", {
+        "device": device, "mode": mode, "requests": len(specs), "steps": real.summary["steps"],
         "preemptions": real.summary["preemptions"], "identical": div is None,
         "divergence": div.explain() if div else None,
         "real_step_wall_ms": {f"p{q}": round(1000 * percentile(walls, q), 3) for q in (50, 90, 99)},

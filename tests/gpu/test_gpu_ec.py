@@ -53,7 +53,8 @@ def test_ec_deferral_matches_simulator_and_shutdown_drains(results_dir, device, 
     specs, plan = workload()
     ec_log = tmp_path / "ec-events.jsonl"
     kw = RE.engine_args(SCHED, model=model_dirs.tiny_llava(), multimodal=True, ec_policy="future-only",
-                        ec_log=ec_log, ec_save_delay=1.0, distributed_executor_backend="mp")
+                        ec_log=ec_log, ec_save_delay=1.0, distributed_executor_backend="mp",
+                        async_scheduling=SCHED.async_scheduling)  # the simulator's mode (vLLM's default: async)
     llm = RE.open_llm(**kw)
     try:
         sched = RE.scheduler_of(llm)

@@ -37,8 +37,9 @@ from vllm_faultsim.harness.runs.simulate import RunConfig, liveness_model, simul
 from vllm_faultsim.harness.workload import RequestSpec
 from vllm_faultsim.models.scheduler import SchedulerConfig
 
+# synchronous scheduling on both sides, as measured: kills with two batches in flight are issue 11 item 5
 SCHED = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, block_size=16, num_gpu_blocks=2048,
-                        max_model_len=4352)
+                        max_model_len=4352, async_scheduling=False)
 SPECS = [RequestSpec("short", 0.0, 16, 2)] + [RequestSpec(f"long{i}", 0.01 * i, 64, 4000) for i in range(6)]
 
 

@@ -37,13 +37,22 @@ def _build_dry_run_executor():
 
     class DryRunExecutor(Executor):
         """``vllm_adapter.DeterministicRunner`` in place of the GPU worker: every other part of
-        the engine is real. For checking this harness where no GPU is."""
+        the engine is real. For checking this harness where no GPU is. Under async scheduling
+        the engine calls ``execute_model(non_block=True)`` when it schedules a batch, then
+        ``sample_tokens(non_block=True)``: the runner samples at ``execute_model``, as a worker
+        that follows the requests from the ``SchedulerOutput`` alone would, and ``sample_tokens``
+        hands that output over."""
 
         uses_ray = False
         supports_pp = False
 
+        @classmethod
+        def supports_async_scheduling(cls) -> bool:
+            return True
+
         def _init_executor(self) -> None:
             self._runner = DeterministicRunner()
+            self._sampled = None
 
         def collective_rpc(self, method, timeout=None, args=(), kwargs=None, non_block=False):
             name = method if isinstance(method, str) else getattr(method, "__name__", "")
@@ -62,7 +71,11 @@ def _build_dry_run_executor():
             return done(out, non_block)
 
         def execute_model(self, so, non_block=False):
-            return done(self._runner.execute_model(so), non_block)
+            self._sampled = self._runner.execute_model(so)
+            return done(self._sampled, non_block)
+
+        def sample_tokens(self, grammar_output, non_block=False):
+            return done(self._sampled, non_block)
 
         def check_health(self) -> None:
             return None
@@ -76,10 +89,20 @@ def _build_dry_run_executor():
 
 
 def use_cpu_platform() -> None:
-    """Make vLLM's CUDA build treat this machine as a CPU platform."""
+    """Make vLLM's CUDA build treat this machine as a CPU platform. vLLM's CPU platform turns
+    async scheduling off ("not required on CPU"); the CUDA platform it stands in for leaves the
+    resolved mode alone, so the dry run keeps it."""
     import vllm.platforms as platforms
     from vllm.platforms.cpu import CpuPlatform
-    platforms._current_platform = CpuPlatform()
+
+    class DryRunPlatform(CpuPlatform):
+        @classmethod
+        def check_and_update_config(cls, vllm_config) -> None:
+            mode = vllm_config.scheduler_config.async_scheduling
+            super().check_and_update_config(vllm_config)
+            vllm_config.scheduler_config.async_scheduling = mode
+
+    platforms._current_platform = DryRunPlatform()
 
 
 if DRYRUN:
