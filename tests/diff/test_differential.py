@@ -15,7 +15,7 @@ from hypothesis import seed as hseed
 pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]')")
 
 from vllm_faultsim.harness.checkers.divergence import first_divergence  # noqa: E402
-from vllm_faultsim.harness.mutants import ASYNC, KV_CONNECTOR, SCHEDULER_MUTANTS as MUTANTS  # noqa: E402
+from vllm_faultsim.harness.mutants import ASYNC, KV_CONNECTOR, SCHEDULER_MUTANTS  # noqa: E402
 from vllm_faultsim.harness.runs.diff import DiffCase, check_case, run_side, search  # noqa: E402
 from vllm_faultsim.harness.runs.simulate import RunConfig, prefetch_schedule, run_engine  # noqa: E402
 from vllm_faultsim.harness.strategies import fault_plans, scheduler_configs, workloads  # noqa: E402
@@ -196,7 +196,7 @@ MUTANT_CASES = {"ec-stop-at-deferred": _case_stop_at_deferred, "ec-check-all-fea
                 "no-placeholders": _case_one_request, "batch-queue-1": _case_one_request,
                 "outputs-in-same-step": _case_one_request, "cache-with-placeholders": _case_cache_with_placeholders}
 # (ec-local-tokens-only needs a KV connector offering external tokens: tests/diff/test_ec_kv_order.py)
-MUTANT_MODES = [(m, mode) for m in sorted(set(MUTANTS) - set(KV_CONNECTOR))
+MUTANT_MODES = [(m, mode) for m in sorted(set(SCHEDULER_MUTANTS) - set(KV_CONNECTOR))
                 for mode in (("async",) if m in ASYNC else tuple(MODES))]
 
 

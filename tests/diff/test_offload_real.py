@@ -96,7 +96,7 @@ def test_last_step_flush_follows_version(scenario_runs, side):
 @pytest.mark.parametrize("name", oc.SCENARIOS)
 def test_scenarios_sim_matches_real(scenario_runs, name):
     case, real, sim = scenario_runs[name]
-    assert oc.compare(real, sim) == []
+    assert oc.offload_differences(real, sim) == []
 
 
 def test_other_versions_policy_is_a_divergence():
@@ -104,7 +104,7 @@ def test_other_versions_policy_is_a_divergence():
     case = oc.scenario("last_step")
     real = oc.run_case(case, "real")
     sim = oc.run_case(case, "sim", policy=OTHER)
-    problems = oc.compare(real, sim)
+    problems = oc.offload_differences(real, sim)
     assert problems and any("flush" in p or "step counts" in p for p in problems), problems
 
 
@@ -134,7 +134,7 @@ def test_engine_kill_with_stores_in_flight_reports_what_is_lost():
     assert end["dead"] == "kill_engine"
     assert end["lost"] == ["r0:S0", "r1:S0"]
     assert "r1" in end["failed_requests"] and "r2" in end["failed_requests"]
-    assert oc.compare(real, sim) == []
+    assert oc.offload_differences(real, sim) == []
     tpc = case.offload.tokens_per_chunk
     assert oc.invariants(real, case.specs, tpc) == [] and oc.invariants(sim, case.specs, tpc) == []
 
@@ -148,7 +148,7 @@ def test_failed_transfer_kills_the_engine_on_both_sides():
     death = [e for e in real if e["kind"] == "proc"]
     assert death and death[0]["cause"] == "kv_transfer_failed" and death[0]["failed"]
     assert real[-1]["dead"] == "kv_transfer_failed" and real[-1]["lost"]
-    assert oc.compare(real, sim) == []
+    assert oc.offload_differences(real, sim) == []
     assert oc.invariants(real, case.specs, case.offload.tokens_per_chunk) == []
 
 
@@ -165,7 +165,7 @@ def test_slow_and_stalled_transfers_delay_loads():
         case = oc.Case(0, sched, ko.OffloadConfig(block_size=4, num_cpu_chunks=64), validate(list(specs) + filler),
                        validate_plan({"faults": faults}, "slow"))
         real, sim = oc.run_case(case, "real"), oc.run_case(case, "sim")
-        assert oc.compare(real, sim) == []
+        assert oc.offload_differences(real, sim) == []
         loads = [e for e in steps(real) if any(job[1] == "b" for job in kv(e, "load"))]
         assert loads, "b must load its prefix from CPU"
         done = next(e for e in steps(real) if any(j.startswith("b:L") for j in kv(e, "done")))
@@ -195,7 +195,7 @@ needs_026_scheduler = pytest.mark.skipif(
 @pytest.mark.parametrize("name", oc.SCENARIOS)
 def test_pure_simulator_reproduces_scenarios(scenario_runs, name):
     case, real, _ = scenario_runs[name]
-    assert oc.compare(real, oc.run_case(case, "puresim")) == []
+    assert oc.offload_differences(real, oc.run_case(case, "puresim")) == []
 
 
 @needs_026_scheduler

@@ -17,8 +17,9 @@ pytest.importorskip("vllm", reason="needs vllm==0.26.0 (pip install -e '.[vllm]'
 from vllm_faultsim.faults.plan import validate_plan  # noqa: E402
 from vllm_faultsim.harness.drivers import real_procs  # noqa: E402
 from vllm_faultsim.harness.runs.procs import replay_command, run_fault_matrix, simulate_procs  # noqa: E402
-from vllm_faultsim.harness.checkers.procs import classify, compare  # noqa: E402
-from vllm_faultsim.models.engine_procs import MUTANTS, ProcScenario  # noqa: E402
+from vllm_faultsim.harness.checkers.procs import classify, fate_differences  # noqa: E402
+from vllm_faultsim.harness.mutants import PROCS_MUTANTS  # noqa: E402
+from vllm_faultsim.models.engine_procs import ProcScenario  # noqa: E402
 from vllm_faultsim.models.shutdown_drain import ConnectorOp  # noqa: E402
 
 
@@ -44,7 +45,7 @@ def test_fault_matrix_is_classified_identically_and_every_mutant_is_caught(tmp_p
     assert first is None, (f"{first.case.name}: {first.divergences}\nreplay: "
                            f"{replay_command(first.case, report.policy, report.seed)}")
     assert report.code0_naming["ok"], report.code0_naming
-    assert set(report.mutants) == set(MUTANTS)
+    assert set(report.mutants) == set(PROCS_MUTANTS)
     if report.unjudged and not all(report.mutants.values()):
         pytest.skip(f"machine loaded: {len(report.unjudged)}/{len(report.cases)} cases had no valid run "
                     f"({_unjudged(report)}); mutants caught in the judged ones: {report.mutants}")
@@ -59,7 +60,7 @@ def test_drain_bounded_by_the_manager_timeout_for_real():
     plan = validate_plan([{"kind": "kill_engine", "at": 0.45, "rank": 1, "signal": "SIGKILL"}])
     real = real_procs.run_case(sc, plan)
     sim = simulate_procs(sc, plan)
-    assert not compare(sim, real), (compare(sim, real), "replay: pytest tests/diff/test_procs_diff.py -k drain_bounded")
+    assert not fate_differences(sim, real), (fate_differences(sim, real), "replay: pytest tests/diff/test_procs_diff.py -k drain_bounded")
     c = classify(real)
     assert c["exits"] == {0: -9, 1: -9} and c["ops"]["0.worker.ec"]["lost"] == 1
     assert c["ops"]["0.scheduler.kv"]["drain"] == 1

@@ -10,11 +10,12 @@ import sys
 import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, compare,
+from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, fate_differences,
                                                 compare_code0_naming, compare_latency)
 from vllm_faultsim.harness.runs.procs import Case, matrix_cases, matrix_scenario, simulate_procs
 from vllm_faultsim.harness.trace import dumps
-from vllm_faultsim.models.engine_procs import (MUTANTS, POLICIES, LatencyModel, ProcScenario, ScenarioError,
+from vllm_faultsim.harness.mutants import PROCS_MUTANTS
+from vllm_faultsim.models.engine_procs import (POLICIES, LatencyModel, ProcScenario, ScenarioError,
                                                check_faults, policy_for_vllm, resolve_fault_time)
 from vllm_faultsim.models.shutdown_drain import DRAIN_POLICIES, ConnectorOp
 
@@ -73,7 +74,7 @@ def test_exit_code_0_shuts_everything_down_and_is_named_only_through_the_reap_ra
         assert quiet["manager_shutdowns"] == ["monitor"] and quiet["exits"] == {0: 0, 1: 0}
         raced = simulate_procs(SC, kill(signal), latency=latency(unreaped=1.0))
         assert proc(raced, "detect")[0]["failed_name"] == "EngineCore_DP1"
-        assert not compare(raced, simulate_procs(SC, kill(signal), latency=latency(unreaped=0.0)))
+        assert not fate_differences(raced, simulate_procs(SC, kill(signal), latency=latency(unreaped=0.0)))
 
 
 def test_sigterm_mid_step_finishes_the_step_then_drains_in_shutdown_order():
@@ -155,9 +156,9 @@ def test_every_mutant_is_caught_by_the_checker():
     """Against the mp-0.26 model itself: per case for two mutants, by naming rate for the third."""
     lat = latency(unreaped=0.4)
     base = {c.name: simulate_procs(SC, c.plan(), "mp-0.26", seed=3, latency=lat) for c in matrix_cases()}
-    for m in MUTANTS:
-        caught = [c.name for c in matrix_cases() if compare(simulate_procs(SC, c.plan(), m, seed=3, latency=lat), base[c.name])]
-        rate = POLICIES[m].code0_naming_rate(lat.exit0_unreaped)
+    for m in PROCS_MUTANTS:
+        caught = [c.name for c in matrix_cases() if fate_differences(simulate_procs(SC, c.plan(), m, seed=3, latency=lat), base[c.name])]
+        rate = PROCS_MUTANTS[m].code0_naming_rate(lat.exit0_unreaped)
         by_rate = not compare_code0_naming(code0_naming(base.values()), rate)["ok"]
         assert caught or by_rate, m
         if m == "mutant:name-exit0":
@@ -193,7 +194,7 @@ def test_bad_scenarios_and_faults_fail_with_one_line():
 
 def test_operations_are_conserved():
     for c in matrix_cases():
-        for policy in ("mp-0.26", "ray-actor", *MUTANTS):
+        for policy in ("mp-0.26", "ray-actor", *PROCS_MUTANTS):
             ev = simulate_procs(SC, c.plan(), policy, latency=latency())
             submitted = {e["op"] for e in ev if e.get("event") in ("op_done", "drain", "lost")}
             counted = [e["op"] for e in ev if e.get("event") in ("op_done", "drain", "lost")]

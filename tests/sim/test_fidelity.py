@@ -18,6 +18,7 @@ from vllm_faultsim.harness.cli import main
 from vllm_faultsim.harness.runs import fidelity as F
 from vllm_faultsim.harness.runs.simulate import config_from_dict, simulate
 from vllm_faultsim.models.request import RequestSpec
+from vllm_faultsim.models.step_time import load_profile
 
 pytestmark = pytest.mark.sim
 
@@ -49,7 +50,7 @@ def sim_made_recording(tmp_path: Path, profile: str = "default") -> Path:
     requests = [{"id": s.req_id, "arrival": s.arrival, "prompt_tokens": s.prompt_len, "output_tokens": s.output_len,
                  "first_token": reqs[s.req_id]["first_token"], "finish": reqs[s.req_id]["finish"]} for s in specs]
     # two recorded steps, their measured time = the linear model's on their shape (synchronous spacing)
-    lin = F.load_profile(profile)
+    lin = load_profile(profile)
     shapes = [(1, 200, 0, 3, 900), (0, 0, 0, 8, 4000)]
     steps, t = [], 0.001
     for i, (npf, spt, spkv, nd, dkv) in enumerate(shapes):

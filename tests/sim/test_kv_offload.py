@@ -11,6 +11,7 @@ import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.faults.sim_injector import SimInjector
+from vllm_faultsim.harness.mutants import offload_policy
 from vllm_faultsim.models import kv_offload as ko
 
 
@@ -33,7 +34,7 @@ CFG = ko.OffloadConfig(block_size=4, num_cpu_chunks=16, bytes_per_block=1 << 20,
 
 
 def make(version: str, mutant: str | None = None, cfg: ko.OffloadConfig = CFG):
-    pol = ko.OffloadPolicy(version, mutant)
+    pol = offload_policy(version, mutant)
     sched = ko.OffloadingConnectorScheduler(cfg, pol)
     worker = ko.OffloadingConnectorWorker(ko.TransferEngine(cfg), pol, sched.names, sched.events)
     return sched, worker
@@ -222,9 +223,9 @@ def test_policy_selection():
     assert ko.version_policy("1.0.0") == "0.24+"
     assert ko.policy_for("0.23").flush_all_when_finished
     assert not ko.policy_for("0.24+").flush_all_when_finished
-    assert not ko.OffloadPolicy("0.23", "no-flush-all").flush_all_when_finished
+    assert not offload_policy("0.23", "no-flush-all").flush_all_when_finished
     with pytest.raises(ValueError, match="unknown offload mutant"):
-        ko.OffloadPolicy("0.24+", "nope")
+        offload_policy("0.24+", "nope")
     with pytest.raises(ValueError, match="unknown offload policy version"):
         ko.OffloadPolicy("0.25")
 
@@ -272,7 +273,7 @@ def test_simulator_mutants_break_an_invariant_or_the_scenario(mutant, name, vers
     case = oc.scenario(name)
     good = oc.run_case(case, "puresim", policy=version)
     bad = oc.run_case(case, "puresim", policy=version, mutant=mutant)
-    assert oc.compare(good, bad) or oc.invariants(bad, case.specs, case.offload.tokens_per_chunk)
+    assert oc.offload_differences(good, bad) or oc.invariants(bad, case.specs, case.offload.tokens_per_chunk)
 
 
 @pytest.mark.parametrize("version", ko.VERSIONS)

@@ -10,17 +10,24 @@ judge that rule must catch it. They live here, beside the checkers, not in any u
 - EPLB (runs/eplb.py ``run_check``; tests/sim/test_eplb.py): subclasses of ``EplbState`` whose
   worker publishes without syncing its stream, or all layers at once.
 
-The KV-offload mutants are policy variants of models/kv_offload.py (``OffloadPolicy.mutant``), and
-the engine-process mutants named liveness policies of models/engine_procs.py (``mutant:...``).
+- engine processes (runs/procs.py ``run_fault_matrix``; tests/sim/test_engine_procs.py): liveness
+  policies of models/engine_procs.py that name a clean exit as the failure, shut nobody down, or skip
+  the EC connector's shutdown drain.
+- KV offload (runs/offload.py; tests/diff/test_offload_real.py): ``OffloadPolicy`` rule switches of
+  models/kv_offload.py turned off: no flush of a preempted request's stores, of a job whose block is
+  re-allocated, or 0.23.0 without PR #42611's flush-all;
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..models.engine import EngineCore
+from ..models.engine_procs import POLICIES, LivenessPolicy
+from ..models.kv_offload import OffloadPolicy
 from ..models.eplb import EplbState
 from ..models.scheduler import Scheduler
+from ..models.shutdown_drain import DRAIN_POLICIES
 
 
 class _StopAtDeferred(Scheduler):
@@ -91,3 +98,28 @@ EPLB_MUTANTS: dict[str, type[EplbState]] = {
     "publish-all-at-once": _PublishAllAtOnce,  # one step consumes every layer
     "no-stream-sync": _NoStreamSync,           # published before the copy finished
 }
+
+
+_MP = POLICIES["mp-0.26"]
+PROCS_MUTANTS: dict[str, LivenessPolicy] = {
+    "mutant:name-exit0": replace(_MP, name="mutant:name-exit0", names_exit0=True),      # exit code 0 named failed
+    "mutant:no-shutdown": replace(_MP, name="mutant:no-shutdown", shutdown_on_exit=False),  # nobody shut down
+    "mutant:skip-ec-shutdown": replace(_MP, name="mutant:skip-ec-shutdown",              # pre-PR #42423 drain
+                                       drain=DRAIN_POLICIES["pre-pr42423"]),
+}
+
+
+OFFLOAD_MUTANTS: dict[str, dict[str, bool]] = {
+    "no-preempt-flush": {"flush_preempted": False},  # a preempted request's pending stores not flushed
+    "no-fence-flush": {"flush_fenced": False},        # a job whose GPU block is re-allocated not flushed
+    "no-flush-all": {"flush_all": False},             # 0.23.0 without PR #42611
+}
+
+
+def offload_policy(version: str, mutant: str | None = None) -> OffloadPolicy:
+    """The offload policy of ``version``, or its mutant ``mutant``."""
+    if mutant is None:
+        return OffloadPolicy(version)
+    if mutant not in OFFLOAD_MUTANTS:
+        raise ValueError(f"unknown offload mutant {mutant!r} (known: {', '.join(OFFLOAD_MUTANTS)})")
+    return OffloadPolicy(version, mutant=mutant, **OFFLOAD_MUTANTS[mutant])

@@ -38,10 +38,8 @@ The model follows vLLM 0.26.0's code paths, by name:
 - ``polling``: the monitor before the event-driven design: it looks at ``finished_procs()``
   every ``poll_interval`` seconds (5 s, the old ``wait_for_completion_or_failure`` timeout), so
   detection is up to one interval late; classification as ``mp-0.26``.
-- Mutants (named policies, for the checker's own tests): ``mutant:name-exit0`` names a
-  process that exited 0 as the failed one; ``mutant:no-shutdown`` stops monitoring after the
-  first exit without shutting the others down; ``mutant:skip-ec-shutdown`` skips the EC
-  connector shutdown (the pre-PR #42423 drain).
+- Rules a mutant can break (harness/mutants.py ``PROCS_MUTANTS``): ``names_exit0``,
+  ``shutdown_on_exit``, ``drain``.
 
 Detection latency (sentinel or ``ray.wait`` wake-up after an exit) is drawn from a measured
 profile (profiles/liveness_cpu.json, written by benchmarks/detection_latency.py), per backend
@@ -92,7 +90,7 @@ import bisect
 import json
 import math
 import random
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Iterable
@@ -294,11 +292,7 @@ POLICIES: dict[str, LivenessPolicy] = {
     "mp-0.26": _MP,
     "ray-actor": LivenessPolicy("ray-actor", backend="ray"),
     "polling": LivenessPolicy("polling", detection="poll", reap_race=False),
-    "mutant:name-exit0": replace(_MP, name="mutant:name-exit0", names_exit0=True),
-    "mutant:no-shutdown": replace(_MP, name="mutant:no-shutdown", shutdown_on_exit=False),
-    "mutant:skip-ec-shutdown": replace(_MP, name="mutant:skip-ec-shutdown", drain=DRAIN_POLICIES["pre-pr42423"]),
 }
-MUTANTS = tuple(n for n in POLICIES if n.startswith("mutant:"))
 
 
 def policy_for_vllm(version: str, backend: str = "mp") -> LivenessPolicy:

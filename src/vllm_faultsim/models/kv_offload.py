@@ -124,27 +124,23 @@ from typing import Any, Callable, Iterable
 # ---- policies -------------------------------------------------------------------------------
 
 VERSIONS = ("0.23", "0.24+")
-MUTANTS = {
-    None: "faithful",
-    "no-preempt-flush": "a preempted request's pending store jobs are not flushed",
-    "no-fence-flush": "a pending job whose GPU block is re-allocated is not flushed",
-    "no-flush-all": "0.23.0 without PR #42611: no flush-all when every tracked request is finished",
-}
 POLICY_ENV = "VLLM_FAULTSIM_OFFLOAD_POLICY"
 
 
 @dataclass(frozen=True)
 class OffloadPolicy:
-    """Which vLLM release's offloading rules to follow (and, for tests, which mutant)."""
+    """Which vLLM release's offloading rules to follow. The rule switches are off only in the
+    mutants of harness/mutants.py (``OFFLOAD_MUTANTS``), which name themselves in ``mutant``."""
 
     version: str = "0.24+"
+    flush_preempted: bool = True  # a preempted request's pending store jobs are flushed
+    flush_fenced: bool = True     # a pending job whose GPU block is re-allocated is flushed
+    flush_all: bool = True        # 0.23: flush every job once every tracked request is finished (PR #42611)
     mutant: str | None = None
 
     def __post_init__(self):
         if self.version not in VERSIONS:
             raise ValueError(f"unknown offload policy version {self.version!r} (known: {', '.join(VERSIONS)})")
-        if self.mutant not in MUTANTS:
-            raise ValueError(f"unknown offload mutant {self.mutant!r} (known: {', '.join(m for m in MUTANTS if m)})")
 
     @property
     def new(self) -> bool:
@@ -152,7 +148,7 @@ class OffloadPolicy:
 
     @property
     def flush_all_when_finished(self) -> bool:
-        return self.version == "0.23" and self.mutant != "no-flush-all"
+        return self.version == "0.23" and self.flush_all
 
     @property
     def name(self) -> str:
@@ -178,14 +174,14 @@ def installed_vllm_version() -> str | None:
         return None
 
 
-def policy_for(force: str | None = None, mutant: str | None = None) -> OffloadPolicy:
+def policy_for(force: str | None = None) -> OffloadPolicy:
     """The policy of the installed vLLM; ``force`` (or $VLLM_FAULTSIM_OFFLOAD_POLICY) overrides it.
     Without vLLM installed the default is the primary target's (0.26.0 -> ``"0.24+"``)."""
     force = force or os.environ.get(POLICY_ENV) or None
     if force is None:
         v = installed_vllm_version()
         force = version_policy(v) if v else "0.24+"
-    return OffloadPolicy(force, mutant)
+    return OffloadPolicy(force)
 
 
 # ---- configuration --------------------------------------------------------------------------
@@ -719,14 +715,14 @@ class OffloadingConnectorScheduler:
         pol = self.policy
         self._update_req_states(so)
         flush = self._current_batch_jobs_to_flush
-        if pol.mutant != "no-preempt-flush":
+        if pol.flush_preempted:
             for req_id in so.preempted_req_ids or ():
                 st = self._req_status.get(req_id)
                 if st is None or not st.transfer_jobs:
                     continue
                 assert self._jobs[next(iter(st.transfer_jobs))].is_store
                 flush.update(st.transfer_jobs)
-        if (pol.mutant != "no-fence-flush" and self._block_id_to_pending_jobs
+        if (pol.flush_fenced and self._block_id_to_pending_jobs
                 and not self._block_id_to_pending_jobs.keys().isdisjoint(self._current_batch_allocated_block_ids)):
             flush.update(jid for bid in self._current_batch_allocated_block_ids
                          if bid in self._block_id_to_pending_jobs
@@ -815,7 +811,7 @@ class OffloadingConnectorScheduler:
             if finished:
                 for bid in src:
                     self._block_id_to_pending_jobs.setdefault(bid, set()).add(job_id)
-                    if bid in self._current_batch_allocated_block_ids and pol.mutant != "no-fence-flush":
+                    if bid in self._current_batch_allocated_block_ids and pol.flush_fenced:
                         self._current_batch_jobs_to_flush.add(job_id)
         return store_jobs
 

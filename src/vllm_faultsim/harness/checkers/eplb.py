@@ -2,7 +2,7 @@
 
 Both sides are reduced to ``eplb`` trace events (``rearrange`` step; per layer ``transfer`` start,
 ``publish``, ``consume`` step; the real side's per-rank send/recv counts) and compared on traces
-only (:func:`compare`):
+only (:func:`judge_run`):
 
 - placement (real side only, exact): on every rank every weight row decodes to the (logical
   expert, layer, index) that the map of the layer's last consumed publication puts in its slot;
@@ -18,7 +18,7 @@ only (:func:`compare`):
   either side (timing noise, reported); a layer's step is anchored on the real consumption of the
   previous layer (the worker starts the next transfer only after it), so one such layer does not
   shift every later one;
-- deterministic (always judged, :func:`compare` with ``timing=False`` judges only these and the
+- deterministic (always judged, :func:`judge_run` with ``timing=False`` judges only these and the
   above): the first rearrangement's step; every later one at vLLM's rule on that side's own
   consume steps (``EplbState.step()`` rearranges once ``step_interval`` steps passed *and* the
   previous rearrangement's last layer was consumed: ``max(previous + step_interval, last
@@ -176,7 +176,7 @@ def rearrangement_rule_errors(events: list[dict], step_interval: int, cycles: in
     return errs
 
 
-def compare(result: dict, model: list[dict], tol: Tolerance = Tolerance(), *, timing: bool = True) -> Report:
+def judge_run(result: dict, model: list[dict], tol: Tolerance = Tolerance(), *, timing: bool = True) -> Report:
     """Placement, protocol on both sides, and the twin comparison of one real run; ``timing``
     also judges what depends on the wall clock (consume steps, later rearrangement steps,
     per-layer transfer times: see the module docstring). Rows always carry the figures."""

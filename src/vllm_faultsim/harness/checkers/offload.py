@@ -7,7 +7,7 @@ from __future__ import annotations
 COMPARED = ("t", "sched", "preempted", "finished", "kv")
 
 
-def compare(a: list[dict], b: list[dict], limit: int = 5) -> list[str]:
+def offload_differences(a: list[dict], b: list[dict], limit: int = 5) -> list[str]:
     """Divergences between two offload traces, step by step, then the end events."""
     out: list[str] = []
     sa = [e for e in a if e["kind"] == "step"]

@@ -90,7 +90,7 @@ def classify(events: list[dict]) -> dict:
     }
 
 
-def compare(sim: list[dict], real: list[dict]) -> list[str]:
+def fate_differences(sim: list[dict], real: list[dict]) -> list[str]:
     """Divergences between two traces, one line each (empty: identical classification)."""
     a, b = classify(sim), classify(real)
     return [f"{k}: sim={a[k]!r} real={b[k]!r}" for k in a if not k.startswith("_") and a[k] != b[k]]
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("sim")
     ap.add_argument("real")
     args = ap.parse_args(argv)
-    diffs = compare(read_trace(args.sim), read_trace(args.real))
+    diffs = fate_differences(read_trace(args.sim), read_trace(args.real))
     for d in diffs:
         print(d)
     print("identical classification" if not diffs else f"{len(diffs)} divergence(s)")

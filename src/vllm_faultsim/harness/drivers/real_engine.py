@@ -437,14 +437,7 @@ class RealEngineCore:
             if self.on_step is not None:
                 self.on_step(self.last_step)
         self.step_times.append(now)
-        fin = []
-        for o in outs:
-            if o.finished:
-                c = o.outputs[0]
-                fin.append(Finished(o.request_id, str(c.finish_reason), len(c.token_ids)))
-                self.cached_tokens[o.request_id] = o.num_cached_tokens or 0
-                self.outputs[o.request_id] = list(c.token_ids)
-        self._finished = fin
+        self._finished = self._finished_of(outs)
         return res
 
     def update_from_output(self, result: StepResult, now: float) -> list[Finished]:

@@ -43,6 +43,7 @@ from ...faults.sim_injector import SimInjector
 from ...models import kv_offload as ko
 from ...models.step import StepResult
 from . import model_dirs
+from ..mutants import offload_policy
 from .vllm_adapter import VllmSchedulerCore, block_hasher
 
 SPEC_NAME = "FaultsimOffloadingSpec"
@@ -222,7 +223,7 @@ def _make_sim_connector_class():
             super().__init__(vllm_config, role, kv_cache_config)
             extra = vllm_config.kv_transfer_config.kv_connector_extra_config
             self.offload_config: ko.OffloadConfig = extra["faultsim_offload_config"]
-            self.policy = ko.OffloadPolicy(extra["faultsim_policy"], extra.get("faultsim_mutant"))
+            self.policy = offload_policy(extra["faultsim_policy"], extra.get("faultsim_mutant"))
             self.model: ko.OffloadingConnectorScheduler | None = None
             if role == KVConnectorRole.SCHEDULER:
                 self.model = ko.OffloadingConnectorScheduler(
@@ -333,7 +334,7 @@ class RealOffloadCore(VllmSchedulerCore):
         self.offload = offload.validate()
         self.version = vllm_version()
         self.new = ko.version_policy(self.version) == "0.24+"
-        self.policy = ko.policy_for(policy, mutant) if connector == "sim" else ko.OffloadPolicy(
+        self.policy = offload_policy(ko.policy_for(policy).version, mutant) if connector == "sim" else ko.OffloadPolicy(
             ko.version_policy(self.version))
         model = str(model_dirs.tiny_llama(model_cache_dir))
         vc = copy.copy(_base_vllm_config(model, sched_config))

@@ -12,7 +12,7 @@ from ...models import eplb as me
 from ...models import events
 from ...models.engine import EngineCore
 from ...models.step import StepResult
-from ..checkers.eplb import Tolerance, _cycles, _rank_events, compare, real_events
+from ..checkers.eplb import Tolerance, _cycles, _rank_events, judge_run, real_events
 from ..mutants import EPLB_MUTANTS
 
 
@@ -208,7 +208,7 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
     caught); the death is reported with the model's prediction of the step the engine fails in.
 
     ``timing=False`` (the CPU diff tier on a shared host) judges only what does not depend on the
-    wall clock (checkers/eplb.py ``compare``): the slow link is still run and its placement,
+    wall clock (checkers/eplb.py ``judge_run``): the slow link is still run and its placement,
     protocol and counts checked, but the model that ignores it (caught by transfer times only)
     and the step the engine fails in after the rank death are left to ``timing=True``
     (benchmarks/eplb_timing.py, the GPU tier); every figure is still in the summary."""
@@ -230,19 +230,19 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
                      "tolerance": tol.__dict__, "link": link.__dict__, "step_sync": sync, "runs": [], "mutants": [],
                      "timing": timing}
     for res in first[2:] + second[:1]:
-        rep = compare(res, simulate_like(res, link, step_sync=sync), tol, timing=timing)
-        timed = rep if timing else compare(res, simulate_like(res, link, step_sync=sync), tol)
+        rep = judge_run(res, simulate_like(res, link, step_sync=sync), tol, timing=timing)
+        timed = rep if timing else judge_run(res, simulate_like(res, link, step_sync=sync), tol)
         summary["runs"].append({"shape": res["config"]["shape"], "slow_link": slow_link_factor(res),
                                 "ok": rep.ok, "errors": rep.errors, "rows": rep.rows,
                                 "timing_errors": [e for e in timed.errors if e not in rep.errors]})
         for mutant in EPLB_MUTANTS:
-            m = compare(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol, timing=timing)
+            m = judge_run(res, simulate_like(res, link, step_sync=sync, mutant=mutant), tol, timing=timing)
             summary["mutants"].append({"mutant": mutant, "shape": res["config"]["shape"]["layers"],
                                        "slow_link": slow_link_factor(res), "caught": not m.ok,
                                        "first_error": m.errors[0] if m.errors else None})
     slow = second[0]
     if timing:  # a model without the slow link differs from the real run in transfer times only
-        m = compare(slow, simulate_like(slow, link, step_sync=sync, plan=validate_plan([])), tol)
+        m = judge_run(slow, simulate_like(slow, link, step_sync=sync, plan=validate_plan([])), tol)
         summary["mutants"].append({"mutant": "slow-link-not-modelled", "caught": not m.ok,
                                    "first_error": m.errors[0] if m.errors else None})
     death = second[1]

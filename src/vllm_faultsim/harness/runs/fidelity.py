@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from ...models.request import RequestSpec
-from ...models.step_time import load_profile  # noqa: F401 (tests build sim-made recordings with it)
 from .. import recording as recording_format
 from ..metrics import percentile
 from .simulate import ConfigError, RunConfig, config_from_dict, simulate, step_time_model
@@ -153,7 +152,7 @@ def shape_of(step: dict) -> tuple[int, int, int, int, int]:
             step["num_decode_requests"], step["sum_decode_kv_tokens"])
 
 
-def compare(pred: list[float], meas: list[float]) -> dict[str, Any]:
+def error_stats(pred: list[float], meas: list[float]) -> dict[str, Any]:
     """MAPE and signed bias (%), p50/p90/p99 of both sides (ms), over pairs with a positive measurement."""
     pairs = [(p, m) for p, m in zip(pred, meas) if m > 0]
     if not pairs:
@@ -214,7 +213,7 @@ def fidelity(path: str | Path, overrides: dict | None = None, *, trace_path: str
         steps = measured_step_times(rec)
         out.pairs["step"] = ([model.batch_seconds(shape_of(s)) for s, _ in steps], [m for _, m in steps])
     for metric, (pred, meas) in out.pairs.items():
-        out.metrics[metric] = compare(pred, meas)
+        out.metrics[metric] = error_stats(pred, meas)
     return out
 
 

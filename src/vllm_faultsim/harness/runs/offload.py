@@ -26,8 +26,9 @@ from ...models import events as ev
 from ...models import kv_offload as ko
 from ...models.engine import EngineCore
 from ...models.step_time import LinearStepTime
-from ..checkers.offload import compare, invariants, kv_summary
+from ..checkers.offload import invariants, kv_summary, offload_differences
 from ..invariants import Invariants
+from ..mutants import OFFLOAD_MUTANTS, offload_policy
 from ..trace import Trace
 from ..workload import RequestSpec, validate
 
@@ -166,7 +167,7 @@ def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None
     cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                           block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
                           enable_prefix_caching=True, async_scheduling=False)
-    core = OffloadScheduler(cfg, case.offload, ko.policy_for(policy, mutant))
+    core = OffloadScheduler(cfg, case.offload, offload_policy(ko.policy_for(policy).version, mutant))
     SimInjector(case.plan).arm_transfers(core.transfers)
     return core
 
@@ -191,7 +192,7 @@ def check_case(case: Case, *, policy: str | None = None, mutant: str | None = No
     real = run_case(case, "real") if real is None else real
     sim = run_case(case, side, policy=policy, mutant=mutant)
     tpc = case.offload.tokens_per_chunk
-    return (compare(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, tpc)]
+    return (offload_differences(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, tpc)]
             + [f"sim: {v}" for v in invariants(sim, case.specs, tpc)])
 
 
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scenario", choices=SCENARIOS)
     ap.add_argument("--policy", choices=ko.VERSIONS)
-    ap.add_argument("--mutant", choices=[m for m in ko.MUTANTS if m])
+    ap.add_argument("--mutant", choices=list(OFFLOAD_MUTANTS))
     ap.add_argument("--side", choices=("sim", "puresim"), default="sim",
                     help="sim: the model inside the real Scheduler; puresim: the simulated Scheduler")
     ap.add_argument("--trace", action="store_true", help="print both traces' steps with KV events")
@@ -223,7 +224,7 @@ def main(argv=None) -> int:
             for e in evs:
                 if e["kind"] != "step" or e.get("kv") or e.get("preempted") or e.get("finished"):
                     print(side, json.dumps(e))
-    problems = compare(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, case.offload.tokens_per_chunk)] \
+    problems = offload_differences(real, sim) + [f"real: {v}" for v in invariants(real, case.specs, case.offload.tokens_per_chunk)] \
         + [f"sim: {v}" for v in invariants(sim, case.specs, case.offload.tokens_per_chunk)]
     print("\n".join(problems) if problems else "no divergence, invariants hold")
     print("summary:", kv_summary(real))

@@ -14,10 +14,11 @@ from typing import Callable, Iterable
 
 from ...faults.plan import PHASES, SIGNALS, FaultPlan, validate_plan
 from ...faults.sim_injector import SimInjector
-from ...models.engine_procs import MUTANTS, POLICIES, LatencyModel, LivenessPolicy, ProcScenario, ProcSim
+from ...models.engine_procs import POLICIES, LatencyModel, LivenessPolicy, ProcScenario, ProcSim
 from ...models.shutdown_drain import ConnectorOp
-from ..checkers.procs import (MATRIX_PHASES, code0_naming, compare, compare_code0_naming, compare_latency,
+from ..checkers.procs import (MATRIX_PHASES, code0_naming, compare_code0_naming, compare_latency, fate_differences,
                               latencies)
+from ..mutants import PROCS_MUTANTS
 from ..trace import Trace, header
 
 MAX_ATTEMPTS = 3    # a real run more than SLIP_LIMIT late against its schedule is run again up to this many times
@@ -51,7 +52,7 @@ def simulate_procs(sc: ProcScenario, plan: FaultPlan, policy: LivenessPolicy | s
                    latency: LatencyModel | None = None, trace_path: str | Path | None = None) -> list[dict]:
     """Run the engine-process model once under `plan` (its kills armed by the simulator's
     injector); returns the trace's events (also written to ``trace_path``)."""
-    policy = POLICIES[policy] if isinstance(policy, str) else policy
+    policy = {**POLICIES, **PROCS_MUTANTS}[policy] if isinstance(policy, str) else policy
     with Trace(trace_path) as trace:
         trace.emit(header("sim", seed, {"policy": policy.name, "scenario": sc.to_dict(), "plan": plan.to_dict()}))
         ProcSim(sc, SimInjector(plan).kills(), policy, seed=seed, latency=latency, emit=trace.emit).run()
@@ -204,7 +205,7 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
                                         backend=backend, policy=policy, seed=seed, mutants=mutants,
                                         out_dir=out_dir, profile=profile, log=log)
     policy = policy or ("ray-actor" if backend == "ray" else "mp-0.26")
-    mutants = tuple(MUTANTS if backend == "mp" else ()) if mutants is None else tuple(mutants)
+    mutants = tuple(PROCS_MUTANTS if backend == "mp" else ()) if mutants is None else tuple(mutants)
     sc = replace(matrix_scenario(dp_size), client_rss_mb=client_rss_mb())
     model = LatencyModel.load(profile)
     if backend == "mp" and model.fork_teardown_s:
@@ -231,9 +232,9 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
         seen = [x for _, x in latencies(real)]
         sim = simulate_procs(sc, plan, policy, seed=seed, latency=MeasuredLatency(model, seen),
                              trace_path=out / f"{case.name}.sim.jsonl" if out is not None else None)
-        diffs = compare(sim, real) if why is None else []
+        diffs = fate_differences(sim, real) if why is None else []
         for m in mutants:
-            if why is None and compare(simulate_procs(sc, plan, m, seed=seed, latency=MeasuredLatency(model, seen)), real):
+            if why is None and fate_differences(simulate_procs(sc, plan, m, seed=seed, latency=MeasuredLatency(model, seen)), real):
                 caught[m].append(case.name)
         measured += latencies(real)
         res = CaseResult(case, time.perf_counter() - t, diffs, real, sim, why)
@@ -260,7 +261,7 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
         log(f"clean exits: {extra} more run(s) to tell the reap race from always naming them")
     sim_rate = POLICIES[policy].code0_naming_rate(model.exit0_unreaped)
     for m in mutants:
-        rate = POLICIES[m].code0_naming_rate(model.exit0_unreaped)
+        rate = PROCS_MUTANTS[m].code0_naming_rate(model.exit0_unreaped)
         if real_named and rate != sim_rate and not compare_code0_naming(real_named, rate)["ok"]:
             caught[m].append("code-0 naming rate")
     report = MatrixReport(backend, policy, seed, results, caught, compare_latency(model, backend, measured, sc.client_rss_mb),
@@ -298,7 +299,7 @@ def main(args) -> int:
                         trace_path=out / f"{case.name}.real.jsonl" if out else None)
         sim = simulate_procs(sc, case.plan(), policy, seed=args.seed,
                        trace_path=out / f"{case.name}.sim.jsonl" if out else None)
-    diffs = compare(sim, real)
+    diffs = fate_differences(sim, real)
     for d in diffs:
         print(d)
     print(f"{case.name}: " + ("identical classification" if not diffs else f"{len(diffs)} divergence(s)"))
