@@ -17,11 +17,12 @@ Faults come from the plan and nowhere else (Jepsen's nemesis): one injector per 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..inputs import read_mapping_file
 
 SIGNALS = ("SIGKILL", "SIGTERM", "exit1", "exit0", "stop")
 PHASES = ("any", "idle", "mid_step", "shutdown")
@@ -175,21 +176,4 @@ def load_plan(path: str | Path | None) -> FaultPlan:
     """Read and validate a plan file (.yaml, .yml or .json); ``None`` is the empty plan."""
     if path is None:
         return FaultPlan()
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise PlanError(f"{path}: cannot read fault plan ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise PlanError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                         "a fault plan is a UTF-8 YAML or JSON file") from None
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except Exception as exc:  # any parse error becomes one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise PlanError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
-    return validate_plan(data, str(path))
+    return validate_plan(read_mapping_file(path, "fault plan", PlanError), str(path))

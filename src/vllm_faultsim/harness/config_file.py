@@ -8,32 +8,16 @@ Every problem is a ``ConfigError`` whose message is one line naming the file and
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+from ..inputs import read_mapping_file
 from .runs.simulate import ConfigError, RunConfig, config_from_dict
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The parsed mapping of a run-config file (.json as JSON, anything else as YAML); empty: {}."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                         "a config is a UTF-8 YAML or JSON file") from None
-    try:
-        if p.suffix == ".json":
-            data = json.loads(text) if text.strip() else {}
-        else:
-            import yaml
-            data = yaml.safe_load(text)
-    except Exception as exc:  # any parse error becomes one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
+    data = read_mapping_file(path, "config", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):

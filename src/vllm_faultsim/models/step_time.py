@@ -34,6 +34,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from ..inputs import check_fields
+
 COEFFS = ("base", "prefill_token", "decode_req", "context_token")
 
 
@@ -183,13 +185,7 @@ def check_section(section: Any) -> dict:
     if backend not in BACKENDS:
         raise ProfileError(f"step_time.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     spec = SECTION_FIELDS[backend]
-    for key, value in section.items():
-        kind = spec.get(key)
-        if kind is None:
-            raise ProfileError(f"unknown step_time field {key!r} for backend {backend} (fields: {', '.join(spec)})")
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ProfileError(f"step_time.{key} must be {getattr(kind, '__name__', 'a number')}, "
-                               f"got {type(value).__name__} {value!r}")
+    check_fields(section, spec, "step_time", ProfileError)
     for key in ("scale", "decode_scale"):
         if key in section and not section[key] > 0:
             raise ProfileError(f"step_time.{key} must be > 0, got {section[key]!r}")

@@ -16,6 +16,7 @@ import simpy
 
 from ...faults.plan import FaultPlan
 from ...faults.sim_injector import SimInjector
+from ...inputs import check_fields
 from ...models import eplb as eplb_model
 from ...models import kv_offload as ko
 from ...models.ec_connector import EC_POLICIES, ECConnector, PrefetchSchedule
@@ -75,13 +76,7 @@ def kv_offload_config(section: Any, scheduler: SchedulerConfig) -> dict:
     scheduler's)."""
     if not isinstance(section, dict):
         raise ConfigError(f"kv_offload must be a mapping, got {type(section).__name__}")
-    for key, value in section.items():
-        kind = KV_OFFLOAD_FIELDS.get(key)
-        if kind is None:
-            raise ConfigError(f"unknown kv_offload field {key!r} (fields: {', '.join(KV_OFFLOAD_FIELDS)})")
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise ConfigError(f"kv_offload.{key} must be {getattr(kind, '__name__', 'a number')}, "
-                              f"got {type(value).__name__} {value!r}")
+    check_fields(section, KV_OFFLOAD_FIELDS, "kv_offload", ConfigError)
     if not scheduler.enable_prefix_caching:
         raise ConfigError("kv_offload needs scheduler.enable_prefix_caching: true (offload keys are block hashes)")
     d = dict(section)
