@@ -9,6 +9,9 @@ judge that rule must catch it. They live here, beside the checkers, not in any u
   AsyncScheduler, and outputs applied in the step that produced them;
 - EPLB (runs/eplb.py ``run_check``; tests/sim/test_eplb.py): subclasses of ``EplbState`` whose
   worker publishes without syncing its stream, or all layers at once.
+- DP load balancing (runs/dp_lb.py; tests/diff/test_dp_lb_real.py): a ``DPLoadBalancer`` that weighs a
+  waiting request like a running one, a ``DPCoordinator`` that publishes the latest counts where
+  vLLM publishes the previous step's.
 
 - engine processes (runs/procs.py ``run_fault_matrix``; tests/sim/test_engine_procs.py): liveness
   policies of models/engine_procs.py that name a clean exit as the failure, shut nobody down, or skip
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..models.dp_lb import DPCoordinator, DPLoadBalancer
 from ..models.engine import EngineCore
 from ..models.engine_procs import POLICIES, LivenessPolicy
 from ..models.kv_offload import OffloadPolicy
@@ -97,6 +101,20 @@ class _PublishAllAtOnce(EplbState):
 EPLB_MUTANTS: dict[str, type[EplbState]] = {
     "publish-all-at-once": _PublishAllAtOnce,  # one step consumes every layer
     "no-stream-sync": _NoStreamSync,           # published before the copy finished
+}
+
+
+class _WaitingWeightOne(DPLoadBalancer):
+    waiting_weight = 1
+
+
+class _LatestCountsOnly(DPCoordinator):
+    keep_previous_step = False
+
+
+DP_LB_MUTANTS: dict[str, type[DPLoadBalancer | DPCoordinator]] = {
+    "waiting-weight-1": _WaitingWeightOne,      # score waiting + running instead of waiting * 4 + running
+    "no-previous-step": _LatestCountsOnly,      # no last_step_counts snapshot: always the latest counts
 }
 
 

@@ -200,7 +200,7 @@ def bursty(rate_high: float, rate_low: float, *, on: float, off: float, duration
 def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
     """Replay a JSONL trace: one request per line, fields ``arrival`` (s), ``prompt_tokens``,
     ``output_tokens``, optional ``id``, ``mm`` ([{id, offset, length, prefetch}]), ``prefix``
-    ([group, length]) and ``stop_at``."""
+    ([group, length]), ``stop_at``, ``hash_ids`` and ``chunk_hash_size`` (see RequestSpec)."""
     out = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -224,7 +224,8 @@ def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
     return validate(out)
 
 
-JSONL_FIELDS = ("id", "arrival", "prompt_tokens", "output_tokens", "mm", "prefix", "stop_at")
+JSONL_FIELDS = ("id", "arrival", "prompt_tokens", "output_tokens", "mm", "prefix", "stop_at", "hash_ids",
+                "chunk_hash_size")
 
 
 def spec_from_dict(d: dict, default_id: str) -> RequestSpec:
@@ -252,8 +253,14 @@ def spec_from_dict(d: dict, default_id: str) -> RequestSpec:
         if mm[-1].prefetch is not None:
             _number(mm[-1].prefetch, f"mm[{j}].prefetch (seconds)")
     prefix = tuple(d["prefix"]) if d.get("prefix") is not None else None
+    hash_ids = d.get("hash_ids", [])
+    if not isinstance(hash_ids, list) or any(isinstance(h, bool) or not isinstance(h, int) for h in hash_ids):
+        raise WorkloadError(f"field 'hash_ids' must be a list of integers, got {hash_ids!r}")
+    size = d.get("chunk_hash_size", 512)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise WorkloadError(f"field 'chunk_hash_size' must be an integer >= 1, got {size!r}")
     return RequestSpec(str(d.get("id", default_id)), float(arrival), d["prompt_tokens"], d["output_tokens"],
-                       tuple(mm), prefix, d.get("stop_at"))
+                       tuple(mm), prefix, d.get("stop_at"), tuple(hash_ids), size)
 
 
 def validate(specs: Sequence[RequestSpec]) -> tuple[RequestSpec, ...]:
@@ -283,6 +290,8 @@ def spec_to_dict(s: RequestSpec) -> dict:
         d["prefix"] = list(s.prefix)
     if s.stop_at is not None:
         d["stop_at"] = s.stop_at
+    if s.hash_ids:
+        d["hash_ids"], d["chunk_hash_size"] = list(s.hash_ids), s.chunk_hash_size
     return d
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 
 IMAGE_TOKEN_ID = 1050  # the placeholder id of the tiny LLaVA model folder (harness/drivers/model_dirs.py writes it)
 
@@ -35,14 +36,31 @@ class RequestSpec:
     prefix: tuple[int, int] | None = None
     # emit the stop token (EOS) as output token number `stop_at` (1-based) instead of running to max
     stop_at: int | None = None
+    # Mooncake-style block hashes: prompt tokens [i*chunk_hash_size, (i+1)*chunk_hash_size) are a pure
+    # function of hash_ids[i], so requests whose hash ids start alike share those prompt tokens
+    hash_ids: tuple[int, ...] = ()
+    chunk_hash_size: int = 512
+
+
+@lru_cache(maxsize=4096)
+def hash_block_tokens(hash_id: int, size: int) -> tuple[int, ...]:
+    """The `size` token ids of the prompt block a trace names `hash_id` (a pure function of both)."""
+    rng = random.Random(f"hash_id:{hash_id}")
+    return tuple(3 + rng.randrange(1000) for _ in range(size))
 
 
 def prompt_token_ids(spec: RequestSpec) -> list[int]:
-    """The prompt's token ids: deterministic, shared within a prefix group, placeholders for images."""
+    """The prompt's token ids: deterministic, shared within a prefix group or a run of leading hash
+    ids (the tokens past the hash ids' blocks are the request's own), placeholders for images."""
     n = spec.prompt_len
-    seed = int.from_bytes(spec.req_id.encode(), "little") % (2**31)
+    # the whole id: `% 2**31` kept 4 bytes, so r1000..r1009 drew r100's prompt (prefix-cache hits between them)
+    seed = int.from_bytes(spec.req_id.encode(), "little")
     rng = random.Random(seed)
     toks = [3 + rng.randrange(1000) for _ in range(n)]
+    size = spec.chunk_hash_size
+    for i, h in enumerate(spec.hash_ids[:-(-n // size)]):
+        block = hash_block_tokens(h, size)
+        toks[i * size:(i + 1) * size] = block[:n - i * size]
     if spec.prefix is not None:
         group, plen = spec.prefix
         grng = random.Random(1_000_003 * (group + 1))

@@ -25,12 +25,13 @@ from ...models.engine_procs import LatencyModel
 from ...models.offload_scheduler import OffloadScheduler
 from ...models.scheduler import Scheduler, SchedulerConfig
 from ...models import step_time as step_time_backends
+from .. import trace_formats
 from .. import workload as wl
 from ..invariants import Invariants, InvariantViolation
 from ..metrics import summarize
 from ..trace import Trace, header
 
-WORKLOAD_KINDS = ("poisson", "bursty", "jsonl")
+WORKLOAD_KINDS = ("poisson", "bursty", "jsonl") + tuple(trace_formats.WORKLOAD_FIELDS)
 
 
 class ConfigError(ValueError):
@@ -218,6 +219,7 @@ WORKLOAD_FIELDS = {  # per kind: required, optional (the generators' keyword arg
     "poisson": ((), ("rate", "duration", "num_requests", "prompt", "output", "mm", "start")),
     "bursty": (("rate_high", "rate_low", "on", "off", "duration"), ("prompt", "output", "mm")),
     "jsonl": (("path",), ()),
+    **trace_formats.WORKLOAD_FIELDS,  # azure, mooncake, burstgpt, sharegpt (harness/trace_formats.py)
 }
 
 
@@ -242,6 +244,8 @@ def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
     try:
         if kind == "jsonl":
             return wl.load_jsonl(w["path"])
+        if kind in trace_formats.WORKLOAD_FIELDS:
+            return trace_formats.read(kind, w, seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len)
         mm = w.pop("mm", None)
         mmc = wl.mm_config(mm) if mm is not None else None
         fn = wl.poisson if kind == "poisson" else wl.bursty
