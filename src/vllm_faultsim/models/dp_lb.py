@@ -37,6 +37,15 @@ Which engines send stats, read in vLLM 0.26.0 (engine/core.py): only ``DPEngineC
 Dense models' DP engines are plain ``EngineCoreProc``s that send none, so their coordinator
 publishes all-zero counts (50 ms after start, then every 5 s) and each client balances on its own
 increments since the last publication.
+
+In a simulation (harness/runs/dp_lb.py drives them so, against vLLM's code)::
+
+    # an engine whose (running, waiting) changed, before and after each step (MoE engines only)
+    coordinator.scheduler_stats(now, rank, num_waiting, num_running, step_counter)
+    # the coordinator: wake at coordinator.publish_time() unless stats arrive first, then
+    counts = coordinator.maybe_publish(now)
+    for lb in clients: lb.publish(counts)        # each client's DPLoadBalancer
+    rank = clients[i].choose(request_rank)       # a request arriving at client i
 """
 
 from __future__ import annotations
