@@ -228,7 +228,8 @@ def test_interrupted_study_keeps_its_points_and_resumes(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(study, "simulate", lambda *a, **k: ran.append(1) or real(*a, **k))
     assert study.run_study(dict(spec), tmp_path / "cut", progress=False) == whole
-    assert len(ran) == len(whole) - 2 and not (tmp_path / "cut" / study.PROGRESS).exists()
+    from vllm_faultsim.harness import sweep
+    assert len(ran) == len(whole) - 2 and not (tmp_path / "cut" / sweep.CACHE).exists()
     assert (tmp_path / "cut" / "study.csv").read_text() == (tmp_path / "whole" / "study.csv").read_text()
 
 

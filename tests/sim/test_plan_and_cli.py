@@ -73,7 +73,7 @@ base: {workload: {kind: poisson, duration: 3.0, prompt: 64, output: 8}}
 grid: {workload.rate: [5.0, 10.0]}
 plans: {none: [], slow: [{kind: slow_steps, start: 0, end: 2, factor: 3}]}
 """)
-    assert main(["study", "--spec", str(spec), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert main(["study", "--spec", str(spec), "--out", str(tmp_path / "o"), "--no-progress", "--workers", "1"]) == 0
     out = capsys.readouterr().out
     assert "throughput_rps" in out and (tmp_path / "o" / "study.csv").read_text().count("\n") == 5
 

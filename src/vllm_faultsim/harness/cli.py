@@ -2,6 +2,7 @@
 
     vllm-faultsim run     one simulation -> trace (JSONL) + summary
     vllm-faultsim study   a what-if grid (embedded default without arguments) -> table, CSV, PNG
+    vllm-faultsim search  SLO search: the cheapest configuration meeting the SLOs -> table, CSV, Pareto plot
     vllm-faultsim diff    simulator vs the real vLLM Scheduler (CPU), on generated or replayed cases
     vllm-faultsim check-plan PLAN   validate a fault plan
 
@@ -153,16 +154,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_study(args) -> int:
-    from .runs.simulate import ConfigError
     from .runs.study import format_table, load_study, plot, run_study
 
     spec = load_study(args.spec)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {args.out}: exists and is not a folder")
-    if not out.exists():
-        _output_path(args.out, "--out", folder=True)
-    rows = run_study(spec, out, progress=not args.no_progress)
+    out = _out_folder(args.out)
+    rows = run_study(spec, out, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address)
     print(format_table(rows))
     print(f"\ncsv: {out / 'study.csv'}")
     if plot(rows, spec, out / "study.png"):
@@ -170,6 +166,35 @@ def cmd_study(args) -> int:
     else:
         print("plot: skipped (matplotlib not installed: pip install 'vllm-faultsim[plot]')")
     return 0
+
+
+def cmd_search(args) -> int:
+    from .runs.search import load_search, report, run_search
+
+    spec = load_search(args.spec)
+    out = _out_folder(args.out)
+    result = run_search(spec, out, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address)
+    print(report(result, out))
+    return 0
+
+
+def _out_folder(path: str) -> Path:
+    """An output folder: an existing folder, or one that can be made (one-line ConfigError)."""
+    from .runs.simulate import ConfigError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {path}: exists and is not a folder")
+    if not out.exists():
+        _output_path(path, "--out", folder=True)
+    return out
+
+
+def _sweep_arguments(parser) -> None:
+    """Where a sweep's points run (harness/sweep.py)."""
+    parser.add_argument("--workers", type=_at_least_one, help="points run at once: a local Ray cluster of this "
+                        "many CPUs (default: all cores); 1: serially, without Ray")
+    parser.add_argument("--ray-address", help="run the points on an existing Ray cluster (ray.init(address=...))")
 
 
 def cmd_diff(args) -> int:
@@ -318,7 +343,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", help="study spec (YAML); default: the embedded study")
     s.add_argument("--out", default="vllm-faultsim-study", help="output folder (default: %(default)s)")
     s.add_argument("--no-progress", action="store_true")
+    _sweep_arguments(s)
     s.set_defaults(func=cmd_study)
+
+    se = sub.add_parser("search", help="SLO search: the cheapest configuration (GPU, TP, replicas, engine "
+                        "arguments) meeting TTFT/TPOT/goodput SLOs, with and without a fault profile")
+    se.add_argument("--spec", required=True, help="search spec (YAML): workload, slo, space, cost, faults")
+    se.add_argument("--out", default="vllm-faultsim-search", help="output folder: search.csv, pareto.png "
+                    "(default: %(default)s)")
+    se.add_argument("--no-progress", action="store_true")
+    _sweep_arguments(se)
+    se.set_defaults(func=cmd_search)
 
     d = sub.add_parser("diff", help="simulator vs the real vLLM Scheduler on CPU (needs vllm)")
     d.add_argument("--examples", type=_at_least_one, default=100, help="generated cases (default: %(default)s)")

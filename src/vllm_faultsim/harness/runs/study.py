@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import itertools
-import json
 from importlib import resources
 from pathlib import Path
 
@@ -86,59 +84,43 @@ def points(spec: dict):
     return out
 
 
-def run_study(spec: dict, out_dir: Path, progress: bool = True) -> list[dict]:
-    from ..progress import progress_bar
+def study_point(point: dict) -> dict:
+    """One study point (a sweep point: run config and fault plan as dicts) -> its table columns."""
+    cfg = config_from_dict(point["config"])
+    res = simulate(cfg, validate_plan(point["plan"], "study point"), keep=False, full_trace=False)
+    return {**{c: res.summary[c] for c in COLUMNS},
+            "overloaded": overloaded(e for e in res.events if e["kind"] == "req"),
+            "requests": res.summary["requests"]}
+
+
+def run_study(spec: dict, out_dir: Path, progress: bool = True, *, workers: int | None = 1,
+              ray_address: str | None = None) -> list[dict]:
+    """Every point of the study, through a sweep (harness/sweep.py: on Ray with ``workers`` > 1 or
+    ``ray_address``, cached by config in ``out_dir``): study.csv is rewritten as each point
+    finishes, and an interrupted study run again with the same ``--out`` continues."""
+    from ..sweep import Sweep
 
     pts = points(spec)
-    rows = []
     out_dir.mkdir(parents=True, exist_ok=True)
-    # every finished point is kept (study.csv rewritten after each, and a progress file): an
-    # interrupted study run again with the same spec and --out resumes where it stopped
-    digest = hashlib.sha256(json.dumps({k: v for k, v in spec.items() if k != "source"}, sort_keys=True,
-                                       default=str).encode()).hexdigest()[:16]
-    progress_path = out_dir / PROGRESS
-    done = _finished_points(progress_path, digest)
-    with open(progress_path, "w", encoding="utf-8") as fh:  # rewritten whole: a line cut by the interruption goes
-        fh.write(json.dumps({"spec": digest}) + "\n")
-        fh.writelines(json.dumps({"key": k, "row": r}) + "\n" for k, r in done.items())
-        for i, (params, cfg, plan_name, plan) in enumerate(progress_bar(pts, desc="study", unit="run",
-                                                                        disable=not progress)):
-            key = json.dumps([i, params, plan_name], sort_keys=True, default=str)
-            if key in done:
-                rows.append(done[key])
-                continue
-            res = simulate(cfg, plan, keep=False, full_trace=False)
-            rows.append({**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name,
-                         **{c: res.summary[c] for c in COLUMNS},
-                         "overloaded": overloaded(e for e in res.events if e["kind"] == "req"),
-                         "requests": res.summary["requests"]})
-            fh.write(json.dumps({"key": key, "row": rows[-1]}) + "\n")
-            fh.flush()
-            write_csv(out_dir / "study.csv", rows)
-    write_csv(out_dir / "study.csv", rows)
-    progress_path.unlink()
-    return rows
+    rows: list[dict | None] = [None] * len(pts)
+
+    def finished(i: int, result: dict) -> None:
+        params, _, plan_name, _ = pts[i]
+        rows[i] = {**{k.split(".")[-1]: v for k, v in params.items()}, "plan": plan_name, **result}
+        write_csv(out_dir / "study.csv", [r for r in rows if r is not None])
+
+    with Sweep(out_dir, workers=workers, ray_address=ray_address, progress=progress) as sweep:
+        sweep.map(study_point, [{"config": cfg.to_dict(), "plan": plan.to_dict()} for _, cfg, _, plan in pts],
+                  desc="study", on_result=finished)
+    return rows  # type: ignore[return-value]
 
 
-PROGRESS = ".study-progress.jsonl"
-
-
-def _finished_points(path: Path, digest: str) -> dict[str, dict]:
-    """The points an interrupted run of the same spec finished (empty: none, or another spec)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-        if not lines or json.loads(lines[0]).get("spec") != digest:
-            return {}
-        out = {}
-        for line in lines[1:]:
-            try:
-                d = json.loads(line)
-            except ValueError:  # the line being written when it stopped
-                break
-            out[d["key"]] = d["row"]
-        return out
-    except (OSError, ValueError, KeyError, AttributeError):
-        return {}
+def setup_line(spec: dict) -> str:
+    """What the study's points run on: each distinct named setup and step time (the placeholder
+    profile says it is one), for the table and the plot's title."""
+    seen = dict.fromkeys(f"setup {cfg.setup or 'none'}; step time {describe(step_time_model(cfg))}"
+                         for _, cfg, _, _ in points(spec))
+    return " | ".join(seen)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

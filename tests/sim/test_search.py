@@ -1,0 +1,190 @@
+"""SLO search (harness/runs/search.py) and sweeps (harness/sweep.py): the cheapest point found (checked
+against every point simulated), pruning counted and sound, same result twice, bad specs exit 2 with
+one line, an interrupted search resumes from the cache, Ray and serial runs identical."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import yaml
+
+from vllm_faultsim.harness import sweep
+from vllm_faultsim.harness.cli import main
+from vllm_faultsim.harness.runs import search, study
+
+pytestmark = [pytest.mark.sim,
+              pytest.mark.skipif(importlib.util.find_spec("aiconfigurator_core") is None,
+                                 reason="the search's GPU data: aiconfigurator-core (CPython >= 3.11)")]
+needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed")
+
+SPEC = {
+    "name": "tiny",
+    "model": "meta-llama/Meta-Llama-3.1-8B",
+    "workload": {"kind": "poisson", "rate": 12.0, "duration": 4.0, "prompt": 256, "output": 32},
+    "base": {"seed": 3, "scheduler": {"max_model_len": 4096}},
+    "slo": {"ttft_ms": {"percentile": 90, "max": 150}, "tpot_ms": {"percentile": 50, "max": 40}, "goodput": 0.9},
+    "space": {"system": ["h100_sxm", "h200_sxm", "b200_sxm"], "max_num_seqs": [2, 64],
+              "max_num_batched_tokens": [1024]},
+}
+
+
+def _spec(**over):
+    return search.check_search({**SPEC, **over}, "t.yaml")
+
+
+def test_cheapest_found_and_costlier_points_pruned(tmp_path):
+    spec = _spec()
+    res = search.run_search(spec, tmp_path, progress=False)
+    rows = res["rows"]
+    assert len(rows) == 6 and res["simulated"] + res["pruned"] == 6
+    # every point, simulated: the search's answer is the cheapest that meets the SLOs
+    every = [{**p, **search.search_point(search._payload(p, spec, None))} for p in search.enumerate_points(spec)]
+    cheapest = min((p for p in every if p["meets"]), key=lambda p: p["cost_per_hour"])
+    best = res["best"]["no faults"]
+    assert (best["system"], best["max_num_seqs"]) == (cheapest["system"], cheapest["max_num_seqs"]) == ("h100_sxm", 64)
+    assert not any(p["meets"] for p in every if p["max_num_seqs"] == 2 and p["system"] != "b200_sxm")  # missed
+    cost_pruned = [r for r in rows if (r["pruned"] or "").startswith("cost")]
+    assert len(cost_pruned) == 2 and all(r["system"] == "b200_sxm" for r in cost_pruned)  # the wave: 4 cheapest
+    assert (tmp_path / "search.csv").read_text().count("\n") == 7
+    assert not (tmp_path / sweep.CACHE).exists()
+
+
+def test_same_result_twice(tmp_path):
+    a = search.run_search(_spec(), tmp_path / "a", progress=False)
+    b = search.run_search(_spec(), tmp_path / "b", progress=False)
+    assert a["rows"] == b["rows"] and (tmp_path / "a" / "search.csv").read_bytes() == \
+        (tmp_path / "b" / "search.csv").read_bytes()
+
+
+def test_memory_and_capacity_pruning_sound(tmp_path):
+    """A 70B model does not fit one H100 (pruned on memory, never simulated); at 100 req/s a point
+    whose capacity bound is below the rate is pruned, and simulated anyway it misses the SLOs (the
+    bound is an upper bound: the simulated throughput stays under it)."""
+    spec70 = search.check_search({**SPEC, "model": "meta-llama/Meta-Llama-3.1-70B",
+                                  "space": {"system": ["h100_sxm"], "tensor_parallel_size": [1, 2]}}, "t.yaml")
+    pts = search.enumerate_points(spec70)
+    assert pts[0]["pruned"].startswith("memory") and pts[0]["tensor_parallel_size"] == 1
+    spec = _spec(workload={"kind": "poisson", "rate": 100.0, "duration": 3.0, "prompt": 256, "output": 32})
+    res = search.run_search(spec, tmp_path, progress=False)
+    cap = [r for r in res["rows"] if (r["pruned"] or "").startswith("capacity")]
+    assert {r["max_num_seqs"] for r in cap} == {2} and len(cap) == 3
+    p = next(p for p in search.enumerate_points(spec) if p["pruned"] and p["pruned"].startswith("capacity"))
+    r = search.search_point(search._payload(p, spec, None))
+    assert not r["meets"]
+    assert r["throughput_rps"] <= p["capacity_bound_rps"]
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("slo", {"ttft_ms": {"percentile": 0, "max": 100}}, "slo.ttft_ms.percentile: must be a number in (0, 100], got 0"),
+    ("slo", {"goodput": 0.9}, "slo.goodput counts requests meeting"),
+    ("slo", {"ttft": 1}, "unknown slo key 'ttft'"),
+    ("space", {"system": "h100_sxm"}, "space.system: must be a non-empty list of GPU system names, got 'h100_sxm'"),
+    ("space", {"system": ["l40s"]}, "cost_per_gpu_hour.l40s is missing"),
+    ("space", {"system": ["h100_sxm"], "max_num_seqs": [0]}, "space.max_num_seqs: must be a non-empty list"),
+    ("space", {"system": ["h100_sxm"], "replicas": [1], "data_parallel_size": [1]}, "not both"),
+    ("cost_per_gpu_hour", {"h100_sxm": -1}, "cost_per_gpu_hour.h100_sxm: must be a number of USD > 0, got -1"),
+    ("gpu_memory_utilization", 1.5, "gpu_memory_utilization: must be a number in (0, 1], got 1.5"),
+    ("workload", {"kind": "poisson", "rate": -1, "duration": 1}, "base/workload"),
+    ("colour", "red", "unknown search key 'colour'"),
+])
+def test_bad_specs_exit_2_with_one_line(tmp_path, capsys, field, value, needle):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**SPEC, field: value}))
+    assert main(["search", "--spec", str(path), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and str(path) in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_search_resumes_from_the_cache(tmp_path, monkeypatch):
+    spec = _spec()
+    whole = search.run_search(spec, tmp_path / "whole", progress=False)
+    real, calls = search.simulate, []
+
+    def stop_after_two(*a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(search, "simulate", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        search.run_search(spec, tmp_path / "cut", progress=False)
+    assert len((tmp_path / "cut" / sweep.CACHE).read_text().splitlines()) == 2
+    ran = []
+    monkeypatch.setattr(search, "simulate", lambda *a, **k: ran.append(1) or real(*a, **k))
+    again = search.run_search(spec, tmp_path / "cut", progress=False)
+    assert len(ran) == whole["simulated"] - 2 and again["ran"] == len(ran)
+    assert again["rows"] == whole["rows"] and not (tmp_path / "cut" / sweep.CACHE).exists()
+
+
+def test_sweep_cache_ignores_a_cut_line_and_says_serial(tmp_path):
+    notes = []
+    configs = [{"x": i} for i in range(3)]
+    with pytest.raises(KeyboardInterrupt):
+        with sweep.Sweep(tmp_path, workers=1, progress=False, note=notes.append) as sw:
+            sw.map(_double_or_stop, configs + [{"x": -1}])
+    assert len(notes) == 1 and "serially" in notes[0]
+    with open(tmp_path / sweep.CACHE, "a") as fh:
+        fh.write('{"key": "abc", "resu')  # the line being written when it stopped
+    with sweep.Sweep(tmp_path, workers=1, progress=False, note=notes.append) as sw:
+        assert sw.map(_double_or_stop, configs) == [{"y": 0}, {"y": 2}, {"y": 4}] and sw.ran == 0
+    assert not (tmp_path / sweep.CACHE).exists()
+
+
+def _double_or_stop(config: dict) -> dict:
+    if config["x"] < 0:
+        raise KeyboardInterrupt
+    return {"y": 2 * config["x"]}
+
+
+@needs_ray
+def test_ray_shut_down_on_ctrl_c(tmp_path):
+    """The sweep's own local cluster (2 CPUs, no dashboard): Ctrl-C in the driver while points run
+    (KeyboardInterrupt as the first result comes back) stops the sweep, the finished point stays
+    cached, and Ray is shut down."""
+    import ray
+
+    from vllm_faultsim.harness.runs.simulate import config_from_dict
+
+    cfgs = [{"config": config_from_dict({"workload": {"kind": "poisson", "rate": r, "duration": 1.0, "prompt": 32,
+                                                      "output": 4}}).to_dict(), "plan": []} for r in (2.0, 4.0)]
+
+    def ctrl_c(i, result):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with sweep.Sweep(tmp_path, workers=2, progress=False) as sw:
+            sw.map(study.study_point, cfgs, on_result=ctrl_c)
+    assert not ray.is_initialized()
+    assert len((tmp_path / sweep.CACHE).read_text().splitlines()) == 1
+
+
+@pytest.fixture
+def ray_cluster():
+    """A local Ray cluster of 2 CPUs without a dashboard, shut down after the test."""
+    from vllm_faultsim.harness.drivers.scratch import socket_dir
+    import ray
+
+    with socket_dir("vfs-ray-", room=66) as tmp:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=tmp)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@needs_ray
+def test_ray_and_serial_identical(tmp_path, ray_cluster):
+    """The same search and study on Ray and serially: the same rows, the same CSV bytes."""
+    spec = _spec()
+    serial = search.run_search(spec, tmp_path / "s", progress=False, workers=1)
+    on_ray = search.run_search(spec, tmp_path / "r", progress=False, workers=2)
+    assert serial["rows"] == on_ray["rows"] and on_ray["ran"] == serial["ran"] > 0
+    assert (tmp_path / "s" / "search.csv").read_bytes() == (tmp_path / "r" / "search.csv").read_bytes()
+    st = {"base": {"workload": {"kind": "poisson", "duration": 2.0, "prompt": 64, "output": 8}},
+          "grid": {"workload.rate": [5.0, 10.0, 20.0]}, "source": "t"}
+    assert study.run_study(dict(st), tmp_path / "ss", progress=False, workers=1) == \
+        study.run_study(dict(st), tmp_path / "sr", progress=False, workers=2)
+    assert (tmp_path / "ss" / "study.csv").read_bytes() == (tmp_path / "sr" / "study.csv").read_bytes()
