@@ -18,6 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .named_setup import DEFAULT_SETUP, available_setups
 
 
 def _usage_errors():
@@ -57,6 +58,10 @@ def _run_config(args):
             sched[key] = getattr(args, key)
     if args.seed is not None:
         d["seed"] = args.seed
+    if args.setup is not None:
+        d["setup"] = None if args.setup == "none" else args.setup
+    elif not args.config:  # no config file: the named real setup (a file says its own setup, or none)
+        d["setup"] = DEFAULT_SETUP
     if args.profile is not None:
         if args.profile.endswith(".json") and Path(args.profile).is_file():
             try:
@@ -149,16 +154,20 @@ def cmd_run(args) -> int:
         if summary["overloaded"]:
             print("OVERLOADED: time to first token grows with arrival time (the queue grows without bound); "
                   "lower the rate or add capacity")
+        from ..models.step_time import describe
+        from .runs.simulate import step_time_model
+        print(f"setup {cfg.setup or 'none'}; step time {describe(step_time_model(cfg))}")
         print(f"trace: {args.trace}  (timeline: vllm-faultsim plot {args.trace})")
     return 0
 
 
 def cmd_study(args) -> int:
-    from .runs.study import format_table, load_study, plot, run_study
+    from .runs.study import format_table, load_study, plot, run_study, setup_line
 
     spec = load_study(args.spec)
     out = _out_folder(args.out)
     rows = run_study(spec, out, progress=not args.no_progress, workers=args.workers, ray_address=args.ray_address)
+    print(setup_line(spec))
     print(format_table(rows))
     print(f"\ncsv: {out / 'study.csv'}")
     if plot(rows, spec, out / "study.png"):
@@ -323,12 +332,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="one simulation: trace + summary")
-    r.add_argument("--config", help="run config (YAML): scheduler, workload, seed, profile")
+    r.add_argument("--config", help="run config (YAML): setup, scheduler, workload, seed, step_time, serving, ...; "
+                   "fields it lacks take RunConfig's defaults (no setup: the placeholder profile)")
+    r.add_argument("--setup", help=f"named real setup (packaged: {', '.join(available_setups())}; or a YAML path; "
+                   f"'none'): vLLM engine arguments, step time and serving costs of a model on a GPU "
+                   f"(default without --config: {DEFAULT_SETUP}, Llama-3.1-8B on one H200, vLLM 0.26.0's "
+                   "`vllm serve` defaults, aiconfigurator step time)")
     r.add_argument("--plan", help="fault plan (YAML or JSON)")
     r.add_argument("--workload", help="JSONL workload to replay (arrival, prompt_tokens, output_tokens, mm)")
     r.add_argument("--trace", default="vllm-faultsim-trace.jsonl", help="trace output (default: %(default)s)")
     r.add_argument("--seed", type=int)
-    r.add_argument("--profile", help="step-time profile name or JSON path")
+    r.add_argument("--profile", help="linear step-time profile name or JSON path, in place of the setup's "
+                   "step time ('default' is an uncalibrated PLACEHOLDER, not a measured GPU)")
     r.add_argument("--rate", type=float, help="Poisson arrival rate (req/s)")
     r.add_argument("--duration", type=float, help="seconds of arrivals")
     r.add_argument("--prompt", type=int, help="prompt tokens")

@@ -203,8 +203,10 @@ def validate_trace(events: Iterable[dict], source: str = "trace") -> None:
         ended = kind == "end"
 
 
-def header(side: str, seed: int, config: dict) -> dict:
-    return {"kind": "header", "schema": SCHEMA, "side": side, "seed": seed, "config": config}
+def header(side: str, seed: int, config: dict, clock: str | None = None) -> dict:
+    """The first event; ``clock`` names the step time of a simulated engine (step_time.describe)."""
+    head = {"kind": "header", "schema": SCHEMA, "side": side, "seed": seed, "config": config}
+    return head if clock is None else {**head, "clock": clock}
 
 
 def read_trace(path: str | Path) -> list[dict]:

@@ -37,6 +37,7 @@ from typing import Any, Callable
 from ..inputs import check_fields
 
 COEFFS = ("base", "prefill_token", "decode_req", "context_token")
+PLACEHOLDER_PROFILE = "default"  # profiles/default.json: uncalibrated, no GPU measured it
 
 
 class ProfileError(ValueError):
@@ -101,6 +102,21 @@ SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, floa
 AIC_DEFAULTS = {"system": "h200_sxm", "tp": 1, "dtype": "bfloat16", "version": "0.24.0", "kv_bucket": True}
 AIC_PACKAGE = "aiconfigurator-core==0.12.0"
 KV_BUCKETS = 64  # the KV sums are memoised in buckets of 1/64 of their power of two (<= 1.6% off)
+
+
+def describe(step_time) -> str:
+    """One line naming the step time a run uses (its trace header's ``clock``); the placeholder
+    profile says that it is one."""
+    if isinstance(step_time, Scaled):
+        return f"{describe(step_time.inner)}, x{step_time.scale:g} (decode-only x{step_time.decode_scale:g})"
+    if isinstance(step_time, AicStepTime):
+        s = step_time.section
+        return (f"aic: aiconfigurator-core {s['model']} on {s['system']} (tp {s['tp']}, {s['dtype']}, "
+                f"vLLM data {s['version']})")
+    name = getattr(step_time, "name", None)
+    if name == PLACEHOLDER_PROFILE:
+        return f"linear profile {name!r}: PLACEHOLDER (uncalibrated, not a measured GPU)"
+    return f"linear profile {name!r}" if isinstance(step_time, LinearStepTime) else "custom"
 
 
 def step_seconds_of(step_time) -> Callable:
@@ -203,6 +219,10 @@ def check_section(section: Any) -> dict:
 _BUILT: dict[str, Any] = {}
 
 
+def _placeholder(profile: str) -> str:
+    return " (a PLACEHOLDER: uncalibrated, not a measured GPU)" if profile == PLACEHOLDER_PROFILE else ""
+
+
 def from_config(section: dict | None, profile: str = "default",
                 warn: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr)):
     """The backend a run config asks for: ``section`` (its ``step_time``) or, without one, the
@@ -226,13 +246,13 @@ def from_config(section: dict | None, profile: str = "default",
                 model = _BUILT[key] = AicStepTime(section)
             except ImportError:
                 warn(f"vllm-faultsim: step_time aic: aiconfigurator-core is not installed (pip install "
-                     f"'{AIC_PACKAGE}'); falling back to the linear profile {fallback!r}")
+                     f"'{AIC_PACKAGE}'); falling back to the linear profile {fallback!r}{_placeholder(fallback)}")
                 model = _BUILT[key] = load_profile(fallback)
             except Exception as exc:  # no data for this model / GPU / version / dtype
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                 warn(f"vllm-faultsim: step_time aic: no estimate for model {section['model']!r} on "
                      f"{section['system']!r} (tp {section['tp']}, {section['dtype']}, vLLM data {section['version']}): "
-                     f"{first}; falling back to the linear profile {fallback!r}")
+                     f"{first}; falling back to the linear profile {fallback!r}{_placeholder(fallback)}")
                 model = _BUILT[key] = load_profile(fallback)
     return model if scale == decode_scale == 1.0 else Scaled(model, scale, decode_scale)
 

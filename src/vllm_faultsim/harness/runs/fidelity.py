@@ -36,6 +36,7 @@ from typing import Any
 from ...models.request import RequestSpec
 from .. import recording as recording_format
 from ..metrics import percentile
+from ..named_setup import merge  # the header's config, with --config merged over it
 from .simulate import ConfigError, RunConfig, config_from_dict, simulate, step_time_model
 
 # GPU names as torch.cuda.get_device_name() gives them -> aiconfigurator's system names.
@@ -90,20 +91,6 @@ def header_config(rec: recording_format.Recording) -> dict:
     step_time = {"backend": "aic", "model": model, "system": GPU_SYSTEMS[h["gpu"]],
                  "tp": h["tensor_parallel_size"], "dtype": h["dtype"]}
     return {"scheduler": sched, "step_time": step_time}
-
-
-def merge(base: dict, over: dict) -> dict:
-    """`over` merged over `base`, section by section (mapping sections merge, anything else
-    replaces; a ``step_time`` with another backend, or a top-level ``profile``, replaces the
-    header's step time)."""
-    out = dict(base)
-    if "profile" in over and "step_time" not in over:
-        out.pop("step_time", None)
-    if "backend" in (over.get("step_time") or {}) and over["step_time"]["backend"] != out.get("step_time", {}).get("backend"):
-        out.pop("step_time", None)
-    for k, v in over.items():
-        out[k] = {**out[k], **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def specs_of(rec: recording_format.Recording) -> tuple[RequestSpec, ...]:

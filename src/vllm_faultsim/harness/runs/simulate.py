@@ -29,6 +29,7 @@ from .. import trace_formats
 from .. import workload as wl
 from ..invariants import Invariants, InvariantViolation
 from ..metrics import summarize
+from ..named_setup import SetupError, apply_setup
 from ..trace import Trace, header
 
 WORKLOAD_KINDS = ("poisson", "bursty", "jsonl") + tuple(trace_formats.WORKLOAD_FIELDS)
@@ -51,6 +52,7 @@ class RunConfig:
     eplb: dict | None = None  # async EPLB (models/eplb.py EplbConfig); None: off
     step_time: dict | None = None  # step-time backend (models/step_time.py); None: linear `profile`
     serving: dict | None = None  # CPU time per step around the forward (step_time.ServingCosts); None: none
+    setup: str | None = None  # the named setup the sections came from (harness/named_setup.py); None: none
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -63,6 +65,8 @@ class RunConfig:
             del d["step_time"]
         if d["serving"] is None:
             del d["serving"]
+        if d["setup"] is None:
+            del d["setup"]
         return d
 
 
@@ -98,6 +102,10 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     """Build a RunConfig from a parsed YAML/JSON mapping; unknown keys are errors."""
     if not isinstance(d, dict):
         raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+    try:
+        d = apply_setup(d)  # a named setup's sections, with the config's own merged over them
+    except SetupError as exc:
+        raise ConfigError(str(exc)) from None
     top = {f.name for f in fields(RunConfig)}
     unknown = set(d) - top
     if unknown:
@@ -279,7 +287,8 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
     injector = SimInjector(plan)
     kinds = True if keep is True else frozenset(keep or ()) | {"req"}  # req events feed the summary
     with Trace(trace_path, keep=kinds) as trace:
-        trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()}))
+        trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()},
+                          clock=step_time_backends.describe(step_time)))
         env = simpy.Environment()
         eplb = None
         if cfg.eplb is not None:

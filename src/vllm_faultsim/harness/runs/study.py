@@ -16,7 +16,8 @@ import yaml
 
 from ...faults.plan import validate_plan
 from ..metrics import overloaded
-from .simulate import ConfigError, config_from_dict, simulate
+from ...models.step_time import describe
+from .simulate import ConfigError, config_from_dict, simulate, step_time_model
 
 COLUMNS = ("throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "preemptions", "failed")
 
@@ -123,6 +124,14 @@ def setup_line(spec: dict) -> str:
     return " | ".join(seen)
 
 
+def setup_line(spec: dict) -> str:
+    """What the study's points run on: each distinct named setup and step time (the placeholder
+    profile says it is one), for the table and the plot's title."""
+    seen = dict.fromkeys(f"setup {cfg.setup or 'none'}; step time {describe(step_time_model(cfg))}"
+                         for _, cfg, _, _ in points(spec))
+    return " | ".join(seen)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -160,7 +169,7 @@ def plot(rows: list[dict], spec: dict, path: Path) -> bool:
     axes[0].set(xlabel=x, ylabel="TTFT p99 (ms)", yscale="log", title="Time to first token, p99")
     axes[1].set(xlabel=x, ylabel="finished requests / s", title="Throughput")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"vllm-faultsim study: {spec.get('name', 'study')}")
+    fig.suptitle(f"vllm-faultsim study: {spec.get('name', 'study')}\n{setup_line(spec)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
