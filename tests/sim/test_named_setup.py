@@ -3,6 +3,7 @@ against their sources, how a config is laid over it, and the placeholder profile
 
 import gzip
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,6 @@ def test_prompts_of_long_request_ids_are_their_own():
     or more bytes once drew the prompt of their first four (r1000..r1009 that of r100)."""
     firsts = {tuple(prompt_token_ids(RequestSpec(f"r{i}", 0.0, 16, 1))) for i in range(2000)}
     assert len(firsts) == 2000
+    for rid in ("r0", "r7", "r1000", "r12345"):  # drawn as randrange draws them
+        rng = random.Random(int.from_bytes(rid.encode(), "little"))
+        assert prompt_token_ids(RequestSpec(rid, 0.0, 700, 1)) == [3 + rng.randrange(1000) for _ in range(700)]

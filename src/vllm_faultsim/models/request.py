@@ -49,14 +49,26 @@ def hash_block_tokens(hash_id: int, size: int) -> tuple[int, ...]:
     return tuple(3 + rng.randrange(1000) for _ in range(size))
 
 
+def _own_tokens(seed: int, n: int) -> list[int]:
+    """``[3 + random.Random(seed).randrange(1000) for _ in range(n)]``, drawn as randrange draws
+    (getrandbits(10) until below 1000: CPython's _randbelow), about 2.4 times as fast."""
+    bits = random.Random(seed).getrandbits
+    toks: list[int] = []
+    add = toks.append
+    while len(toks) < n:
+        r = bits(10)
+        if r < 1000:
+            add(3 + r)
+    return toks
+
+
 def prompt_token_ids(spec: RequestSpec) -> list[int]:
     """The prompt's token ids: deterministic, shared within a prefix group or a run of leading hash
     ids (the tokens past the hash ids' blocks are the request's own), placeholders for images."""
     n = spec.prompt_len
     # the whole id: `% 2**31` kept 4 bytes, so r1000..r1009 drew r100's prompt (prefix-cache hits between them)
     seed = int.from_bytes(spec.req_id.encode(), "little")
-    rng = random.Random(seed)
-    toks = [3 + rng.randrange(1000) for _ in range(n)]
+    toks = _own_tokens(seed, n)
     size = spec.chunk_hash_size
     for i, h in enumerate(spec.hash_ids[:-(-n // size)]):
         block = hash_block_tokens(h, size)
