@@ -124,14 +124,6 @@ def setup_line(spec: dict) -> str:
     return " | ".join(seen)
 
 
-def setup_line(spec: dict) -> str:
-    """What the study's points run on: each distinct named setup and step time (the placeholder
-    profile says it is one), for the table and the plot's title."""
-    seen = dict.fromkeys(f"setup {cfg.setup or 'none'}; step time {describe(step_time_model(cfg))}"
-                         for _, cfg, _, _ in points(spec))
-    return " | ".join(seen)
-
-
 def write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
