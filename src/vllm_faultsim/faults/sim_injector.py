@@ -10,6 +10,7 @@ it concerns, before the run starts; the models never see a plan.
 | ``kv_transfer_slow``, ``kv_transfer_fail`` | ``TransferEngine.slow_down``, ``.fail_between`` (models/kv_offload.py) |
 | ``slow_link``, ``eplb_rank_death`` | ``EplbState.slow_link``, ``.rank_death`` (models/eplb.py) |
 | ``kill_engine`` (process model) | the kills ``ProcSim`` takes (models/engine_procs.py) |
+| ``slow_steps``, ``kill_engine`` (a deployment's server) | ``Server.slow_steps``, ``.kill`` (models/cluster.py) |
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class SimInjector:
             engine.slow_steps(f.start, f.end, f.factor)
         for f in self.kills():
             engine.kill(f)
+
+    def arm_server(self, server) -> None:
+        """One server's plan of a deployment (faults/rates.py expands one per server)."""
+        for f in self.plan.of_kind("slow_steps"):
+            server.slow_steps(f.start, f.end, f.factor)
+        for f in self.kills():
+            server.kill(f)
 
     def arm_prefetch(self, schedule) -> None:
         for f in self.plan.of_kind("ec_prefetch_stall", "ec_prefetch_fail"):

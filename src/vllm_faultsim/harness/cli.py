@@ -3,6 +3,7 @@
     vllm-faultsim run     one simulation -> trace (JSONL) + summary
     vllm-faultsim study   a what-if grid (embedded default without arguments) -> table, CSV, PNG
     vllm-faultsim search  SLO search: the cheapest configuration meeting the SLOs -> table, CSV, Pareto plot
+    vllm-faultsim deploy  a deployment (DP ranks, or servers behind a router) under faults from rates
     vllm-faultsim diff    simulator vs the real vLLM Scheduler (CPU), on generated or replayed cases
     vllm-faultsim check-plan PLAN   validate a fault plan
 
@@ -285,6 +286,11 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from .runs.deploy import deploy_main
+    return deploy_main(args, _output_path)
+
+
 def cmd_fidelity(args) -> int:
     from .runs.fidelity import fidelity_main
     return fidelity_main(args)
@@ -403,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--fit", nargs="+", metavar="REC", help="calibrate (serving CPU costs, step-time scale) on these "
                    "recordings first, then report on RECORDING (held out when not among them)")
     f.set_defaults(func=cmd_fidelity)
+
+    dp = sub.add_parser("deploy", help="a deployment: DP ranks or servers behind a router, retries, faults from rates")
+    dp.add_argument("--spec", help="deployment spec (YAML): deployment, fault_rates, run (harness/runs/deploy.py)")
+    dp.add_argument("--replay", metavar="TRACE", help="run again what a deployment trace's header says (same bytes)")
+    dp.add_argument("--seed", type=int, help="seed of the workload and the faults (default: the run config's)")
+    dp.add_argument("--trace", default="vllm-faultsim-deploy.jsonl", help="trace output (default: %(default)s)")
+    dp.add_argument("--json", action="store_true", help="print the summary as JSON")
+    dp.add_argument("--no-progress", action="store_true")
+    dp.set_defaults(func=cmd_deploy)
 
     c = sub.add_parser("check-plan", help="validate a fault plan")
     c.add_argument("plan")

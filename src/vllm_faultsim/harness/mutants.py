@@ -12,6 +12,8 @@ judge that rule must catch it. They live here, beside the checkers, not in any u
 - DP load balancing (runs/dp_lb.py; tests/diff/test_dp_lb_real.py): a ``DPLoadBalancer`` that weighs a
   waiting request like a running one, a ``DPCoordinator`` that publishes the latest counts where
   vLLM publishes the previous step's.
+- deployments (checkers/deploy.py; tests/sim/test_deploy.py): a DP server whose rank's death takes
+  down only that rank (vLLM's engine-core monitor ends the whole server).
 
 - engine processes (runs/procs.py ``run_fault_matrix``; tests/sim/test_engine_procs.py): liveness
   policies of models/engine_procs.py that name a clean exit as the failure, shut nobody down, or skip
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..models.cluster import Server
 from ..models.dp_lb import DPCoordinator, DPLoadBalancer
 from ..models.engine import EngineCore
 from ..models.engine_procs import POLICIES, LivenessPolicy
@@ -115,6 +118,24 @@ class _LatestCountsOnly(DPCoordinator):
 DP_LB_MUTANTS: dict[str, type[DPLoadBalancer | DPCoordinator]] = {
     "waiting-weight-1": _WaitingWeightOne,      # score waiting + running instead of waiting * 4 + running
     "no-previous-step": _LatestCountsOnly,      # no last_step_counts snapshot: always the latest counts
+}
+
+
+class _OneRankDown(Server):
+    def _shut_down(self, rank: int, cause: str, latency: float):
+        env = self.env
+        yield env.timeout(latency)
+        self._down(rank, cause)
+        self.up = True  # the other ranks serve on
+        self.ranks[rank].close()
+        yield env.timeout(self.restart_s)
+        self.ranks[rank], self.prefetch[rank] = self._build(rank)
+        self.going_down = False
+        self._up()
+
+
+DEPLOYMENT_MUTANTS: dict[str, type[Server]] = {
+    "dp-death-one-rank": _OneRankDown,   # a DP rank's death takes down that rank only
 }
 
 

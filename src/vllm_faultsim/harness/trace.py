@@ -36,6 +36,12 @@ A trace is a sequence of events (dicts). The first is a ``header``; then, in tim
               connector operations (models/shutdown_drain.py: rank, connector, role, op):
               ``op_done``, ``connector_shutdown``, ``drain`` (completed during shutdown),
               ``lost`` (still pending when the process exited)
+- ``client``  a deployment's request as its client saw it (models/client.py): ``req``, ``status``
+              (``finished``, ``failed``, ``lost``), ``arrival``, ``tries``, ``server`` (of the last
+              try), ``first_token`` / ``finish`` / ``num_output`` of the try that finished. In a
+              deployment trace (harness/runs/deploy.py) ``req`` events are tries (``<id>~<n>`` for
+              retries) and events of an engine core carry ``server`` and ``rank``; ``proc`` adds
+              ``server_down`` (``server``, ``rank``, ``cause``) and ``server_up``
 - ``end``     the run's end time and summary
 
 Events are built by models/events.py (one constructor per kind) on both sides;
@@ -145,11 +151,15 @@ REQUIRED: dict[str, dict[str, tuple]] = {
     "proc": {"t": _NUM, "event": (str,)},
     "kv_lost": {"t": _NUM, "cause": (str,), "jobs": (list,)},
     "eplb": {"event": (str,)},
+    "client": {"t": _NUM, "req": (str,), "status": (str,), "arrival": _NUM, "tries": (int,),
+               "server": (int, type(None)), "first_token": _OPT_NUM, "finish": _OPT_NUM,
+               "num_output": (int, type(None))},
     "end": {"t": _NUM},
 }
 # optional step fields and their types
 STEP_OPTIONAL = {"deferred": list, "preempted": list, "finished": list, "enc": dict, "ec_loaded": list, "kv": dict}
 STATUSES = ("length", "stop", "failed", "aborted")
+CLIENT_STATUSES = ("finished", "failed", "lost")
 
 
 def validate_event(ev: dict, where: str = "event") -> None:
@@ -175,6 +185,8 @@ def validate_event(ev: dict, where: str = "event") -> None:
                 raise TraceError(f"{where}: step.{name} is {type(ev[name]).__name__}")
     elif kind == "req" and ev["status"] not in STATUSES:
         raise TraceError(f"{where}: req.status {ev['status']!r} (known: {', '.join(STATUSES)})")
+    elif kind == "client" and ev["status"] not in CLIENT_STATUSES:
+        raise TraceError(f"{where}: client.status {ev['status']!r} (known: {', '.join(CLIENT_STATUSES)})")
     elif kind == "header" and ev["schema"] != SCHEMA:
         raise TraceError(f"{where}: header.schema {ev['schema']!r}, this version writes {SCHEMA!r}")
 

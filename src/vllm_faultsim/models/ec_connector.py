@@ -29,13 +29,17 @@ class PrefetchSchedule:
         self.latency: dict[tuple[str, str], float | None] = {}
         self.idents: set[str] = set()
         for spec in workload:
-            for m in spec.mm:
-                self.latency[(spec.req_id, m.identifier)] = m.prefetch
-                self.idents.add(m.identifier)
+            self.add(spec)
         self.stalled: dict[str, float] = {}  # identifier -> extra staging seconds
         self.failed: set[str] = set()        # identifiers whose staging fails (encode locally)
         self.ready_at: dict[tuple[str, str], float] = {}   # started stagings -> ready time
         self.landed: dict[str, float] = {}                 # identifier -> earliest ready time
+
+    def add(self, spec: RequestSpec) -> None:
+        """A request's items (an open workload adds each request as a router sends it)."""
+        for m in spec.mm:
+            self.latency[(spec.req_id, m.identifier)] = m.prefetch
+            self.idents.add(m.identifier)
 
     # ---- fault hooks (faults/sim_injector.py) ----------------------------------------------
 

@@ -105,10 +105,12 @@ class EngineCore:
                  detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
                  invariants=None, full_trace: bool = True,
                  progress: Callable[[float], None] | None = None, eplb: EplbState | None = None,
-                 max_concurrent_batches: int = 1, cpu_costs=None):
+                 max_concurrent_batches: int = 1, cpu_costs=None, open_workload: bool = False):
         self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
-        self.workload = tuple(workload)
+        self.workload = list(workload)
+        self.open = open_workload  # more requests may come (submit) until close()
+        self._submitted: simpy.Event | None = None  # what a sleep of an open workload also wakes on
         self.step_time = step_time
         self.step_seconds = step_seconds_of(step_time)  # res -> forward seconds (models/step_time.py)
         self.cpu_costs = cpu_costs  # serving-mode CPU time of schedule()/update_from_output() (step_time.ServingCosts)
@@ -141,6 +143,31 @@ class EngineCore:
         """End the engine core at ``fault.at`` with ``fault.signal`` (rank ``fault.rank``); the
         fault's ``to_dict()`` goes into the trace."""
         self.env.process(self._kill(fault))
+
+    # ---- dynamic submission (a router sends requests as they arrive: models/cluster.py) ---
+
+    def submit(self, spec: RequestSpec) -> None:
+        """A request sent now (``spec.arrival`` <= now) joins the open workload; a sleeping loop wakes."""
+        self.workload.append(spec)
+        self._wake()
+
+    def close(self) -> None:
+        """No more submissions: the loop ends once its requests have."""
+        self.open = False
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._submitted is not None and not self._submitted.triggered:
+            self._submitted.succeed()
+
+    def _sleep(self, until: float | None):
+        """Sleep until `until`; with an open workload a submission (or close) ends it early, and
+        None means until then."""
+        env = self.env
+        if not self.open:
+            return env.timeout(until - env.now)
+        self._submitted = env.event()
+        return self._submitted if until is None else env.any_of((self._submitted, env.timeout(until - env.now)))
 
     # ---- the step loop -----------------------------------------------------------------
 
@@ -175,9 +202,9 @@ class EngineCore:
                 now = env.now
                 nxt = self._add_arrivals(now)
                 if not core.has_unfinished_requests():
-                    if nxt == len(arrivals):
+                    if nxt == len(arrivals) and not self.open:
                         return
-                    yield env.timeout(arrivals[nxt].arrival - now)
+                    yield self._sleep(arrivals[nxt].arrival if nxt < len(arrivals) else None)
                     continue
                 res = core.schedule(now)
                 if not res.sched and not self.kv_connector:
@@ -185,7 +212,7 @@ class EngineCore:
                     self._record_step(now, 0.0, res, ())
                     if self.invariants is not None:
                         self.invariants.idle(stats.steps, now, wake, core)
-                    yield env.timeout(wake - now)
+                    yield self._sleep(wake)
                     continue
                 dur = self.step_seconds(res) if res.sched else self._kv_idle_step(now, res)
                 if res.kv:  # the worker blocked on flushed jobs before the forward
@@ -256,14 +283,14 @@ class EngineCore:
                         wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
                         if self.invariants is not None:
                             self.invariants.idle(stats.steps, now, wake, core)
-                        yield env.timeout(wake - now)
+                        yield self._sleep(wake)
                         continue
                     elif len(batch_queue) < size:
                         continue
                 elif not batch_queue:
-                    if nxt == len(arrivals):
+                    if nxt == len(arrivals) and not self.open:
                         return
-                    yield env.timeout(arrivals[nxt].arrival - now)
+                    yield self._sleep(arrivals[nxt].arrival if nxt < len(arrivals) else None)
                     continue
                 start, end, res = self.in_step = batch_queue.pop()  # block on the oldest batch
                 if end > now:
@@ -346,7 +373,7 @@ class EngineCore:
 
     def _kill(self, fault):
         env = self.env
-        yield env.timeout(fault.at)
+        yield env.timeout(fault.at - env.now)  # at is absolute (a restarted server's engine arms it late)
         if not self.alive:
             return
         self.alive = False
@@ -439,8 +466,12 @@ class EngineCore:
         """Requests sent after the core stopped taking them: rejected (aborted) while it shuts
         down, failed (EngineDeadError) once the engine is dead; those sent to a dead engine
         before detection fail at detection."""
-        env, records = self.env, self.stats.records
-        for spec in self.workload[self.nxt:]:
+        env, records, i = self.env, self.stats.records, self.nxt
+        while i < len(self.workload) or self.open:
+            if i == len(self.workload):  # an open workload: wait for the next submission
+                yield self._sleep(None)
+                continue
+            spec, i = self.workload[i], i + 1
             if spec.arrival > env.now:
                 yield env.timeout(spec.arrival - env.now)
             records[spec.req_id] = RequestRecord(spec.arrival)

@@ -47,6 +47,14 @@ def req(req_id: str, status: str, arrival: float, first_token: float | None, fin
             "finish": t(finish), "num_output": num_output, "preemptions": preemptions}
 
 
+def client(at: float, req_id: str, status: str, arrival: float, tries: int, server: int | None,
+           first_token: float | None, finish: float | None, num_output: int | None) -> dict:
+    """A request's end as the client in front of a deployment sees it (models/client.py): status
+    ``finished``, ``failed`` or ``lost`` after ``tries`` tries; the times of the try that finished."""
+    return {"kind": "client", "t": t(at), "req": req_id, "status": status, "arrival": arrival, "tries": tries,
+            "server": server, "first_token": first_token, "finish": finish, "num_output": num_output}
+
+
 def fault(at: float | None, fault_doc: dict, **fields: Any) -> dict:
     """A fault of the plan, applied at ``at`` (None: it never applied)."""
     return {"kind": "fault", "t": t(at), "fault": fault_doc, **fields}

@@ -1,0 +1,305 @@
+"""One deployment run: servers of DP ranks behind a router, a client with retries, faults from rates.
+
+The Python entry point (the SLO search calls it for one configuration; its signature is stable)::
+
+    simulate_deployment(dep: DeploymentConfig, run_cfg: RunConfig, *, seed: int,
+                        fault_rates: FaultRates | None = None, plans: Sequence[FaultPlan] | None = None,
+                        trace_path: str | Path | None = None, summary_only: bool = True,
+                        progress: Callable[[float], None] | None = None) -> dict
+
+It returns the summary (:func:`deployment_summary`); ``summary_only=False`` adds ``per_server``
+(deaths, seconds down, requests finished there) and ``events`` (the trace). ``run_cfg`` gives
+each engine core's scheduler, step time, async scheduling, liveness profile and the workload
+(its seed replaced by `seed`); ``fault_rates`` are expanded into one plan per server
+(faults/rates.py), or ``plans`` gives them (a replay). The trace header holds the deployment, the
+run config, the rates and the plans, so ``vllm-faultsim deploy --replay TRACE`` replays it exactly.
+
+The spec file of ``vllm-faultsim deploy --spec deploy.yaml``::
+
+    deployment:
+      servers: 4                 # vLLM servers behind the router
+      data_parallel_size: 1      # engine cores (DP ranks) per server
+      router: least_outstanding  # round_robin | least_outstanding | prefix_aware (models/router.py)
+      restart_s: 60              # a dead server's model load + warm-up
+      retry: {attempts: 3, backoff_s: 1, backoff_multiplier: 2, timeout_s: 60}   # models/client.py
+      slo: {ttft_ms: 500, tpot_ms: 50}   # goodput: finished requests meeting both, per second
+    fault_rates: {engine_mtbf_s: 600, kill_signal: SIGKILL}                      # faults/rates.py
+    run:                         # a run config, as `vllm-faultsim run --config` takes it
+      workload: {kind: poisson, rate: 40, duration: 300, prompt: 512, output: 128}
+      seed: 1
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import simpy
+
+from ...faults.plan import FaultPlan, PlanError, validate_plan
+from ...faults.rates import FaultRates, expand, rates_from_dict
+from ...faults.sim_injector import SimInjector
+from ...inputs import check_fields, read_mapping_file
+from ...models import events
+from ...models import step_time as step_time_backends
+from ...models.client import Client, RetryPolicy
+from ...models.cluster import Cluster, Server
+from ...models.ec_connector import ECConnector, PrefetchSchedule
+from ...models.engine import EngineCore
+from ...models.router import ROUTERS
+from ...models.scheduler import Scheduler
+from ..invariants import Invariants
+from ..metrics import percentile
+from ..trace import Trace, header
+from .simulate import (ConfigError, RunConfig, admission_errors, build_workload, config_from_dict, detection,
+                       plan_applicability_errors, step_time_model)
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_ms: float = 500.0
+    tpot_ms: float = 50.0
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    servers: int = 1
+    data_parallel_size: int = 1
+    router: str = "round_robin"
+    restart_s: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    slo: SLO = field(default_factory=SLO)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_NUMBER = (int, float)
+DEPLOYMENT_FIELDS = {"servers": int, "data_parallel_size": int, "router": str, "restart_s": _NUMBER,
+                     "retry": dict, "slo": dict}
+RETRY_FIELDS = {"attempts": int, "backoff_s": _NUMBER, "backoff_multiplier": _NUMBER, "timeout_s": _NUMBER}
+SLO_FIELDS = {"ttft_ms": _NUMBER, "tpot_ms": _NUMBER}
+# field -> (lowest value, whether it is excluded)
+BOUNDS = {"servers": (1, False), "data_parallel_size": (1, False), "restart_s": (0, False), "attempts": (1, False),
+          "backoff_s": (0, False), "backoff_multiplier": (1, False), "timeout_s": (0, True), "ttft_ms": (0, True),
+          "tpot_ms": (0, True)}
+
+
+def _section(cls, d: Any, spec: dict, where: str):
+    """`cls` from the mapping `d`: known fields of the right types (inputs.check_fields), finite and
+    in bounds; else a one-line ConfigError naming ``where.field`` and the value."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__} {d!r}")
+    check_fields(d, spec, where, ConfigError)
+    for key, v in d.items():
+        if key in BOUNDS:
+            lo, excluded = BOUNDS[key]
+            if not math.isfinite(v) or v < lo or (excluded and v == lo):
+                raise ConfigError(f"{where}.{key} must be {'>' if excluded else '>='} {lo} (and finite), got {v!r}")
+    return cls(**d)
+
+
+def deployment_from_dict(d: Any, source: str = "deployment") -> DeploymentConfig:
+    """A checked DeploymentConfig; a bad key or value is a one-line ConfigError naming it."""
+    dep = _section(DeploymentConfig, d, DEPLOYMENT_FIELDS, source)
+    if dep.router not in ROUTERS:
+        raise ConfigError(f"{source}.router must be one of {', '.join(ROUTERS)}, got {dep.router!r}")
+    return replace(dep, retry=_section(RetryPolicy, d.get("retry", {}), RETRY_FIELDS, f"{source}.retry"),
+                   slo=_section(SLO, d.get("slo", {}), SLO_FIELDS, f"{source}.slo"))
+
+
+SPEC_KEYS = ("deployment", "fault_rates", "run")
+
+
+def spec_from_dict(d: Any, source: str) -> tuple[DeploymentConfig, RunConfig, FaultRates | None]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: a deployment spec must be a mapping with {', '.join(SPEC_KEYS)}")
+    unknown = sorted(set(d) - set(SPEC_KEYS), key=str)
+    if unknown:
+        raise ConfigError(f"{source}: unknown field {unknown[0]!r} (fields: {', '.join(SPEC_KEYS)})")
+    try:
+        dep = deployment_from_dict(d.get("deployment") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        rates = rates_from_dict(d["fault_rates"]) if d.get("fault_rates") else None
+    except PlanError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    try:
+        run_cfg = config_from_dict(d.get("run") or {})
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: run: {exc}") from None
+    if run_cfg.kv_offload is not None or run_cfg.eplb is not None:
+        raise ConfigError(f"{source}: run: {'kv_offload' if run_cfg.kv_offload else 'eplb'} is not modelled "
+                          "in deployments yet")
+    return dep, run_cfg, rates
+
+
+def load_spec(path: str | Path) -> tuple[DeploymentConfig, RunConfig, FaultRates | None]:
+    return spec_from_dict(read_mapping_file(path, "deployment spec", ConfigError), str(path))
+
+
+def simulate_deployment(dep: DeploymentConfig, run_cfg: RunConfig, *, seed: int,
+                        fault_rates: FaultRates | None = None, plans: Sequence[FaultPlan] | None = None,
+                        trace_path: str | Path | None = None, summary_only: bool = True,
+                        progress: Callable[[float], None] | None = None,
+                        server_cls: type[Server] = Server) -> dict:
+    """Run one deployment (see the module docstring); ``server_cls`` is for the checks' mutants."""
+    cfg = replace(run_cfg, seed=seed)
+    specs = build_workload(cfg)
+    admission_errors(specs, cfg.scheduler)
+    horizon = max((s.arrival for s in specs), default=0.0) + dep.retry.timeout_s
+    if plans is None:
+        items = {m.identifier for s in specs for m in s.mm}
+        plans = expand(fault_rates, servers=dep.servers, data_parallel_size=dep.data_parallel_size,
+                       horizon=horizon, seed=seed, items=items) if fault_rates else (FaultPlan(),) * dep.servers
+    plans = tuple(plans)
+    if len(plans) != dep.servers:
+        raise ConfigError(f"{len(plans)} fault plans for {dep.servers} servers")
+    for s, plan in enumerate(plans):
+        plan_applicability_errors(plan, cfg, specs)
+        for f in plan.of_kind("kill_engine"):
+            if f.rank >= dep.data_parallel_size:
+                raise ConfigError(f"server {s}'s plan: kill_engine rank {f.rank} is not a rank of a server of "
+                                  f"data_parallel_size {dep.data_parallel_size}")
+        bad = [f.kind for f in plan.faults if f.kind not in ("kill_engine", "slow_steps") and
+               not f.kind.startswith("ec_prefetch_")]
+        if bad:
+            raise ConfigError(f"server {s}'s plan: {bad[0]} faults are not modelled in deployments")
+    step_time = step_time_model(cfg)
+    draw = detection(cfg, SimInjector(FaultPlan(tuple(f for p in plans for f in p.faults))))
+    cpu = {"cpu_costs": step_time_backends.serving_costs(cfg.serving)} if cfg.serving else {}
+    sched = cfg.scheduler
+    with Trace(trace_path, keep=frozenset({"client"}) if summary_only else True) as trace:
+        trace.emit(header("sim", seed, {"deployment": dep.to_dict(), "run": cfg.to_dict(),
+                                        "fault_rates": fault_rates.to_dict() if fault_rates else None,
+                                        "plans": [p.to_dict() for p in plans]}))
+        env = simpy.Environment()
+
+        def build_rank(server: int, rank: int, emit, detect):
+            prefetch = PrefetchSchedule(specs)
+            SimInjector(plans[server]).arm_prefetch(prefetch)
+            core = Scheduler(sched, ECConnector(prefetch, cfg.ec_policy))
+            engine = EngineCore(env, core, (), step_time, emit, wakeups=(prefetch,), detection=detect,
+                                invariants=Invariants(sched.max_num_batched_tokens, sched.max_num_seqs),
+                                full_trace=False, progress=progress,
+                                max_concurrent_batches=2 if sched.async_scheduling else 1, open_workload=True, **cpu)
+            return engine, prefetch
+
+        servers = [server_cls(env, i, dep.data_parallel_size, build_rank, draw, dep.restart_s, trace.emit)
+                   for i in range(dep.servers)]
+        for server, plan in zip(servers, plans):
+            SimInjector(plan).arm_server(server)
+        cluster = Cluster(servers, ROUTERS[dep.router]())
+        client = Client(env, specs, cluster.send, dep.retry, trace.emit)
+        env.run(until=client.done)
+        summary = deployment_summary(trace.of_kind("client"), dep, servers, client, env.now)
+        trace.emit(events.end(env.now, summary=summary))
+    if not summary_only:
+        ends = trace.of_kind("client")
+        summary = {**summary, "per_server": [
+            {"server": s.index, "deaths": s.deaths, "down_s": round(s.downtime(env.now), 3),
+             "finished": sum(1 for e in ends if e["status"] == "finished" and e["server"] == s.index)}
+            for s in servers], "events": trace.events}
+    return summary
+
+
+def deployment_summary(ends: list[dict], dep: DeploymentConfig, servers: Sequence[Server], client: Client,
+                       end: float) -> dict:
+    """What the client saw (``client`` events), against the SLOs, and how long the servers were up."""
+    ttft, tpot, good = [], [], 0
+    counts = {"finished": 0, "failed": 0, "lost": 0}
+    for e in ends:
+        counts[e["status"]] += 1
+        if e["status"] != "finished":
+            continue
+        t1 = e["first_token"] - e["arrival"]
+        ttft.append(t1)
+        t2 = (e["finish"] - e["first_token"]) / (e["num_output"] - 1) if e["num_output"] > 1 else None
+        if t2 is not None:
+            tpot.append(t2)
+        good += 1000 * t1 <= dep.slo.ttft_ms and (t2 is None or 1000 * t2 <= dep.slo.tpot_ms)
+    n = len(ends)
+    span = end - min((e["arrival"] for e in ends), default=0.0)
+    ms = lambda x: None if x is None else round(1000 * x, 3)  # noqa: E731
+    down = sum(s.downtime(end) for s in servers)
+    return {
+        "requests": n, **counts,
+        "retried": sum(1 for e in ends if e["tries"] > 1), "retries": client.retries, "rejected": client.rejected,
+        "availability": round(counts["finished"] / n, 6) if n else None,
+        "slo_attainment": round(good / n, 6) if n else None,
+        "goodput_rps": round(good / span, 4) if span > 0 else 0.0,
+        "throughput_rps": round(counts["finished"] / span, 4) if span > 0 else 0.0,
+        "ttft_p50_ms": ms(percentile(ttft, 50)), "ttft_p99_ms": ms(percentile(ttft, 99)),
+        "tpot_p50_ms": ms(percentile(tpot, 50)), "tpot_p99_ms": ms(percentile(tpot, 99)),
+        "engine_deaths": sum(s.deaths for s in servers),
+        "uptime": round(1 - down / (len(servers) * end), 6) if end > 0 else 1.0,
+        "sim_time_s": round(end, 6),
+    }
+
+
+def replay_inputs(path: str | Path) -> tuple[DeploymentConfig, RunConfig, int, FaultRates | None, tuple[FaultPlan, ...]]:
+    """What a deployment trace's header says was run: its deployment, run config, seed, rates, plans."""
+    from ..trace import iter_jsonl
+    try:
+        head = next(iter_jsonl(path))
+        conf = head["config"]
+        dep = deployment_from_dict(conf["deployment"], "header deployment")
+        run_cfg = config_from_dict(conf["run"])
+        rates = rates_from_dict(conf["fault_rates"]) if conf.get("fault_rates") else None
+        plans = tuple(validate_plan(p, f"{path}: header plans[{i}]") for i, p in enumerate(conf["plans"]))
+        return dep, run_cfg, head["seed"], rates, plans
+    except (OSError, ValueError, KeyError, TypeError, StopIteration) as exc:
+        raise ConfigError(f"{path}: not a deployment trace ({type(exc).__name__}: {exc})") from None
+
+
+def format_summary(summary: dict) -> str:
+    width = max(len(k) for k in summary if k not in ("per_server", "events"))
+    lines = [f"{k.ljust(width)}  {'-' if v is None else v}" for k, v in summary.items()
+             if k not in ("per_server", "events")]
+    if summary.get("per_server"):
+        lines += ["", "server  deaths  down_s  finished"]
+        lines += [f"{s['server']:>6}  {s['deaths']:>6}  {s['down_s']:>6g}  {s['finished']:>8}" for s in summary["per_server"]]
+    return "\n".join(lines)
+
+
+def deploy_main(args, output_path) -> int:
+    """``vllm-faultsim deploy``: a spec (or a trace to replay) -> progress bar, summary table, trace."""
+    import json
+
+    from ..progress import progress_bar
+    if (args.spec is None) == (args.replay is None):
+        raise ConfigError("deploy needs exactly one of --spec SPEC or --replay TRACE")
+    plans = None
+    if args.spec:
+        dep, run_cfg, rates = load_spec(args.spec)
+        seed = run_cfg.seed if args.seed is None else args.seed
+    else:
+        dep, run_cfg, seed, rates, plans = replay_inputs(args.replay)
+        if args.seed is not None and args.seed != seed:
+            raise ConfigError(f"--seed {args.seed}: a replay runs with its trace's seed ({seed})")
+    final = output_path(args.trace, "--trace")
+    partial = final.with_name(f".{final.name}.partial")
+    horizon = round(max((s.arrival for s in build_workload(replace(run_cfg, seed=seed))), default=0.0), 1)
+    try:
+        with progress_bar(total=horizon, unit="sim-s", desc="deploy", disable=args.no_progress,
+                          bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} sim-s [{elapsed}<{remaining}]") as bar:
+            summary = simulate_deployment(
+                dep, run_cfg, seed=seed, fault_rates=rates, plans=plans, trace_path=partial, summary_only=False,
+                progress=lambda now: bar.update(min(now, horizon) - bar.n) if now - bar.n >= 0.1 else None)
+        partial.replace(final)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise ConfigError(f"--trace {args.trace}: cannot write the trace ({exc.strerror or exc}); nothing written") from None
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    summary.pop("events")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        print(f"trace: {args.trace}  (replay: vllm-faultsim deploy --replay {args.trace} --trace OTHER.jsonl)")
+    return 0
