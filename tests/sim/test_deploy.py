@@ -4,6 +4,7 @@ retries, faults from rates; every run's trace checked (harness/checkers/deploy.p
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from vllm_faultsim.faults.plan import FaultPlan, PlanError, validate_plan
 from vllm_faultsim.faults.rates import MAX_FAULTS, FaultRates, expand, rates_from_dict
@@ -220,3 +221,54 @@ def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, spec, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and str(path) in err
     assert not list(tmp_path.glob("*.jsonl*")) and not list(tmp_path.glob(".*partial"))
+
+
+def test_submit_wakes_an_idle_open_engine_and_close_ends_it():
+    import simpy
+
+    from vllm_faultsim.models.engine import EngineCore
+    from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
+    env, out = simpy.Environment(), []
+    engine = EngineCore(env, Scheduler(SchedulerConfig()), (), lambda *shape: 0.01, out.append, full_trace=False,
+                        open_workload=True)
+
+    def router():
+        yield env.timeout(2.0)
+        engine.submit(RequestSpec("a", env.now, 32, 3))
+        yield env.timeout(5.0)
+        engine.close()
+    env.process(router())
+    env.run()
+    (req,) = [e for e in out if e["kind"] == "req"]
+    assert req["status"] == "length" and req["arrival"] == 2.0 and 2.0 < req["finish"] < 2.1
+    assert env.now == 7.0 and not engine.process.is_alive  # it slept until the submission, then until close
+
+
+def test_replay_of_a_trace_that_is_not_a_deployments_and_no_input_are_one_line_exit_2(tmp_path, capsys):
+    run_trace = tmp_path / "run.jsonl"
+    assert main(["run", "--duration", "1", "--trace", str(run_trace), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["deploy", "--replay", str(run_trace), "--trace", str(tmp_path / "d.jsonl"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a deployment trace" in err and str(run_trace) in err
+    assert main(["deploy", "--trace", str(tmp_path / "d.jsonl")]) == 2
+    assert "exactly one of --spec SPEC or --replay TRACE" in capsys.readouterr().err
+    assert not (tmp_path / "d.jsonl").exists()
+
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(servers=st.integers(1, 3), dp=st.integers(1, 3), router=st.sampled_from(sorted(ROUTERS)),
+       kills=st.lists(st.tuples(st.floats(0.0, 6.0), st.integers(0, 2), st.sampled_from(["SIGKILL", "SIGTERM", "exit1"])),
+                      max_size=4),
+       attempts=st.integers(1, 3), timeout=st.sampled_from([0.5, 2.0, 20.0]), seed=st.integers(0, 3))
+def test_property_every_request_ends_once_and_no_try_outlives_its_server(servers, dp, router, kills, attempts,
+                                                                         timeout, seed):
+    plans = [validate_plan([{"kind": "kill_engine", "at": at, "rank": rank % dp, "signal": sig}
+                            for k, (at, rank, sig) in enumerate(kills) if k % servers == s]) for s in range(servers)]
+    cfg = RunConfig(workload={"kind": "poisson", "rate": 15.0, "duration": 4.0, "prompt": 64, "output": 8})
+    dep = DeploymentConfig(servers=servers, data_parallel_size=dp, router=router, restart_s=1.0,
+                           retry=RetryPolicy(attempts=attempts, backoff_s=0.2, timeout_s=timeout))
+    res = _run(dep, plans, cfg=cfg, seed=seed)
+    assert res["finished"] + res["failed"] + res["lost"] == res["requests"] == len(_of(res, "client"))
+    assert res["retries"] == sum(e["tries"] - 1 for e in _of(res, "client"))
