@@ -82,11 +82,14 @@ def test_memory_and_capacity_pruning_sound(tmp_path):
     ("space", {"system": "h100_sxm"}, "space.system: must be a non-empty list of GPU system names, got 'h100_sxm'"),
     ("space", {"system": ["l40s"]}, "cost_per_gpu_hour.l40s is missing"),
     ("space", {"system": ["h100_sxm"], "max_num_seqs": [0]}, "space.max_num_seqs: must be a non-empty list"),
-    ("space", {"system": ["h100_sxm"], "replicas": [1], "data_parallel_size": [1]}, "not both"),
+    ("space", {"system": ["h100_sxm"], "servers": [1], "data_parallel_size": [1]}, "not both"),
     ("cost_per_gpu_hour", {"h100_sxm": -1}, "cost_per_gpu_hour.h100_sxm: must be a number of USD > 0, got -1"),
     ("gpu_memory_utilization", 1.5, "gpu_memory_utilization: must be a number in (0, 1], got 1.5"),
     ("workload", {"kind": "poisson", "rate": -1, "duration": 1}, "base/workload"),
     ("colour", "red", "unknown search key 'colour'"),
+    ("faults", {"engine_mtbf_s": -5}, "faults.engine_mtbf_s must be > 0, got -5"),
+    ("deployment", {"router": "random"}, "deployment.router must be one of"),
+    ("deployment", {"servers": 2}, "deployment.servers: set by the search (space.servers), got 2"),
 ])
 def test_bad_specs_exit_2_with_one_line(tmp_path, capsys, field, value, needle):
     path = tmp_path / "s.yaml"
@@ -97,10 +100,29 @@ def test_bad_specs_exit_2_with_one_line(tmp_path, capsys, field, value, needle):
     assert not (tmp_path / "o").exists()
 
 
+def test_servers_and_faults(tmp_path):
+    """Servers behind a router and a fault profile: without faults one server is the cheapest; with
+    an engine dying every 10 s on average (restart 2 s) it misses the SLOs and two servers are needed; the
+    points that missed without faults are pruned from the fault search, never simulated."""
+    spec = _spec(space={"system": ["h100_sxm"], "servers": [1, 2], "max_num_seqs": [2, 64],
+                        "max_num_batched_tokens": [1024]},
+                 slo={"ttft_ms": {"percentile": 90, "max": 150}, "availability": 0.9},
+                 faults={"engine_mtbf_s": 10.0}, deployment={"restart_s": 2.0, "router": "least_outstanding",
+                                                            "retry": {"attempts": 3, "backoff_s": 0.5}})
+    res = search.run_search(spec, tmp_path, progress=False)
+    clean, faulty = res["best"]["no faults"], res["best"]["faults"]
+    assert (clean["servers"], clean["max_num_seqs"], clean["gpus"]) == (1, 64, 1)
+    assert faulty is not None and faulty["servers"] == 2 and faulty["engine_deaths"] > 0
+    skipped = [r for r in res["rows"] if r["pruned"] == "faults: fails without faults"]
+    assert skipped and all(r["max_num_seqs"] == 2 for r in skipped)
+    one = next(r for r in res["rows"] if r["scenario"] == "faults" and r["servers"] == 1 and not r["pruned"])
+    assert not one["meets"] and one["availability"] < 0.9
+
+
 def test_interrupted_search_resumes_from_the_cache(tmp_path, monkeypatch):
     spec = _spec()
     whole = search.run_search(spec, tmp_path / "whole", progress=False)
-    real, calls = search.simulate, []
+    real, calls = search.simulate_deployment, []
 
     def stop_after_two(*a, **k):
         if len(calls) == 2:
@@ -108,12 +130,12 @@ def test_interrupted_search_resumes_from_the_cache(tmp_path, monkeypatch):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(search, "simulate", stop_after_two)
+    monkeypatch.setattr(search, "simulate_deployment", stop_after_two)
     with pytest.raises(KeyboardInterrupt):
         search.run_search(spec, tmp_path / "cut", progress=False)
     assert len((tmp_path / "cut" / sweep.CACHE).read_text().splitlines()) == 2
     ran = []
-    monkeypatch.setattr(search, "simulate", lambda *a, **k: ran.append(1) or real(*a, **k))
+    monkeypatch.setattr(search, "simulate_deployment", lambda *a, **k: ran.append(1) or real(*a, **k))
     again = search.run_search(spec, tmp_path / "cut", progress=False)
     assert len(ran) == whole["simulated"] - 2 and again["ran"] == len(ran)
     assert again["rows"] == whole["rows"] and not (tmp_path / "cut" / sweep.CACHE).exists()

@@ -1,4 +1,4 @@
-"""SLO search: the cheapest deployment (GPU system, tensor-parallel size, replicas or DP ranks, engine
+"""SLO search: the cheapest deployment (GPU system, tensor-parallel size, servers or DP ranks, engine
 arguments) whose simulated serving meets TTFT/TPOT/goodput/availability SLOs, with and without a
 fault profile, over the ``aic`` step-time backend (aiconfigurator-core's measured GPU data).
 
@@ -16,24 +16,27 @@ A search spec (YAML)::
     space:
       system: [h100_sxm, h200_sxm, b200_sxm]
       tensor_parallel_size: [1, 2]
-      replicas: [1, 2, 4]    # independent servers behind a router; or data_parallel_size: [...]
+      servers: [1, 2, 4]     # independent servers behind a router; or data_parallel_size: [...]
       max_num_seqs: [256]
       max_num_batched_tokens: [8192]
     cost_per_gpu_hour: {h100_sxm: 3.0}   # USD; over DEFAULT_PRICES
-    faults: {...}            # a fault profile (rates), as harness/runs/deploy.py takes it
-    deployment: {...}        # further deployment fields (router, restart_s, retries)
+    faults: {engine_mtbf_s: 3600}   # a fault profile: faults/rates.py FaultRates (MTBF, slow episodes, ...)
+    deployment: {router: least_outstanding, restart_s: 60}   # harness/runs/deploy.py DeploymentConfig fields
 
 Each point's run config is ``base`` + ``workload`` + the point's ``max_num_seqs`` and
 ``max_num_batched_tokens`` + a ``step_time`` section ``{backend: aic, model, system, tp, dtype}`` +
 ``num_gpu_blocks`` from aiconfigurator-core's vLLM memory model (``estimate_num_gpu_blocks``: weights,
 activations and the KV budget at ``gpu_memory_utilization``, vLLM 0.26.0's default 0.92), unless
-``base`` sets it. Cost = GPUs (tp x replicas x dp) x price per GPU-hour.
+``base`` sets it. Cost = GPUs (tp x servers x dp) x price per GPU-hour. Every point runs through
+the deployment simulator (harness/runs/deploy.py ``simulate_deployment``: one server is the single
+engine of ``simulate``, more are routed; the fault profile is expanded per server from the point's
+seed), its SLO maxima the deployment's ``slo``.
 
 Pruned, never simulated (counted and listed with the reason):
 - ``memory``: the model does not fit at that TP (no KV budget), or a request of the workload needs
   more KV blocks than the cache holds;
 - ``capacity``: an upper bound on one engine's request rate from the step-time backend, times the
-  replicas, is below the offered rate (``capacity_bound``);
+  engine cores (servers x DP ranks), is below the offered rate (``capacity_bound``);
 - ``cost``: the points are visited in ascending cost, in waves of whole equal-cost tiers (at least
   ``WAVE`` points, so the points simulated do not depend on the number of workers); once a wave has a
   point meeting the SLOs, every costlier point is pruned;
@@ -55,8 +58,10 @@ from pathlib import Path
 
 import yaml
 
+from ...faults.rates import rates_from_dict
 from ..metrics import percentile
-from .simulate import ConfigError, build_workload, config_from_dict, simulate
+from .deploy import deployment_from_dict, simulate_deployment
+from .simulate import ConfigError, build_workload, config_from_dict
 
 # USD per GPU-hour, on-demand: ILLUSTRATIVE defaults, set your own (cost_per_gpu_hour). h100_sxm and
 # h200_sxm: midpoints of the specialty-cloud ranges ($2.50-3.50, $3.50-4.50) in "Cloud GPU pricing",
@@ -67,7 +72,7 @@ PRICE_SOURCE = "illustrative on-demand USD/GPU-h (README: Capacity planning): se
 
 SPEC_KEYS = ("name", "description", "model", "dtype", "version", "gpu_memory_utilization", "workload", "base", "slo",
              "space", "cost_per_gpu_hour", "faults", "deployment")
-SPACE_KEYS = ("system", "tensor_parallel_size", "replicas", "data_parallel_size", "max_num_seqs",
+SPACE_KEYS = ("system", "tensor_parallel_size", "servers", "data_parallel_size", "max_num_seqs",
               "max_num_batched_tokens")
 SLO_KEYS = ("ttft_ms", "tpot_ms", "goodput", "availability")
 GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.26.0 CacheConfig.gpu_memory_utilization default
@@ -155,8 +160,8 @@ def check_search(spec, source: str = "<search spec>") -> dict:
     if not isinstance(space["system"], list) or not space["system"] or \
             any(not isinstance(s, str) for s in space["system"]):
         raise _err(source, "space.system", space["system"], "must be a non-empty list of GPU system names")
-    if "replicas" in space and "data_parallel_size" in space:
-        raise ConfigError(f"{source}: space: give replicas (independent servers) or data_parallel_size "
+    if "servers" in space and "data_parallel_size" in space:
+        raise ConfigError(f"{source}: space: give servers (independent servers) or data_parallel_size "
                           "(one server's DP ranks), not both")
     for key in SPACE_KEYS[1:]:
         if key in space:
@@ -169,12 +174,18 @@ def check_search(spec, source: str = "<search spec>") -> dict:
         if system not in prices:
             raise ConfigError(f"{source}: cost_per_gpu_hour.{system} is missing (no default price for {system!r}; "
                               f"defaults: {', '.join(DEFAULT_PRICES)})")
-    topology = "data_parallel_size" if "data_parallel_size" in space else "replicas"
-    sizes = space.get(topology, [1])
-    if (max(sizes) > 1 or spec.get("faults")) and _deployment_evaluator() is None:
-        raise ConfigError(f"{source}: space.{topology} > 1 or faults need the deployment simulator "
-                          "(harness/runs/deploy.py simulate_deployment), which this tree does not have yet: "
-                          f"search {topology} [1] without faults")
+    topology = "data_parallel_size" if "data_parallel_size" in space else "servers"
+    dep = spec.get("deployment") or {}
+    if topology in dep or "slo" in dep:
+        key = topology if topology in dep else "slo"
+        raise ConfigError(f"{source}: deployment.{key}: set by the search ({'space.' + key if key == topology else 'slo'})"
+                          f", got {dep[key]!r}")
+    try:
+        deployment_from_dict({**dep, topology: 1}, "deployment")
+        if spec.get("faults"):
+            rates_from_dict(spec["faults"], "faults")
+    except ValueError as exc:  # ConfigError, PlanError: one line naming the field
+        raise ConfigError(f"{source}: {exc}") from None
     spec = {**spec, "source": source, "topology": topology, "prices": prices, "gpu_memory_utilization": gmu}
     # the base run config and the workload: checked once here (a bad one is named before anything runs)
     try:
@@ -185,15 +196,6 @@ def check_search(spec, source: str = "<search spec>") -> dict:
     if not spec["specs"]:
         raise ConfigError(f"{source}: workload: no requests")
     return spec
-
-
-def _deployment_evaluator():
-    """harness/runs/deploy.py's simulate_deployment, where this tree has it (else None)."""
-    try:
-        from .deploy import simulate_deployment
-    except ImportError:
-        return None
-    return simulate_deployment
 
 
 # ---- points -----------------------------------------------------------------------------------
@@ -268,8 +270,10 @@ def enumerate_points(spec: dict) -> list[dict]:
             space.get("max_num_seqs", [cfg0.scheduler.max_num_seqs]),
             space.get("max_num_batched_tokens", [cfg0.scheduler.max_num_batched_tokens])]
     out = []
+    other = "servers" if topo == "data_parallel_size" else "data_parallel_size"
+    cores_per = (spec.get("deployment") or {}).get(other, 1)  # the deployment's fixed size on the other axis
     for system, tp, n, mns, mnbt in itertools.product(*axes):
-        gpus = tp * n
+        gpus = tp * n * cores_per
         step_time = {"backend": "aic", "model": spec["model"], "system": system, "tp": tp,
                      **{k: spec[k] for k in ("dtype", "version") if k in spec}}
         pt = {"system": system, "tensor_parallel_size": tp, topo: n, "max_num_seqs": mns,
@@ -298,7 +302,7 @@ def enumerate_points(spec: dict) -> list[dict]:
                 raise type(exc)(f"{spec['source']}: point {_label(pt, topo)}: {exc}") from None
             pt["config"] = cfg.to_dict()
             if rate is not None:
-                bound = n * capacity_bound(step_time_backends.from_config(cfg.step_time), specs, mns, mnbt,
+                bound = n * cores_per * capacity_bound(step_time_backends.from_config(cfg.step_time), specs, mns, mnbt,
                                            cfg.scheduler.enable_prefix_caching)
                 pt["capacity_bound_rps"] = round(bound, 3)
                 if bound * (1 + CAPACITY_MARGIN) < rate:
@@ -310,7 +314,7 @@ def enumerate_points(spec: dict) -> list[dict]:
 
 
 def _label(pt: dict, topo: str) -> str:
-    return (f"{pt['system']} tp{pt['tensor_parallel_size']} {'x' if topo == 'replicas' else 'dp'}{pt[topo]} "
+    return (f"{pt['system']} tp{pt['tensor_parallel_size']} {'x' if topo == 'servers' else 'dp'}{pt[topo]} "
             f"seqs{pt['max_num_seqs']} mnbt{pt['max_num_batched_tokens']}")
 
 
@@ -318,11 +322,11 @@ def _label(pt: dict, topo: str) -> str:
 
 def slo_metrics(req_events, slo: dict, span: float) -> dict:
     """The SLO figures of a run's ``req`` events: TTFT/TPOT at the SLOs' percentiles (ms), attainment
-    (requests with TTFT and TPOT within the SLOs' maxima; failed and aborted ones miss), throughput
+    (requests with TTFT and TPOT within the SLOs' maxima; failed and lost ones miss), throughput
     and goodput (finished and attaining requests per second of ``span``), availability (finished /
     requests)."""
     reqs = list(req_events)
-    ok = [e for e in reqs if e["status"] not in ("failed", "aborted")]
+    ok = [e for e in reqs if e["status"] == "finished"]
     ttft = [1000 * (e["first_token"] - e["arrival"]) for e in ok]
     tpot = [1000 * (e["finish"] - e["first_token"]) / (e["num_output"] - 1) for e in ok if e["num_output"] > 1]
     out = {"requests": len(reqs), "finished": len(ok)}
@@ -354,17 +358,17 @@ def meets(m: dict, slo: dict) -> bool:
 
 
 def search_point(point: dict) -> dict:
-    """One search point (a sweep point): ``config`` (run config dict), ``deployment`` (topology and
-    size), ``faults`` (a fault profile or None), ``slo`` -> its SLO figures and whether it meets them.
-    The one place the evaluator is chosen: one engine through ``simulate``, more (or a fault profile)
-    through the deployment simulator."""
+    """One search point (a sweep point): ``config`` (run config dict), ``deployment`` (a
+    DeploymentConfig dict), ``faults`` (fault rates or None), ``slo`` -> its SLO figures, from what
+    the client saw (``client`` events: a retried request counts from its first arrival), and
+    whether it meets them."""
     cfg = config_from_dict(point["config"])
-    res = simulate(cfg, keep=False, full_trace=False)  # one engine (check_search refuses more for now)
-    reqs = [e for e in res.events if e["kind"] == "req"]
-    first = min((e["arrival"] for e in reqs), default=0.0)
-    end = max((e.get("finish") or e["arrival"] for e in reqs), default=0.0)
-    m = slo_metrics(reqs, point["slo"], end - first)
-    return {**m, "meets": meets(m, point["slo"])}
+    rates = rates_from_dict(point["faults"]) if point["faults"] else None
+    s = simulate_deployment(deployment_from_dict(point["deployment"]), cfg, seed=cfg.seed, fault_rates=rates,
+                            summary_only=False)
+    ends = [e for e in s["events"] if e["kind"] == "client"]
+    m = slo_metrics(ends, point["slo"], s["sim_time_s"] - min((e["arrival"] for e in ends), default=0.0))
+    return {**m, "engine_deaths": s["engine_deaths"], "retried": s["retried"], "meets": meets(m, point["slo"])}
 
 
 # ---- the search ---------------------------------------------------------------------------------
@@ -440,7 +444,8 @@ def _wave(pts: list[dict], todo: list[int]) -> list[int]:
 
 def _payload(pt: dict, spec: dict, faults) -> dict:
     topo = spec["topology"]
-    dep = {**(spec.get("deployment") or {}), topo: pt[topo]}
+    slo = {k: spec["slo"][k]["max"] for k in ("ttft_ms", "tpot_ms") if k in spec["slo"]}
+    dep = {**(spec.get("deployment") or {}), topo: pt[topo], "slo": slo}
     return {"config": pt["config"], "deployment": dep, "faults": faults, "slo": spec["slo"]}
 
 
@@ -457,7 +462,8 @@ def _columns(spec: dict) -> list[str]:
     return (["scenario", "system", "tensor_parallel_size", topo, "max_num_seqs", "max_num_batched_tokens", "gpus",
              "cost_per_hour", "num_gpu_blocks", "capacity_bound_rps"] + [_metric(k, slo) for k in ("ttft_ms", "tpot_ms")
                                                                     if k in slo]
-            + ["attainment", "throughput_rps", "goodput_rps", "availability", "meets", "pruned"])
+            + ["attainment", "throughput_rps", "goodput_rps", "availability", "engine_deaths", "retried", "meets",
+               "pruned"])
 
 
 def write_csv(path: Path, rows: list[dict], spec: dict) -> None:
@@ -493,7 +499,7 @@ def report(result: dict, out_dir: Path) -> str:
         if b is None:
             lines.append(f"{scenario}: no configuration of the space meets the SLOs")
         else:
-            topo = "replicas" if "replicas" in b else "data_parallel_size"
+            topo = "servers" if "servers" in b else "data_parallel_size"
             lines.append(f"{scenario}: cheapest meeting the SLOs: {b['system']} tp {b['tensor_parallel_size']} "
                          f"{topo} {b[topo]} max_num_seqs {b['max_num_seqs']} max_num_batched_tokens "
                          f"{b['max_num_batched_tokens']}: {b['gpus']} GPUs, {b['cost_per_hour']} $/h "
