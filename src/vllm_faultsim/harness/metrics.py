@@ -1,8 +1,13 @@
-"""Serving metrics from a trace's ``req`` events: throughput, TTFT, TPOT, preemptions, failures."""
+"""Serving metrics from a trace's ``req`` events: throughput, TTFT, TPOT, preemptions, failures.
+
+:class:`Summary` takes the events one at a time as a run emits them and keeps only the numbers
+the summary needs (a few floats per finished request), so a summary-only run keeps no event.
+"""
 
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Iterable, Sequence
 
 
@@ -15,42 +20,71 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return s[k]
 
 
+class Summary:
+    """The summary of the ``req`` events added so far (:meth:`add`, one per request as it leaves)."""
+
+    __slots__ = ("ttft", "tpot", "e2e", "arrival", "finished", "failed", "aborted", "tokens", "preemptions",
+                 "first_arrival")
+
+    def __init__(self):
+        self.ttft, self.tpot, self.e2e = array("d"), array("d"), array("d")
+        self.arrival = array("d")  # of the finished requests, beside their ttft (for overloaded)
+        self.finished = self.failed = self.aborted = self.tokens = self.preemptions = 0
+        self.first_arrival: float | None = None
+
+    def add(self, e: dict) -> None:
+        arrival = e["arrival"]
+        if self.first_arrival is None or arrival < self.first_arrival:
+            self.first_arrival = arrival
+        self.preemptions += e["preemptions"]
+        status = e["status"]
+        if status == "failed":
+            self.failed += 1
+            return
+        if status == "aborted":
+            self.aborted += 1
+            return
+        self.finished += 1
+        n, first, finish = e["num_output"], e["first_token"], e["finish"]
+        self.tokens += n
+        self.ttft.append(first - arrival)
+        self.arrival.append(arrival)
+        self.e2e.append(finish - arrival)
+        if n > 1:
+            self.tpot.append((finish - first) / (n - 1))
+
+    def overloaded(self) -> bool:
+        """:func:`overloaded` of the requests added."""
+        return _overloaded(sorted(zip(self.arrival, self.ttft)))
+
+    def result(self, *, steps: int, end: float) -> dict:
+        s = self
+        finished, failed, aborted, tokens, preemptions = s.finished, s.failed, s.aborted, s.tokens, s.preemptions
+        ttft, tpot, e2e = s.ttft, s.tpot, s.e2e
+        span = end - (s.first_arrival or 0.0)
+        return {
+            "requests": finished + failed + aborted,
+            "finished": finished,
+            "failed": failed,
+            "aborted": aborted,
+            "steps": steps,
+            "sim_time_s": round(end, 6),
+            "throughput_rps": round(finished / span, 4) if span > 0 else 0.0,
+            "output_tok_s": round(tokens / span, 2) if span > 0 else 0.0,
+            "ttft_p50_ms": _ms(percentile(ttft, 50)),
+            "ttft_p99_ms": _ms(percentile(ttft, 99)),
+            "tpot_p50_ms": _ms(percentile(tpot, 50)),
+            "tpot_p99_ms": _ms(percentile(tpot, 99)),
+            "e2e_p50_ms": _ms(percentile(e2e, 50)),
+            "preemptions": preemptions,
+        }
+
+
 def summarize(req_events: Iterable[dict], *, steps: int, end: float) -> dict:
-    ttft, tpot, e2e = [], [], []
-    finished = failed = aborted = tokens = preemptions = 0
-    first_arrival = None
+    s = Summary()
     for e in req_events:
-        first_arrival = e["arrival"] if first_arrival is None else min(first_arrival, e["arrival"])
-        preemptions += e["preemptions"]
-        if e["status"] == "failed":
-            failed += 1
-            continue
-        if e["status"] == "aborted":
-            aborted += 1
-            continue
-        finished += 1
-        tokens += e["num_output"]
-        ttft.append(e["first_token"] - e["arrival"])
-        e2e.append(e["finish"] - e["arrival"])
-        if e["num_output"] > 1:
-            tpot.append((e["finish"] - e["first_token"]) / (e["num_output"] - 1))
-    span = end - (first_arrival or 0.0)
-    return {
-        "requests": finished + failed + aborted,
-        "finished": finished,
-        "failed": failed,
-        "aborted": aborted,
-        "steps": steps,
-        "sim_time_s": round(end, 6),
-        "throughput_rps": round(finished / span, 4) if span > 0 else 0.0,
-        "output_tok_s": round(tokens / span, 2) if span > 0 else 0.0,
-        "ttft_p50_ms": _ms(percentile(ttft, 50)),
-        "ttft_p99_ms": _ms(percentile(ttft, 99)),
-        "tpot_p50_ms": _ms(percentile(tpot, 50)),
-        "tpot_p99_ms": _ms(percentile(tpot, 99)),
-        "e2e_p50_ms": _ms(percentile(e2e, 50)),
-        "preemptions": preemptions,
-    }
+        s.add(e)
+    return s.result(steps=steps, end=end)
 
 
 def _ms(x: float | None) -> float | None:
@@ -66,8 +100,11 @@ def overloaded(req_events: Iterable[dict]) -> bool:
     and the last quarter of arrivals waits at least twice as long (median TTFT) as the first.
     A stable queue has a flat TTFT whatever its level; a run whose arrivals outpace the engine has
     one that rises until the arrivals stop. Needs 20 requests with a first token (else False)."""
-    pts = sorted((e["arrival"], e["first_token"] - e["arrival"]) for e in req_events
-                 if e.get("first_token") is not None and e["status"] not in ("failed", "aborted"))
+    return _overloaded(sorted((e["arrival"], e["first_token"] - e["arrival"]) for e in req_events
+                              if e.get("first_token") is not None and e["status"] not in ("failed", "aborted")))
+
+
+def _overloaded(pts: list[tuple[float, float]]) -> bool:
     if len(pts) < 20:
         return False
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]

@@ -7,6 +7,9 @@ judge that rule must catch it. They live here, beside the checkers, not in any u
 - async scheduling (the same; ``ASYNC`` names those that only an async run can show): no output
   placeholders, blocks cached without subtracting the placeholders, a batch queue of 1 under the
   AsyncScheduler, and outputs applied in the step that produced them;
+- macro-steps (tests/sim/test_macro_steps.py: the same trace with and without them): a decode run
+  (``Scheduler.decode_run``) that runs past a request's finish, or past the block the pool cannot
+  give (where the per-step loop preempts);
 - EPLB (runs/eplb.py ``run_check``; tests/sim/test_eplb.py): subclasses of ``EplbState`` whose
   worker publishes without syncing its stream, or all layers at once.
 - DP load balancing (runs/dp_lb.py; tests/diff/test_dp_lb_real.py): a ``DPLoadBalancer`` that weighs a
@@ -59,6 +62,20 @@ class _NoPlaceholders(Scheduler):
 
 class _CacheWithPlaceholders(Scheduler):
     cache_less_placeholders = False
+
+
+class _DecodeRunPastFinish(Scheduler):
+    decode_run_stops_at_finish = False
+
+
+class _DecodeRunPastPool(Scheduler):
+    decode_run_fits_the_pool = False
+
+
+MACRO_MUTANTS: dict[str, type[Scheduler]] = {
+    "macro-past-finish": _DecodeRunPastFinish,  # a macro-step ignores a finish inside it
+    "macro-past-pool": _DecodeRunPastPool,      # ... or a block the pool cannot give (a preemption)
+}
 
 
 class _QueueOfOne(EngineCore):

@@ -87,17 +87,23 @@ class _Pieces(dict):
 
 class _StepEncoder:
     """``dumps`` of a step event, with its ``sched`` {request id: tokens}, the bulk of a trace,
-    joined from cached pieces (the same bytes: ids repeat from step to step)."""
+    joined from cached pieces (the same bytes: ids repeat from step to step); the steps of a
+    macro-step share one ``sched`` (models/engine.py), encoded once."""
 
     def __init__(self):
         self.keys = _Pieces(lambda k: json.encoder.encode_basestring_ascii(k) + ":")
         self.ints = _Pieces(int.__repr__)
+        self.last: tuple[dict, str] | None = None  # the last sched and its text (a step's sched is never changed)
 
     def __call__(self, event: dict) -> str:
         sched = event["sched"]
         head, tail = dumps({**event, "sched": 0}).split('"sched":0', 1)  # the first "sched" is the top level's
-        items = ",".join(map(operator.concat, map(self.keys.__getitem__, sched), map(self.ints.__getitem__,
-                                                                                      sched.values())))
+        if self.last is not None and self.last[0] is sched:
+            items = self.last[1]
+        else:
+            items = ",".join(map(operator.concat, map(self.keys.__getitem__, sched), map(self.ints.__getitem__,
+                                                                                          sched.values())))
+            self.last = (sched, items)
         return f'{head}"sched":{{{items}}}{tail}'
 
 

@@ -53,7 +53,7 @@ from .eplb import EplbRankDeath, EplbState
 from .events import Emit
 from .kv_offload import TransferFailed
 from .request import RequestSpec
-from .step import StepResult
+from .step import DecodeBatch, StepResult
 from .step_time import step_seconds_of
 
 # Detection latency when no liveness profile is given: the real 0.26.0 engine on an H200
@@ -105,7 +105,8 @@ class EngineCore:
                  detection: Callable[[str], float] = lambda cause: DEFAULT_DETECTION_LATENCY,
                  invariants=None, full_trace: bool = True,
                  progress: Callable[[float], None] | None = None, eplb: EplbState | None = None,
-                 max_concurrent_batches: int = 1, cpu_costs=None, open_workload: bool = False):
+                 max_concurrent_batches: int = 1, cpu_costs=None, open_workload: bool = False,
+                 macro_steps: bool = True):
         self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         self.workload = list(workload)
@@ -131,6 +132,10 @@ class EngineCore:
         if max_concurrent_batches > 1 and (eplb is not None or self.kv_connector):
             raise ValueError("async scheduling (a batch queue) is not modelled with EPLB or a KV connector")
         self.max_concurrent_batches = max_concurrent_batches
+        # macro-steps: a core that can tell when nothing can change (Scheduler.decode_run) is advanced
+        # through such steps at once (_decode_steps); False keeps the per-step loop (the check of it)
+        self.macro_steps = (macro_steps and hasattr(core, "decode_run") and eplb is None and not self.kv_connector
+                            and self.apply_outputs_late)
         self.process = env.process(self._loop() if max_concurrent_batches == 1 else self.step_with_batch_queue())
 
     # ---- fault hooks (the fault injector calls them before the run) ----------------------
@@ -206,6 +211,10 @@ class EngineCore:
                         return
                     yield self._sleep(arrivals[nxt].arrival if nxt < len(arrivals) else None)
                     continue
+                run = self.macro_steps and core.decode_run()
+                if run:
+                    yield from self._decode_steps(*run)
+                    continue
                 res = core.schedule(now)
                 if not res.sched and not self.kv_connector:
                     wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
@@ -258,6 +267,10 @@ class EngineCore:
                 now = env.now
                 nxt = self._add_arrivals(now)
                 if core.has_unfinished_requests():
+                    run = self.macro_steps and len(batch_queue) == 1 and size == 2 and core.decode_run(batch_queue[0][2])
+                    if run:
+                        gpu_free = yield from self._decode_steps_queued(*run, batch_queue, gpu_free)
+                        continue
                     res = core.schedule(now)
                     if self.invariants is not None:
                         self.invariants.scheduled(stats.steps, now, now, res, stats.records)
@@ -305,6 +318,84 @@ class EngineCore:
             if stop.cause == "shutdown":  # SIGTERM while idle: abort now
                 self._abort()
             # killed: _kill fails the requests; the batches in the queue never come back
+
+    # ---- macro-steps ---------------------------------------------------------------------
+
+    def _decode_steps(self, k: int, batch: DecodeBatch):
+        """Up to k rounds of the core's decode run (Scheduler.decode_run: every running request
+        decodes one token and nothing else can change) in one go: each step's time from the
+        step-time backend on its shape (times the slow_steps factor), its trace event (the same
+        ``sched`` every step), then the core's state advanced once (advance_decode). The run
+        stops early where the per-step loop would see something new at a step's start: an
+        arrival (or a submission) or a requested shutdown; a kill interrupts it as it interrupts
+        a step. Invariants: clock, causality and limits every step, conservation and the core's
+        own check once, after it."""
+        env, stats, inv, arrivals = self.env, self.stats, self.invariants, self.workload
+        n, done, now = len(batch.sched), 0, env.now
+        while True:
+            dur = self._forward_time(now, batch)
+            self.stepping = True
+            yield env.timeout(dur)
+            self.stepping = False
+            if inv is not None:
+                inv.scheduled(stats.steps, now, env.now, batch, stats.records)
+            self._record_decode_step(now, dur, batch.sched, n)
+            done += 1
+            if self.progress is not None:
+                self.progress(env.now)
+            if done == k or self.shutdown_requested or (self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= env.now):
+                break
+            now = env.now
+            batch.context += n
+        self.core.advance_decode(done, now)
+        if inv is not None:
+            inv.after_step(stats.steps - 1, now, self.core, stats)
+
+    def _decode_steps_queued(self, k: int, batch: DecodeBatch, batch_queue: deque, gpu_free: float):
+        """:meth:`_decode_steps` with a batch queue of 2: each round schedules batch N+1 (its forward
+        starts when the GPU is free), blocks on batch N and applies it; the batch in flight at the
+        start is the run's first, the last one scheduled stays in flight; serving CPU costs are
+        paid as the per-step loop pays them. Returns when the GPU is free."""
+        env, stats, inv, arrivals, costs = self.env, self.stats, self.invariants, self.workload, self.cpu_costs
+        n, done = len(batch.sched), 0
+        prev_start, prev_end, _ = batch_queue.pop()
+        while True:
+            now = scheduled_at = env.now
+            if inv is not None:
+                inv.scheduled(stats.steps, now, now, batch, stats.records)
+            if costs is not None:  # the core is busy in schedule()
+                self.stepping = True
+                yield env.timeout(costs.schedule(batch))
+                self.stepping = False
+                now = env.now
+            start = gpu_free if gpu_free > now else now
+            gpu_free = end = start + self._forward_time(start, batch)
+            self.stepping = True
+            if prev_end > now:
+                yield env.timeout(prev_end - now)
+            if costs is not None:  # update_from_output()
+                yield env.timeout(costs.update(batch))
+            self.stepping = False
+            self._record_decode_step(prev_start, prev_end - prev_start, batch.sched, n)
+            done += 1
+            if self.progress is not None:
+                self.progress(env.now)
+            prev_start, prev_end = start, end
+            if done == k or self.shutdown_requested or (self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= env.now):
+                break
+            batch.context += n
+        batch_queue.appendleft((prev_start, prev_end, self.core.advance_decode(done, scheduled_at, batch.sched)))
+        if inv is not None:
+            inv.after_step(stats.steps - 1, prev_start, self.core, stats)
+        return gpu_free
+
+    def _record_decode_step(self, start: float, dur: float, sched: dict[str, int], n: int) -> None:
+        """What :meth:`_account` records of a decode run's step: tokens, the step, its event."""
+        stats = self.stats
+        stats.tokens += n
+        stats.steps += 1
+        if self.full_trace:
+            self.emit(events.step(stats.steps - 1, start, dur, sched))
 
     def _next_wakeup(self, now: float, next_arrival: float | None) -> float | None:
         times = [w for w in (src.next_event(now) for src in self.wakeups) if w is not None and w > now]

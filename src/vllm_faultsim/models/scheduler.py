@@ -48,7 +48,7 @@ from dataclasses import dataclass, fields
 from .request import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
 from .kv_cache import BlockPool, EncoderCacheManager
-from .step import Finished, StepResult, hash_str, sampled_token
+from .step import DecodeBatch, Finished, StepResult, hash_str, sampled_token
 
 WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
 WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # a KV load from the connector in flight
@@ -498,6 +498,105 @@ class Scheduler:
             req.status = FINISHED
             self._free_request(req)
         return finished
+
+    # ---- macro-steps: rounds in which nothing can change (models/engine.py) --------------
+
+    # what bounds a decode run (a mutant drops one; the macro-step equality check must catch it)
+    decode_run_stops_at_finish = True
+    decode_run_fits_the_pool = True
+
+    def decode_run(self, in_flight: StepResult | None = None) -> tuple[int, DecodeBatch] | None:
+        """How many of the next schedule() + update_from_output() rounds are certain to schedule one
+        decode token for every running request, in order, and nothing else, so that the engine
+        can take them at once (:meth:`advance_decode`): no request is admitted (the queues are
+        empty, or ``max_num_seqs`` or the token budget stops the WAITING loop before it looks),
+        deferred, preempted (every new block of the run fits the free queue), clipped (by
+        ``max_model_len``, the budget or the async ``max_tokens`` rule) or finished (its output
+        count stays below ``finish_at``), and no encoder input, KV connector or prefix-cache
+        bookkeeping is involved. ``in_flight``: the batch an async engine has in flight, whose
+        output is the run's first update (it must be such a round's batch itself); the rounds
+        are then schedule(N+1), update(N). Returns (k, the first round's batch), or None when the
+        next round is not such a round."""
+        cfg, running = self.config, self.running
+        n = len(running)
+        budget = cfg.max_num_batched_tokens
+        if (not n or n > budget or self.kv_connector is not None or self.caching
+                or ((self.waiting or self.skipped_waiting) and n < cfg.max_num_seqs and n < budget)):
+            return None
+        lag = 0  # the first round's computed tokens are those before the batch in flight, + 1
+        if in_flight is not None:
+            sched = in_flight.sched
+            if (len(sched) != n or in_flight.sampling is None or len(in_flight.sampling) != n
+                    or sum(sched.values()) != n or in_flight.preempted or in_flight.deferred or in_flight.enc
+                    or in_flight.ec_loaded or in_flight.kv
+                    or any(rid != req.req_id for rid, req in zip(sched, running))):
+                return None
+            lag = 1
+        oldest = running[0]  # the likeliest to finish in the next update
+        if self.decode_run_stops_at_finish and oldest.finish_at - oldest.num_output_tokens <= 1:
+            return None
+        k = limit = cfg.max_model_len - 1
+        bs = cfg.block_size
+        first_block = [0] * bs  # requests by the round (mod bs) in which they take their first new block
+        context = 0
+        for req in reversed(running):  # the newest first: the likeliest to be in its prefill
+            c, ph = req.num_computed_tokens, req.num_output_placeholders
+            if req.mm or req.num_tokens + ph - c != 1 or c - lag < req.num_prompt_tokens:
+                return None  # not one decode token past the prompt (or not in the batch in flight)
+            if self.decode_run_stops_at_finish:
+                k = min(k, req.finish_at - req.num_output_tokens - 1)
+            k = min(k, limit - c)
+            if ph:  # async: not scheduled once what is in flight reaches max_tokens
+                k = min(k, req.num_prompt_tokens + req.max_tokens - c - 2 + ph)
+            if k < 1:
+                return None
+            first_block[-c % bs] += 1
+            context += c
+        free = len(self.pool.free)
+        if self.decode_run_fits_the_pool and self._new_blocks(first_block, k) > free:
+            lo, hi = 0, k  # the longest run whose new blocks fit: no preemption in it
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if self._new_blocks(first_block, mid) <= free else (lo, mid - 1)
+            if not lo:
+                return None
+            k = lo
+        return k, DecodeBatch(sched if in_flight is not None else {req.req_id: 1 for req in running}, context)
+
+    @staticmethod
+    def _new_blocks(first_block: list[int], k: int) -> int:
+        """Blocks allocated in k rounds by requests that take one every block_size rounds from
+        round f (``first_block[f]`` of them)."""
+        bs = len(first_block)
+        return sum(cnt * -(-(k - f) // bs) for f, cnt in enumerate(first_block) if cnt and k > f)
+
+    def advance_decode(self, k: int, now: float, sched: dict[str, int] | None = None) -> StepResult | None:
+        """Apply k rounds of a :meth:`decode_run` at once (the last one scheduled at `now`): every
+        running request computes and samples k more tokens, its new blocks allocated in the order
+        the rounds would allocate them. ``sched`` (the run's batch): the rounds were
+        schedule(N+1), update(N) (async); returns the batch the last round scheduled, still in flight."""
+        running, pool, bs = self.running, self.pool, self.config.block_size
+        by_round: list[list[str]] = [[] for _ in range(bs)]
+        for req in running:
+            c = req.num_computed_tokens
+            by_round[-c % bs].append(req.req_id)
+            req.num_computed_tokens = c + k
+            req.num_tokens += k
+            req.num_output_tokens += k
+        allocate = pool.allocate
+        for r in range(k):
+            for rid in by_round[r % bs]:
+                allocate(rid, 1)
+        if self.ec_connector is not None:
+            self.ec_connector.now = now
+        if sched is None:
+            return None
+        res = StepResult()
+        res.sched = sched
+        res.computed_before = {req.req_id: req.num_computed_tokens - 1 for req in running}
+        res.prompt_len = {req.req_id: req.num_prompt_tokens for req in running}
+        res.sampling = set(res.sched)
+        return res
 
     def _free_encoder_inputs(self, req: Request) -> None:
         ids = self.encoder_cache.request_cached_ids.get(req.req_id)

@@ -86,3 +86,19 @@ class Finished:
     req_id: str
     status: str        # "length" | "stop"
     num_output: int
+
+
+@dataclass(slots=True)
+class DecodeBatch:
+    """A step of a macro-step (models/engine.py): every request of ``sched`` decodes one token,
+    with ``context`` tokens computed before it in all; the shape of the StepResult such a step
+    would have, for the step-time backends."""
+
+    sched: dict[str, int]
+    context: int
+
+    def shape(self) -> tuple[int, int, int]:
+        return 0, len(self.sched), self.context
+
+    def batch_shape(self) -> tuple[int, int, int, int, int]:
+        return 0, 0, 0, len(self.sched), self.context

@@ -28,7 +28,7 @@ from ...models import step_time as step_time_backends
 from .. import trace_formats
 from .. import workload as wl
 from ..invariants import Invariants, InvariantViolation
-from ..metrics import summarize
+from ..metrics import Summary
 from ..named_setup import SetupError, apply_setup
 from ..trace import Trace, header
 
@@ -268,6 +268,7 @@ def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
 class RunResult:
     summary: dict
     events: list[dict]
+    overloaded: bool = False  # metrics.overloaded of the run's requests (kept or not)
 
 
 def prefetch_schedule(specs, plan: FaultPlan) -> PrefetchSchedule:
@@ -280,13 +281,22 @@ def prefetch_schedule(specs, plan: FaultPlan) -> PrefetchSchedule:
 def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace_path: str | Path | None = None,
                keep: bool | frozenset[str] = True, full_trace: bool = True, prefetch: PrefetchSchedule | None = None,
                wakeups: tuple = (), progress: Callable[[float], None] | None = None,
-               engine_cls: type[EngineCore] = EngineCore) -> RunResult:
+               engine_cls: type[EngineCore] = EngineCore, macro_steps: bool = True) -> RunResult:
     """Drive `core` through the engine loop over `specs` under `plan` (its faults armed by the
     simulator's injector); write the trace; return summary + events."""
     step_time = step_time_model(cfg)
     injector = SimInjector(plan)
-    kinds = True if keep is True else frozenset(keep or ()) | {"req"}  # req events feed the summary
+    # False keeps the req events (what callers report on); a set keeps those kinds only, frozenset()
+    # none: the summary streams (metrics.Summary), so a summary-only run holds what is in flight
+    kinds = True if keep is True else frozenset({"req"}) if keep is False else frozenset(keep)
+    requests = Summary()
     with Trace(trace_path, keep=kinds) as trace:
+        emit_trace = trace.emit
+
+        def emit(event: dict) -> None:
+            if event["kind"] == "req":
+                requests.add(event)
+            emit_trace(event)
         trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()},
                           clock=step_time_backends.describe(step_time)))
         env = simpy.Environment()
@@ -298,11 +308,11 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
             injector.arm_eplb(eplb)
         elif injector.eplb_faults():
             raise ConfigError(f"fault {injector.eplb_faults()[0].kind} needs an eplb section in the run config")
-        engine = engine_cls(env, core, specs, step_time, trace.emit, eplb=eplb,
+        engine = engine_cls(env, core, specs, step_time, emit, eplb=eplb,
                             wakeups=((prefetch,) if prefetch else ()) + tuple(wakeups),
                             detection=detection(cfg, injector),
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
-                            full_trace=full_trace, progress=progress,
+                            full_trace=full_trace, progress=progress, macro_steps=macro_steps,
                             max_concurrent_batches=2 if cfg.scheduler.async_scheduling else 1,
                             **({"cpu_costs": step_time_backends.serving_costs(cfg.serving)} if cfg.serving else {}))
         injector.arm_engine(engine)
@@ -317,17 +327,18 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
         if pending:
             raise InvariantViolation(engine.stats.steps, env.now, f"{len(pending)} KV offload jobs never retired "
                                                                   f"at the end of the run: {pending[:5]}")
-        summary = summarize(trace.of_kind("req"), steps=engine.stats.steps, end=env.now)
+        summary = requests.result(steps=engine.stats.steps, end=env.now)
         if engine.kv_connector:
             summary.update(engine.kv_summary())
         trace.emit({"kind": "end", "t": round(env.now, 9), "summary": summary})
-    return RunResult(summary, trace.events)
+    return RunResult(summary, trace.events, requests.overloaded())
 
 
 def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str | Path | None = None,
              keep: bool | frozenset[str] = True, full_trace: bool = True, specs=None,
-             progress: Callable[[float], None] | None = None) -> RunResult:
-    """Run the simulator on `cfg` (or on explicit `specs`) under `plan`."""
+             progress: Callable[[float], None] | None = None, macro_steps: bool = True) -> RunResult:
+    """Run the simulator on `cfg` (or on explicit `specs`) under `plan`. ``macro_steps=False``
+    steps the engine one step at a time (the same decisions and trace: models/engine.py)."""
     plan = plan or FaultPlan()
     injector = SimInjector(plan)
     specs = build_workload(cfg) if specs is None else specs
@@ -340,7 +351,7 @@ def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str |
     else:
         core = Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy))
     return run_engine(core, specs, cfg, plan, side="sim", trace_path=trace_path, keep=keep,
-                      full_trace=full_trace, prefetch=prefetch, progress=progress)
+                      full_trace=full_trace, prefetch=prefetch, progress=progress, macro_steps=macro_steps)
 
 
 def with_scheduler(cfg: RunConfig, **changes) -> RunConfig:
