@@ -210,3 +210,14 @@ def test_ray_and_serial_identical(tmp_path, ray_cluster):
     assert study.run_study(dict(st), tmp_path / "ss", progress=False, workers=1) == \
         study.run_study(dict(st), tmp_path / "sr", progress=False, workers=2)
     assert (tmp_path / "ss" / "study.csv").read_bytes() == (tmp_path / "sr" / "study.csv").read_bytes()
+
+
+def test_the_readme_examples_load():
+    """The README's worked capacity questions (examples/search/*.yaml) are valid specs."""
+    from pathlib import Path
+
+    specs = sorted((Path(__file__).parents[2] / "examples" / "search").glob("*.yaml"))
+    assert len(specs) == 3
+    for path in specs:
+        spec = search.load_search(str(path))
+        assert spec["space"]["system"] == ["h100_sxm", "h200_sxm", "b200_sxm"]

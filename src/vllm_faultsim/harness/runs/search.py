@@ -544,9 +544,10 @@ def plot(rows: list[dict], spec: dict, path: Path) -> bool:
         if met:
             b = min(met, key=lambda r: (r["cost_per_hour"], -r["attainment"]))
             ax.scatter([b["cost_per_hour"]], [b["attainment"]], marker="*", s=250, color=color, edgecolor="k",
-                       zorder=5, label=f"cheapest meeting ({scenario}): {b['system']} x{b['gpus']} GPUs")
+                       zorder=5, label=f"cheapest meeting ({scenario}): {_label(b, spec['topology'])}, "
+                                       f"{b['gpus']} GPUs")
         for r in rs:
-            ax.annotate(f"{r['system'].split('_')[0]} tp{r['tensor_parallel_size']}", (r["cost_per_hour"],
+            ax.annotate(_label(r, spec["topology"]).rsplit(" seqs", 1)[0], (r["cost_per_hour"],
                         r["attainment"]), fontsize=6, alpha=0.7, xytext=(3, 3), textcoords="offset points")
     if "goodput" in spec["slo"]:
         ax.axhline(spec["slo"]["goodput"], color="gray", ls="--", lw=1, label=f"goodput SLO {spec['slo']['goodput']}")
