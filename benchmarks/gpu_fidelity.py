@@ -74,15 +74,20 @@ def cmd_summary(args) -> int:
     if dev:
         say(f"device: {dev.get('device')} ({dev.get('device_memory_gib')} GiB), {dev.get('cpu_count')} CPUs; "
             f"vLLM {dev.get('vllm')}, torch {dev.get('torch')}, CUDA {dev.get('cuda')}")
-    j = _load(d, "decisions.json")
-    if j:
-        say(f"decisions (tiny-llama, virtual clock): {j['requests']} requests, {j['steps']} steps, "
-            f"{j['preemptions']} preemptions, trace identical to the simulator: {j['identical']}; "
-            f"real step wall p50/p99 {j['real_step_wall_ms']['p50']}/{j['real_step_wall_ms']['p99']} ms")
+    for name in ("decisions_async.json", "decisions.json"):
+        j = _load(d, name)
+        if j:
+            say(f"decisions ({j.get('mode', 'sync')} scheduling, tiny-llama, virtual clock): {j['requests']} requests, "
+                f"{j['steps']} steps, {j['preemptions']} preemptions, trace identical to the simulator: "
+                f"{j['identical']}; real step wall p50/p99 {j['real_step_wall_ms']['p50']}/"
+                f"{j['real_step_wall_ms']['p99']} ms")
     j = _load(d, "engine_kill.json")
     if j:
         k = j["detect_s"]
-        say(f"engine kills: {j['completed']}/{j['trials']} trials ({j['parallel_engines']} engines at a time), "
+        mode = "async" if j.get("async_scheduling") else "sync"
+        say(f"engine kills ({mode} scheduling on both sides; the engine's resolved mode: "
+            f"{j.get('engine_async_scheduling')}): {j['completed']}/{j['trials']} trials "
+            f"({j['parallel_engines']} engines at a time), "
             f"errors {len(j['errors'])}; predicted detection " + ", ".join(
                 f"{sig} {1000 * p:.0f} ms (tolerance {1000 * j['tolerance_s'][sig]:.0f} ms)"
                 for sig, p in j["predicted_detection_s"].items()))
@@ -96,7 +101,11 @@ def cmd_summary(args) -> int:
         for sig, fates in j["fates"].items():
             say(f"  fates {sig}: {', '.join(sorted({f.split(':')[1] for f in fates}))}; exit codes "
                 f"{j['exit_codes'][sig]}")
-        say(f"  fates vs simulator (SIGKILL, exit1, exit0): {len(j['fate_mismatches_vs_sim'])} mismatches; "
+        if j.get("tokens_seen_before_death"):
+            t = j["tokens_seen_before_death"]
+            say(f"  output tokens an in-flight request had streamed before EngineDeadError: n={t['n']} "
+                f"min={t['min']} max={t['max']}")
+        say(f"  fates vs simulator (every request, every signal): {len(j['fate_mismatches_vs_sim'])} mismatches; "
             f"after detection a new request gets {', '.join(j['after_death'])}")
     j = _load(d, "ec_deferral.json")
     if j:

@@ -1,20 +1,26 @@
 """Engine-core deaths on the GPU (PR #35862): detection latency and every in-flight request's fate.
 
 Each trial starts the serving layout (``AsyncLLM``, the engine core in its own process, tiny-llama,
-dummy weights), sends 6 long requests and 1 short one, and kills the engine core as the trial's
+dummy weights) with async scheduling on, as vLLM 0.26.0 serves by default (``AsyncScheduler`` and
+``EngineCore.step_with_batch_queue``: while the long requests decode, one batch executes and the
+next is queued, so every kill lands with two batches in flight), sends 6 long requests and 1
+short one, and kills the engine core as the trial's
 fault plan says (one ``kill_engine`` fault, applied by ``faults.real_injector.EngineCoreKill``), ``at``
 seconds in: SIGKILL (20 trials), an exit with code 1 and with code 0 from inside the engine core
 (4 trials each, ``VLLM_FAULTSIM_EXIT_FILE``), SIGTERM (4 trials). Trials run 4 at a time, each a
 fresh engine.
 Measured: kill -> the client's ``engine_dead`` flag (the liveness monitor), kill -> each request's
-failure, the exit code, and what a new request does after detection.
+failure, the exit code, the output tokens each request had streamed to the client, the engine's
+resolved scheduling mode, and what a new request does after detection.
 
 Compared with the simulator's prediction (the same workload and a ``kill_engine`` plan at the
-same time, ``RunConfig.liveness`` = the packaged ``liveness_h100`` profile):
+same time, the same async scheduling: models/engine.py ``step_with_batch_queue``, whose queued
+batches never come back from a kill; ``RunConfig.liveness`` = the packaged ``liveness_h100`` profile):
 - Fates, identical per request: SIGKILL, exit1, exit0: the short request finished on both sides,
   every long one failed (the real side: ``EngineDeadError``); SIGTERM: vLLM 0.26 shuts down
-  gracefully (``shutdown_timeout`` 0: the long ones are aborted at the end of the step in flight,
-  exit code 0), as the simulator's SIGTERM path does. None hangs (30 s) and none is lost.
+  gracefully (``shutdown_timeout`` 0: the long ones are aborted at the end of the
+  ``step_with_batch_queue`` call in flight, the batches still queued are drained with their tokens
+  dropped, exit code 0), as the simulator's SIGTERM path does. None hangs (30 s) and none is lost.
 - Latency: |real p50 - profile p50| <= 100 ms for SIGKILL, <= 500 ms for SIGTERM, and real p99 of
   the crashes <= 1 s. The profile was measured on an H100 host; the detection path is event-driven
   (process sentinel) and what is left is the kernel tearing down the dead process and its GPU
@@ -37,9 +43,9 @@ from vllm_faultsim.harness.runs.simulate import RunConfig, liveness_model, simul
 from vllm_faultsim.harness.workload import RequestSpec
 from vllm_faultsim.models.scheduler import SchedulerConfig
 
-# synchronous scheduling on both sides, as measured: kills with two batches in flight are issue 11 item 5
+# async scheduling on both sides (vLLM 0.26.0's default): kills with two batches in flight
 SCHED = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=512, block_size=16, num_gpu_blocks=2048,
-                        max_model_len=4352, async_scheduling=False)
+                        max_model_len=4352, async_scheduling=True)
 SPECS = [RequestSpec("short", 0.0, 16, 2)] + [RequestSpec(f"long{i}", 0.01 * i, 64, 4000) for i in range(6)]
 
 
@@ -119,7 +125,7 @@ def sim_fates(sig: str, at: float, cfg: RunConfig) -> tuple[dict, dict]:
 
 def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp_path):
     kw = RE.engine_args(SCHED, model=model_dirs.tiny_llama(), gpu_memory_utilization=0.04,
-                        kv_cache_memory_bytes=64 << 20)
+                        kv_cache_memory_bytes=64 << 20, async_scheduling=SCHED.async_scheduling)
     results = kill_trials_parallel(kw, SPECS, PLANS, workers=WORKERS, workdir=tmp_path)
     cfg = RunConfig(scheduler=SCHED)
     profile = liveness_model(cfg)
@@ -147,9 +153,12 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
     exits, p_exit0 = lat({"exit0"})
     _, p_term = lat({"SIGTERM"})
     req_fail = [v for r in rows if r["signal"] == "SIGKILL" for v in r["fail_s"].values()]
+    seen = [r["tokens_seen"][k] for r in rows if r["signal"] != "SIGTERM" for k in r["in_flight"]]
     summary = {
         "device": device, "trials": len(PLANS), "completed": len(rows), "errors": errors,
-        "parallel_engines": WORKERS, "predicted_detection_s": {"SIGKILL": predicted, "SIGTERM": predicted_term},
+        "parallel_engines": WORKERS, "async_scheduling": SCHED.async_scheduling,
+        "engine_async_scheduling": sorted({r["async_scheduling"] for r in rows}),
+        "predicted_detection_s": {"SIGKILL": predicted, "SIGTERM": predicted_term},
         "tolerance_s": {"SIGKILL": TOLERANCE_S, "SIGTERM": TOLERANCE_TERM_S},
         "detect_s": {"SIGKILL": {"n": len(sigkill), **p_kill}, "SIGKILL+exit": {"n": len(crash), **p_crash},
                      "exit1": p_exit, "exit0": p_exit0, "SIGTERM": p_term},
@@ -157,6 +166,7 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
         "exit0_named_failed": sorted({str(r.get("failed_proc_name")) for r in rows if r["signal"] == "exit0"}),
         "request_fail_after_kill_s_SIGKILL": {"n": len(req_fail),
                                               **{k: round(v, 4) for k, v in percentiles(req_fail).items()}},
+        "tokens_seen_before_death": {"n": len(seen), "min": min(seen, default=None), "max": max(seen, default=None)},
         "fates": {sig: sorted({f"{k}:{v}" for r in rows if r["signal"] == sig for k, v in r["fates"].items()})
                   for sig in SIGNALS},
         "exit_codes": {sig: sorted({r["exitcode"] for r in rows if r["signal"] == sig}) for sig in SIGNALS},
@@ -166,8 +176,9 @@ def test_engine_deaths_detected_and_every_request_fails(results_dir, device, tmp
     write_liveness_profile(results_dir, device, rows)
     assert not errors, errors[:3]
     assert len(sigkill) >= 20
-    # none hangs, none is lost
+    # the engine ran in the simulator's mode; none hangs, none is lost
     for r in rows:
+        assert r["async_scheduling"] == SCHED.async_scheduling, r
         assert "hung" not in r["fates"].values(), r
         assert set(r["fates"]) == {s.req_id for s in SPECS}, r
     for r in rows:

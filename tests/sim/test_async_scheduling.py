@@ -102,3 +102,27 @@ def test_sigterm_with_two_batches_in_flight_aborts_after_the_step_in_progress():
         if signal == "SIGTERM":  # the requests in flight are aborted; later arrivals rejected or failed
             assert res.summary["aborted"] > 0
         assert res.summary["finished"] + res.summary["failed"] + res.summary["aborted"] == res.summary["requests"]
+
+
+def test_sigterm_waits_for_the_batch_queue_call_in_progress():
+    """vLLM's SIGTERM handler only sets ``shutdown_state``: ``run_busy_loop`` calls ``_handle_shutdown``
+    between two ``step_with_batch_queue`` calls, so the call in progress (its ``schedule()``, the
+    block on the oldest batch, ``update_from_output()``) ends and sends its outputs first. With the
+    serving section's CPU costs: a SIGTERM during the ``schedule()`` or the ``update_from_output()``
+    of the call that applies a request's last batch lets the request finish; one before that call
+    aborts it (the batch's tokens are dropped)."""
+    cfg = config_from_dict({"serving": {"schedule_base_s": 0.004, "update_base_s": 0.003}})
+    specs = (RequestSpec("r0", 0.0, 16, 3), RequestSpec("r1", 0.0, 16, 12))
+    base = simulate(cfg, specs=specs).events
+    *_, prev, last = [s for s in steps(base) if "r0" in s["sched"]]
+    assert last["finished"] == ["r0"]
+    call_start = prev["t"] + prev["dur"] + 0.003  # the call before ends with prev's update_from_output
+    finish = next(e["finish"] for e in base if e["kind"] == "req" and e["req"] == "r0")
+
+    def r0_at_sigterm(at):
+        plan = validate_plan([{"kind": "kill_engine", "at": round(at, 6), "signal": "SIGTERM"}])
+        return fates(simulate(cfg, plan, specs=specs).events)["r0"][0]
+
+    assert r0_at_sigterm(finish - 0.001) == "length"      # in update_from_output()
+    assert r0_at_sigterm(call_start + 0.001) == "length"  # in schedule(), before the block on r0's batch
+    assert r0_at_sigterm(call_start - 0.001) == "aborted"

@@ -275,7 +275,9 @@ class EngineCore:
                     if self.invariants is not None:
                         self.invariants.scheduled(stats.steps, now, now, res, stats.records)
                     if self.cpu_costs is not None and res.sched:  # the core is busy in schedule()
+                        self.stepping = True  # a SIGTERM waits for this call to end
                         yield env.timeout(self.cpu_costs.schedule(res))
+                        self.stepping = False
                         now = env.now
                     start = gpu_free if gpu_free > now else now
                     gpu_free = end = start + self._forward_time(start, res)
@@ -306,12 +308,12 @@ class EngineCore:
                     yield self._sleep(arrivals[nxt].arrival if nxt < len(arrivals) else None)
                     continue
                 start, end, res = self.in_step = batch_queue.pop()  # block on the oldest batch
+                self.stepping = True  # a SIGTERM is handled after this call, its output applied (_handle_shutdown)
                 if end > now:
-                    self.stepping = True
                     yield env.timeout(end - now)
-                    self.stepping = False
                 if self.cpu_costs is not None and res.sched:  # update_from_output(); outputs leave after it
                     yield env.timeout(self.cpu_costs.update(res))
+                self.stepping = False
                 if id(res) not in done:
                     self._account(res, core.update_from_output(res, env.now), start, end - start)
         except simpy.Interrupt as stop:

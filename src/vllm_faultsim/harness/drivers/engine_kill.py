@@ -36,6 +36,8 @@ class KillResult:
     exitcode: int | None
     in_flight: list[str]        # requests neither finished nor failed when the kill was sent
     after_death: str            # what a new generate() did after detection
+    async_scheduling: bool      # the engine's resolved mode (async: two batches in flight)
+    tokens_seen: dict[str, int]  # req -> output tokens the client had received when generate() ended
     failed_proc_name: str | None = None  # what the liveness monitor named (None: a clean exit)
 
 
@@ -51,6 +53,7 @@ async def _kill_trial_async(engine_kwargs: dict, specs: list[RequestSpec], kill:
     proc = resources.engine_manager.processes[0]
     fates: dict[str, str] = {}
     ended: dict[str, float] = {}
+    seen: dict[str, int] = {}
     t_kill = [None]
 
     async def one(spec: RequestSpec, t0: float):
@@ -59,6 +62,7 @@ async def _kill_trial_async(engine_kwargs: dict, specs: list[RequestSpec], kill:
             last = None
             async for out in llm.generate(prompt_for(spec), sampling_for(spec), request_id=spec.req_id):
                 last = out
+                seen[spec.req_id] = len(out.outputs[0].token_ids)
             reason = last.outputs[0].finish_reason if last is not None else None
             fates[spec.req_id] = "aborted" if reason == "abort" else "finished"
         except EngineDeadError:
@@ -113,7 +117,8 @@ async def _kill_trial_async(engine_kwargs: dict, specs: list[RequestSpec], kill:
         Path(exit_file).unlink(missing_ok=True)
     fail_s = {r: ended[r] - t_kill[0] for r in in_flight if r in ended}
     return KillResult(kill.signal, proc.pid, kill.at, detect[0], {r: fates.get(r, "hung") for r in (s.req_id for s in specs)},
-                      fail_s, exitcode, in_flight, after, failed_name)
+                      fail_s, exitcode, in_flight, after, bool(llm.vllm_config.scheduler_config.async_scheduling),
+                      {s.req_id: seen.get(s.req_id, 0) for s in specs}, failed_name)
 
 
 def kill_trial(engine_kwargs: dict, specs: list[RequestSpec], plan: FaultPlan, *, exit_file: str | None = None,

@@ -82,16 +82,19 @@ def engine_settings(args) -> dict:
 
 
 def scheduler_config(settings: dict):
+    """The simulator's scheduler config of the engine in ``settings``, in its scheduling mode (the
+    held-out run is simulated as the engine ran it: sync, since the calibration engine is)."""
     from ...models.scheduler import SchedulerConfig
     return SchedulerConfig(max_num_seqs=settings["max_num_seqs"],
                            max_num_batched_tokens=settings["max_num_batched_tokens"],
                            block_size=settings["block_size"], num_gpu_blocks=settings["num_gpu_blocks"],
-                           max_model_len=settings["max_model_len"])
+                           max_model_len=settings["max_model_len"], async_scheduling=settings["async_scheduling"])
 
 
 def open_engine(model: Path, settings: dict, *, dry_run: bool = False):
     extra = {"distributed_executor_backend": DRYRUN_EXECUTOR} if dry_run else {}
-    kw = RE.engine_args(scheduler_config(settings), model=model, dtype=settings["dtype"],
+    sched = scheduler_config(settings)
+    kw = RE.engine_args(sched, model=model, dtype=settings["dtype"], async_scheduling=sched.async_scheduling,
                         gpu_memory_utilization=settings["gpu_memory_utilization"], **extra)
     return RE.open_llm(**kw)
 
