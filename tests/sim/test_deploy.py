@@ -67,13 +67,13 @@ def test_same_seed_same_trace_bytes_and_a_replay_from_the_trace(tmp_path):
 
 def test_a_dp_rank_death_takes_the_whole_server_down_and_it_restarts():
     dep = DeploymentConfig(data_parallel_size=2, restart_s=3.0, retry=RetryPolicy(attempts=1))
-    res = _run(dep, (_kill(6.0, rank=1),))
+    res = _run(dep, (_kill(8.0, rank=1),))
     (down,) = _of(res, "proc", event="server_down")
     (up,) = _of(res, "proc", event="server_up")
-    assert down["rank"] == 1 and 6.0 < down["t"] < 6.5 and up["t"] == pytest.approx(down["t"] + 3.0)
+    assert down["rank"] == 1 and 8.0 < down["t"] < 8.5 and up["t"] == pytest.approx(down["t"] + 3.0)
     tries = _of(res, "req")
-    assert {e["rank"] for e in tries if e["arrival"] < 6.0} == {0, 1}  # the DP LB used both ranks
-    in_flight = [e for e in tries if e["arrival"] < 6.0 and e["finish"] >= down["t"]]
+    assert {e["rank"] for e in tries if e["arrival"] < 8.0} == {0, 1}  # the DP LB used both ranks
+    in_flight = [e for e in tries if e["arrival"] < 8.0 and e["finish"] >= down["t"]]
     assert {e["rank"] for e in in_flight} == {0, 1}  # both ranks had work when rank 1 died ...
     assert all(e["status"] == "failed" and e["finish"] == down["t"] for e in in_flight)  # ... all failed
     assert [e["fault"].get("by") for e in _of(res, "fault")] == [None, "server_shutdown"]  # rank 0 shut down
@@ -84,9 +84,25 @@ def test_a_dp_rank_death_takes_the_whole_server_down_and_it_restarts():
     assert res["rejected"] == len(between)
 
 
+def test_a_dense_models_dp_ranks_send_no_counts_so_the_client_balances_on_its_own_increments():
+    """vLLM 0.26.0: only MoE ranks (DPEngineCoreProc) send counts; a dense model's coordinator
+    publishes zeros (at 50 ms, then every 5 s), so between two publications the client's picks
+    differ by at most one per rank whatever the ranks' load."""
+    res = _run(DeploymentConfig(data_parallel_size=2, is_moe=False), cfg=RunConfig(workload={
+        "kind": "poisson", "rate": 60.0, "duration": 20.0, "prompt": 256, "output": 64}))
+    windows: dict[int, list[int]] = {}
+    for e in _of(res, "req"):
+        w = windows.setdefault(int((e["arrival"] - 0.05) // 5.0) if e["arrival"] >= 0.05 else -1, [0, 0])
+        w[e["rank"]] += 1
+    assert len(windows) >= 4 and all(abs(a - b) <= 1 for a, b in windows.values())
+    moe = _run(DeploymentConfig(data_parallel_size=2, is_moe=True), cfg=RunConfig(workload={
+        "kind": "poisson", "rate": 60.0, "duration": 20.0, "prompt": 256, "output": 64}))
+    assert [e["rank"] for e in _of(moe, "req")] != [e["rank"] for e in _of(res, "req")]  # the counts matter
+
+
 def test_the_one_rank_mutant_is_caught():
     dep = DeploymentConfig(data_parallel_size=2, restart_s=3.0, retry=RetryPolicy(attempts=1))
-    res = simulate_deployment(dep, CFG, seed=1, plans=(_kill(6.0, rank=1),), summary_only=False,
+    res = simulate_deployment(dep, CFG, seed=1, plans=(_kill(8.0, rank=1),), summary_only=False,
                               server_cls=DEPLOYMENT_MUTANTS["dp-death-one-rank"])
     problems = deployment_problems(res["events"])
     assert problems and any("ran on past the server's death" in p for p in problems)

@@ -4,9 +4,15 @@ A :class:`Server` is one vLLM server (one API server and its ``AsyncLLM`` client
 ``data_parallel_size`` engine cores, the DP ranks, each an :class:`~.engine.EngineCore` with its
 own scheduler, built by the caller's ``build_rank`` and fed requests as they arrive
 (``EngineCore.submit``). With more than one rank, each request goes to the rank the DP
-load-balancing twin picks (models/dp_lb.py, ``DPLBAsyncMPClient.get_core_engine_for_request``),
-from the ranks' (waiting, running) counts published every ``STATS_UPDATE_INTERVAL`` plus the
-client's local increments in between.
+load-balancing twin picks (models/dp_lb.py, ``DPLBAsyncMPClient.get_core_engine_for_request``)
+from the counts the DP coordinator twin (``DPCoordinator``) last published, plus the client's
+local increments since. What the coordinator publishes follows vLLM 0.26.0 (engine/core.py): with
+``is_moe`` the ranks are ``DPEngineCoreProc``s that send their (waiting, running) when it changed,
+after every step (``_maybe_publish_request_counts``), and the coordinator publishes changed
+counts at most every ``STATS_UPDATE_INTERVAL`` (100 ms); a dense model's ranks are plain
+``EngineCoreProc``s that send nothing, so the coordinator publishes zeros (50 ms after the start,
+then every 5 s) and the client balances on its own increments. Not modelled: an MoE server's
+lock-step waves (idle ranks running dummy batches beside busy ones).
 
 Deaths, as vLLM 0.26.0's engine-core monitor handles them (models/engine_procs.py, PR #35862):
 when the liveness monitor sees a rank's exit (the rank's detection latency after it died), the
@@ -30,14 +36,15 @@ from typing import Callable
 import simpy
 
 from . import events
-from .dp_lb import STATS_UPDATE_INTERVAL, DPLoadBalancer
+from .dp_lb import DPCoordinator, DPLoadBalancer
 from .engine import EngineCore
 from .events import Emit
 from .request import RequestSpec
 from .scheduler import Request
 
-# build_rank(server, rank, emit, detection) -> (the rank's engine core, its EC prefetch schedule or None)
-BuildRank = Callable[[int, int, Emit, Callable[[str], float]], tuple[EngineCore, object]]
+# build_rank(server, rank, emit, detection, after_step) -> (the rank's engine core, its EC prefetch
+# schedule or None); the core calls after_step(now) after each step (EngineCore's progress)
+BuildRank = Callable[[int, int, Emit, Callable[[str], float], Callable[[float], None]], tuple[EngineCore, object]]
 
 
 class Server:
@@ -45,8 +52,8 @@ class Server:
     :meth:`slow_steps`) are armed by the simulator's injector (faults/sim_injector.py)."""
 
     def __init__(self, env: simpy.Environment, index: int, data_parallel_size: int, build_rank: BuildRank,
-                 detection: Callable[[str], float], restart_s: float, emit: Emit):
-        self.env, self.index, self.dp = env, index, data_parallel_size
+                 detection: Callable[[str], float], restart_s: float, emit: Emit, *, is_moe: bool = True):
+        self.env, self.index, self.dp, self.is_moe = env, index, data_parallel_size, is_moe
         self.build_rank, self.draw_detection, self.restart_s, self.emit = build_rank, detection, restart_s, emit
         self.slow: list[tuple[float, float, float]] = []
         self.pending: dict[str, simpy.Event] = {}  # request id -> its fate, while on this server
@@ -107,13 +114,17 @@ class Server:
         built = [self._build(r) for r in range(self.dp)]
         self.ranks = [engine for engine, _ in built]
         self.prefetch = [prefetch for _, prefetch in built]
-        self.lb = DPLoadBalancer(self.dp) if self.dp > 1 else None
-        if self.lb is not None:
-            self.env.process(self._publish_stats(self.lb))
+        self.lb = self.coordinator = None
+        if self.dp > 1:
+            self.lb, self.coordinator = DPLoadBalancer(self.dp), DPCoordinator(self.dp, start=self.env.now)
+            self.sent_counts: list[tuple[int, int] | None] = [None] * self.dp  # each rank's last_counts
+            self._stats_arrived: simpy.Event | None = None
+            self.env.process(self._coordinate(self.lb, self.coordinator))
 
     def _build(self, rank: int) -> tuple[EngineCore, object]:
         """A fresh engine core for `rank` (empty caches), with the server's slow-step windows."""
-        engine, prefetch = self.build_rank(self.index, rank, self._emit_of(rank), self._detection_of(rank))
+        engine, prefetch = self.build_rank(self.index, rank, self._emit_of(rank), self._detection_of(rank),
+                                           self._after_step_of(rank))
         for start, end, factor in self.slow:
             engine.slow_steps(start, end, factor)
         return engine, prefetch
@@ -136,14 +147,34 @@ class Server:
             return latency
         return detection
 
-    def _publish_stats(self, lb: DPLoadBalancer):
-        """The coordinator's publication of every rank's (waiting, running), every 100 ms."""
-        env, ranks = self.env, self.ranks
-        while True:
-            yield env.timeout(STATS_UPDATE_INTERVAL)
-            if self.lb is not lb:
+    def _after_step_of(self, rank: int) -> Callable[[float], None]:
+        def after_step(now: float) -> None:
+            """``DPEngineCoreProc._maybe_publish_request_counts``: an MoE rank sends its counts
+            (``get_request_counts``: running, waiting) to the coordinator when they changed."""
+            if not self.is_moe or self.coordinator is None:
                 return
-            lb.publish([(waiting, running) for running, waiting in (e.core.counts() for e in ranks)])
+            engine = self.ranks[rank]
+            counts = engine.core.counts()
+            if counts != self.sent_counts[rank]:
+                self.sent_counts[rank] = counts
+                running, waiting = counts
+                self.coordinator.scheduler_stats(now, rank, waiting, running, engine.stats.steps)
+                if self._stats_arrived is not None and not self._stats_arrived.triggered:
+                    self._stats_arrived.succeed()
+        return after_step
+
+    def _coordinate(self, lb: DPLoadBalancer, coordinator: DPCoordinator):
+        """``DPCoordinatorProc``'s loop: publish the counts when the poll times out (its timeout taken
+        afresh after every stats message); the client's stats task hands them to the load balancer."""
+        env = self.env
+        while self.coordinator is coordinator:
+            self._stats_arrived = env.event()
+            yield env.any_of((self._stats_arrived, env.timeout(max(0.0, coordinator.publish_time() - env.now))))
+            if self.coordinator is not coordinator:
+                return
+            counts = coordinator.maybe_publish(env.now)
+            if counts is not None:
+                lb.publish(counts)
 
     def _shut_down(self, rank: int, cause: str, latency: float):
         """The monitor saw `rank` exit: the client is dead, every rank goes down with it; the
@@ -155,7 +186,7 @@ class Server:
             if engine.alive:
                 engine.kill(ShutdownKill(down_at, j))
             engine.close()
-        self.lb = None
+        self.lb = self.coordinator = None
         yield env.timeout(self.restart_s)
         self._start()
         self._up()

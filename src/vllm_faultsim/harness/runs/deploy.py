@@ -21,6 +21,7 @@ The spec file of ``vllm-faultsim deploy --spec deploy.yaml``::
       data_parallel_size: 1      # engine cores (DP ranks) per server
       router: least_outstanding  # round_robin | least_outstanding | prefix_aware (models/router.py)
       restart_s: 60              # a dead server's model load + warm-up
+      is_moe: true               # DP ranks send their counts to the DP coordinator (false: a dense model's don't)
       retry: {attempts: 3, backoff_s: 1, backoff_multiplier: 2, timeout_s: 60}   # models/client.py
       slo: {ttft_ms: 500, tpot_ms: 50}   # goodput: finished requests meeting both, per second
     fault_rates: {engine_mtbf_s: 600, kill_signal: SIGKILL}                      # faults/rates.py
@@ -69,6 +70,7 @@ class DeploymentConfig:
     data_parallel_size: int = 1
     router: str = "round_robin"
     restart_s: float = 60.0
+    is_moe: bool = True  # a DP server's ranks publish their counts (MoE: DPEngineCoreProc) or not (dense)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     slo: SLO = field(default_factory=SLO)
 
@@ -78,7 +80,7 @@ class DeploymentConfig:
 
 _NUMBER = (int, float)
 DEPLOYMENT_FIELDS = {"servers": int, "data_parallel_size": int, "router": str, "restart_s": _NUMBER,
-                     "retry": dict, "slo": dict}
+                     "is_moe": bool, "retry": dict, "slo": dict}
 RETRY_FIELDS = {"attempts": int, "backoff_s": _NUMBER, "backoff_multiplier": _NUMBER, "timeout_s": _NUMBER}
 SLO_FIELDS = {"ttft_ms": _NUMBER, "tpot_ms": _NUMBER}
 # field -> (lowest value, whether it is excluded)
@@ -170,7 +172,7 @@ def simulate_deployment(dep: DeploymentConfig, run_cfg: RunConfig, *, seed: int,
             raise ConfigError(f"server {s}'s plan: {bad[0]} faults are not modelled in deployments")
     step_time = step_time_model(cfg)
     draw = detection(cfg, SimInjector(FaultPlan(tuple(f for p in plans for f in p.faults))))
-    cpu = {"cpu_costs": step_time_backends.serving_costs(cfg.serving)} if cfg.serving else {}
+    cpu = {"cpu_costs": step_time_backends.serving_costs(cfg.serving, cfg.scheduler)} if cfg.serving else {}
     sched = cfg.scheduler
     with Trace(trace_path, keep=frozenset({"client"}) if summary_only else True) as trace:
         trace.emit(header("sim", seed, {"deployment": dep.to_dict(), "run": cfg.to_dict(),
@@ -178,18 +180,19 @@ def simulate_deployment(dep: DeploymentConfig, run_cfg: RunConfig, *, seed: int,
                                         "plans": [p.to_dict() for p in plans]}))
         env = simpy.Environment()
 
-        def build_rank(server: int, rank: int, emit, detect):
+        def build_rank(server: int, rank: int, emit, detect, after_step):
             prefetch = PrefetchSchedule(specs)
             SimInjector(plans[server]).arm_prefetch(prefetch)
             core = Scheduler(sched, ECConnector(prefetch, cfg.ec_policy))
             engine = EngineCore(env, core, (), step_time, emit, wakeups=(prefetch,), detection=detect,
                                 invariants=Invariants(sched.max_num_batched_tokens, sched.max_num_seqs),
-                                full_trace=False, progress=progress,
+                                full_trace=False, progress=after_step if progress is None else
+                                (lambda now: (after_step(now), progress(now))),
                                 max_concurrent_batches=2 if sched.async_scheduling else 1, open_workload=True, **cpu)
             return engine, prefetch
 
-        servers = [server_cls(env, i, dep.data_parallel_size, build_rank, draw, dep.restart_s, trace.emit)
-                   for i in range(dep.servers)]
+        servers = [server_cls(env, i, dep.data_parallel_size, build_rank, draw, dep.restart_s, trace.emit,
+                              is_moe=dep.is_moe) for i in range(dep.servers)]
         for server, plan in zip(servers, plans):
             SimInjector(plan).arm_server(server)
         cluster = Cluster(servers, ROUTERS[dep.router]())
