@@ -56,9 +56,22 @@ def _rank_events(rank_doc: dict, kind: str) -> list[dict]:
     return [e for e in rank_doc["events"] if e["kind"] == kind]
 
 
+def _with_cycles(rank_doc: dict) -> dict:
+    """The rank's events, each tagged with its rearrangement (``cycle``: how many ``rearrange``
+    events the rank recorded before it, in the rank's own order of recording). The ranks' clocks
+    start apart, so the merged events cannot be grouped by time: a loaded host can put one rank's
+    next transfer before the other rank's ``rearrange``."""
+    cycle, out = -1, []
+    for e in rank_doc["events"]:
+        if e["kind"] == "rearrange":
+            cycle += 1
+        out.append({**e, "cycle": cycle})
+    return {**rank_doc, "events": out}
+
+
 def real_events(result: dict) -> list[dict]:
     """The ranks' observations merged into ``eplb`` events (times relative to each rank's start)."""
-    ranks = [r for r in result["ranks"] if r is not None]
+    ranks = [_with_cycles(r) for r in result["ranks"] if r is not None]
     if not ranks:
         return []
     first = ranks[0]
@@ -74,12 +87,12 @@ def real_events(result: dict) -> list[dict]:
         end = max(p["t"] for p in pub)
         out.append({"kind": "eplb", "event": "transfer", "layer": tr[0]["layer"], "t": min(e["t"] for e in tr),
                     "end": end if synced else None, "dur": round(max(p["t"] - e["t"] for p, e in zip(pub, tr)), 6),
-                    "sent": [e["sent"] for e in tr], "recv": [e["recv"] for e in tr]})
-        out.append({"kind": "eplb", "event": "publish", "layer": pub[0]["layer"], "t": end})
+                    "sent": [e["sent"] for e in tr], "recv": [e["recv"] for e in tr], "cycle": tr[0]["cycle"]})
+        out.append({"kind": "eplb", "event": "publish", "layer": pub[0]["layer"], "t": end, "cycle": pub[0]["cycle"]})
     for i in range(min(len(p[2]) for p in per_rank)):
         c = [p[2][i] for p in per_rank]
         out.append({"kind": "eplb", "event": "consume", "layer": c[0]["layer"], "step": c[0]["step"],
-                    "t": max(e["t"] for e in c), "steps": sorted({e["step"] for e in c})})
+                    "t": max(e["t"] for e in c), "steps": sorted({e["step"] for e in c}), "cycle": c[0]["cycle"]})
     for r in ranks:
         for e in _rank_events(r, "main_error"):
             out.append({"kind": "eplb", "event": "step_error", "step": e["step"], "t": e["t"], "rank": r["rank"]})
@@ -111,13 +124,17 @@ def placement_errors(result: dict) -> list[str]:
 # ---- rules on one trace ------------------------------------------------------------------------
 
 def _cycles(events: list[dict], layers: int) -> list[dict[str, list[dict]]]:
-    """Events grouped by rearrangement (each rearrange opens one)."""
-    out: list[dict[str, list[dict]]] = []
+    """Events grouped by rearrangement: by their ``cycle`` tag where the real side's ranks gave one
+    (:func:`real_events`), else by time (each rearrange opens one: the model's single clock)."""
+    out = [{"transfer": [], "publish": [], "consume": []} for e in events if e["event"] == "rearrange"]
+    opened = 0
     for e in events:
         if e["event"] == "rearrange":
-            out.append({"transfer": [], "publish": [], "consume": []})
-        elif e["event"] in ("transfer", "publish", "consume") and out:
-            out[-1][e["event"]].append(e)
+            opened += 1
+        elif e["event"] in ("transfer", "publish", "consume"):
+            c = e["cycle"] if "cycle" in e else opened - 1
+            if 0 <= c < len(out):
+                out[c][e["event"]].append(e)
     return out
 
 
