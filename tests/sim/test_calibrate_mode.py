@@ -31,3 +31,10 @@ def test_heldout_simulation_runs_in_the_engines_mode(model):
     late = {e["req"]: e["first_token"] - e["arrival"] for e in simulate(other, FaultPlan(), specs=specs).events
             if e["kind"] == "req"}
     assert sum(late.values()) > sum(first.values())  # the mode shows in TTFT
+
+
+def test_cuda_graphs_is_asked_for():
+    p = argparse.ArgumentParser()
+    C.add_arguments(p)
+    assert C.engine_settings(p.parse_args([]))["enforce_eager"] is True
+    assert C.engine_settings(p.parse_args(["--cuda-graphs"]))["enforce_eager"] is False

@@ -1,10 +1,10 @@
 """``vllm-faultsim calibrate``: measure the real engine's step time on a GPU and fit the
 simulator's step-time model (``models.step_time.LinearStepTime``) to it.
 
-The real engine (in-process ``LLMEngine``, dummy weights, synchronous scheduling, eager mode, the
-recording scheduler) is driven over a grid of batch shapes: for each context length C and number
-of decode requests D, D requests with C-token prompts are prefilled (those steps are measured
-too), then pure decode steps are measured, then one prefill of P tokens is added next to the D
+The real engine (in-process ``LLMEngine``, dummy weights, synchronous scheduling, eager mode or,
+with ``--cuda-graphs``, vLLM's default CUDA graphs, the recording scheduler) is driven over a grid
+of batch shapes: for each context length C and number of decode requests D, D requests with
+C-token prompts are prefilled (those steps are measured too), then pure decode steps are measured, then one prefill of P tokens is added next to the D
 decodes for each P of the grid. Each step's time is paired with its shape (prefill tokens, decode requests, context
 tokens) as the recording scheduler saw it, and ``base + a*prefill + b*decode + c*context`` is
 fitted by non-negative least squares (absolute error: the simulator adds step times up). A
@@ -76,7 +76,7 @@ def engine_settings(args) -> dict:
     return {
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
         "block_size": 16, "num_gpu_blocks": args.num_gpu_blocks, "max_model_len": args.max_model_len,
-        "dtype": "bfloat16" if big else "float16", "enforce_eager": True, "async_scheduling": False,
+        "dtype": "bfloat16" if big else "float16", "enforce_eager": not args.cuda_graphs, "async_scheduling": False,
         "gpu_memory_utilization": args.gpu_memory_utilization or (0.85 if big else 0.15),
     }
 
@@ -95,6 +95,7 @@ def open_engine(model: Path, settings: dict, *, dry_run: bool = False):
     extra = {"distributed_executor_backend": DRYRUN_EXECUTOR} if dry_run else {}
     sched = scheduler_config(settings)
     kw = RE.engine_args(sched, model=model, dtype=settings["dtype"], async_scheduling=sched.async_scheduling,
+                        enforce_eager=settings["enforce_eager"],
                         gpu_memory_utilization=settings["gpu_memory_utilization"], **extra)
     return RE.open_llm(**kw)
 
@@ -228,7 +229,8 @@ def profile_doc(name: str, model: str, fitted: dict, settings: dict, grid_name: 
     return {
         "name": name,
         "description": (f"Calibrated on {info.get('device')} with vLLM {info.get('vllm')}: {model}, dummy weights, "
-                        f"{settings['dtype']}, eager, synchronous scheduling. Step time = LLMEngine.step() wall time."),
+                        f"{settings['dtype']}, {'eager' if settings['enforce_eager'] else 'CUDA graphs'}, "
+                        "synchronous scheduling. Step time = LLMEngine.step() wall time."),
         "model": "linear",
         "coeffs": fitted["coeffs"],
         "host": {k: info.get(k) for k in ("hostname", "cpu_count", "torch", "cuda", "device_memory_gib")},
@@ -332,6 +334,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-train-trace", dest="train_trace", action="store_false",
                    help="fit on the grid alone (default: the grid plus a Poisson training trace, seed "
                         f"{TRAIN_SEED}, from the held-out trace's distribution)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="run the engine with CUDA graphs, vLLM's default (default: eager; the profile name "
+                        "gets -cudagraphs)")
     p.add_argument("--model-cache-dir", default=None)
     p.add_argument("--dry-run", action="store_true",
                    help="check the command on a CPU-only machine: a deterministic stand-in replaces the GPU "
@@ -356,7 +361,7 @@ def main(args: argparse.Namespace) -> int:
     model = model_dir(args.model, args.model_cache_dir)
     settings = engine_settings(args)
     label = args.model if args.model in MODELS else Path(args.model).name
-    name = args.name or f"{device_slug()}-{label}"
+    name = args.name or f"{device_slug()}-{label}" + ("-cudagraphs" if args.cuda_graphs else "")
     out = Path(args.out) if args.out else Path(__file__).resolve().parent.parent / "profiles" / f"{name}.json"
     t0 = time.time()
     llm = open_engine(model, settings, dry_run=args.dry_run)
