@@ -21,7 +21,8 @@ from vllm_faultsim.harness.runs.simulate import RunConfig, prefetch_schedule, ru
 from vllm_faultsim.harness.strategies import fault_plans, scheduler_configs, workloads  # noqa: E402
 from vllm_faultsim.models.ec_connector import ECConnector  # noqa: E402
 from vllm_faultsim.harness.workload import MMItem, RequestSpec  # noqa: E402
-from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig  # noqa: E402
+from vllm_faultsim.models.kv_offload import installed_vllm_version, version_policy  # noqa: E402
+from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig, for_release  # noqa: E402
 
 EXAMPLES = int(os.environ.get("VLLM_FAULTSIM_DIFF_EXAMPLES", "100"))  # per profile and mode; CI: 100 x 3 x 2
 SMALL = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=512, block_size=16, num_gpu_blocks=200,
@@ -76,29 +77,30 @@ def test_async_decodes_overlap_and_outputs_come_back_a_step_late():
     assert check_case(case) is None
 
 
-class _FreesEncoderInputsAtComputed(Scheduler):
-    """The twin before the fix of 7b2ed65: encoder inputs freed at num_computed_tokens, without
-    subtracting the placeholders (vLLM: Scheduler._free_encoder_inputs, scheduler.py:2050)."""
-
-    def _free_encoder_inputs(self, req) -> None:
-        for i in list(self.encoder_cache.request_cached_ids.get(req.req_id, ())):
-            m = req.mm[i]
-            if m.offset + m.length <= req.num_computed_tokens:
-                self.encoder_cache.free_encoder_input(req, i)
+# The installed release's encoder-freeing rule (models/scheduler.py for_release) and the other one:
+# 0.26.0 frees an encoder input at num_computed_tokens - num_output_placeholders (scheduler.py:2050),
+# 0.23.0 at num_computed_tokens (the twin's rule before 7b2ed65 too), a batch earlier under async.
+RELEASE_0_23 = version_policy(installed_vllm_version() or "0.26.0") == "0.23"
+OTHER_RELEASE = Scheduler if RELEASE_0_23 else for_release(Scheduler, "0.23.0")
 
 
 def test_encoder_input_is_freed_after_the_outputs_in_flight():
-    """An image that ends at its prompt's end stays in the encoder cache until the batch after the
-    one that finished the prefill came back: the second image (the cache holds one) waits a step."""
+    """0.26.0: an image that ends at its prompt's end stays in the encoder cache until the batch
+    after the one that finished the prefill came back, so the second image (the cache holds one)
+    waits a step; 0.23.0 frees it a batch earlier. The twin follows the installed release, and the
+    other release's rule diverges from it."""
     cfg = replace(SMALL, encoder_compute_budget=100, encoder_cache_size=100)
     case = DiffCase((RequestSpec("a", 0.0, 100, 5, (MMItem("ia", 0, 100, None),)),
                      RequestSpec("b", 0.0, 100, 5, (MMItem("ib", 0, 100, None),))), cfg)
+    late = [{"a": 100}, {"a": 1}, {"a": 1}, {"a": 1, "b": 100}]
+    early = [{"a": 100}, {"a": 1}, {"a": 1, "b": 100}]
     real = run_side(case, "real")
-    assert [e["sched"] for e in steps(real)[:4]] == [{"a": 100}, {"a": 1}, {"a": 1}, {"a": 1, "b": 100}]
+    want, other = (early, late) if RELEASE_0_23 else (late, early)
+    assert [e["sched"] for e in steps(real)[:len(want)]] == want
     assert check_case(case) is None
-    old = sim_events(case, _FreesEncoderInputsAtComputed)
-    assert [e["sched"] for e in steps(old)[:3]] == [{"a": 100}, {"a": 1}, {"a": 1, "b": 100}]
-    assert first_divergence(old, real) is not None
+    wrong = sim_events(case, OTHER_RELEASE)
+    assert [e["sched"] for e in steps(wrong)[:len(other)]] == other
+    assert first_divergence(wrong, real) is not None
 
 
 def sim_events(case: DiffCase, scheduler_cls) -> list[dict]:
@@ -129,8 +131,8 @@ def encoder_pressure_cases(draw, async_scheduling: bool):
 @pytest.mark.parametrize("mode", MODES)
 def test_zero_divergences_under_encoder_cache_pressure(mode):
     """The generated matrix's encoder caches (300/600 tokens) never fill: here they hold one image.
-    The twin's old freeing rule (before 7b2ed65) diverges from the fixed one on some of these
-    async cases (4 of the 100; 51 of 500 with another seed), never on the sync ones."""
+    The other release's freeing rule (OTHER_RELEASE) diverges from the installed one's on some of
+    these async cases (0.26.0: 4 of the 100; 51 of 500 with another seed), never on the sync ones."""
     seen = {"cases": 0, "old_rule_differs": 0}
 
     @hseed(seed_of("encoder-pressure"))
@@ -140,7 +142,7 @@ def test_zero_divergences_under_encoder_cache_pressure(mode):
         div = check_case(case)
         assert div is None, f"{div.explain()}\n{case.to_json()}"
         seen["cases"] += 1
-        seen["old_rule_differs"] += first_divergence(sim_events(case, _FreesEncoderInputsAtComputed),
+        seen["old_rule_differs"] += first_divergence(sim_events(case, OTHER_RELEASE),
                                                      run_side(case, "sim")) is not None
 
     prop()

@@ -165,9 +165,92 @@ def test_serving_costs_delay_outputs_and_a_fit_finds_the_recorded_ones(tmp_path)
         config_from_dict({**base, "scheduler": {"async_scheduling": False}, "serving": {"update_base_s": 0.001}})
     path = sim_made_recording(tmp_path)
     fitted = F.fit([path], {"profile": "default"})
-    assert fitted["step_time"]["scale"] == pytest.approx(1, abs=1e-3)
-    assert fitted["step_time"]["decode_scale"] == pytest.approx(1, abs=1e-3)
+    assert set(fitted["step_time"]) == {"decode_scale"} and fitted["step_time"]["decode_scale"] == 1  # no sample
     assert fitted["serving"]["schedule_base_s"] == 0 and fitted["serving"]["update_base_s"] == 0  # recorded as 0
+
+
+def test_the_cudagraph_runtime_mode_is_vllms_dispatch():
+    from vllm_faultsim.harness.runs.simulate import config_from_dict as cfd
+    from vllm_faultsim.models.step_time import max_cudagraph_capture_size, serving_costs
+    assert max_cudagraph_capture_size(64, 8192) == 128 and max_cudagraph_capture_size(1024, 8192) == 512
+    assert max_cudagraph_capture_size(1024, 256) == 256
+    sched = cfd({"scheduler": {"max_num_seqs": 64, "max_num_batched_tokens": 8192}}).scheduler
+    c = serving_costs({"num_hidden_layers": 10, "execute_base_s": 0.001, "piecewise_per_layer_s": 0.0002,
+                       "eager_per_layer_s": 0.002}, sched)
+    assert (c.runtime_mode(64, 64), c.runtime_mode(65, 65), c.runtime_mode(3, 100), c.runtime_mode(3, 129)) == \
+        ("FULL", "PIECEWISE", "PIECEWISE", "NONE")  # FULL: uniform decode <= max_num_seqs; else <= 128 tokens
+    assert (c.execute_seconds(8, 8), c.execute_seconds(2, 100), c.execute_seconds(2, 700)) == \
+        pytest.approx((0.001, 0.003, 0.021))
+    eager = serving_costs({"cudagraph_mode": "NONE"}, sched)
+    assert eager.runtime_mode(4, 4) == "NONE"
+
+
+def launch_bound_recording(tmp_path: Path) -> Path:
+    """Decode steps of 2 ms with every fifth a 300-token prefill whose eager launch takes 20 ms:
+    the step before it gives its output only after that launch (vLLM's step_with_batch_queue)."""
+    steps, t, out_prev = [], 0.0, 0.0
+    shapes = [(1, 300, 0, 7, 3000) if i % 5 == 4 else (0, 0, 0, 8, 3000) for i in range(40)]
+    launch = [0.020 if s[0] else 0.0005 for s in shapes]
+    gpu = [0.002] * len(shapes)
+    se = [0.0] * len(shapes)
+    os_ = [0.0] * len(shapes)
+    cpu, gpu_free = 0.0, 0.0
+    for k in range(len(shapes)):
+        se[k] = cpu
+        end = max(max(gpu_free, cpu) + gpu[k], cpu + launch[k])
+        cpu += launch[k]
+        gpu_free = end
+        os_[k] = end
+        if k:
+            os_[k - 1] = max(os_[k - 1], cpu)
+            cpu = os_[k - 1]
+    for i, (npf, spt, spkv, nd, dkv) in enumerate(shapes):
+        steps.append({"i": i, "num_prefill_requests": npf, "sum_prefill_tokens": spt, "sum_prefill_kv_tokens": spkv,
+                      "num_decode_requests": nd, "sum_decode_kv_tokens": dkv, "total_tokens": spt + nd,
+                      "schedule_start": se[i], "schedule_end": se[i], "output_start": os_[i], "output_end": os_[i]})
+    rec = R.Recording(header(1), [{"id": "a", "arrival": 0.0, "prompt_tokens": 10, "output_tokens": 2,
+                                   "first_token": 0.01, "finish": 0.02}], steps)
+    return R.write(tmp_path / "launch.jsonl", rec)
+
+
+def test_the_step_replay_needs_the_launch_and_the_fit_finds_it(tmp_path):
+    """The replayed steps match a recording made with launch costs only with those costs (the model
+    without them, a broken clock, misses the steps that wait behind an eager launch by ~10x)."""
+    from vllm_faultsim.harness.runs.simulate import config_from_dict as cfd
+    from vllm_faultsim.models.step_time import LinearStepTime, serving_costs
+    rec = R.read(launch_bound_recording(tmp_path))
+    sched = cfd({"scheduler": {"max_num_seqs": 8, "max_num_batched_tokens": 512}}).scheduler
+    gpu = LinearStepTime(0.002, 0, 0, 0)
+    meas = [m for _, m in F.measured_step_times(rec)]
+    right = serving_costs({"execute_base_s": 0.0005, "eager_per_layer_s": 0.0195, "num_hidden_layers": 1}, sched)
+    assert right.runtime_mode(8, 300 + 7) == "NONE"
+    good = F.error_stats(F.predicted_step_times(rec, gpu, right), meas)
+    bad = F.error_stats(F.predicted_step_times(rec, gpu, serving_costs({}, sched)), meas)
+    assert good["mape_pct"] < 0.5 and bad["mape_pct"] > 30, (good, bad)
+    fitted = F.launch_costs(*_launch_fit_inputs(rec, right))
+    assert fitted["execute_base_s"] == pytest.approx(0.0005, abs=2e-4)
+    assert fitted["eager_per_layer_s"] == pytest.approx(0.0195, abs=2e-4)
+
+
+def _launch_fit_inputs(rec, costs):
+    full, per_layer = {}, {"PIECEWISE": [], "NONE": []}
+    for mode, n, x, behind in F.launch_samples(rec, costs):
+        if mode == "FULL":
+            full.setdefault(n // F.LAUNCH_BIN, []).append(x)
+        elif behind == "FULL":
+            per_layer[mode].append((n, costs.num_hidden_layers, x))
+    return full, per_layer
+
+
+def test_a_launch_delays_the_outputs_it_precedes():
+    """In the simulator: a forward ends no earlier than its launch (ServingCosts.execute)."""
+    base = {"workload": {"kind": "poisson", "rate": 20, "duration": 3, "prompt": 256, "output": 32}, "seed": 3,
+            "scheduler": {"max_num_seqs": 64}}
+    plain = simulate(config_from_dict({**base, "serving": {"num_hidden_layers": 32}})).summary
+    eager = simulate(config_from_dict({**base, "serving": {"num_hidden_layers": 32,
+                                                          "eager_per_layer_s": 0.003}})).summary
+    # a 256-token prompt (> max_cudagraph_capture_size 128) runs eagerly: its first token >= 96 ms
+    assert plain["ttft_p50_ms"] < 40 and eager["ttft_p50_ms"] > 96 and eager["finished"] == plain["finished"]
 
 
 def test_cli_fit_reports_held_out_or_not(tmp_path, capsys):

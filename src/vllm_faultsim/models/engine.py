@@ -197,6 +197,12 @@ class EngineCore:
                 dur *= factor
         return dur
 
+    def _launch_end(self, end: float, now: float, res) -> float:
+        """The end of a forward computed to `end` whose launch (ServingCosts.execute) starts at
+        `now`: the GPU runs the kernels as they are launched, so it ends no earlier than the launch."""
+        launched = now + self.cpu_costs.execute(res)
+        return launched if launched > end else end
+
     def _loop(self):
         env, core, stats = self.env, self.core, self.stats
         arrivals = self.workload
@@ -281,6 +287,12 @@ class EngineCore:
                         now = env.now
                     start = gpu_free if gpu_free > now else now
                     gpu_free = end = start + self._forward_time(start, res)
+                    if self.cpu_costs is not None and res.sched:  # execute_model(): the core launches the batch
+                        gpu_free = end = self._launch_end(end, now, res)
+                        self.stepping = True
+                        yield env.timeout(self.cpu_costs.execute(res))
+                        self.stepping = False
+                        now = env.now
                     if not self.apply_outputs_late:  # (a mutant) the output is applied as it is scheduled
                         self._account(res, core.update_from_output(res, now), start, end - start)
                         done.add(id(res))
@@ -373,6 +385,10 @@ class EngineCore:
             start = gpu_free if gpu_free > now else now
             gpu_free = end = start + self._forward_time(start, batch)
             self.stepping = True
+            if costs is not None:  # execute_model(): the core launches the batch
+                gpu_free = end = self._launch_end(end, now, batch)
+                yield env.timeout(costs.execute(batch))
+                now = env.now
             if prev_end > now:
                 yield env.timeout(prev_end - now)
             if costs is not None:  # update_from_output()

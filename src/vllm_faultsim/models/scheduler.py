@@ -48,6 +48,7 @@ from dataclasses import dataclass, fields
 from .request import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
 from .kv_cache import BlockPool, EncoderCacheManager
+from .kv_offload import version_policy
 from .step import DecodeBatch, Finished, StepResult, hash_str, sampled_token
 
 WAITING, RUNNING, PREEMPTED, FINISHED = "waiting", "running", "preempted", "finished"
@@ -183,6 +184,7 @@ class Scheduler:
     # ---- schedule() --------------------------------------------------------------------
 
     # vLLM 0.26.0's rules (a mutant subclass breaks one of them)
+    free_encoder_past_placeholders = True  # vLLM >= 0.24 (0.23.0 frees encoder inputs a batch early): for_release
     continue_past_deferred = True    # PR #41627: a request deferred for its EC items is skipped, later ones run
     requeue_skipped_at_front = True  # skipped requests go back to the front of the queue, in order
     admit_full_sequence = True       # a new request is admitted only if its full sequence's blocks fit
@@ -603,8 +605,8 @@ class Scheduler:
         if not ids:
             return
         # vLLM: offset + length <= num_computed_tokens - num_output_placeholders (async: the positions
-        # of the batches in flight are not computed yet; sync: no placeholders)
-        done = req.num_computed_tokens - req.num_output_placeholders
+        # of the batches in flight are not computed yet; sync: no placeholders); 0.23.0: <= num_computed_tokens
+        done = req.num_computed_tokens - (req.num_output_placeholders if self.free_encoder_past_placeholders else 0)
         for i in list(ids):
             m = req.mm[i]
             if m.offset + m.length <= done:
@@ -628,3 +630,14 @@ class Scheduler:
         self.skipped_waiting.clear()
         self.running = []
         return ids
+
+
+def for_release(cls: type[Scheduler], vllm_version: str | None) -> type[Scheduler]:
+    """`cls` (the twin or a mutant of it) with the rules of vLLM release `vllm_version` (None: the
+    primary target, 0.26.0). vLLM 0.23.0's ``_free_encoder_inputs`` frees an encoder input once
+    ``offset + length <= num_computed_tokens``, not subtracting the output placeholders: under async
+    scheduling its cache slot is free a batch earlier. Everything else the differential compares is
+    the same in 0.23.0 and 0.26.0."""
+    if vllm_version is None or version_policy(vllm_version) != "0.23":
+        return cls
+    return type(f"{cls.__name__}_0_23", (cls,), {"free_encoder_past_placeholders": False})

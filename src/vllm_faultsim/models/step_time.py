@@ -259,22 +259,54 @@ def from_config(section: dict | None, profile: str = "default",
 
 # ---- serving-mode CPU costs around the forward (the run config's ``serving`` section) ---------
 
-SERVING_FIELDS = ("schedule_base_s", "schedule_per_req_s", "update_base_s", "update_per_req_s")
+COST_FIELDS = ("schedule_base_s", "schedule_per_req_s", "update_base_s", "update_per_req_s",
+               "execute_base_s", "execute_per_req_s", "piecewise_per_layer_s", "eager_per_layer_s")
+SERVING_FIELDS = COST_FIELDS + ("num_hidden_layers", "cudagraph_mode", "max_cudagraph_capture_size")
+CUDAGRAPH_MODES = ("FULL_AND_PIECEWISE", "NONE")  # CompilationConfig.cudagraph_mode: the default, enforce_eager
+MAX_CUDAGRAPH_CAPTURE_SIZE = 512  # VllmConfig._set_cudagraph_sizes: min(max_num_seqs * 2, 512, max_num_batched_tokens)
+
+
+def max_cudagraph_capture_size(max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """vLLM 0.26.0's default largest CUDA-graph size (vllm/config/vllm.py ``_set_cudagraph_sizes``,
+    no speculative decoding): ``min(max_num_seqs * 2, 512, max_num_batched_tokens)``."""
+    return min(max_num_seqs * 2, MAX_CUDAGRAPH_CAPTURE_SIZE, max_num_batched_tokens)
 
 
 @dataclass(frozen=True)
 class ServingCosts:
     """The engine core's CPU time per step around the forward, which async scheduling overlaps
     with the previous batch's forward (models/engine.py ``step_with_batch_queue``):
-    ``Scheduler.schedule()`` (``schedule_base_s + schedule_per_req_s * scheduled requests``; the
-    batch reaches the GPU after it) and ``update_from_output()`` (``update_base_s +
-    update_per_req_s * scheduled requests``; the step's outputs reach the client after it).
-    Measured: the recordings' step lines time both calls (``schedule_start``/``schedule_end``,
-    ``output_start``/``output_end``); ``vllm-faultsim fidelity --fit`` fits the four numbers."""
+
+    - ``Scheduler.schedule()``: ``schedule_base_s + schedule_per_req_s * scheduled requests``;
+    - ``execute_model()`` + ``sample_tokens()`` (non-blocking, in the engine core: prepare the inputs
+      and launch the batch), by how vLLM runs it (``CudagraphDispatcher.dispatch``): a uniform
+      decode batch (every request 1 token) of at most ``max_num_seqs`` requests replays a FULL CUDA
+      graph (``execute_base_s + execute_per_req_s * requests``); another batch of at most
+      ``max_cudagraph_capture_size`` tokens a PIECEWISE graph, whose attention runs eagerly
+      (``+ piecewise_per_layer_s * num_hidden_layers``); a larger batch, or every batch with
+      ``cudagraph_mode: NONE`` (``enforce_eager``), runs the compiled model without CUDA graphs,
+      launched kernel by kernel (``+ eager_per_layer_s * num_hidden_layers``). The GPU runs the
+      kernels as they are launched, so a batch's forward ends no earlier than its launch; the core
+      blocks on the oldest batch only after launching the new one;
+    - ``update_from_output()``: ``update_base_s + update_per_req_s * scheduled requests``; the step's
+      outputs reach the client after it.
+
+    Measured: the recordings' step lines time schedule() and update_from_output()
+    (``schedule_start``/``schedule_end``, ``output_start``/``output_end``) and, between the end of
+    step N+1's schedule() and the start of step N's update_from_output(), step N+1's launch;
+    ``vllm-faultsim fidelity --fit`` fits the costs (harness/runs/fidelity.py ``fit``)."""
     schedule_base_s: float = 0.0
     schedule_per_req_s: float = 0.0
     update_base_s: float = 0.0
     update_per_req_s: float = 0.0
+    execute_base_s: float = 0.0
+    execute_per_req_s: float = 0.0
+    piecewise_per_layer_s: float = 0.0
+    eager_per_layer_s: float = 0.0
+    num_hidden_layers: int = 0
+    cudagraph_mode: str = "FULL_AND_PIECEWISE"
+    max_cudagraph_capture_size: int = MAX_CUDAGRAPH_CAPTURE_SIZE
+    max_num_seqs: int = MAX_CUDAGRAPH_CAPTURE_SIZE
 
     def schedule(self, res) -> float:
         return self.schedule_base_s + self.schedule_per_req_s * len(res.sched)
@@ -282,14 +314,51 @@ class ServingCosts:
     def update(self, res) -> float:
         return self.update_base_s + self.update_per_req_s * len(res.sched)
 
+    def runtime_mode(self, num_reqs: int, num_tokens: int) -> str:
+        """``CudagraphDispatcher.dispatch``'s CUDAGraphMode for a batch: FULL, PIECEWISE or NONE."""
+        if self.cudagraph_mode == "NONE" or num_tokens > self.max_cudagraph_capture_size:
+            return "NONE"
+        return "FULL" if num_tokens == num_reqs <= self.max_num_seqs else "PIECEWISE"
 
-def serving_costs(section: Any) -> ServingCosts:
+    def execute(self, res) -> float:
+        """execute_model() + sample_tokens() of `res`'s batch: the CPU time to prepare and launch it."""
+        return self.execute_seconds(len(res.sched), sum(res.sched.values()))
+
+    def execute_seconds(self, num_reqs: int, num_tokens: int) -> float:
+        """:meth:`execute` of a batch of `num_reqs` requests and `num_tokens` tokens."""
+        t = self.execute_base_s + self.execute_per_req_s * num_reqs
+        mode = self.runtime_mode(num_reqs, num_tokens)
+        if mode == "PIECEWISE":
+            t += self.piecewise_per_layer_s * self.num_hidden_layers
+        elif mode == "NONE":
+            t += self.eager_per_layer_s * self.num_hidden_layers
+        return t
+
+
+def check_serving(section: Any) -> dict:
     """The ``serving`` section, checked (one-line ProfileError)."""
     if not isinstance(section, dict):
         raise ProfileError(f"serving must be a mapping, got {type(section).__name__}")
     for key, value in section.items():
         if key not in SERVING_FIELDS:
             raise ProfileError(f"unknown serving field {key!r} (fields: {', '.join(SERVING_FIELDS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ProfileError(f"serving.{key} must be a number >= 0, got {value!r}")
-    return ServingCosts(**{k: float(v) for k, v in section.items()})
+        if key == "cudagraph_mode":
+            if value not in CUDAGRAPH_MODES:
+                raise ProfileError(f"serving.cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {value!r}")
+        elif key in COST_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ProfileError(f"serving.{key} must be a number >= 0, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProfileError(f"serving.{key} must be an integer >= 0, got {value!r}")
+    return section
+
+
+def serving_costs(section: dict, scheduler) -> ServingCosts:
+    """The ServingCosts of a ``serving`` section for an engine with `scheduler`'s limits
+    (``max_num_seqs``, ``max_num_batched_tokens``: vLLM's default ``max_cudagraph_capture_size``
+    where the section does not give one)."""
+    check_serving(section)
+    limits = {"max_num_seqs": scheduler.max_num_seqs,
+              "max_cudagraph_capture_size": max_cudagraph_capture_size(scheduler.max_num_seqs,
+                                                                       scheduler.max_num_batched_tokens)}
+    return ServingCosts(**{**limits, **{k: (float(v) if k in COST_FIELDS else v) for k, v in section.items()}})

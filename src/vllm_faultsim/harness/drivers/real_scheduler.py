@@ -65,7 +65,9 @@ def _vllm_config(key: _Key):
                                 max_model_len=key.max_model_len, is_encoder_decoder=False,
                                 enable_chunked_prefill=key.enable_chunked_prefill,
                                 long_prefill_token_threshold=key.long_prefill_token_threshold,
-                                watermark=key.watermark, async_scheduling=key.async_scheduling)
+                                async_scheduling=key.async_scheduling,
+                                # 0.23.0 has no watermark (an unknown keyword there): given only when set
+                                **({"watermark": key.watermark} if key.watermark else {}))
     except pydantic.ValidationError as exc:  # several lines: keep the messages only
         raise ValueError("vLLM rejects the scheduler config: "
                          + "; ".join(e["msg"] for e in exc.errors())) from None
@@ -151,7 +153,7 @@ class RealSchedulerCore(VllmSchedulerCore):
             raise ValueError(f"vLLM raised the encoder budget/cache size to {self.encoder_compute_budget}/"
                              f"{self.encoder_cache_size} (the model's largest item): configure at least that")
         self.prefetch = ec
-        self.ec_connector = scheduler.get_ec_connector()
+        self.ec_connector = scheduler.ec_connector  # (0.26.0 also has get_ec_connector(); 0.23.0 only this)
         if self.ec_connector is not None:
             self.ec_connector.bind(ec)
         self.kv_connector = scheduler.get_kv_connector()

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ...faults.plan import FaultPlan, validate_plan
 from ...models.ec_connector import ECConnector
-from ...models.scheduler import SchedulerConfig
+from ...models.kv_offload import installed_vllm_version
+from ...models.scheduler import SchedulerConfig, for_release
 from ..checkers.divergence import Divergence, first_divergence
 from ..mutants import SCHEDULER_MUTANTS, Mutant
 from .simulate import RunConfig, prefetch_schedule, run_engine
@@ -50,8 +51,9 @@ def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]
     m = SCHEDULER_MUTANTS[mutant] if mutant and side == "sim" else Mutant()
     cfg = RunConfig(scheduler=case.scheduler, seed=case.seed)
     prefetch = prefetch_schedule(case.specs, case.plan)
-    if side == "sim":
-        core = m.scheduler_cls(case.scheduler, ECConnector(prefetch, m.ec_policy))
+    if side == "sim":  # the twin of the installed release (none installed: 0.26.0's)
+        cls = for_release(m.scheduler_cls, installed_vllm_version())
+        core = cls(case.scheduler, ECConnector(prefetch, m.ec_policy))
     else:
         from ..drivers.real_scheduler import RealSchedulerCore
         core = RealSchedulerCore(case.scheduler, ec=prefetch)

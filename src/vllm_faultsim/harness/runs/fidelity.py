@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ...models.request import RequestSpec
+from ...models.step_time import serving_costs
 from .. import recording as recording_format
 from ..metrics import percentile
 from ..named_setup import merge  # the header's config, with --config merged over it
@@ -90,7 +91,24 @@ def header_config(rec: recording_format.Recording) -> dict:
     model = hf_config_dir(h["hf_config"]) if isinstance(h.get("hf_config"), dict) else MODELS[h["model"]]
     step_time = {"backend": "aic", "model": model, "system": GPU_SYSTEMS[h["gpu"]],
                  "tp": h["tensor_parallel_size"], "dtype": h["dtype"]}
-    return {"scheduler": sched, "step_time": step_time}
+    out = {"scheduler": sched, "step_time": step_time}
+    if e.get("async_scheduling", True):  # how the engine runs each batch (costs: zero until fitted)
+        out["serving"] = engine_shape(rec)
+    return out
+
+
+def engine_shape(rec: recording_format.Recording) -> dict:
+    """The ``serving`` fields a recording's header fixes: the model's ``num_hidden_layers`` (its
+    hf_config), ``cudagraph_mode`` (NONE with ``enforce_eager``) and ``max_cudagraph_capture_size``
+    (where the header records it; else vLLM's default from the engine's limits)."""
+    h, e = rec.header, rec.header["engine"]
+    out: dict[str, Any] = {"cudagraph_mode": "NONE" if e.get("enforce_eager") else "FULL_AND_PIECEWISE"}
+    layers = (h.get("hf_config") or {}).get("num_hidden_layers")
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        out["num_hidden_layers"] = layers
+    if isinstance(e.get("max_cudagraph_capture_size"), int):
+        out["max_cudagraph_capture_size"] = e["max_cudagraph_capture_size"]
+    return out
 
 
 def specs_of(rec: recording_format.Recording) -> tuple[RequestSpec, ...]:
@@ -130,6 +148,54 @@ def measured_step_times(rec: recording_format.Recording) -> list[tuple[dict, flo
         if asyncs and prev is not None and s["i"] == prev["i"] + 1:
             start = max(start, prev["output_start"])
         out.append((s, s["output_start"] - start))
+        prev = s
+    return out
+
+
+def predicted_step_times(rec: recording_format.Recording, model, costs) -> list[float]:
+    """The model's :func:`measured_step_times` of every recorded step: the recorded batches replayed
+    through the engine loop's clock (models/engine.py ``step_with_batch_queue``): schedule() (costs),
+    launch (ServingCosts.execute; the forward ends no earlier than its launch), block on the oldest
+    batch when the queue is full, update_from_output(). A step the recorded engine scheduled after
+    it had applied every batch (it was idle) starts no earlier than it was recorded to start (the
+    work came then), the others as soon as the core is free; where the recorded engine blocked on a batch before
+    scheduling the next one (the next was scheduled after the batch's output), the replay does too."""
+    steps = rec.steps
+    asyncs = rec.header["engine"].get("async_scheduling", True)
+    out_start: dict[int, float] = {}
+    cpu = gpu = 0.0
+    queue: list[tuple[int, float]] = []  # (step index, forward end), oldest first
+    sched_end: list[float] = []
+
+    def block(k: int, end: float) -> None:
+        nonlocal cpu
+        n = steps[k]["num_prefill_requests"] + steps[k]["num_decode_requests"]
+        out_start[k] = max(cpu, end)
+        cpu = out_start[k] + costs.update_base_s + costs.update_per_req_s * n
+
+    for k, s in enumerate(steps):
+        n = s["num_prefill_requests"] + s["num_decode_requests"]
+        if k == 0 or s["schedule_start"] > steps[k - 1]["output_end"]:  # the recorded engine was idle
+            cpu = max(cpu, s["schedule_start"])
+        cpu += costs.schedule_base_s + costs.schedule_per_req_s * n
+        sched_end.append(cpu)
+        end = max(gpu, cpu) + model.batch_seconds(shape_of(s))
+        if asyncs:
+            cpu += costs.execute_seconds(n, s["total_tokens"])
+            end = max(end, cpu)
+        gpu = end
+        queue.append((k, end))
+        nxt = steps[k + 1] if k + 1 < len(steps) else None
+        full = len(queue) == 2
+        while queue and (full or not asyncs or nxt is None or nxt["schedule_start"] > steps[queue[0][0]]["output_start"]):
+            block(*queue.pop(0))
+            full = False
+    out, prev = [], None
+    for k, s in enumerate(steps):
+        start = sched_end[k]
+        if asyncs and prev is not None and s["i"] == prev["i"] + 1:
+            start = max(start, out_start[k - 1])
+        out.append(out_start[k] - start)
         prev = s
     return out
 
@@ -197,8 +263,8 @@ def fidelity(path: str | Path, overrides: dict | None = None, *, trace_path: str
                 out.pairs[metric][1].append(m)
     if rec.steps:
         model = step_model or step_time_model(cfg)
-        steps = measured_step_times(rec)
-        out.pairs["step"] = ([model.batch_seconds(shape_of(s)) for s, _ in steps], [m for _, m in steps])
+        costs = serving_costs(cfg.serving or {}, cfg.scheduler)
+        out.pairs["step"] = (predicted_step_times(rec, model, costs), [m for _, m in measured_step_times(rec)])
     for metric, (pred, meas) in out.pairs.items():
         out.metrics[metric] = error_stats(pred, meas)
     return out
@@ -268,36 +334,101 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return max(0.0, my - b * mx), b
 
 
+LAUNCH_QUANTILE = 10  # FULL graphs: a launch is at most the time it is measured to take (a lower envelope, p10)
+LAUNCH_BIN = 8  # requests per bin of that envelope (the CUDA-graph capture sizes' stride)
+
+
+def launch_samples(rec: recording_format.Recording, costs) -> list[tuple[str, int, float, str]]:
+    """(CUDA-graph runtime mode, requests, seconds, mode of step N) of every recorded step N+1
+    launched while step N was in flight: from the end of N+1's schedule() to the start of N's
+    update_from_output(), the core launches N+1 (ServingCosts.execute) and then waits for N's
+    output: at least the launch, exactly the launch where the GPU finished N before it."""
+    def mode(s: dict) -> str:
+        return costs.runtime_mode(s["num_prefill_requests"] + s["num_decode_requests"], s["total_tokens"])
+
+    return [(mode(c), c["num_prefill_requests"] + c["num_decode_requests"], b["output_start"] - c["schedule_end"], mode(b))
+            for b, c in zip(rec.steps, rec.steps[1:]) if c["i"] == b["i"] + 1 and c["schedule_end"] <= b["output_start"]]
+
+
 def fit(paths: list[str | Path], overrides: dict | None = None) -> dict:
-    """A config fragment calibrated on the recordings at `paths`: the serving CPU costs (least
-    squares of each step's measured ``schedule()`` and ``update_from_output()`` times against its
-    scheduled requests) and step-time corrections ``scale`` (batches with prefill work) and
-    ``decode_scale`` (decode-only batches): measured over predicted step time, summed over their
-    steps (time-weighted, so throughput comes out right), with the step-time model of each
-    recording's own config."""
+    """A ``serving`` section calibrated on the recordings at `paths` (least squares and robust
+    statistics over their step lines; costs per request and per layer, so they carry to other
+    loads and models): ``schedule()`` and ``update_from_output()`` against the scheduled requests;
+    the launch (ServingCosts.execute) from :func:`launch_samples`: FULL graphs a line through the
+    p10 (LAUNCH_QUANTILE) of each LAUNCH_BIN-request bin, PIECEWISE and NONE (eager) the median
+    excess over that line per hidden layer, over the steps launched behind a FULL decode step
+    (whose short forward these launches outlast: measured 10-80 ms against 1-17 ms). Where the GPU
+    is the bottleneck of FULL steps (larger models) the FULL line is an upper bound."""
     reqs, sched, upd = [], [], []
-    sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # decode-only? -> [measured, predicted]
+    full: dict[int, list[float]] = {}
+    per_layer: dict[str, list[tuple[int, int, float]]] = {"PIECEWISE": [], "NONE": []}
     for path in paths:
         rec = load(path)
         if not rec.steps:
             raise ConfigError(f"{path}: no step lines to calibrate on")
         with tempfile.TemporaryDirectory() as tmp:
             cfg = run_config(rec, write_workload(rec, Path(tmp) / "w.jsonl"), overrides)
-        model = step_time_model(cfg)
-        for s, meas in measured_step_times(rec):
-            n = s["num_prefill_requests"] + s["num_decode_requests"]
-            reqs.append(n)
+        costs = serving_costs(cfg.serving or {}, cfg.scheduler)
+        for s in rec.steps:
+            reqs.append(s["num_prefill_requests"] + s["num_decode_requests"])
             sched.append(s["schedule_end"] - s["schedule_start"])
             upd.append(s["output_end"] - s["output_start"])
-            acc = sums[s["num_prefill_requests"] == 0]
-            acc[0] += meas
-            acc[1] += model.batch_seconds(shape_of(s))
+        for mode, n, x, behind in launch_samples(rec, costs):
+            if mode == "FULL":
+                full.setdefault(n // LAUNCH_BIN, []).append(x)
+            elif behind == "FULL" and costs.num_hidden_layers:
+                per_layer[mode].append((n, costs.num_hidden_layers, x))
     sa, sb = _line(reqs, sched)
     ua, ub = _line(reqs, upd)
-    scale, decode_scale = ((m / p if p > 0 and m > 0 else 1.0) for m, p in (sums[False], sums[True]))
-    return {"serving": {"schedule_base_s": round(sa, 7), "schedule_per_req_s": round(sb, 9),
-                        "update_base_s": round(ua, 7), "update_per_req_s": round(ub, 9)},
-            "step_time": {"scale": round(scale, 4), "decode_scale": round(decode_scale, 4)}}
+    serving = {"schedule_base_s": sa, "schedule_per_req_s": sb, "update_base_s": ua, "update_per_req_s": ub,
+               **launch_costs(full, per_layer)}
+    ratios = gpu_ratios(paths, overrides, serving)
+    return {"serving": {k: round(v, 9) for k, v in serving.items()},
+            "step_time": {k: round(v, 4) for k, v in ratios.items()}}
+
+
+GPU_BOUND = 1.2  # a step is GPU-bound where its forward (by the model) is 1.2x the core's CPU time per step
+
+
+def gpu_ratios(paths: list[str | Path], overrides: dict | None, serving: dict) -> dict[str, float]:
+    """The step-time correction ``decode_scale``: measured over predicted forward time of FULL decode
+    steps, summed over the GPU-bound ones (the forward GPU_BOUND times the core's schedule + launch
+    + update by ``serving``) between two FULL decode steps that follow at once (the spacing of their
+    ``output_start`` is then their forward; 1 where there are none). Steps with prefill work get no
+    correction: their forward overlaps their own launch (an eager one is launch-bound), so no
+    recorded spacing measures it."""
+    meas = pred = 0.0
+    for path in paths:
+        rec = load(path)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = run_config(rec, write_workload(rec, Path(tmp) / "w.jsonl"), merge(overrides or {}, {"serving": serving}))
+        model, costs = step_time_model(cfg), serving_costs(cfg.serving, cfg.scheduler)
+        for a, b, c in zip(rec.steps, rec.steps[1:], rec.steps[2:]):
+            n = [s["num_prefill_requests"] + s["num_decode_requests"] for s in (a, b, c)]
+            if not (b["i"] == a["i"] + 1 and c["i"] == b["i"] + 1 and b["schedule_end"] <= a["output_start"]
+                    and c["schedule_end"] <= b["output_start"]
+                    and all(costs.runtime_mode(k, s["total_tokens"]) == "FULL" for k, s in zip(n, (a, b, c)))):
+                continue
+            cpu = (costs.schedule_base_s + costs.schedule_per_req_s * n[2] + costs.execute_seconds(n[2], n[2])
+                   + costs.update_base_s + costs.update_per_req_s * n[1])
+            g = model.batch_seconds(shape_of(b))
+            if g > GPU_BOUND * cpu:
+                meas += b["output_start"] - a["output_start"]
+                pred += g
+    return {"decode_scale": meas / pred if pred > 0 else 1.0}
+
+
+def launch_costs(full: dict[int, list[float]], per_layer: dict[str, list[tuple[int, int, float]]]) -> dict[str, float]:
+    """ServingCosts' launch fields from :func:`launch_samples` (see :func:`fit`)."""
+    bins = sorted(full)
+    env = [percentile(full[k], LAUNCH_QUANTILE) for k in bins]
+    ea, eb = _line([LAUNCH_BIN * k + LAUNCH_BIN / 2 for k in bins], env) if len(bins) > 1 else (env[0] if env else 0.0, 0.0)
+    layer = {}
+    for mode, xs in per_layer.items():
+        vals = sorted(max(0.0, x - ea - eb * n) / layers for n, layers, x in xs)
+        layer[mode] = vals[len(vals) // 2] if vals else 0.0
+    return {"execute_base_s": ea, "execute_per_req_s": eb, "piecewise_per_layer_s": layer["PIECEWISE"],
+            "eager_per_layer_s": layer["NONE"]}
 
 
 def stem(path: str | Path) -> str:

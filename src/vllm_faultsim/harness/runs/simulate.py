@@ -136,7 +136,7 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     if rest.get("step_time") is not None:
         rest["step_time"] = step_time_backends.check_section(rest["step_time"])
     if rest.get("serving") is not None:
-        step_time_backends.serving_costs(rest["serving"])
+        step_time_backends.check_serving(rest["serving"])
         if not scfg.async_scheduling:
             raise ConfigError("serving (CPU costs per step) is modelled with async scheduling only (the batch queue)")
     if "ec_policy" in rest and rest["ec_policy"] not in EC_POLICIES:
@@ -314,7 +314,7 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
                             invariants=Invariants(cfg.scheduler.max_num_batched_tokens, cfg.scheduler.max_num_seqs),
                             full_trace=full_trace, progress=progress, macro_steps=macro_steps,
                             max_concurrent_batches=2 if cfg.scheduler.async_scheduling else 1,
-                            **({"cpu_costs": step_time_backends.serving_costs(cfg.serving)} if cfg.serving else {}))
+                            **({"cpu_costs": step_time_backends.serving_costs(cfg.serving, cfg.scheduler)} if cfg.serving else {}))
         injector.arm_engine(engine)
         try:
             env.run()
