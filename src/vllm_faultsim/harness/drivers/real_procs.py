@@ -530,7 +530,7 @@ def run_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0, backend: str =
         for p in manager.processes:
             p.join(sc.stop_timeout + 1)
         reader.join(5)
-        exitcodes = {r: p.exitcode for r, p in enumerate(manager.processes)}
+        exitcodes = {r: _exitcode(p) for r, p in enumerate(manager.processes)}
         hist.add("end")
     finally:
         _cleanup(manager, client, [report_r, report_w] + [fd for pair in go for fd in pair], reader)
@@ -601,6 +601,17 @@ def _fault_stop(hist: _History, client, timeout: float) -> None:
 def _shutdown_began(hist: _History, rank: int) -> float:
     """When the rank's core reported the start of its shutdown (the latest report)."""
     return max(r["t"] for r in list(hist.records) if r["ev"] == "core_shutdown" and r["rank"] == rank)
+
+
+def _exitcode(proc, wait: float = 1.0) -> int | None:
+    """``proc.exitcode`` of an ended process. vLLM's liveness monitor polls the same Process from its
+    thread, and ``Popen.poll`` is not thread-safe: while one thread is between reaping the child and
+    storing its code, another's ``waitpid`` gets ECHILD and reads None (seen once in 9 loaded runs:
+    a clean exit read as None). Read again while the process has ended and the code is not stored."""
+    deadline = time.monotonic() + wait
+    while proc.exitcode is None and multiprocessing.connection.wait([proc.sentinel], 0) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc.exitcode
 
 
 def _cleanup(manager, client, fds: list[int], reader: threading.Thread) -> None:
