@@ -155,6 +155,20 @@ def test_sweep_cache_ignores_a_cut_line_and_says_serial(tmp_path):
     assert not (tmp_path / sweep.CACHE).exists()
 
 
+def test_a_small_sweep_runs_serially_unless_workers_are_asked_for(tmp_path, monkeypatch):
+    """Fewer than RAY_MIN_POINTS_PER_CORE points a core: serial (Ray's start would cost more), said
+    once; one more point than that, or an explicit --workers, would go to Ray."""
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sweep, "ray_importable", lambda: True)
+    notes = []
+    few = 2 * sweep.RAY_MIN_POINTS_PER_CORE - 1
+    with sweep.Sweep(tmp_path, progress=False, note=notes.append) as sw:
+        assert sw.serial(few) and not sw.serial(few + 1)
+        assert sw.map(_double_or_stop, [{"x": i} for i in range(3)]) == [{"y": 0}, {"y": 2}, {"y": 4}]
+    assert len(notes) == 1 and "3 points, fewer than 8 a core" in notes[0] and "serially" in notes[0]
+    assert not sweep.Sweep(tmp_path, workers=2, progress=False).serial(3)
+
+
 def _double_or_stop(config: dict) -> dict:
     if config["x"] < 0:
         raise KeyboardInterrupt

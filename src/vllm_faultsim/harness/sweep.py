@@ -8,6 +8,9 @@ points run:
 
 - by default a local Ray cluster on all cores (``workers`` of them; default ``os.cpu_count()``),
   started at the first point that needs running and shut down when the sweep ends, Ctrl-C included;
+  with fewer than ``RAY_MIN_POINTS_PER_CORE`` points a core to run and no ``workers`` asked for,
+  serially instead (Ray's start costs more than it saves: benchmarks/sweep_speedup.py measured the
+  12-point default study 0.62x serial on 2 cores, a 48-point grid 1.5x), said in one line;
 - ``ray_address``: an existing cluster (``ray.init(address=...)``; the package must be importable
   on its workers), disconnected when the sweep ends; ``workers`` then caps the points in flight;
 - ``workers=1``, or Ray not installed: serially in this process, said in one line on stderr.
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 CACHE = ".sweep-cache.jsonl"
+RAY_MIN_POINTS_PER_CORE = 8
 
 
 def point_key(fn: Callable, config: dict) -> str:
@@ -101,13 +105,22 @@ class Sweep:
 
     # -- where points run ----------------------------------------------------------------------
 
-    @property
-    def serial(self) -> bool:
-        return self.workers == 1 or not ray_importable()
+    def serial(self, n: int) -> bool:
+        """Whether `n` points to run go serially (see the module docstring)."""
+        return self.workers == 1 or not ray_importable() or self._few(n)
+
+    def _few(self, n: int) -> bool:
+        if self.workers is not None or self.ray_address:
+            return False
+        ray = sys.modules.get("ray")  # a Ray the caller initialised is used whatever the count
+        return not (ray is not None and ray.is_initialized()) and n < RAY_MIN_POINTS_PER_CORE * (os.cpu_count() or 1)
 
     def _say_serial(self, n: int) -> None:
         if not self._said_serial:
-            why = "--workers 1" if self.workers == 1 else "ray is not installed (pip install 'vllm-faultsim[ray]')"
+            why = ("--workers 1" if self.workers == 1 else
+                   "ray is not installed (pip install 'vllm-faultsim[ray]')" if not ray_importable() else
+                   f"{n} points, fewer than {RAY_MIN_POINTS_PER_CORE} a core (starting Ray would cost more than "
+                   "it saves; --workers N runs them on Ray)")
             self.note(f"vllm-faultsim: sweep: {why}: running the points serially in this process")
             self._said_serial = True
 
@@ -178,7 +191,7 @@ class Sweep:
                     if on_result:
                         on_result(i, result)
 
-            if todo and self.serial:
+            if todo and self.serial(len(todo)):
                 self._say_serial(len(todo))
                 for key, idx in todo.items():
                     finished(key, _json(fn(configs[idx[0]])))
