@@ -36,10 +36,10 @@ def steps(events):
 
 @pytest.mark.parametrize("version", ko.VERSIONS)
 def test_last_step_through_simulate(version):
-    """PR #42611 through `simulate`: 0.23.0 flushes all on the step after the last finish and
-    stops; 0.24+ keeps stepping (empty steps) until the store lands."""
+    """PR #42611 through `simulate` (sync): 0.23.0 flushes all on the step after the last finish
+    and stops; 0.24+ keeps stepping (empty steps) until the store lands."""
     case = oc.scenario("last_step")
-    res = simulate(config(version, num_gpu_blocks=32), specs=case.specs)
+    res = simulate(config(version, num_gpu_blocks=32, async_scheduling=False), specs=case.specs)
     st = steps(res.events)
     assert st[0]["finished"] == ["r0"] and st[0]["kv"]["store"] == [["r0:S0", "r0", [0, 1]]]
     if version == "0.23":
@@ -52,6 +52,27 @@ def test_last_step_through_simulate(version):
     assert res.summary["kv_store_jobs"] == 1 and res.summary["kv_jobs_lost"] == 0
 
 
+@pytest.mark.parametrize("version", ko.VERSIONS)
+def test_last_step_through_simulate_async(version):
+    """The same under async scheduling (kv_offload's default, as vLLM 0.26.0's): the batch
+    scheduled during r0's forward is empty; empty batches carry no forward (dur 0) and the loop
+    sleeps 1 ms after each call that ran none (_process_engine_step); 0.23.0's flush blocks the
+    core before its batch (the forward starts after the wait)."""
+    case = oc.scenario("last_step")
+    res = simulate(config(version, num_gpu_blocks=32), specs=case.specs)
+    st = steps(res.events)
+    assert st[0]["finished"] == ["r0"] and st[0]["kv"]["store"] == [["r0:S0", "r0", [0, 1]]]
+    assert st[1] == {"kind": "step", "step": 1, "t": st[0]["dur"], "dur": 0.0, "sched": {}}
+    assert all(e["sched"] == {} and e["dur"] == 0.0 for e in st[1:])
+    if version == "0.23":
+        assert len(st) == 3 and st[2]["kv"]["flush"] == ["r0:S0"] and st[2]["kv"]["done"] == ["r0:S0"]
+        assert res.summary["kv_flushed_jobs"] == 1 and res.summary["kv_wait_ms"] > 0
+    else:
+        assert len(st) > 10 and [round(b["t"] - a["t"], 9) for a, b in zip(st[1:], st[2:])] == [0.001] * (len(st) - 2)
+        assert st[-2]["kv"]["done"] == ["r0:S0"] and res.summary["kv_flushed_jobs"] == 0
+    assert res.summary["kv_store_jobs"] == 1 and res.summary["kv_jobs_lost"] == 0
+
+
 def test_jobs_left_at_the_end_are_an_invariant_violation():
     """0.23.0 without the flush-all rule strands the last store: the run fails, naming it."""
     case = oc.scenario("last_step")
@@ -61,12 +82,15 @@ def test_jobs_left_at_the_end_are_an_invariant_violation():
         run_engine(oc.sim_core(case, policy="0.23", mutant="no-flush-all"), case.specs, cfg, case.plan, side="sim")
 
 
-def test_kill_with_stores_in_flight_names_the_lost_jobs():
+@pytest.mark.parametrize("mode", [False, True], ids=["sync", "async"])
+def test_kill_with_stores_in_flight_names_the_lost_jobs(mode):
+    """Sync: the step in flight never returns; async: neither does the batch queued behind it."""
     case = oc.scenario("fence")
     plan = validate_plan({"faults": [{"kind": "kill_engine", "at": 0.012}]}, "kill")
-    res = simulate(config(), plan, specs=case.specs)
+    res = simulate(config(async_scheduling=mode), plan, specs=case.specs)
     (lost,) = [e for e in res.events if e["kind"] == "kv_lost"]
-    assert lost == {"kind": "kv_lost", "t": 0.012, "cause": "kill_engine", "jobs": ["r0:S0", "r1:S0"]}
+    assert lost == {"kind": "kv_lost", "t": 0.012, "cause": "kill_engine", "jobs": ["r0:S0", "r1:S0"],
+                    "unapplied": [1, 2] if mode else [1]}
     assert res.summary["kv_jobs_lost"] == 2 and res.summary["failed"] == 2  # r1 and r2; r0 finished
     killed = steps(res.events)[-1]
     assert killed["t"] + killed["dur"] == pytest.approx(0.012) and "finished" not in killed

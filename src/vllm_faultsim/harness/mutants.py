@@ -23,7 +23,9 @@ judge that rule must catch it. They live here, beside the checkers, not in any u
   the EC connector's shutdown drain.
 - KV offload (runs/offload.py; tests/diff/test_offload_real.py): ``OffloadPolicy`` rule switches of
   models/kv_offload.py turned off: no flush of a preempted request's stores, of a job whose block is
-  re-allocated, or 0.23.0 without PR #42611's flush-all;
+  re-allocated, or 0.23.0 without PR #42611's flush-all; and, shown only under async scheduling,
+  offloadable tokens not clamped to ``req.num_tokens`` (the placeholders of the batches in flight
+  counted: ``offload-placeholders``);
 """
 
 from __future__ import annotations
@@ -169,6 +171,9 @@ OFFLOAD_MUTANTS: dict[str, dict[str, bool]] = {
     "no-preempt-flush": {"flush_preempted": False},  # a preempted request's pending stores not flushed
     "no-fence-flush": {"flush_fenced": False},        # a job whose GPU block is re-allocated not flushed
     "no-flush-all": {"flush_all": False},             # 0.23.0 without PR #42611
+    # async only: the tokens of the batches in flight (output placeholders) counted as offloadable,
+    # so the chunks past the known tokens are skipped for good (vLLM: min(computed, req.num_tokens))
+    "offload-placeholders": {"clamp_to_num_tokens": False},
 }
 
 

@@ -68,15 +68,14 @@ def merge(base: dict, over: dict) -> dict:
 def apply_setup(d: dict) -> dict:
     """The run-config mapping `d` laid over the setup it names (``setup``; none: `d` unchanged).
     The setup's serving costs were measured with async scheduling: they are left out where `d`
-    turns it off (or asks for KV offload or EPLB, modelled synchronously) and gives none itself."""
+    turns it off (or asks for EPLB, modelled synchronously) and gives none itself."""
     name = d.get("setup")
     if name is None:
         return d
     if not isinstance(name, str):
         raise SetupError(f"setup must be a setup name or a YAML path, got {name!r}")
     out = merge(load_setup(name)["run"], d)
-    sync = (out.get("scheduler") or {}).get("async_scheduling") is False or any(
-        d.get(k) is not None for k in ("kv_offload", "eplb"))
+    sync = (out.get("scheduler") or {}).get("async_scheduling") is False or d.get("eplb") is not None
     if sync and "serving" not in d:
         out.pop("serving", None)
     return out

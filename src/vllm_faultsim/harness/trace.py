@@ -20,7 +20,8 @@ A trace is a sequence of events (dicts). The first is a ``header``; then, in tim
               output tokens, preemptions, status (``length``, ``stop``; ``failed``:
               EngineDeadError; ``aborted``: the engine's graceful shutdown after SIGTERM)
 - ``kv_lost`` the engine stopped with KV offload jobs not retired: ``cause`` (``kill_engine``,
-              ``kv_transfer_failed``, ``shutdown``) and ``jobs`` (may be empty: nothing lost)
+              ``kv_transfer_failed``, ``shutdown``) and ``jobs`` (may be empty: nothing lost);
+              ``unapplied``: the steps recorded without their output (async: up to two batches)
 - ``eplb``    async EPLB (models/eplb.py): ``rearrange`` (step), per layer ``transfer`` (start,
               end, per-rank sent/recv expert copies), ``publish``, ``consume`` (step), ``rank_death``
 - ``fault``   a fault from the plan applied (time, the fault)

@@ -34,7 +34,14 @@ step late (the core keeps output placeholders, models/scheduler.py). The GPU run
 time: a batch's forward starts at ``max(scheduled at, previous forward's end)``. Where vLLM spins
 on empty schedules (1 ms sleeps) the loop, having nothing in flight, sleeps until the next wake-up:
 the same decisions. A step's trace event is written when its output is applied, with ``t`` its
-forward's start and ``dur`` its forward.
+forward's start and ``dur`` its forward. With a KV connector (KV offloading, vLLM 0.26.0's default
+mode too) the loop makes vLLM's calls one by one instead: an empty batch is queued like any other
+(the worker's no-forward pass), the call returns while the queue has room and ``has_requests()``,
+and a call that ran no forward sleeps ``IDLE_STEP`` after it (``_process_engine_step``); the
+worker's wait on flushed jobs blocks the core before the batch's forward; a failed transfer raises
+from ``schedule()`` (``execute_model`` runs the worker inline) and kills the engine; a death
+records the batches whose output never came back (the one blocked on and the one queued) and names
+them in ``kv_lost`` (``unapplied``).
 
 The loop owns the virtual clock, the trace and the invariants; the core only decides (see
 models/step.py). The same loop drives the simulated scheduler and the real vLLM adapters.
@@ -129,8 +136,10 @@ class EngineCore:
         self.prefilling: dict[str, RequestRecord] = {}  # the records without a first token yet
         self.kv_connector = hasattr(core, "pending_jobs")  # KV offloading: see _kv_idle_step, _kv_lost
         self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
-        if max_concurrent_batches > 1 and (eplb is not None or self.kv_connector):
-            raise ValueError("async scheduling (a batch queue) is not modelled with EPLB or a KV connector")
+        # async: the batches in flight not blocked on, newest first: (forward start, forward end, decisions)
+        self.batch_queue: deque[tuple[float, float, StepResult]] = deque()
+        if max_concurrent_batches > 1 and eplb is not None:
+            raise ValueError("async scheduling (a batch queue) is not modelled with EPLB")
         self.max_concurrent_batches = max_concurrent_batches
         # macro-steps: a core that can tell when nothing can change (Scheduler.decode_run) is advanced
         # through such steps at once (_decode_steps); False keeps the per-step loop (the check of it)
@@ -263,7 +272,7 @@ class EngineCore:
         (forward start, forward end, decisions), newest first, as vLLM's deque."""
         env, core, stats = self.env, self.core, self.stats
         arrivals, size = self.workload, self.max_concurrent_batches
-        batch_queue: deque[tuple[float, float, StepResult]] = deque()
+        batch_queue = self.batch_queue
         gpu_free = 0.0
         done: set[int] = set()  # (a mutant's) batches whose output was applied when scheduled
         try:
@@ -272,17 +281,27 @@ class EngineCore:
                     return self._abort()
                 now = env.now
                 nxt = self._add_arrivals(now)
+                executed = False  # whether this call scheduled a batch that runs the model
                 if core.has_unfinished_requests():
                     run = self.macro_steps and len(batch_queue) == 1 and size == 2 and core.decode_run(batch_queue[0][2])
                     if run:
                         gpu_free = yield from self._decode_steps_queued(*run, batch_queue, gpu_free)
                         continue
-                    res = core.schedule(now)
+                    try:
+                        res = core.schedule(now)
+                    except TransferFailed as exc:  # KV connector: the batch's execute_model raised at once
+                        yield from self._transfer_failed(now, 0.0, exc.batch, exc)
+                        return
                     if self.invariants is not None:
                         self.invariants.scheduled(stats.steps, now, now, res, stats.records)
                     if self.cpu_costs is not None and res.sched:  # the core is busy in schedule()
                         self.stepping = True  # a SIGTERM waits for this call to end
                         yield env.timeout(self.cpu_costs.schedule(res))
+                        self.stepping = False
+                        now = env.now
+                    if res.kv and res.kv.get("wait"):  # execute_model: the worker blocks on flushed jobs
+                        self.stepping = True
+                        yield env.timeout(res.kv["wait"])
                         self.stepping = False
                         now = env.now
                     start = gpu_free if gpu_free > now else now
@@ -297,7 +316,12 @@ class EngineCore:
                         self._account(res, core.update_from_output(res, now), start, end - start)
                         done.add(id(res))
                     batch_queue.appendleft((start, end, res))
-                    if res.sched:
+                    executed = bool(res.sched)
+                    if self.kv_connector and not executed:  # vLLM's calls, spinning as it does
+                        if len(batch_queue) < size and core.has_unfinished_requests():
+                            yield env.timeout(self._kv_idle_step(now, res))  # _process_engine_step's sleep
+                            continue
+                    elif res.sched:
                         if len(batch_queue) < size:
                             continue  # don't block while the queue has room
                     elif not any(b[2].sched for b in batch_queue):
@@ -328,6 +352,9 @@ class EngineCore:
                 self.stepping = False
                 if id(res) not in done:
                     self._account(res, core.update_from_output(res, env.now), start, end - start)
+                self.in_step = None
+                if self.kv_connector and not executed and core.has_unfinished_requests():
+                    yield env.timeout(IDLE_STEP)  # no forward in this call: _process_engine_step's sleep
         except simpy.Interrupt as stop:
             if stop.cause == "shutdown":  # SIGTERM while idle: abort now
                 self._abort()
@@ -516,9 +543,10 @@ class EngineCore:
         of the exception (exit code 1) at the step's end; the step's output never comes back."""
         env = self.env
         self.alive = False
+        unapplied = self._record_unapplied() + [self.stats.steps]
         self._record_step(start, dur, res, ())
         self.emit(events.proc(env.now, "exit", proc="EngineCore_DP0", cause="kv_transfer_failed", failed=exc.failed))
-        self._kv_lost("kv_transfer_failed")
+        self._kv_lost("kv_transfer_failed", unapplied)
         yield env.timeout(self.detection("exit"))
         self.stats.dead_at = env.now
         self.emit(events.proc(env.now, "engine_dead", proc="EngineCore_DP0"))
@@ -549,16 +577,29 @@ class EngineCore:
             yield env.timeout(extra)
         return extra
 
-    def _kv_lost(self, cause: str) -> None:
-        """The engine stops with KV offload jobs not retired: name them, never silently. A step
-        in flight never returns its output; it is recorded up to now, with the jobs it created."""
-        if self.stepping:
-            self.stepping = False
-            start, res = self.in_step
-            self._record_step(start, self.env.now - start, res, ())
+    def _record_unapplied(self) -> list[int]:
+        """Steps whose output never comes back are recorded up to now, with the jobs they
+        created: the step in flight (sync), or the batch blocked on and those queued, oldest
+        first (async). Returns their indices."""
+        now = self.env.now
+        batches = []
+        if self.stepping and self.in_step is not None:
+            batches.append((self.in_step[0], self.in_step[-1]))
+        self.stepping = False
+        batches += [(start, res) for start, _, res in reversed(self.batch_queue)]
+        self.batch_queue.clear()
+        first = self.stats.steps
+        for start, res in batches:  # (a queued batch whose forward had not started: at now, 0 s)
+            self._record_step(min(start, now), max(now - start, 0.0), res, ())
+        return list(range(first, self.stats.steps))
+
+    def _kv_lost(self, cause: str, unapplied: list[int] | None = None) -> None:
+        """The engine stops with KV offload jobs not retired: name them, never silently, with the
+        steps whose output never came back (recorded first: :meth:`_record_unapplied`)."""
+        unapplied = (unapplied or []) + self._record_unapplied()
         jobs = self.core.pending_jobs()
         self.stats.kv["lost"] = len(jobs)
-        self.emit(events.kv_lost(self.env.now, cause, jobs))
+        self.emit(events.kv_lost(self.env.now, cause, jobs, unapplied))
 
     def _end(self, req_ids, status: str) -> None:
         now, records = self.env.now, self.stats.records

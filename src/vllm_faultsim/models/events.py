@@ -65,9 +65,13 @@ def proc(at: float, event: str, **fields: Any) -> dict:
     return {"kind": "proc", "t": t(at), "event": event, **fields}
 
 
-def kv_lost(at: float, cause: str, jobs: list[str]) -> dict:
-    """The engine stopped with these KV offload jobs not retired."""
-    return {"kind": "kv_lost", "t": t(at), "cause": cause, "jobs": jobs}
+def kv_lost(at: float, cause: str, jobs: list[str], unapplied: list[int] | None = None) -> dict:
+    """The engine stopped with these KV offload jobs not retired; ``unapplied`` (when any): the
+    steps whose output never came back."""
+    ev = {"kind": "kv_lost", "t": t(at), "cause": cause, "jobs": jobs}
+    if unapplied:
+        ev["unapplied"] = unapplied
+    return ev
 
 
 def eplb(event: str, **fields: Any) -> dict:

@@ -12,7 +12,7 @@ entries (oldest first) when space is needed.
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import islice
 
 
@@ -20,7 +20,7 @@ class BlockPool:
     """Block ids, ref counts, the free queue and (with prefix caching) the hash -> block map."""
 
     __slots__ = ("num_gpu_blocks", "enable_caching", "free", "ref_cnt", "block_hash", "cached", "req_blocks",
-                 "num_cached_block")
+                 "num_cached_block", "deferred_frees")
 
     def __init__(self, num_gpu_blocks: int, enable_caching: bool = False):
         if num_gpu_blocks < 2:
@@ -33,6 +33,9 @@ class BlockPool:
         self.cached: dict[object, dict[int, None]] = {}   # hash -> blocks holding it, first = served
         self.req_blocks: dict[str, list[int]] = {}
         self.num_cached_block: dict[str, int] = {}
+        # blocks popped from freed requests and held until a fence step is processed: (fence, blocks)
+        # (Scheduler.deferred_frees; models/offload_scheduler.py)
+        self.deferred_frees: deque[tuple[int, list[int]]] = deque()
 
     def get_computed_blocks(self, block_hashes: list, max_length: int, block_size: int) -> list[int]:
         """The longest run of cached full blocks from the start (find_longest_cache_hit)."""
@@ -107,9 +110,21 @@ class BlockPool:
                 free.move_to_end(b, False)  # to the front
             return blocks
         self.num_cached_block.pop(req_id, None)
+        self.free_blocks(reversed(blocks))
+        return blocks
+
+    def pop_blocks_for_free(self, req_id: str) -> list[int]:
+        """The request's blocks (allocation order), taken from it but not returned to the pool."""
+        self.num_cached_block.pop(req_id, None)
+        return self.req_blocks.pop(req_id, [])
+
+    def free_blocks(self, ordered_blocks) -> None:
+        """``BlockPool.free_blocks``: drop one reference of each; the freed hashless blocks go to
+        the front of the free queue, the cached ones to its back (in the given order)."""
+        ref, free = self.ref_cnt, self.free
         hashed = self.block_hash
         without_hash = []
-        for b in reversed(blocks):
+        for b in ordered_blocks:
             if ref[b] > 1:
                 ref[b] -= 1
                 continue
@@ -121,7 +136,6 @@ class BlockPool:
         for b in reversed(without_hash):
             free[b] = None
             free.move_to_end(b, last=False)
-        return blocks
 
     def conservation_error(self, deep: bool = False) -> str | None:
         """held + free = the pool; deep: also recount every request's references (O(blocks))."""
@@ -132,7 +146,7 @@ class BlockPool:
         if not deep:
             return None
         refs: dict[int, int] = {}
-        for blocks in self.req_blocks.values():
+        for blocks in [*self.req_blocks.values(), *(blocks for _, blocks in self.deferred_frees)]:
             for b in blocks:
                 refs[b] = refs.get(b, 0) + 1
         if refs != self.ref_cnt:

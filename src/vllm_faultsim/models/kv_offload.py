@@ -136,6 +136,7 @@ class OffloadPolicy:
     flush_preempted: bool = True  # a preempted request's pending store jobs are flushed
     flush_fenced: bool = True     # a pending job whose GPU block is re-allocated is flushed
     flush_all: bool = True        # 0.23: flush every job once every tracked request is finished (PR #42611)
+    clamp_to_num_tokens: bool = True  # offloadable tokens <= req.num_tokens (async: not the placeholders in flight)
     mutant: str | None = None
 
     def __post_init__(self):
@@ -222,6 +223,7 @@ class TransferFailed(RuntimeError):
     def __init__(self, failed: list[str], lost: list[str], t: float):
         super().__init__(failed, lost, t)
         self.failed, self.lost, self.t = failed, lost, t
+        self.batch = None  # async: the StepResult whose execute_model raised (at its schedule())
 
     def __str__(self) -> str:
         return (f"KV transfer failed at t={self.t:.6f}s ({', '.join(self.failed)}); the offloading worker "
@@ -755,7 +757,7 @@ class OffloadingConnectorScheduler:
                 n_after = req.num_tokens
             else:
                 n_after = req.num_computed_tokens + so.num_scheduled_tokens[req_id]
-            n_off = min(n_after, req.num_tokens)
+            n_off = min(n_after, req.num_tokens) if pol.clamp_to_num_tokens else n_after
             if cfg.offload_prompt_only:
                 n_off = min(n_off, req.num_prompt_tokens)
             num_chunks = n_off // tpc
@@ -764,6 +766,8 @@ class OffloadingConnectorScheduler:
             if num_chunks > start:
                 keys = st.offload_keys[start:num_chunks]
                 bids = st.block_ids[start * bpc + bpc - 1:num_chunks * bpc:bpc]
+                if not pol.clamp_to_num_tokens:  # (the mutant) chunks past the known tokens have no key yet
+                    bids = bids[:len(keys)]
                 assert len(keys) == len(bids), (req_id, len(keys), len(bids))
                 new_keys = [k for k, b in zip(keys, bids) if b != 0]
             if not new_keys:

@@ -26,9 +26,26 @@ Checked step by step against the real vLLM 0.26.0 Scheduler + OffloadingConnecto
 - ``has_requests()`` = unfinished requests or finished ids not yet reported or
   ``has_pending_push_work()``: the engine must step while it holds, and run ``update_from_output``
   on empty steps too (models/engine.py does; so does ``harness.runs.offload.run_offload``).
+- Async scheduling (``AsyncScheduler``, vLLM 0.26.0's default, KV connectors included): the engine
+  loop's batch queue (models/engine.py ``step_with_batch_queue``) schedules batch N+1 before batch
+  N's output is applied, so ``build_connector_meta`` of N+1 runs before N's worker output reaches
+  ``update_connector_output``; the worker runs a batch's whole ``execute_model`` when it is
+  scheduled (``UniProcExecutor`` calls it inline: ``handle_preemptions``, ``start_load_kv`` and
+  ``get_finished`` at once), and its output travels with the batch (``_outputs``, one per batch in
+  flight, oldest first) to that batch's ``update_from_output``. A failed transfer therefore
+  raises from ``schedule()`` (``execute_model`` re-raises at once: the engine core dies).
+  And vLLM's Scheduler defers block freeing (``defer_block_free``: more than one batch in flight
+  and a KV-consumer connector, which ``kv_both`` is): each non-empty ``schedule()`` advances
+  ``sched_step_seq`` and stamps its requests' ``last_sched_seq``; each non-empty batch's
+  ``update_from_output`` first advances ``processed_step_seq`` and returns the deferred blocks
+  whose fence it reached; a request freed or preempted while a batch that scheduled it is in
+  flight keeps its blocks out of the pool until then (``_free_request_blocks``) -- so a
+  preemption may have to take a second victim.
 """
 
 from __future__ import annotations
+
+from collections import deque
 
 from . import kv_offload as ko
 from .scheduler import FINISHED, PREEMPTED, WAITING, WAITING_FOR_REMOTE_KVS, Scheduler, SchedulerConfig, cdiv
@@ -85,8 +102,8 @@ class OffloadingConnector:
         self.new_reqs: list = []                   # this step's admissions: (req, block ids, resumed)
         self.resumed_reqs: list = []
         self._meta: ko.OffloadingConnectorMetadata | None = None
-        self._recving: set[str] = set()             # the worker's last get_finished
-        self._completed: dict[int, int] = {}
+        # the worker's get_finished of each batch not applied yet, oldest first: (recving, completed)
+        self._outputs: deque[tuple[set[str], dict[int, int]]] = deque()
 
     # -- schedule() ---------------------------------------------------------------------------
 
@@ -160,6 +177,12 @@ class OffloadingConnector:
         self.finished_req_ids = set()
         self.new_reqs, self.resumed_reqs = [], []
         res.kv = self.kv.events.take()
+        if s.async_scheduling:  # the worker's execute_model ends here too (see the module docstring)
+            try:
+                self.get_finished(now)
+            except ko.TransferFailed as exc:
+                exc.batch = res
+                raise
 
     def on_preempt(self, req) -> None:
         self.inflight.pop(req.req_id, None)
@@ -168,10 +191,11 @@ class OffloadingConnector:
     # -- update_from_output() -----------------------------------------------------------------
 
     def get_finished(self, now: float) -> None:
-        """The worker's get_finished at the step's end; a failed transfer raises TransferFailed
-        naming every job still pending (the engine dies)."""
+        """The worker's get_finished (sync: at the step's end; async: when the batch is
+        scheduled); a failed transfer raises TransferFailed naming every job still pending (the
+        engine dies)."""
         try:
-            self._recving, self._completed = self.worker.get_finished(self._meta, now)
+            self._outputs.append(self.worker.get_finished(self._meta, now))
         except ko.TransferFailed as exc:
             raise ko.TransferFailed(exc.failed, self.kv.pending_jobs(), now) from None
 
@@ -182,9 +206,11 @@ class OffloadingConnector:
         self.finished_req_ids.add(req.req_id)
 
     def update_connector_output(self, res: StepResult) -> None:
-        self.kv.update_connector_output(self._completed)
+        """The worker output of `res`'s batch (the oldest in flight)."""
+        recving, completed = self._outputs.popleft()
+        self.kv.update_connector_output(completed)
         requests = self.sched.requests
-        for rid in self._recving:
+        for rid in recving:
             r = requests.get(rid)
             if r is not None and r.status == WAITING_FOR_REMOTE_KVS:
                 self.finished_recving.add(rid)
@@ -201,13 +227,15 @@ class OffloadScheduler(Scheduler):
     def __init__(self, config: SchedulerConfig, offload: ko.OffloadConfig, policy: ko.OffloadPolicy | None = None):
         if not config.enable_prefix_caching:
             raise ValueError("KV offloading needs prefix caching (block hashes): set enable_prefix_caching")
-        if config.async_scheduling:
-            raise ValueError("KV offloading is modelled with synchronous scheduling: set async_scheduling false")
         if offload.block_size != config.block_size:
             raise ValueError("offload.block_size must equal the scheduler's block_size")
         super().__init__(config)
         self.policy = policy or ko.policy_for()
         self.kv_connector = OffloadingConnector(self, offload, self.policy)
+        # vLLM: max_concurrent_batches > 1 and kv_transfer_config.is_kv_consumer (kv_both)
+        self.defer_block_free = config.async_scheduling
+        self.sched_step_seq = self.processed_step_seq = 0
+        self.last_sched_seq: dict[str, int] = {}  # Request.last_sched_seq
 
     @property
     def transfers(self) -> ko.TransferEngine:
@@ -218,6 +246,30 @@ class OffloadScheduler(Scheduler):
         if spec.mm:
             raise ValueError(f"request {spec.req_id}: the offloading scheduler is text-only")
         super().add_request(spec, now)
+
+    def schedule(self, now):
+        res = super().schedule(now)
+        if self.defer_block_free and res.sched:  # the fence of the blocks this batch writes
+            self.sched_step_seq += 1
+            for rid in res.sched:
+                self.last_sched_seq[rid] = self.sched_step_seq
+        return res
+
+    def update_from_output(self, res, now):
+        if self.defer_block_free and res.sched:  # every write of this batch and earlier ones is done
+            self.processed_step_seq += 1
+            deferred = self.pool.deferred_frees
+            while deferred and deferred[0][0] <= self.processed_step_seq:  # _drain_deferred_frees
+                self.pool.free_blocks(reversed(deferred.popleft()[1]))
+        return super().update_from_output(res, now)
+
+    def _free_request_blocks(self, req) -> None:
+        if not self.defer_block_free or self.last_sched_seq.get(req.req_id, 0) <= self.processed_step_seq:
+            self.pool.free_request(req.req_id)
+            return
+        blocks = self.pool.pop_blocks_for_free(req.req_id)
+        if blocks:
+            self.pool.deferred_frees.append((self.sched_step_seq, blocks))
 
     def has_requests(self):
         c = self.kv_connector
@@ -231,6 +283,7 @@ class OffloadScheduler(Scheduler):
     def fail_all(self):
         self.kv_connector.views.clear()
         self.kv_connector.inflight.clear()
+        self.kv_connector._outputs.clear()
         return super().fail_all()
 
     def check(self, deep=False):

@@ -376,7 +376,7 @@ class Scheduler:
         return True
 
     def _preempt_request(self, req: Request) -> None:
-        self.pool.free_request(req.req_id)
+        self._free_request_blocks(req)
         if req.mm:
             self.encoder_cache.free(req)
         req.status = PREEMPTED
@@ -429,7 +429,10 @@ class Scheduler:
 
     def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
         if res.sampling is not None:
-            return self._update_async(res)
+            finished = self._update_async(res)
+            if self.kv_connector is not None:  # the batch's worker output (got when it was scheduled)
+                self.kv_connector.update_connector_output(res)
+            return finished
         finished: list[Finished] = []
         kv = self.kv_connector
         if kv is not None:  # the worker's get_finished, at the step's end
@@ -617,8 +620,13 @@ class Scheduler:
             self.kv_connector.request_finished(req)
         if req.mm:
             self.encoder_cache.free(req)
-        self.pool.free_request(req.req_id)
+        self._free_request_blocks(req)
         del self.requests[req.req_id]
+
+    def _free_request_blocks(self, req: Request) -> None:
+        """Free a finished or preempted request's KV blocks (a KV connector under async
+        scheduling defers it: models/offload_scheduler.py)."""
+        self.pool.free_request(req.req_id)
 
     def fail_all(self) -> list[str]:
         """The engine died: every unfinished request fails (EngineDeadError); returns their ids."""

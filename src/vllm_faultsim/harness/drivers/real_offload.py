@@ -20,10 +20,16 @@ One code path runs under vLLM 0.26.0 and 0.23.0 (the worker's API differs: ``get
 
 Per step the core drives what vLLM's GPU model runner does: ``handle_preemptions`` ->
 ``bind_connector_metadata`` -> ``start_load_kv`` at the step's start (``schedule(now)``), then
-``get_finished`` -> ``build_connector_worker_meta`` at its end (``update_from_output(res, now)``),
-whose ``KVConnectorOutput`` goes back to ``Scheduler.update_from_output``. The engine must keep
-stepping while :meth:`RealOffloadCore.has_requests` (vLLM's ``Scheduler.has_requests()``: with
-0.24+ it includes ``has_pending_push_work``), running empty steps too.
+``get_finished`` -> ``build_connector_worker_meta``, whose ``KVConnectorOutput`` goes back to
+``Scheduler.update_from_output``. With synchronous scheduling (vLLM's ``Scheduler``) the second
+half runs at the step's end (``update_from_output(res, now)``). With async scheduling
+(``OffloadSchedConfig.async_scheduling``, vLLM 0.26.0's default: vLLM's ``AsyncScheduler``, two
+batches in flight, driven by the engine loop's ``step_with_batch_queue``) the worker runs a
+batch's whole ``execute_model`` when it is scheduled, as ``UniProcExecutor`` does inline
+(``vllm_adapter``): the scheduler builds batch N+1's metadata before batch N's worker output is
+applied, and a failed transfer raises from ``schedule()``. The engine must keep stepping while
+:meth:`RealOffloadCore.has_requests` (vLLM's ``Scheduler.has_requests()``: with 0.24+ it includes
+``has_pending_push_work``), running empty steps too.
 
 KV events (``StepResult.kv``) are those of ``models.kv_offload`` (canonical job names, chunk
 indices). One normalisation of the real side: vLLM completes a job's offload keys by iterating a
@@ -292,6 +298,7 @@ class OffloadSchedConfig:
     block_size: int = 16
     num_gpu_blocks: int = 64
     max_model_len: int = 2048
+    async_scheduling: bool = True  # vLLM 0.26.0's default: AsyncScheduler and the batch queue
 
 
 @functools.lru_cache(maxsize=8)
@@ -299,7 +306,8 @@ def _base_vllm_config(model: str, sc: OffloadSchedConfig):
     from vllm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig, VllmConfig
     mc = ModelConfig(model=model, max_model_len=sc.max_model_len, dtype="float16", seed=0, skip_tokenizer_init=True)
     sched = SchedulerConfig(max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
-                            max_model_len=sc.max_model_len, is_encoder_decoder=False, async_scheduling=False)
+                            max_model_len=sc.max_model_len, is_encoder_decoder=False,
+                            async_scheduling=sc.async_scheduling)
     cache = CacheConfig(block_size=sc.block_size, enable_prefix_caching=True)
     cache.num_gpu_blocks = sc.num_gpu_blocks
     return VllmConfig(model_config=mc, scheduler_config=sched, cache_config=cache, device_config=DeviceConfig("cpu"))
@@ -322,6 +330,7 @@ class RealOffloadCore(VllmSchedulerCore):
 
         import torch
         from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+        from vllm.v1.core.sched.async_scheduler import AsyncScheduler
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
         from vllm.v1.structured_output import StructuredOutputManager
@@ -355,14 +364,18 @@ class RealOffloadCore(VllmSchedulerCore):
             kt = KVTransferConfig(kv_connector=SIM_CONNECTOR, kv_connector_module_path=MODULE, kv_role="kv_both",
                                   engine_id="faultsim", kv_connector_extra_config=extra)
         vc.kv_transfer_config = kt
+        if vc.scheduler_config.async_scheduling != sched_config.async_scheduling:
+            raise RuntimeError(f"vLLM resolved async_scheduling={vc.scheduler_config.async_scheduling}, "
+                               f"asked for {sched_config.async_scheduling}")
         nb = sched_config.num_gpu_blocks
         self.kv_cache_config = KVCacheConfig(num_blocks=nb, kv_cache_tensors=[KVCacheTensor(size=page * nb,
                                                                                           shared_by=["layer"])],
                                              kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
-        super().__init__(Scheduler(vllm_config=vc, kv_cache_config=self.kv_cache_config,
-                                   structured_output_manager=StructuredOutputManager(vc),
-                                   block_size=sched_config.block_size, log_stats=False),
-                         block_hasher(sched_config.block_size))
+        scheduler_cls = AsyncScheduler if sched_config.async_scheduling else Scheduler
+        super().__init__(scheduler_cls(vllm_config=vc, kv_cache_config=self.kv_cache_config,
+                                       structured_output_manager=StructuredOutputManager(vc),
+                                       block_size=sched_config.block_size, log_stats=False),
+                         block_hasher(sched_config.block_size), async_scheduling=sched_config.async_scheduling)
         self.block_size = sched_config.block_size
         self.engine = ko.TransferEngine(offload)  # the transfers run on the virtual clock, as in the model
         SimInjector(plan).arm_transfers(self.engine)
@@ -393,6 +406,16 @@ class RealOffloadCore(VllmSchedulerCore):
                 return n, load
 
             self.conn.get_num_new_matched_tokens = get_num_new_matched_tokens
+            orig_update = self.conn.update_connector_output
+
+            def update_connector_output(connector_output):
+                """Completions are retired (``done``) when the scheduler applies the batch's output."""
+                meta = connector_output.kv_connector_worker_meta
+                if meta is not None:
+                    self.events.done.extend(self.names[j] for j in meta.completed_jobs)
+                return orig_update(connector_output)
+
+            self.conn.update_connector_output = update_connector_output
         else:
             model_ = self.conn.model
             self.events, self.names = model_.events, model_.names
@@ -464,8 +487,6 @@ class RealOffloadCore(VllmSchedulerCore):
                 raise ko.TransferFailed([self.names[self.vworker.failed[0]]], self.pending_jobs(), now) from None
             worker_meta = self.wconn.build_connector_worker_meta()
             self.wconn.clear_connector_metadata()
-            completed = dict(worker_meta.completed_jobs) if worker_meta is not None else {}
-            self.events.done.extend(self.names[j] for j in completed)
         else:
             try:
                 recving, completed = self.sim_worker.get_finished(out.kv_connector_metadata.inner, now)

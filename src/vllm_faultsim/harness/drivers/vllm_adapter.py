@@ -24,6 +24,9 @@ so what it samples is fixed when it is scheduled (:func:`async_samples`, as a wo
 prefill chunk right after ``schedule()`` (``request.is_prefill_chunk``), else output number
 ``len(output_token_ids) + num_output_placeholders`` (the placeholders include this batch's).
 Outputs are applied oldest batch first, as ``EngineCore.step_with_batch_queue`` pops its queue.
+A KV connector's worker runs a batch's whole ``execute_model`` when the batch is scheduled (vLLM's
+``UniProcExecutor`` calls it inline: ``handle_preemptions``, ``start_load_kv``, ``get_finished``), so
+the ``KVConnectorOutput`` a batch carries is the worker's at its schedule time, applied with it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Callable, Iterable, Mapping
 
+from ...models.kv_offload import TransferFailed
 from ...models.request import RequestSpec, prompt_token_ids
 from ...models.step import EOS_TOKEN_ID, Finished, StepResult, sampled_token
 
@@ -236,8 +240,9 @@ class VllmSchedulerCore:
         self.scheduler = scheduler
         self.block_hasher = block_hasher
         self.async_scheduling = async_scheduling
-        # async: the batches in flight, oldest first: (StepResult, SchedulerOutput, samples, VllmStep)
-        self._in_flight: deque[tuple[StepResult, Any, dict[str, int | None], VllmStep]] = deque()
+        # async: the batches in flight, oldest first: (StepResult, SchedulerOutput, samples, VllmStep,
+        # the worker's KVConnectorOutput of the batch)
+        self._in_flight: deque[tuple[StepResult, Any, dict[str, int | None], VllmStep, Any]] = deque()
         self._requests: dict[str, Any] = {}   # req_id -> vLLM Request, until it finishes
         self._stop_at: dict[str, int | None] = {}
         self.runner = DeterministicRunner(self._stop_at)
@@ -285,7 +290,12 @@ class VllmSchedulerCore:
         if self.async_scheduling:
             samples = async_samples(out, self.scheduler.requests, self._stop_at)
             res.sampling = {rid for rid, token in samples.items() if token is not None}
-            self._in_flight.append((res, out, samples, step))
+            try:  # execute_model(non_block=True) runs the worker inline: its get_finished is this batch's
+                kv_output = self._connector_output(out, now)
+            except TransferFailed as exc:  # ... and re-raises at once (the engine core dies)
+                exc.batch = res
+                raise
+            self._in_flight.append((res, out, samples, step, kv_output))
         else:
             self._last = (res, out)
         return res
@@ -294,8 +304,8 @@ class VllmSchedulerCore:
         if self.async_scheduling:
             if not self._in_flight or self._in_flight[0][0] is not result:
                 raise ValueError("update_from_output() takes the StepResult of the oldest batch in flight")
-            _, out, samples, step = self._in_flight.popleft()
-            runner_output = _runner_output(samples, self._connector_output(out, now))
+            _, out, samples, step, kv_output = self._in_flight.popleft()
+            runner_output = _runner_output(samples, kv_output)
         else:
             if self._last is None or self._last[0] is not result:
                 raise ValueError("update_from_output() takes the StepResult of the latest schedule()")

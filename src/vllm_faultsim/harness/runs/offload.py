@@ -3,6 +3,9 @@ through the engine loop (models/engine.py) on the real vLLM Scheduler + Offloadi
 real Scheduler with the model's connector, or the pure simulator, and judged by the checker
 (harness/checkers/offload.py).
 
+Every case runs in either scheduling mode (``OffloadSchedConfig.async_scheduling``; vLLM 0.26.0's
+default is async: ``AsyncScheduler`` and the engine loop's batch queue of 2, on both sides).
+
 ``run_offload`` steps a core with a KV connector as the engine loop does for every run: while the
 core ``has_requests()`` (vLLM's ``Scheduler.has_requests()``: unfinished requests, finished ids not
 yet reported and, with 0.24+, ``has_pending_push_work``) it schedules, runs the step (an empty step
@@ -15,6 +18,7 @@ still pending, or the death, the jobs it lost and the requests that failed.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 
@@ -37,16 +41,17 @@ STEP_TIME = LinearStepTime(base=0.008, prefill_token=4e-05, decode_req=0.0001, c
 
 def run_offload(core, specs, *, plan: FaultPlan | None = None, limits: Invariants | None = None) -> list[dict]:
     """Drive `core` over `specs` through the engine loop under `plan`; returns the trace events
-    (step, req, fault, proc, kv_lost) and the ``end`` event: ``steps``, then ``pending`` (the
-    connector's jobs not retired) or, after a death, ``dead`` (its cause), ``lost`` (the jobs in
-    flight) and ``failed_requests``. ``limits``: the per-step invariants (harness/invariants.py)."""
+    (step, req, fault, proc, kv_lost) and the ``end`` event: ``steps``, ``async_scheduling``, then
+    ``pending`` (the connector's jobs not retired) or, after a death, ``dead`` (its cause), ``lost``
+    (the jobs in flight) and ``failed_requests``. ``limits``: the per-step invariants (harness/invariants.py)."""
     env = simpy.Environment()
     trace = Trace()
     out = trace.events
-    engine = EngineCore(env, core, specs, STEP_TIME, trace.emit, invariants=limits)
+    engine = EngineCore(env, core, specs, STEP_TIME, trace.emit, invariants=limits,
+                        max_concurrent_batches=2 if core.async_scheduling else 1)
     SimInjector(plan).arm_engine(engine)
     env.run()
-    end: dict = {"steps": engine.stats.steps}
+    end: dict = {"steps": engine.stats.steps, "async_scheduling": core.async_scheduling}
     if engine.alive:
         end["pending"] = core.pending_jobs()
     else:
@@ -68,13 +73,19 @@ class Case:
     plan: FaultPlan = field(default_factory=FaultPlan)
 
     def describe(self) -> str:
-        return (f"seed={self.seed} gpu_blocks={self.sched.num_gpu_blocks} cpu_chunks={self.offload.num_cpu_chunks} "
+        return (f"seed={self.seed} {'async' if self.sched.async_scheduling else 'sync'} "
+                f"gpu_blocks={self.sched.num_gpu_blocks} cpu_chunks={self.offload.num_cpu_chunks} "
                 f"bpc={self.offload.blocks_per_chunk} reqs={len(self.specs)} faults={len(self.plan.faults)}")
 
+    def in_mode(self, async_scheduling: bool) -> "Case":
+        """The same case under the other scheduling mode (or this one)."""
+        return dataclasses.replace(self, sched=dataclasses.replace(self.sched, async_scheduling=async_scheduling))
 
-def gen_case(seed: int, *, faults: bool = True) -> Case:
+
+def gen_case(seed: int, *, faults: bool = True, async_scheduling: bool = True) -> Case:
     """A small random case: few GPU blocks (preemption storms), a small CPU pool (evictions,
-    nostore), shared prefixes and repeats (CPU hits, loads, delayed lookups), slow transfers."""
+    nostore), shared prefixes and repeats (CPU hits, loads, delayed lookups), slow transfers;
+    the same case in either scheduling mode."""
     from ..drivers.real_offload import OffloadSchedConfig  # a plain dataclass; importing it does not import vLLM
     rng = random.Random(seed)
     bs = rng.choice([4, 8, 16])
@@ -118,7 +129,7 @@ def gen_case(seed: int, *, faults: bool = True) -> Case:
     if faults and rng.random() < 0.1:
         plan_faults.append({"kind": "kill_engine", "at": round(rng.uniform(0.005, 0.3), 3)})
     plan = validate_plan({"version": 1, "faults": plan_faults}, f"case-{seed}")
-    return Case(seed, sched, offload, validate(specs), plan)
+    return Case(seed, sched, offload, validate(specs), plan).in_mode(async_scheduling)
 
 
 # ---- upstream's scenarios --------------------------------------------------------------------
@@ -127,7 +138,7 @@ def gen_case(seed: int, *, faults: bool = True) -> Case:
 _SLOW = dict(block_size=4, num_cpu_chunks=64, bandwidth=1e8, bytes_per_block=2 << 20)
 
 
-def scenario(name: str) -> Case:
+def scenario(name: str, async_scheduling: bool = True) -> Case:
     """Upstream's offloading-connector scenarios (tests/v1/kv_connector/unit/offloading_connector),
     as workloads for both sides:
 
@@ -151,7 +162,7 @@ def scenario(name: str) -> Case:
         specs = [RequestSpec("r0", 0.0, 8, 1)]
     else:
         raise ValueError(f"unknown scenario {name!r} (known: preemption, fence, last_step)")
-    return Case(0, sched, ko.OffloadConfig(**_SLOW), validate(specs))
+    return Case(0, sched, ko.OffloadConfig(**_SLOW), validate(specs)).in_mode(async_scheduling)
 
 
 SCENARIOS = ("preemption", "fence", "last_step")
@@ -166,7 +177,7 @@ def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None
     s = case.sched
     cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                           block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
-                          enable_prefix_caching=True, async_scheduling=False)
+                          enable_prefix_caching=True, async_scheduling=s.async_scheduling)
     core = OffloadScheduler(cfg, case.offload, offload_policy(ko.policy_for(policy).version, mutant))
     SimInjector(case.plan).arm_transfers(core.transfers)
     return core
@@ -196,9 +207,11 @@ def check_case(case: Case, *, policy: str | None = None, mutant: str | None = No
             + [f"sim: {v}" for v in invariants(sim, case.specs, tpc)])
 
 
-def replay_command(seed: int, policy: str | None = None, mutant: str | None = None, side: str = "sim") -> str:
+def replay_command(seed: int, policy: str | None = None, mutant: str | None = None, side: str = "sim",
+                   async_scheduling: bool = True) -> str:
     extra = (f" --policy {policy}" if policy else "") + (f" --mutant {mutant}" if mutant else "")
     extra += f" --side {side}" if side != "sim" else ""
+    extra += "" if async_scheduling else " --async no"
     return f"PYTHONPATH=src python -m vllm_faultsim.harness.runs.offload --seed {seed}{extra}"
 
 
@@ -213,10 +226,13 @@ def main(argv=None) -> int:
     ap.add_argument("--mutant", choices=list(OFFLOAD_MUTANTS))
     ap.add_argument("--side", choices=("sim", "puresim"), default="sim",
                     help="sim: the model inside the real Scheduler; puresim: the simulated Scheduler")
+    ap.add_argument("--async", dest="async_", choices=("yes", "no"), default="yes",
+                    help="scheduling mode (yes: vLLM 0.26.0's default, AsyncScheduler + the batch queue)")
     ap.add_argument("--trace", action="store_true", help="print both traces' steps with KV events")
     args = ap.parse_args(argv)
     logging.disable(logging.WARNING)
-    case = scenario(args.scenario) if args.scenario else gen_case(args.seed)
+    mode = args.async_ == "yes"
+    case = scenario(args.scenario, mode) if args.scenario else gen_case(args.seed, async_scheduling=mode)
     print(case.describe())
     real, sim = run_case(case, "real"), run_case(case, args.side, policy=args.policy, mutant=args.mutant)
     if args.trace:

@@ -116,11 +116,9 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     if bad:
         raise ConfigError(f"unknown scheduler field {sorted(bad)[0]!r} (fields: {', '.join(sorted(known))})")
     rest = {k: v for k, v in d.items() if k != "scheduler"}
-    sync_only = [k for k in ("kv_offload", "eplb") if rest.get(k) is not None]
-    if sync_only:  # modelled with synchronous scheduling only: the default follows, an explicit true is refused
+    if rest.get("eplb") is not None:  # modelled with synchronous scheduling only: the default follows, an explicit true is refused
         if sched.get("async_scheduling") is True:
-            raise ConfigError(f"scheduler.async_scheduling: true is not modelled with {sync_only[0]} yet "
-                              "(set it false)")
+            raise ConfigError("scheduler.async_scheduling: true is not modelled with eplb yet (set it false)")
         sched = {**sched, "async_scheduling": False}
     try:
         scfg = SchedulerConfig(**sched).validate()
@@ -297,6 +295,7 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
             if event["kind"] == "req":
                 requests.add(event)
             emit_trace(event)
+
         trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()},
                           clock=step_time_backends.describe(step_time)))
         env = simpy.Environment()
