@@ -54,15 +54,9 @@ class StepResult:
     sampling: set[str] | None = None                           # async scheduling: the requests that sample
 
     def shape(self) -> tuple[int, int, int]:
-        """(prefill tokens, decode requests, context tokens): the step-time model's inputs."""
-        decode = context = 0
-        computed_before, prompt_len = self.computed_before, self.prompt_len
-        for rid, n in self.sched.items():
-            before = computed_before[rid]
-            context += before
-            if n == 1 and before >= prompt_len[rid]:
-                decode += 1
-        return sum(self.sched.values()) - decode, decode, context  # a decode request schedules 1 token
+        """(prefill tokens, decode requests, context tokens): the linear step-time model's inputs."""
+        _, prefill_tokens, prefill_kv, decode, decode_kv = self.batch_shape()
+        return prefill_tokens, decode, prefill_kv + decode_kv
 
     def batch_shape(self) -> tuple[int, int, int, int, int]:
         """(num_prefill_requests, sum_prefill_tokens, sum_prefill_kv_tokens, num_decode_requests,

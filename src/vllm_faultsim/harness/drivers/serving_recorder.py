@@ -20,6 +20,7 @@ sim tier can import :func:`read_steps` and :func:`to_recording_steps` without it
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -51,18 +52,9 @@ def step_shape(requests, out) -> tuple[int, int, int, int, int, int]:
     of ``schedule()``, so the request object already holds the value after the step)."""
     sched = out.num_scheduled_tokens
     npre = spre = spkv = ndec = sdkv = 0
-    for r in out.scheduled_new_reqs:
-        n = sched.get(r.req_id, 0)
-        before = r.num_computed_tokens
-        if n > 1 or before < requests[r.req_id].num_prompt_tokens:
-            npre += 1
-            spre += n
-            spkv += before
-        elif n:
-            ndec += 1
-            sdkv += before
     cached = out.scheduled_cached_reqs
-    for rid, before in zip(cached.req_ids, cached.num_computed_tokens):
+    for rid, before in itertools.chain(((r.req_id, r.num_computed_tokens) for r in out.scheduled_new_reqs),
+                                       zip(cached.req_ids, cached.num_computed_tokens)):
         n = sched.get(rid, 0)
         if n > 1 or before < requests[rid].num_prompt_tokens:
             npre += 1
