@@ -167,6 +167,7 @@ def test_a_small_sweep_runs_serially_unless_workers_are_asked_for(tmp_path, monk
         assert sw.map(_double_or_stop, [{"x": i} for i in range(3)]) == [{"y": 0}, {"y": 2}, {"y": 4}]
     assert len(notes) == 1 and "3 points, fewer than 8 a core" in notes[0] and "serially" in notes[0]
     assert not sweep.Sweep(tmp_path, workers=2, progress=False).serial(3)
+    assert not sweep.Sweep(tmp_path, progress=False, points=few + 1).serial(3)  # a search's waves count as one
 
 
 def _double_or_stop(config: dict) -> dict:

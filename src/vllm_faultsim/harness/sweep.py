@@ -95,7 +95,11 @@ class Sweep:
     """One sweep's executor and cache; see the module docstring."""
 
     def __init__(self, out_dir: Path, *, workers: int | None = None, ray_address: str | None = None,
-                 progress: bool = True, note: Callable[[str], None] = lambda m: print(m, file=sys.stderr)):
+                 progress: bool = True, note: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+                 points: int | None = None):
+        """``points``: how many points the whole sweep may run, where it maps them in waves (the
+        search): the serial-or-Ray choice counts them, not one wave's."""
+        self.points = points
         self.cache = SweepCache(out_dir)
         self.workers, self.ray_address, self.progress, self.note = workers, ray_address, progress, note
         self.ran = 0  # points computed by this sweep (not taken from the cache)
@@ -113,7 +117,8 @@ class Sweep:
         if self.workers is not None or self.ray_address:
             return False
         ray = sys.modules.get("ray")  # a Ray the caller initialised is used whatever the count
-        return not (ray is not None and ray.is_initialized()) and n < RAY_MIN_POINTS_PER_CORE * (os.cpu_count() or 1)
+        return (not (ray is not None and ray.is_initialized())
+                and max(n, self.points or 0) < RAY_MIN_POINTS_PER_CORE * (os.cpu_count() or 1))
 
     def _say_serial(self, n: int) -> None:
         if not self._said_serial:

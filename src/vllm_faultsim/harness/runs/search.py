@@ -391,7 +391,8 @@ def run_search(spec: dict, out_dir: Path, *, progress: bool = True, workers: int
     out_dir.mkdir(parents=True, exist_ok=True)
     bar = progress_bar(total=len(pts) * len(scenarios), desc="search", unit="point", disable=not progress)
     try:
-        with Sweep(out_dir, workers=workers, ray_address=ray_address, progress=progress) as sweep:
+        with Sweep(out_dir, workers=workers, ray_address=ray_address, progress=progress,
+                   points=sum(p["pruned"] is None for p in pts) * len(scenarios)) as sweep:
             failed_clean: set[int] = set()
             for scenario in scenarios:
                 faults = spec.get("faults") if scenario == "faults" else None
