@@ -38,10 +38,11 @@ forward's start and ``dur`` its forward. With a KV connector (KV offloading, vLL
 mode too) the loop makes vLLM's calls one by one instead: an empty batch is queued like any other
 (the worker's no-forward pass), the call returns while the queue has room and ``has_requests()``,
 and a call that ran no forward sleeps ``IDLE_STEP`` after it (``_process_engine_step``); the
-worker's wait on flushed jobs blocks the core before the batch's forward; a failed transfer raises
+worker's wait on flushed jobs blocks the core before the batch's forward; a store submitted while a
+forward is in flight starts after it (``TransferEngine.compute_done_at``); a failed transfer raises
 from ``schedule()`` (``execute_model`` runs the worker inline) and kills the engine; a death
-records the batches whose output never came back (the one blocked on and the one queued) and names
-them in ``kv_lost`` (``unapplied``).
+records the batches whose output never came back (the one blocked on, the one queued, one being
+scheduled) and names them in ``kv_lost`` (``unapplied``).
 
 The loop owns the virtual clock, the trace and the invariants; the core only decides (see
 models/step.py). The same loop drives the simulated scheduler and the real vLLM adapters.
@@ -138,6 +139,7 @@ class EngineCore:
         self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
         # async: the batches in flight not blocked on, newest first: (forward start, forward end, decisions)
         self.batch_queue: deque[tuple[float, float, StepResult]] = deque()
+        self.scheduling: tuple[float, StepResult] | None = None  # async: scheduled, not queued yet
         if max_concurrent_batches > 1 and eplb is not None:
             raise ValueError("async scheduling (a batch queue) is not modelled with EPLB")
         self.max_concurrent_batches = max_concurrent_batches
@@ -287,11 +289,14 @@ class EngineCore:
                     if run:
                         gpu_free = yield from self._decode_steps_queued(*run, batch_queue, gpu_free)
                         continue
+                    if self.kv_connector:  # a store submitted now waits for the forward in flight
+                        core.transfers.compute_done_at = gpu_free
                     try:
                         res = core.schedule(now)
                     except TransferFailed as exc:  # KV connector: the batch's execute_model raised at once
                         yield from self._transfer_failed(now, 0.0, exc.batch, exc)
                         return
+                    self.scheduling = (now, res)  # until it is queued (a death records it: _record_unapplied)
                     if self.invariants is not None:
                         self.invariants.scheduled(stats.steps, now, now, res, stats.records)
                     if self.cpu_costs is not None and res.sched:  # the core is busy in schedule()
@@ -316,6 +321,7 @@ class EngineCore:
                         self._account(res, core.update_from_output(res, now), start, end - start)
                         done.add(id(res))
                     batch_queue.appendleft((start, end, res))
+                    self.scheduling = None
                     executed = bool(res.sched)
                     if self.kv_connector and not executed:  # vLLM's calls, spinning as it does
                         if len(batch_queue) < size and core.has_unfinished_requests():
@@ -579,8 +585,8 @@ class EngineCore:
 
     def _record_unapplied(self) -> list[int]:
         """Steps whose output never comes back are recorded up to now, with the jobs they
-        created: the step in flight (sync), or the batch blocked on and those queued, oldest
-        first (async). Returns their indices."""
+        created: the step in flight (sync), or the batch blocked on, those queued and the one
+        being scheduled, oldest first (async). Returns their indices."""
         now = self.env.now
         batches = []
         if self.stepping and self.in_step is not None:
@@ -588,6 +594,9 @@ class EngineCore:
         self.stepping = False
         batches += [(start, res) for start, _, res in reversed(self.batch_queue)]
         self.batch_queue.clear()
+        if self.scheduling is not None:
+            batches.append(self.scheduling)
+            self.scheduling = None
         first = self.stats.steps
         for start, res in batches:  # (a queued batch whose forward had not started: at now, 0 s)
             self._record_step(min(start, now), max(now - start, 0.0), res, ())

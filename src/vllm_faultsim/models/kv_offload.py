@@ -255,6 +255,9 @@ class TransferEngine:
         self.free_at = {"store": 0.0, "load": 0.0}
         self.pending: dict[int, Transfer] = {}
         self.now = 0.0  # the real driver sets this before each worker call
+        # the end of the forwards launched so far (async: the batch in flight): a store (GPU -> CPU)
+        # starts after them, as the transfer stream's wait_stream(compute) makes it on a GPU
+        self.compute_done_at = 0.0
 
     def slow_down(self, start: float, end: float, factor: float) -> None:
         """Fault hook: a job submitted in [start, end) takes ``factor`` times as long."""
@@ -274,7 +277,7 @@ class TransferEngine:
 
     def submit(self, job_id: int, kind: str, nblocks: int, now: float | None = None) -> None:
         now = self.now if now is None else now
-        start = max(now, self.free_at[kind])
+        start = max(now, self.free_at[kind], self.compute_done_at if kind == "store" else now)
         end = start + self.duration(nblocks, now)
         self.free_at[kind] = end
         ok = not any(s <= now < e for s, e in self.fail)

@@ -503,6 +503,11 @@ class RealOffloadCore(VllmSchedulerCore):
         if kv:
             result.kv = {**(result.kv or {}), **kv}
 
+    @property
+    def transfers(self) -> ko.TransferEngine:
+        """The worker's virtual-clock transfer engine (the engine loop sets ``compute_done_at``)."""
+        return self.engine
+
     def has_requests(self) -> bool:
         """vLLM's ``Scheduler.has_requests()``: what ``EngineCore.step()`` checks before stepping."""
         return self.scheduler.has_requests()
