@@ -56,9 +56,8 @@ import itertools
 import math
 from pathlib import Path
 
-import yaml
-
 from ...faults.rates import rates_from_dict
+from ...inputs import read_mapping_file
 from ..metrics import percentile
 from .deploy import deployment_from_dict, simulate_deployment
 from .simulate import ConfigError, build_workload, config_from_dict
@@ -92,18 +91,7 @@ def _pos_int_list(source, field, v) -> list[int]:
 
 def load_search(path: str) -> dict:
     """A search spec from YAML, checked: a one-line ConfigError names the field and the value."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read search spec ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                          "a search spec is a UTF-8 YAML file") from None
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    return check_search(spec, path)
+    return check_search(read_mapping_file(path, "search spec", ConfigError), path)
 
 
 def check_search(spec, source: str = "<search spec>") -> dict:

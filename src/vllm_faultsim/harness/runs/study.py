@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from ...faults.plan import validate_plan
+from ...inputs import read_mapping_file
 from ..metrics import overloaded
 from ...models.step_time import describe
 from .simulate import ConfigError, config_from_dict, simulate, step_time_model
@@ -27,21 +28,11 @@ STUDY_KEYS = ("name", "description", "base", "grid", "plans", "plot")
 
 def load_study(path: str | None) -> dict:
     if path is None:
-        text = (resources.files("vllm_faultsim.studies") / "default.yaml").read_text(encoding="utf-8")
+        spec = yaml.safe_load((resources.files("vllm_faultsim.studies") / "default.yaml").read_text(encoding="utf-8"))
         source = "<embedded default study>"
     else:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read study spec ({exc.strerror})") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                             "a study spec is a UTF-8 YAML or JSON file") from None
+        spec = read_mapping_file(path, "study spec", ConfigError)
         source = path
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}) or {}, dict):
         raise ConfigError(f"{source}: a study needs a mapping with 'base', 'grid' and 'plans'")
     unknown = sorted(set(spec) - set(STUDY_KEYS), key=str)
