@@ -43,6 +43,7 @@ variants are subclasses that live with the checkers (harness/checkers/mutants.py
 from __future__ import annotations
 
 from collections import deque
+from functools import lru_cache
 from dataclasses import dataclass, fields
 
 from .request import RequestSpec, prompt_token_ids
@@ -640,12 +641,13 @@ class Scheduler:
         return ids
 
 
+@lru_cache(maxsize=None)
 def for_release(cls: type[Scheduler], vllm_version: str | None) -> type[Scheduler]:
     """`cls` (the twin or a mutant of it) with the rules of vLLM release `vllm_version` (None: the
     primary target, 0.26.0). vLLM 0.23.0's ``_free_encoder_inputs`` frees an encoder input once
     ``offset + length <= num_computed_tokens``, not subtracting the output placeholders: under async
     scheduling its cache slot is free a batch earlier. Everything else the differential compares is
-    the same in 0.23.0 and 0.26.0."""
+    the same in 0.23.0 and 0.26.0. One class per (cls, release): memoised."""
     if vllm_version is None or version_policy(vllm_version) != "0.23":
         return cls
     return type(f"{cls.__name__}_0_23", (cls,), {"free_encoder_past_placeholders": False})
