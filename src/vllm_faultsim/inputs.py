@@ -1,14 +1,37 @@
-"""The user's inputs: reading YAML/JSON files (plans, run configs, study specs) and checking a
-section's typed fields, every problem one line naming the file or field and the value.
+"""The user's inputs: reading YAML/JSON files (plans, run configs, study specs) and the one schema
+layer every input is checked by (pydantic: strict types, finite numbers, ranges, unknown keys,
+cross-field rules), every problem one line naming the file, the field and the value.
 
 Below every layer (models, faults and the harness all may use it); it imports nothing of the package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import typing
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+
+# A section of a user's file: no unknown keys, strict types (a bool is no number, "1" no int, an
+# int is a float), no inf or nan; a model validator holds its cross-field rules.
+SECTION = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+
+class Section(BaseModel):
+    """The base of every input schema (``SECTION``)."""
+
+    model_config = SECTION
+
+
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
 def read_mapping_file(path: str | Path, what: str, error: type[Exception]) -> Any:
@@ -31,6 +54,120 @@ def read_mapping_file(path: str | Path, what: str, error: type[Exception]) -> An
     except Exception as exc:  # any parse error becomes one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise error(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
+
+
+def checked(schema: Any, data: Any, where: str, error: type[Exception]) -> Any:
+    """`data` validated by `schema`: a :class:`Section`, a dataclass (its fields' annotations and
+    defaults read as a Section; the instance is built, so ``__post_init__`` rules apply) or any type
+    (a pydantic ``TypeAdapter``). A problem raises `error` with :func:`problem_line`'s one line;
+    `where` names the file or section ("" for none)."""
+    try:
+        if dataclasses.is_dataclass(schema):
+            model = _dataclass_section(schema)
+            m = model.model_validate(data)
+            return schema(**{name: getattr(m, name) for name in m.model_fields_set})
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            return schema.model_validate(data)
+        return _adapter(schema).validate_python(data)
+    except ValidationError as exc:
+        raise error(problem_line(exc, where, schema)) from None
+
+
+@lru_cache(maxsize=None)
+def _adapter(schema: Any) -> TypeAdapter:
+    return TypeAdapter(schema, config=SECTION)
+
+
+@lru_cache(maxsize=None)
+def _dataclass_section(cls: type) -> type[Section]:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            specs[f.name] = (hints[f.name], f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            specs[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+        else:
+            specs[f.name] = (hints[f.name], ...)
+    return create_model(cls.__name__, __base__=Section, **specs)
+
+
+def problem_line(exc: ValidationError, where: str, schema: Any = None) -> str:
+    """The first problem of `exc` as one line: ``WHERE: field.path: problem (got VALUE)``; an
+    unknown key lists the known fields of its section (when `schema` names them)."""
+    e = exc.errors(include_url=False)[0]
+    loc, kind = tuple(e["loc"]), e["type"]
+    if kind in ("missing", "extra_forbidden"):
+        parent, name = loc[:-1], loc[-1]
+        if kind == "missing":
+            problem = f"missing field {name!r}"
+        else:
+            known = _fields_at(schema, parent)
+            problem = f"unknown field {name!r}" + (f" (fields: {', '.join(known)})" if known else "")
+        return _join(where, _path(parent), problem)
+    msg = e["msg"]
+    if kind in ("value_error", "assertion_error"):  # a validator's own sentence names the values
+        return _join(where, _path(loc), msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion failed, ")) else msg)
+    ctx = dict(e.get("ctx", {}))
+    if kind == "literal_error":
+        ctx["expected"] = ctx["expected"].replace(" or ", ", ").replace("'", "")
+    problem = (WORDING[kind].format(**ctx) if kind in WORDING
+               else "must be " + msg[len("Input should be "):] if msg.startswith("Input should be ") else msg)
+    return _join(where, _path(loc), f"{problem} (got {show(e['input'])})")
+
+
+WORDING = {  # pydantic's error types in the project's words
+    "model_type": "must be a mapping", "dict_type": "must be a mapping", "model_attributes_type": "must be a mapping",
+    "int_type": "must be an integer", "float_type": "must be a number", "string_type": "must be a string",
+    "bool_type": "must be true or false", "list_type": "must be a list", "finite_number": "must be finite",
+    "greater_than": "must be > {gt:g}", "greater_than_equal": "must be >= {ge:g}", "less_than": "must be < {lt:g}",
+    "less_than_equal": "must be <= {le:g}", "literal_error": "must be one of {expected}",
+    "too_short": "must have at least {min_length} items", "too_long": "must have at most {max_length} items",
+    "string_too_short": "must be a non-empty string",
+}
+
+
+def show(value: Any, limit: int = 60) -> str:
+    """`value` as the one-line messages quote it: its type and repr, cut at `limit` characters."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return text if isinstance(value, (str, int, float)) and not isinstance(value, bool) else f"{type(value).__name__} {text}"
+
+
+def _join(*parts: str) -> str:
+    return ": ".join(p for p in parts if p)
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _fields_at(schema: Any, loc: tuple) -> list[str]:
+    """The field names of the section at `loc` under `schema` (empty where it cannot tell)."""
+    model = _dataclass_section(schema) if dataclasses.is_dataclass(schema) else schema
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_in(field.annotation)
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def _section_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def check_fields(section: dict, spec: dict[str, Any], where: str, error: type[Exception]) -> None:

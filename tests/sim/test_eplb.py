@@ -144,7 +144,7 @@ def test_bad_eplb_config_is_one_line(section, needle):
 def test_eplb_fault_needs_eplb_section_and_valid_fields():
     with pytest.raises(ConfigError, match="needs an eplb section"):
         simulate(config_from_dict(ENGINE), validate_plan([{"kind": "slow_link", "start": 0, "end": 1, "factor": 2}]))
-    with pytest.raises(PlanError, match="field 'layer'"):
+    with pytest.raises(PlanError, match=r"\(eplb_rank_death\): layer: must be >= 0 \(got -1\)"):
         validate_plan([{"kind": "eplb_rank_death", "layer": -1}])
 
 

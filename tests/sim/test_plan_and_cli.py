@@ -12,11 +12,11 @@ from vllm_faultsim.harness.cli import main
 BAD_PLANS = {
     "unknown kind": ("faults: [{kind: meteor_strike, at: 1}]", "unknown kind 'meteor_strike'"),
     "not modelled": ("faults: [{kind: network_partition}]", "not modelled yet"),
-    "negative time": ("faults: [{kind: kill_engine, at: -3}]", "field 'at' must be >= 0"),
+    "negative time": ("faults: [{kind: kill_engine, at: -3}]", "(kill_engine): at: must be >= 0 (got -3)"),
     "missing field": ("faults: [{kind: slow_steps, start: 1, factor: 2}]", "missing field 'end'"),
-    "wrong type": ("faults: [{kind: kill_engine, at: soon}]", "field 'at' must be a number"),
+    "wrong type": ("faults: [{kind: kill_engine, at: soon}]", "at: must be a number (got 'soon')"),
     "bad signal": ("faults: [{kind: kill_engine, at: 1, signal: SIGFOO}]", "must be one of SIGKILL"),
-    "end before start": ("faults: [{kind: slow_steps, start: 5, end: 2, factor: 2}]", "'end' must be > start"),
+    "end before start": ("faults: [{kind: slow_steps, start: 5, end: 2, factor: 2}]", "(slow_steps): end must be > start (5.0), got 2.0"),
     "unknown field": ("faults: [{kind: ec_prefetch_fail, item: x, when: 3}]", "unknown field 'when'"),
     "not yaml": ("faults: [kind: x", "not valid YAML"),
 }
