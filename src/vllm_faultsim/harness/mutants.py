@@ -66,6 +66,10 @@ class _CacheWithPlaceholders(Scheduler):
     cache_less_placeholders = False
 
 
+class _FreeAtOnce(Scheduler):
+    defers_freed_blocks = False
+
+
 class _DecodeRunPastFinish(Scheduler):
     decode_run_stops_at_finish = False
 
@@ -103,13 +107,14 @@ SCHEDULER_MUTANTS: dict[str, Mutant] = {
     "ec-requeue-back": Mutant(_RequeueAtBack),                   # deferred request to the back
     "no-full-admission": Mutant(_NoFullAdmission),               # admit when the first chunk fits
     "ec-local-tokens-only": Mutant(_EcLocalTokensOnly),          # EC lookup without the KV connector's tokens
+    "free-at-once": Mutant(_FreeAtOnce),                         # async + KV connector: no defer_block_free
     "no-placeholders": Mutant(_NoPlaceholders),                  # async: decode without placeholders
     "cache-with-placeholders": Mutant(_CacheWithPlaceholders),   # async: cache_blocks(num_computed_tokens)
     "batch-queue-1": Mutant(engine_cls=_QueueOfOne),             # async scheduler, no batch queue
     "outputs-in-same-step": Mutant(engine_cls=_OutputsAtOnce),   # output applied in the step that made it
 }
 ASYNC = ("no-placeholders", "cache-with-placeholders", "batch-queue-1", "outputs-in-same-step")
-KV_CONNECTOR = ("ec-local-tokens-only",)  # shown only with a KV connector offering external tokens
+KV_CONNECTOR = ("ec-local-tokens-only", "free-at-once")  # shown only with a KV connector offering external tokens
 
 
 class _NoStreamSync(EplbState):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 
 class ExternalTokensConnector:
+    is_kv_consumer = True  # the stand-in runs as kv_role "kv_both": block freeing is deferred under async
+
     def __init__(self, external: dict[str, int]):
         self.external = dict(external)  # req -> first prompt tokens the remote store holds
 

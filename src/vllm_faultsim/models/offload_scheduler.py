@@ -89,6 +89,8 @@ class OffloadingConnector:
     """The Scheduler's KV connector: vLLM's ``OffloadingConnector`` scheduler side, plus the
     worker's calls the model runner makes at the step's start and end (one process here)."""
 
+    is_kv_consumer = True  # kv_role "kv_both": it loads KV (Scheduler.attach_kv_connector)
+
     def __init__(self, sched: Scheduler, offload: ko.OffloadConfig, policy: ko.OffloadPolicy):
         self.sched = sched
         self.kv = ko.OffloadingConnectorScheduler(offload, policy)
@@ -231,11 +233,7 @@ class OffloadScheduler(Scheduler):
             raise ValueError("offload.block_size must equal the scheduler's block_size")
         super().__init__(config)
         self.policy = policy or ko.policy_for()
-        self.kv_connector = OffloadingConnector(self, offload, self.policy)
-        # vLLM: max_concurrent_batches > 1 and kv_transfer_config.is_kv_consumer (kv_both)
-        self.defer_block_free = config.async_scheduling
-        self.sched_step_seq = self.processed_step_seq = 0
-        self.last_sched_seq: dict[str, int] = {}  # Request.last_sched_seq
+        self.attach_kv_connector(OffloadingConnector(self, offload, self.policy))
 
     @property
     def transfers(self) -> ko.TransferEngine:
@@ -246,30 +244,6 @@ class OffloadScheduler(Scheduler):
         if spec.mm:
             raise ValueError(f"request {spec.req_id}: the offloading scheduler is text-only")
         super().add_request(spec, now)
-
-    def schedule(self, now):
-        res = super().schedule(now)
-        if self.defer_block_free and res.sched:  # the fence of the blocks this batch writes
-            self.sched_step_seq += 1
-            for rid in res.sched:
-                self.last_sched_seq[rid] = self.sched_step_seq
-        return res
-
-    def update_from_output(self, res, now):
-        if self.defer_block_free and res.sched:  # every write of this batch and earlier ones is done
-            self.processed_step_seq += 1
-            deferred = self.pool.deferred_frees
-            while deferred and deferred[0][0] <= self.processed_step_seq:  # _drain_deferred_frees
-                self.pool.free_blocks(reversed(deferred.popleft()[1]))
-        return super().update_from_output(res, now)
-
-    def _free_request_blocks(self, req) -> None:
-        if not self.defer_block_free or self.last_sched_seq.get(req.req_id, 0) <= self.processed_step_seq:
-            self.pool.free_request(req.req_id)
-            return
-        blocks = self.pool.pop_blocks_for_free(req.req_id)
-        if blocks:
-            self.pool.deferred_frees.append((self.sched_step_seq, blocks))
 
     def has_requests(self):
         c = self.kv_connector

@@ -141,8 +141,21 @@ class Scheduler:
         self.caching = config.enable_prefix_caching
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
-        self.kv_connector = None  # KV offloading hooks (models/offload_scheduler.py)
+        self.kv_connector = None  # a KV connector's hooks: attach_kv_connector
         self.async_scheduling = config.async_scheduling
+        # vLLM's defer_block_free: blocks of a request freed while a batch that wrote them is in flight
+        # go back to the pool (pool.deferred_frees) once that batch's output is processed
+        self.defer_block_free = False
+        self.sched_step_seq = self.processed_step_seq = 0
+        self.last_sched_seq: dict[str, int] = {}  # vLLM's Request.last_sched_seq, of requests holding blocks
+
+    def attach_kv_connector(self, connector) -> None:
+        """vLLM builds the scheduler's KV connector from ``kv_transfer_config``; with more than one batch
+        in flight (async scheduling) and a connector that loads KV (``is_kv_consumer``), it defers
+        freeing blocks (``defer_block_free``): a load into a re-allocated block is not ordered against
+        the in-flight batch still writing it."""
+        self.kv_connector = connector
+        self.defer_block_free = self.defers_freed_blocks and self.async_scheduling and connector.is_kv_consumer
 
     # ---- protocol ----------------------------------------------------------------------
 
@@ -191,6 +204,7 @@ class Scheduler:
     admit_full_sequence = True       # a new request is admitted only if its full sequence's blocks fit
     use_output_placeholders = True   # async: a batch that samples gives its requests a placeholder
     ec_sees_external_tokens = True   # ensure_cache_available gets local + KV-connector computed tokens
+    defers_freed_blocks = True       # async + a KV-consumer connector: defer_block_free (attach_kv_connector)
 
     def schedule(self, now: float) -> StepResult:
         cfg = self.config
@@ -362,6 +376,10 @@ class Scheduler:
                     self.waiting.extend(reversed(step_skipped_waiting))
         if kv is not None:
             kv.build_connector_meta(res, now)
+        if self.defer_block_free and sched:  # the fence of the blocks this batch writes
+            seq = self.sched_step_seq = self.sched_step_seq + 1
+            for rid in sched:
+                self.last_sched_seq[rid] = seq
         return res
 
     def _preempt_for(self, req: Request, need: int, preempted: list[str]) -> bool:
@@ -429,6 +447,11 @@ class Scheduler:
     # ---- update_from_output() ----------------------------------------------------------
 
     def update_from_output(self, res: StepResult, now: float) -> list[Finished]:
+        if self.defer_block_free and res.sched:  # every write of this batch and earlier ones is done
+            self.processed_step_seq += 1
+            deferred = self.pool.deferred_frees
+            while deferred and deferred[0][0] <= self.processed_step_seq:  # _drain_deferred_frees
+                self.pool.free_blocks(reversed(deferred.popleft()[1]))
         if res.sampling is not None:
             finished = self._update_async(res)
             if self.kv_connector is not None:  # the batch's worker output (got when it was scheduled)
@@ -625,9 +648,14 @@ class Scheduler:
         del self.requests[req.req_id]
 
     def _free_request_blocks(self, req: Request) -> None:
-        """Free a finished or preempted request's KV blocks (a KV connector under async
-        scheduling defers it: models/offload_scheduler.py)."""
-        self.pool.free_request(req.req_id)
+        """Free a finished or preempted request's KV blocks, deferred while a batch in flight may
+        still write them (``defer_block_free``)."""
+        if not self.defer_block_free or self.last_sched_seq.pop(req.req_id, 0) <= self.processed_step_seq:
+            self.pool.free_request(req.req_id)
+            return
+        blocks = self.pool.pop_blocks_for_free(req.req_id)
+        if blocks:
+            self.pool.deferred_frees.append((self.sched_step_seq, blocks))
 
     def fail_all(self) -> list[str]:
         """The engine died: every unfinished request fails (EngineDeadError); returns their ids."""
@@ -646,8 +674,10 @@ def for_release(cls: type[Scheduler], vllm_version: str | None) -> type[Schedule
     """`cls` (the twin or a mutant of it) with the rules of vLLM release `vllm_version` (None: the
     primary target, 0.26.0). vLLM 0.23.0's ``_free_encoder_inputs`` frees an encoder input once
     ``offset + length <= num_computed_tokens``, not subtracting the output placeholders: under async
-    scheduling its cache slot is free a batch earlier. Everything else the differential compares is
-    the same in 0.23.0 and 0.26.0. One class per (cls, release): memoised."""
+    scheduling its cache slot is free a batch earlier. And 0.23.0 has no ``defer_block_free``: a KV
+    connector's freed blocks go back at once under async scheduling too. Everything else the
+    differential compares is the same in 0.23.0 and 0.26.0. One class per (cls, release): memoised."""
     if vllm_version is None or version_policy(vllm_version) != "0.23":
         return cls
-    return type(f"{cls.__name__}_0_23", (cls,), {"free_encoder_past_placeholders": False})
+    return type(f"{cls.__name__}_0_23", (cls,), {"free_encoder_past_placeholders": False,
+                                                 "defers_freed_blocks": False})
