@@ -14,16 +14,24 @@ step's shape and times. Requests carry prompt token ids (no tokenizer), ``ignore
 ``max_tokens``, streamed back as deltas like a streaming client.
 
 Per model: warm-up requests, a capacity probe (3 x max_num_seqs requests at once; the steady
-completion rate while the queue is non-empty is the max sustainable rate), then three Poisson
-runs at 0.3x (light), 0.9x (near saturation) and 1.3x (overload: the queue grows) of that rate,
-prompts uniform 64-1024 and outputs uniform 16-256 tokens (seeded). Run lengths shrink to fit
-``--deadline-s``. Each run is written to ``OUT/<model>-<load>.jsonl.gz``.
+completion rate while the queue is non-empty is the max sustainable rate), then Poisson runs at
+0.3x (light), 0.9x (near saturation) and 1.3x (overload: the queue grows) of that rate (``--loads``
+picks some), prompts uniform 64-1024 and outputs uniform 16-256 tokens (seeded from ``--seed``).
+Run lengths shrink to fit ``--deadline-s``. Each run is written to ``OUT/<model>-<load>.jsonl.gz``
+(``-mns<N>`` added when ``--max-num-seqs`` is not the table's 64; ``--max-num-seqs default``
+leaves it to vLLM: 1024 on a >= 70 GiB GPU). Each request line carries vLLM's own per-request
+times (``RequestOutput.metrics``, a ``RequestStateStats``) as ``stats``, each step line the
+requests it scheduled first, gave a first token and finished (recording.py says what each means).
+
+``--dry-run`` checks the script on a CPU-only host (drivers/dry_run.py: vLLM's engine, scheduler
+and output path are real, a deterministic stand-in replaces the GPU worker; timings mean nothing).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gzip
 import json
 import os
 import random
@@ -134,6 +142,10 @@ async def serve(engine, specs: list[Spec], prompts: dict[str, list[int]], make_p
     seconds are cancelled (vLLM aborts them) and left out."""
     t0 = time.perf_counter()
     t0_unix = time.time()
+    # vLLM's request stats: arrival_time on time.time() (this process), the rest on the engine
+    # core's time.monotonic(); both taken back to this run's perf_counter origin t0
+    mono0 = time.monotonic() - (time.perf_counter() - t0)
+    wall0 = time.time() - (time.perf_counter() - t0)
     done: dict[str, dict] = {}
     lags: list[float] = []
 
@@ -143,18 +155,24 @@ async def serve(engine, specs: list[Spec], prompts: dict[str, list[int]], make_p
             await asyncio.sleep(delay)
         sub = time.perf_counter() - t0
         lags.append(sub - spec.arrival)
-        first, n = None, 0
+        first, n, stats = None, 0, None
         prompt = {"prompt_token_ids": prompts[spec.id]}
         async for out in engine.generate(prompt, make_params(spec), request_id=spec.id):
             k = len(out.outputs[0].token_ids)
             if k and first is None:
                 first = time.perf_counter() - t0
             n += k
+            stats = out.metrics
             if out.finished:
                 break
         fin = time.perf_counter() - t0
         done[spec.id] = {"id": spec.id, "arrival": sub, "prompt_tokens": spec.prompt_len, "output_tokens": n,
                          "first_token": first if first is not None else fin, "finish": fin}
+        if stats is not None and stats.queued_ts > 0:
+            done[spec.id]["stats"] = {
+                "arrival_time": stats.arrival_time - wall0,
+                **{k: getattr(stats, k) - mono0
+                   for k in ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")}}
 
     tasks = [asyncio.ensure_future(one(s)) for s in specs]
     finished, pending = await asyncio.wait(tasks, timeout=timeout)
@@ -237,13 +255,16 @@ class VllmEngine:
              "usage_context=OPENAI_API_SERVER)), as vllm serve builds it, without the HTTP server; "
              "engine core in its own process")
 
-    def __init__(self, model_dir: Path, max_num_seqs: int, steps_file: Path, **extra):
+    def __init__(self, model_dir: Path, max_num_seqs: int | None, steps_file: Path, **extra):
+        """``max_num_seqs`` None: vLLM's default for the entry point."""
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if max_num_seqs is not None:
+            extra["max_num_seqs"] = max_num_seqs
         self.args = dict(model=str(model_dir), load_format="dummy", dtype="bfloat16", skip_tokenizer_init=True,
-                         max_num_seqs=max_num_seqs, seed=0, **extra)
+                         seed=0, **extra)
         cfg = AsyncEngineArgs(**self.args).create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
         sc = cfg.scheduler_config
         sc.scheduler_cls = SR.scheduler_cls_for(bool(sc.async_scheduling))
@@ -287,22 +308,42 @@ class VllmEngine:
 
 # ---- one model ------------------------------------------------------------------------------
 
+def _write(path: Path, rec: REC.Recording, log) -> Path | None:
+    """Write ``rec``; one that fails validation is written unvalidated beside it (device time is
+    scarce: the data are kept to look at), the error logged, and None returned."""
+    try:
+        return REC.write(path, rec)
+    except REC.RecordingError as exc:
+        bad = path.with_name(path.name.replace(".jsonl.gz", ".unvalidated.jsonl.gz"))
+        objs = [{"kind": "header", **rec.header}, *({"kind": "request", **r} for r in rec.requests),
+                *({"kind": "step", **st} for st in rec.steps)]
+        bad.write_bytes(gzip.compress("".join(json.dumps(o) + "\n" for o in objs).encode(), mtime=0))
+        log(f"WARNING: {exc}; written unvalidated to {bad}")
+        return None
+
 def _steps_rate(steps: list[list], t0: float, t1: float) -> float:
     n = sum(1 for s in steps if t0 <= s[1] <= t1)
     return n / max(t1 - t0, 1e-9)
 
 
 async def record_model(name: str, out: Path, work: Path, share_end: float, open_engine,
-                       max_duration: float, host: dict, log=print, warm_bursts: int = 1) -> list[dict]:
-    hf_name, hf_config, max_num_seqs = MODELS[name]
+                       max_duration: float, host: dict, log=print, warm_bursts: int = 1,
+                       base_seed: int = BASE_SEED, max_num_seqs: int | str | None = None,
+                       loads: tuple = LOADS, probe_n: int | None = None) -> list[dict]:
+    """``max_num_seqs``: None = the MODELS table's, "default" = vLLM's default for the entry point;
+    ``probe_n``: requests of the capacity probe (None: 3 x max_num_seqs)."""
+    hf_name, hf_config, table_seqs = MODELS[name]
     vocab = hf_config["vocab_size"]
-    seed0 = BASE_SEED + 1000 * list(MODELS).index(name)
+    seed0 = base_seed + 1000 * list(MODELS).index(name)
     steps_file = work / f"{name}-steps.jsonl"
     steps_file.unlink(missing_ok=True)
     t_start = time.perf_counter()
-    engine = open_engine(write_model_dir(work / "models", name), max_num_seqs, steps_file)
+    asked = table_seqs if max_num_seqs is None else None if max_num_seqs == "default" else int(max_num_seqs)
+    engine = open_engine(write_model_dir(work / "models", name), asked, steps_file)
+    max_num_seqs = engine.config.scheduler_config.max_num_seqs
+    suffix = "" if max_num_seqs == table_seqs else f"-mns{max_num_seqs}"
     startup = time.perf_counter() - t_start
-    log(f"[{name}] engine up in {startup:.1f} s")
+    log(f"[{name}] engine up in {startup:.1f} s (max_num_seqs {max_num_seqs})")
     results = []
     try:
         def prompts_for(specs, seed):
@@ -315,7 +356,7 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
         for b in range(warm_bursts):  # the probe's shapes once unmeasured (Triton JIT of new sizes)
             burst = plan(f"warmburst{b}", 3 * max_num_seqs, None, seed0 + 3 + b)
             await serve(engine, burst, prompts_for(burst, seed0 + 3 + b), engine.make_params, 300)
-        probe = plan("probe", 3 * max_num_seqs, None, seed0 + 2)
+        probe = plan("probe", probe_n or 3 * max_num_seqs, None, seed0 + 2)
         p = await serve(engine, probe, prompts_for(probe, seed0 + 2), engine.make_params, 300)
         await asyncio.sleep(0.5)
         _, steps = SR.read_steps(steps_file)
@@ -332,17 +373,18 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
                                 f"{max_num_seqs // 2}th to the {len(probe) - max_num_seqs}th completion"}
         log(f"[{name}] probe: capacity {cap:.2f} req/s, {out_tps:.0f} output tok/s, "
             f"{busy_rate:.0f} steps/s busy, {light_rate:.0f} steps/s at 16 requests")
-        for li, (load, factor) in enumerate(LOADS):
+        for li, (load, factor) in enumerate(loads):
             rate = factor * cap
-            left = share_end - time.perf_counter() - 12.0 - 4.0 * (len(LOADS) - li)
-            weights = sum(max(1.0, f) * 1.2 for _, f in LOADS[li:])
+            left = share_end - time.perf_counter() - 12.0 - 4.0 * (len(loads) - li)
+            weights = sum(max(1.0, f) * 1.2 for _, f in loads[li:])
             dur = min(max_duration, left / weights)
             step_rate = max(busy_rate, light_rate)
             # gzip'd bytes: ~25 per request and ~35 per step seen on CPU; 40 and 60 leave room
             bytes_per_s = 40 * rate + 60 * step_rate * max(1.0, factor)
-            while dur > 4 and bytes_per_s * dur > 0.9 * MAX_FILE_BYTES:
+            shortest = min(4.0, max_duration)
+            while dur > shortest and bytes_per_s * dur > 0.9 * MAX_FILE_BYTES:
                 dur *= 0.9
-            if dur < 4:
+            if dur < shortest:
                 log(f"[{name}] {load}: skipped, {left:.0f} s left")
                 continue
             n = max(10, round(rate * dur))
@@ -355,7 +397,8 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
             metas, steps = SR.read_steps(steps_file)
             meta = metas[-1] if metas else {}
             engine_hdr, extra = engine.describe(meta)
-            rec_steps = SR.to_recording_steps(steps, s.t0, s.end + 0.25)
+            rec_steps = SR.to_recording_steps(steps, s.t0, s.end + 0.25,
+                                              {r["id"]: j for j, r in enumerate(s.requests)})
             want = {x.id: x.output_len for x in specs}
             wrong = [r["id"] for r in s.requests if r["output_tokens"] != want[r["id"]]]
             header = {
@@ -385,8 +428,14 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
                 "clock_offset_check_s": (meta["wall_minus_perf"] - (time.time() - time.perf_counter())
                                          if "wall_minus_perf" in meta else None),
                 "steps_note": "every step that scheduled tokens with schedule_start in [0, last finish + 0.25 s]",
+                "stats_note": "request stats: vLLM's RequestStateStats (RequestOutput.metrics); arrival_time "
+                              "time.time() in this process, the rest time.monotonic() in the engine core, "
+                              "both as seconds from t0",
             }
-            path = REC.write(out / f"{name}-{load}.jsonl.gz", REC.Recording(header, s.requests, rec_steps))
+            path = _write(out / f"{name}-{load}{suffix}.jsonl.gz", REC.Recording(header, s.requests, rec_steps),
+                          log)
+            if path is None:
+                continue
             size = path.stat().st_size
             if size > MAX_FILE_BYTES:
                 log(f"[{name}] {load}: WARNING {path.name} is {size} bytes (> 1 MiB)")
@@ -415,6 +464,21 @@ async def main_async(args) -> int:
         if m not in MODELS:
             print(f"record_serving: unknown model {m!r} (known: {', '.join(MODELS)})", file=sys.stderr)
             return 2
+    known = dict(LOADS)
+    loads = tuple((x, known[x]) for x in args.loads.split(",") if x in known)
+    if len(loads) != len([x for x in args.loads.split(",") if x]):
+        print(f"record_serving: --loads {args.loads!r}: each of {', '.join(known)}", file=sys.stderr)
+        return 2
+    if args.max_num_seqs not in (None, "default") and not args.max_num_seqs.isdigit():
+        print(f"record_serving: --max-num-seqs {args.max_num_seqs!r}: an integer or 'default'", file=sys.stderr)
+        return 2
+    open_engine = VllmEngine
+    if args.dry_run:
+        from vllm_faultsim.harness.drivers.dry_run import EXECUTOR, use_cpu_platform
+        use_cpu_platform()
+
+        def open_engine(model_dir, max_num_seqs, steps_file):
+            return VllmEngine(model_dir, max_num_seqs, steps_file, distributed_executor_backend=EXECUTOR)
     host = host_info()
     print("host:", json.dumps(host), flush=True)
     deadline = time.perf_counter() + args.deadline_s
@@ -426,8 +490,10 @@ async def main_async(args) -> int:
             print(f"[{name}] skipped: {deadline - time.perf_counter():.0f} s left", flush=True)
             continue
         try:
-            rows += await record_model(name, out, work, share_end, VllmEngine, args.max_duration_s, host,
-                                       log=lambda s: print(s, flush=True), warm_bursts=args.warm_bursts)
+            rows += await record_model(name, out, work, share_end, open_engine, args.max_duration_s, host,
+                                       log=lambda s: print(s, flush=True), warm_bursts=args.warm_bursts,
+                                       base_seed=args.seed, max_num_seqs=args.max_num_seqs, loads=loads,
+                                       probe_n=args.probe_n)
         except Exception as exc:  # noqa: BLE001 (the next model still runs)
             import traceback
             traceback.print_exc()
@@ -437,7 +503,7 @@ async def main_async(args) -> int:
         print(f"  {r['model']:14s} {r['load']:8s} rate {r['rate']:7.2f}/s n {r['n']:5d}  TTFT p50 {r['ttft_p50_ms']:8.1f} ms"
               f"  TPOT p50 {r['tpot_p50_ms']:6.2f} ms  E2E p50 {r['e2e_p50_s']:6.2f} s  steps {r['steps']:6d}"
               f"  {r['bytes'] / 1024:6.0f} KiB  mnbt {r['max_num_batched_tokens']}", flush=True)
-    return 0 if len(rows) == len(names) * len(LOADS) else 1
+    return 0 if len(rows) == len(names) * len(loads) else 1
 
 
 def main(argv=None) -> int:
@@ -449,7 +515,18 @@ def main(argv=None) -> int:
     ap.add_argument("--max-duration-s", type=float, default=30.0, help="longest arrival window of one run")
     ap.add_argument("--warm-bursts", type=int, default=1,
                     help="unmeasured bursts of 3 x max_num_seqs requests before the capacity probe")
+    ap.add_argument("--seed", type=int, default=BASE_SEED,
+                    help=f"base seed of the workloads ({BASE_SEED}: the first set; a new seed: a new set)")
+    ap.add_argument("--max-num-seqs", default=None,
+                    help="N, or 'default' (vLLM's for vllm serve); without it the table's 64")
+    ap.add_argument("--loads", default=",".join(x for x, _ in LOADS), help="comma-separated, of: "
+                    + ", ".join(f"{x} ({f}x capacity)" for x, f in LOADS))
+    ap.add_argument("--probe-n", type=int, default=None, help="requests of the capacity probe (3 x max_num_seqs)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="check the script on a CPU-only host (a stand-in for the GPU worker; timings mean nothing)")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        os.environ["VLLM_FAULTSIM_DRYRUN"] = "1"  # the engine-core process picks the CPU platform too
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")

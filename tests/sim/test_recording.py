@@ -26,17 +26,20 @@ def good() -> R.Recording:
         "extra_key": {"kept": True},
     }
     requests = [
-        {"id": "r0", "arrival": 0.0, "prompt_tokens": 100, "output_tokens": 3, "first_token": 0.02, "finish": 0.05},
+        {"id": "r0", "arrival": 0.0, "prompt_tokens": 100, "output_tokens": 3, "first_token": 0.02, "finish": 0.05,
+         "stats": {"arrival_time": 0.0003, "queued_ts": 0.0008, "scheduled_ts": 0.001, "first_token_ts": 0.0195,
+                   "last_token_ts": 0.049}},
         {"id": "r1", "arrival": 0.01, "prompt_tokens": 64, "output_tokens": 1, "first_token": 0.03, "finish": 0.03},
     ]
     steps = [  # async: step 1 is scheduled before step 0's output is processed
         {"i": 5, "num_prefill_requests": 1, "sum_prefill_tokens": 100, "sum_prefill_kv_tokens": 0,
          "num_decode_requests": 0, "sum_decode_kv_tokens": 0, "total_tokens": 100,
          "schedule_start": 0.001, "schedule_end": 0.0012, "output_start": 0.019, "output_end": 0.0195,
-         "num_waiting": 0, "num_running": 1},
+         "num_waiting": 0, "num_running": 1, "new_reqs": [0], "first_token_reqs": [], "finished_reqs": []},
         {"i": 6, "num_prefill_requests": 1, "sum_prefill_tokens": 64, "sum_prefill_kv_tokens": 0,
          "num_decode_requests": 1, "sum_decode_kv_tokens": 100, "total_tokens": 65,
-         "schedule_start": 0.0125, "schedule_end": 0.0127, "output_start": 0.029, "output_end": 0.0293},
+         "schedule_start": 0.0125, "schedule_end": 0.0127, "output_start": 0.029, "output_end": 0.0293,
+         "new_reqs": [1], "first_token_reqs": [0, 1], "finished_reqs": [1]},
     ]
     return R.Recording(header=header, requests=requests, steps=steps)
 
@@ -122,6 +125,14 @@ BAD = {
     "request after step": (lambda o: o.append(dict(o[1], id="r9")), 6, "kind", '"request"'),
     "unknown kind": (lambda o: o[3].update(kind="stepp"), 4, "kind", '"stepp"'),
     "optional step field ill-typed": (lambda o: o[3].update(num_waiting="3"), 4, "num_waiting", '"3"'),
+    "stats not an object": (lambda o: o[1].update(stats=[1]), 2, "stats", "[1]"),
+    "stats field missing": (lambda o: o[1]["stats"].pop("queued_ts"), 2, "stats.queued_ts", "null"),
+    "stats negative": (lambda o: o[1]["stats"].update(arrival_time=-0.001), 2, "stats.arrival_time", "-0.001"),
+    "stats out of order": (lambda o: o[1]["stats"].update(first_token_ts=0.0009), 2, "stats.first_token_ts",
+                           "0.0009"),
+    "request list ill-typed": (lambda o: o[3].update(new_reqs=["r0"]), 4, "new_reqs", '["r0"]'),
+    "request list no such request": (lambda o: o[4].update(finished_reqs=[2]), 5, "finished_reqs", "2"),
+    "request listed twice": (lambda o: o[4].update(new_reqs=[0]), 5, "new_reqs", "0"),
 }
 BAD["arrivals out of order"] = (lambda o: (o[1].update(arrival=0.02, first_token=0.02), o[2].update(arrival=0.01)),
                                 3, "arrival", "0.01")
@@ -168,6 +179,22 @@ def test_not_json_empty_and_truncated(tmp_path):
         R.read(cut)
     with pytest.raises(R.RecordingError, match=r"missing.jsonl: line 0: <file>"):
         R.read(tmp_path / "missing.jsonl")
+
+
+def test_optional_fields_absent_still_valid(tmp_path):
+    # recordings made before the request stats and step request lists existed stay valid
+    rec = good()
+    del rec.requests[0]["stats"]
+    for s in rec.steps:
+        for k in R.REQ_LISTS:
+            del s[k]
+    assert R.summary(R.read(R.write(tmp_path / "old.jsonl", rec)))["n"] == 2
+
+
+def test_stats_times_rounded(tmp_path):
+    rec = good()
+    rec.requests[0]["stats"]["last_token_ts"] = 0.0490000004
+    assert R.read(R.write(tmp_path / "s.jsonl", rec)).requests[0]["stats"]["last_token_ts"] == 0.049
 
 
 def test_good_mutation_baseline_is_valid(tmp_path):

@@ -15,6 +15,21 @@ Layout (one JSON object per line; the file may be gzip-compressed, detected by i
    "finish"}`` per request, in arrival order. Times are seconds from the run's start on the
    client's clock: ``arrival`` when the client submitted the request, ``first_token`` when the
    client received the first output token, ``finish`` when it received the last one.
+   Optional ``stats``: the engine-side times vLLM keeps for the request
+   (``vllm/v1/metrics/stats.py`` ``RequestStateStats``, handed to the client as
+   ``RequestOutput.metrics``; kept when the engine logs stats, vLLM's default), by vLLM's names,
+   converted to the recording's clock (seconds from the run's start):
+   - ``arrival_time``: the input processor took the request (``InputProcessor.process_inputs``,
+     ``time.time()`` in the client's process: a wall clock, converted through the client's
+     ``time.time() - time.perf_counter()`` at the run's start);
+   - ``queued_ts``: the engine core added it to the scheduler (``EngineCoreEventType.QUEUED``);
+   - ``scheduled_ts``: a ``schedule()`` first gave it tokens (``SCHEDULED``; later schedules
+     after a preemption are ignored, as vLLM does);
+   - ``first_token_ts`` / ``last_token_ts``: the ``EngineCoreOutputs`` that carried its first /
+     last output token were built (in ``update_from_output``);
+   the last four are ``time.monotonic()`` in the engine-core process (CLOCK_MONOTONIC, the
+   client's ``perf_counter`` clock on Linux). ``queued_ts <= scheduled_ts <= first_token_ts <=
+   last_token_ts``.
 3. Optional ``{"kind": "step", ...}`` lines, one per engine step that scheduled tokens, in the
    order the engine scheduled them (``i``: the engine's own step counter, increasing; gaps are
    steps outside the run or steps that scheduled nothing).
@@ -25,7 +40,11 @@ Layout (one JSON object per line; the file may be gzip-compressed, detected by i
    ``num_decode_requests`` and ``sum_decode_kv_tokens`` (requests generating one token, and the KV
    they had before this step), ``total_tokens`` (all scheduled tokens; = sum_prefill_tokens +
    num_decode_requests, no speculative decoding). Optional: ``num_waiting``/``num_running`` (queue
-   lengths right after scheduling), ``num_preempted``.
+   lengths right after scheduling), ``num_preempted``; ``new_reqs`` (requests this step
+   scheduled for the first time), ``first_token_reqs`` (requests whose first output token this
+   step's output carries) and ``finished_reqs`` (requests this step's output finished), each a
+   list of request indices (0-based positions of the request lines in the file); a request is in
+   each list of at most one step.
    Times (seconds from the run's start, measured in the engine-core process with
    ``time.perf_counter``, which on Linux is CLOCK_MONOTONIC and so shares the client's clock):
    - ``schedule_start`` / ``schedule_end``: ``Scheduler.schedule()`` entered / returned; the batch
@@ -80,7 +99,13 @@ STEP_SHAPE = ("num_prefill_requests", "sum_prefill_tokens", "sum_prefill_kv_toke
               "num_decode_requests", "sum_decode_kv_tokens", "total_tokens")
 STEP_TIMES = ("schedule_start", "schedule_end", "output_start", "output_end")
 STEP_FIELDS = {"i": "int", **{k: "int" for k in STEP_SHAPE}, **{k: "num" for k in STEP_TIMES}}
-STEP_OPTIONAL = {"num_waiting": "int", "num_running": "int", "num_preempted": "int"}
+REQ_LISTS = ("new_reqs", "first_token_reqs", "finished_reqs")
+STEP_OPTIONAL = {"num_waiting": "int", "num_running": "int", "num_preempted": "int",
+                 **{k: "indices" for k in REQ_LISTS}}
+REQUEST_OPTIONAL = {"stats": "dict"}
+# RequestStateStats' times, in the order they must come (arrival_time is on another clock: not ordered)
+STATS_ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
+STATS_FIELDS = {"arrival_time": "num", **{k: "num" for k in STATS_ORDERED}}
 TIME_DIGITS = 6  # times are written rounded to microseconds
 
 
@@ -111,11 +136,14 @@ def _check_value(name: str, line: int, fld: str, value: Any, kind: str) -> None:
     ok = {"str": isinstance(value, str), "int": is_int, "bool": isinstance(value, bool),
           "dict": isinstance(value, dict),
           "num": is_int or isinstance(value, float),
+          "indices": (isinstance(value, list)
+                      and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)),
           "range": (isinstance(value, list) and len(value) == 2
                     and all(isinstance(v, int) and not isinstance(v, bool) for v in value))}[kind]
     if not ok:
         want = {"str": "a string", "int": "an integer", "bool": "true or false", "dict": "an object",
-                "num": "a number", "range": "[lo, hi] integers"}[kind]
+                "num": "a number", "range": "[lo, hi] integers",
+                "indices": "a list of integers >= 0"}[kind]
         _fail(name, line, fld, value, f"must be {want}")
     if kind == "num" and not math.isfinite(value):
         _fail(name, line, fld, value, "must be finite")
@@ -146,6 +174,7 @@ class _Checker:
         self.last_arrival = 0.0
         self.last_step: dict | None = None
         self.n_requests = 0
+        self.listed: dict[str, set[int]] = {k: set() for k in REQ_LISTS}
 
     def line(self, no: int, obj: Any) -> str:
         name = self.name
@@ -181,7 +210,13 @@ class _Checker:
 
     def _request(self, no: int, r: dict) -> None:
         name = self.name
-        _check_fields(name, no, r, REQUEST_FIELDS)
+        _check_fields(name, no, r, REQUEST_FIELDS, optional=REQUEST_OPTIONAL)
+        if "stats" in r:
+            st = r["stats"]
+            _check_fields(name, no, st, STATS_FIELDS, "stats.")
+            for a, b in itertools.pairwise(STATS_ORDERED):
+                if st[b] < st[a]:
+                    _fail(name, no, f"stats.{b}", st[b], f"before stats.{a} {st[a]}")
         if r["id"] in self.ids:
             _fail(name, no, "id", r["id"], "duplicate request id")
         self.ids.add(r["id"])
@@ -207,6 +242,13 @@ class _Checker:
         for a, b in itertools.pairwise(STEP_TIMES):
             if s[b] < s[a]:
                 _fail(name, no, b, s[b], f"before {a} {s[a]}")
+        for k in REQ_LISTS:
+            for j in s.get(k, ()):
+                if j >= self.n_requests:
+                    _fail(name, no, k, j, f"no such request (the file has {self.n_requests})")
+                if j in self.listed[k]:
+                    _fail(name, no, k, j, "request already listed by an earlier step")
+                self.listed[k].add(j)
         prev = self.last_step
         if prev is not None:
             if s["i"] <= prev["i"]:
@@ -285,7 +327,9 @@ def _objects(rec: Recording) -> Iterable[dict]:
 
 
 def _rounded(obj: dict) -> dict:
-    return {k: (round(v, TIME_DIGITS) if isinstance(v, float) else v) for k, v in obj.items()}
+    """Floats rounded to TIME_DIGITS, those of a request's ``stats`` too."""
+    return {k: (round(v, TIME_DIGITS) if isinstance(v, float) else _rounded(v) if k == "stats" else v)
+            for k, v in obj.items()}
 
 
 def write(path: str | Path, rec: Recording) -> Path:

@@ -14,6 +14,12 @@ unfinished requests, every :data:`FLUSH_EVERY` steps, and at shutdown: the hot p
 and no JSON while requests are in flight. The file's first line is a ``meta`` object (pid, class,
 mode, KV blocks, limits).
 
+Besides its shape, each step record names the requests it concerns, by the engine's request ids
+(the client's id plus vLLM's 8-character suffix, ``InputProcessor.assign_request_id``): those
+scheduled for the first time in that step, those whose first output token that step's output
+carries, and those that finished in it (:func:`to_recording_steps` maps them to the recording's
+request indices).
+
 vLLM is imported only when a scheduler class is first asked for (PEP 562 ``__getattr__``), so the
 sim tier can import :func:`read_steps` and :func:`to_recording_steps` without it.
 """
@@ -34,7 +40,8 @@ FLUSH_EVERY = 20000
 COLUMNS = ("i", "schedule_start", "schedule_end", "output_start", "output_end",
            "num_prefill_requests", "sum_prefill_tokens", "sum_prefill_kv_tokens",
            "num_decode_requests", "sum_decode_kv_tokens", "total_tokens",
-           "num_waiting", "num_running", "num_preempted")
+           "num_waiting", "num_running", "num_preempted",
+           "new_reqs", "first_token_reqs", "finished_reqs")
 
 
 def scheduler_cls_for(async_scheduling: bool) -> str:
@@ -81,6 +88,8 @@ class _RecorderMixin:
         self.faultsim_steps: list[list] = []   # unwritten step records (COLUMNS)
         self._fs_pending: dict[int, list] = {}  # id(SchedulerOutput) -> its record, until its output
         self._fs_i = 0
+        self._fs_scheduled: set[str] = set()  # scheduled at least once, not finished
+        self._fs_tokened: set[str] = set()    # given an output token, not finished
         self._fs_path = os.environ.get(ENV_STEPS_FILE) or None
         self._fs_fh = None
         if self._fs_path:
@@ -103,8 +112,10 @@ class _RecorderMixin:
         t1 = time.perf_counter()
         self._fs_i += 1
         if out.total_num_scheduled_tokens:
+            new = [r.req_id for r in out.scheduled_new_reqs if r.req_id not in self._fs_scheduled]
+            self._fs_scheduled.update(new)
             rec = [self._fs_i, t0, t1, 0.0, 0.0, *step_shape(self.requests, out),
-                   len(self.waiting), len(self.running), len(out.preempted_req_ids or ())]
+                   len(self.waiting), len(self.running), len(out.preempted_req_ids or ()), new, [], []]
             self._fs_pending[id(out)] = rec
         return out
 
@@ -115,6 +126,17 @@ class _RecorderMixin:
         rec = self._fs_pending.pop(id(scheduler_output), None)
         if rec is not None:
             rec[3], rec[4] = t2, t3
+            first, finished = rec[-2], rec[-1]
+            for eco in outputs.values():
+                for o in eco.outputs:
+                    rid = o.request_id
+                    if o.new_token_ids and rid not in self._fs_tokened:
+                        self._fs_tokened.add(rid)
+                        first.append(rid)
+                    if o.finish_reason is not None:
+                        finished.append(rid)
+                        self._fs_tokened.discard(rid)
+                        self._fs_scheduled.discard(rid)
             self.faultsim_steps.append(rec)
             if len(self.faultsim_steps) >= FLUSH_EVERY or not self.get_num_unfinished_requests():
                 self.faultsim_flush()
@@ -179,9 +201,21 @@ def read_steps(path: str | Path) -> tuple[list[dict], list[list]]:
     return metas, steps
 
 
-def to_recording_steps(steps: list[list], t0: float, t1: float) -> list[dict]:
+REQ_LISTS = ("new_reqs", "first_token_reqs", "finished_reqs")
+
+
+def request_index(engine_id: str, index: dict[str, int]) -> int | None:
+    """The recording's index of the request the engine calls ``engine_id`` (the client's id, or
+    it plus vLLM's ``-xxxxxxxx`` suffix); None for a request outside the recording."""
+    if engine_id in index:
+        return index[engine_id]
+    return index.get(engine_id.rsplit("-", 1)[0])
+
+
+def to_recording_steps(steps: list[list], t0: float, t1: float, index: dict[str, int]) -> list[dict]:
     """The step records scheduled in [t0, t1] (perf_counter seconds), as recording/1 step lines
-    with times relative to ``t0``."""
+    with times relative to ``t0`` and the request lists as indices of ``index`` (client request id
+    -> its request line's position); requests outside the recording are left out."""
     out = []
     for rec in steps:
         if not t0 <= rec[1] <= t1:
@@ -189,6 +223,8 @@ def to_recording_steps(steps: list[list], t0: float, t1: float) -> list[dict]:
         d = dict(zip(COLUMNS, rec))
         for k in ("schedule_start", "schedule_end", "output_start", "output_end"):
             d[k] = d[k] - t0
+        for k in REQ_LISTS:
+            d[k] = [j for j in (request_index(rid, index) for rid in d[k]) if j is not None]
         out.append(d)
     out.sort(key=lambda d: d["i"])
     return out
