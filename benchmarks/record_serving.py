@@ -191,12 +191,15 @@ async def serve(engine, specs: list[Spec], prompts: dict[str, list[int]], make_p
 
 def saturated_rate(finishes: list[float], max_num_seqs: int) -> float:
     """Completions per second of a burst while its queue is still non-empty: from the
-    (max_num_seqs/2)-th completion to the (n - max_num_seqs)-th."""
+    (max_num_seqs/2)-th completion to the (n - max_num_seqs)-th; at most 3x the rate from the
+    first completion to the last (completions seen bunched, e.g. by a slow client, cannot make
+    it absurd)."""
     f = sorted(finishes)
+    whole = (len(f) - 1) / max(f[-1] - f[0], 1e-9)
     k1, k2 = max_num_seqs // 2, len(f) - max_num_seqs
     if k2 <= k1 or f[k2] <= f[k1]:
-        k1, k2 = 0, len(f) - 1
-    return (k2 - k1) / (f[k2] - f[k1])
+        return whole
+    return min((k2 - k1) / (f[k2] - f[k1]), 3 * whole)
 
 
 def loop_name() -> str:
@@ -388,7 +391,7 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
                 log(f"[{name}] {load}: skipped, {left:.0f} s left")
                 continue
             n = max(10, round(rate * dur))
-            seed = seed0 + 10 + li
+            seed = seed0 + 10 + [x for x, _ in LOADS].index(load)  # the same for a load whatever --loads picks
             specs = plan(load, n, rate, seed)
             prompts = prompts_for(specs, seed)
             timeout = specs[-1].arrival * max(1.0, factor) * 2.0 + 30.0
