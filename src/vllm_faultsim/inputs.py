@@ -111,6 +111,8 @@ def problem_line(exc: ValidationError, where: str, schema: Any = None) -> str:
     ctx = dict(e.get("ctx", {}))
     if kind == "literal_error":
         ctx["expected"] = ctx["expected"].replace(" or ", ", ").replace("'", "")
+    ctx = {k: (f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}" if isinstance(v, float) else v)
+           for k, v in ctx.items()}
     problem = (WORDING[kind].format(**ctx) if kind in WORDING
                else "must be " + msg[len("Input should be "):] if msg.startswith("Input should be ") else msg)
     return _join(where, _path(loc), f"{problem} (got {show(e['input'])})")
@@ -120,8 +122,8 @@ WORDING = {  # pydantic's error types in the project's words
     "model_type": "must be a mapping", "dict_type": "must be a mapping", "model_attributes_type": "must be a mapping",
     "int_type": "must be an integer", "float_type": "must be a number", "string_type": "must be a string",
     "bool_type": "must be true or false", "list_type": "must be a list", "finite_number": "must be finite",
-    "greater_than": "must be > {gt:g}", "greater_than_equal": "must be >= {ge:g}", "less_than": "must be < {lt:g}",
-    "less_than_equal": "must be <= {le:g}", "literal_error": "must be one of {expected}",
+    "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}", "literal_error": "must be one of {expected}",
     "too_short": "must have at least {min_length} items", "too_long": "must have at most {max_length} items",
     "string_too_short": "must be a non-empty string",
 }

@@ -60,7 +60,7 @@ def _write(tmp_path: Path, name: str, text: str | bytes) -> str:
 
 
 def _read(kind, path, max_model_len=8192, seed=0, **opts):
-    return tf.read(kind, {"path": path, **opts}, seed=seed, max_model_len=max_model_len)
+    return tf.read(tf.WORKLOADS[kind](kind=kind, path=path, **opts), seed=seed, max_model_len=max_model_len)
 
 
 def _shape(specs):
@@ -250,12 +250,12 @@ BAD = [  # (kind, file name, file text or None: no file, extra workload fields, 
     ("azure", "trace.csv", AZURE_2023 + "2023-11-16 18:15:52.0,12\n", {}, "trace.csv:5: 2 fields, the header has 3"),
     ("azure", "missing.csv", None, {}, "missing.csv: cannot read workload (No such file or directory)"),
     ("azure", "trace.csv", b"\xff\xfe\x00T\x00I", {}, "trace.csv: not UTF-8 text (byte 0xff)"),
-    ("azure", "trace.csv", AZURE_2023, {"max_requests": 0}, "max_requests must be an integer >= 1, got 0"),
-    ("azure", "trace.csv", AZURE_2023, {"time_scale": 0}, "time_scale must be > 0, got 0"),
+    ("azure", "trace.csv", AZURE_2023, {"max_requests": 0}, "workload (azure): max_requests: must be >= 1 (got 0)"),
+    ("azure", "trace.csv", AZURE_2023, {"time_scale": 0}, "workload (azure): time_scale: must be > 0 (got 0)"),
     ("azure", "trace.csv", AZURE_2023, {"time_scale": 2, "rate": 3}, "give at most one of time_scale and rate"),
-    ("azure", "trace.csv", AZURE_2023, {"rate": ".nan"}, "rate (req/s) must be a finite number"),
-    ("azure", "trace.csv", AZURE_2023, {"start": -1}, "start (trace s) must be >= 0, got -1"),
-    ("azure", "trace.csv", AZURE_2023, {"over_length": "truncate"}, "over_length must be one of refuse, clip, skip"),
+    ("azure", "trace.csv", AZURE_2023, {"rate": ".nan"}, "workload (azure): rate: must be finite (got nan)"),
+    ("azure", "trace.csv", AZURE_2023, {"start": -1}, "workload (azure): start: must be >= 0 (got -1)"),
+    ("azure", "trace.csv", AZURE_2023, {"over_length": "truncate"}, "over_length: must be one of refuse, clip, skip (got 'truncate')"),
     ("azure", "trace.csv", AZURE_2023, {"chunk_hash_size": 16}, "workload (azure): unknown field 'chunk_hash_size'"),
     ("azure", "trace.csv", AZURE_2023, {"start": 100}, "trace.csv: no requests selected (3 rows read"),
     ("azure", "trace.csv", AZURE_2023, {"max_model_len": 512}, "trace.csv:4: the prompt (879 tokens) is not shorter "
@@ -267,7 +267,7 @@ BAD = [  # (kind, file name, file text or None: no file, extra workload fields, 
     ("burstgpt", "b.csv", BURSTGPT.replace("118,", "30,"), {}, "b.csv:4: timestamp '30' is earlier than line 3's '45'"),
     ("burstgpt", "b.csv", BURSTGPT.replace("1087", "-1087"), {}, "b.csv:3: Request tokens must be >= 0, got -1087"),
     ("burstgpt", "b.csv", BURSTGPT, {"model": "GPT-5"}, "b.csv: no requests selected (0 rows read"),
-    ("burstgpt", "b.csv", BURSTGPT, {"model": 4}, "model must be a model name"),
+    ("burstgpt", "b.csv", BURSTGPT, {"model": 4}, "workload (burstgpt): model: must be a string (got 4)"),
     ("burstgpt", "b.csv", BURSTGPT.replace("5,ChatGPT", "5\x00,ChatGPT", 1), {},
      r"b.csv:2: Timestamp '5\x00' is not a number"),
     ("mooncake", "mc.jsonl", _jsonl(MOONCAKE[:2] + ['{"timestamp": 1, "input_length": 5'] + MOONCAKE[2:]), {},
@@ -288,14 +288,14 @@ BAD = [  # (kind, file name, file text or None: no file, extra workload fields, 
      "mc.jsonl:2: timestamp must be a finite number >= 0, got -4"),
     ("mooncake", "mc.jsonl", _jsonl([{"timestamp": 0, "input_length": 100, "output_length": 2, "hash_ids": list(range(7))}]),
      {}, "mc.jsonl:1: 7 hash_ids for input_length 100, more than ceil(input_length / chunk_hash_size) = 1"),
-    ("mooncake", "mc.jsonl", _jsonl(MOONCAKE), {"chunk_hash_size": 0}, "chunk_hash_size must be an integer >= 1"),
+    ("mooncake", "mc.jsonl", _jsonl(MOONCAKE), {"chunk_hash_size": 0}, "workload (mooncake): chunk_hash_size: must be >= 1 (got 0)"),
     ("mooncake", "mc.jsonl", _jsonl(MOONCAKE[2:] + MOONCAKE[:1]), {},
      "mc.jsonl:3: timestamp 0 is earlier than line 2's 9000"),
     ("mooncake", "mc.jsonl", "\n\n", {}, "mc.jsonl: no requests selected (0 rows read"),
     ("mooncake", "mc.jsonl", "", {}, "mc.jsonl: empty file"),
     ("mooncake", "mc.jsonl", _jsonl(["[1, 2]"]), {}, "mc.jsonl:1: a request must be a JSON object, got list"),
-    ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 0}, "rate (req/s) must be > 0, got 0"),
-    ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 1, "chars_per_token": -1}, "chars_per_token must be > 0"),
+    ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 0}, "workload (sharegpt): rate: must be > 0 (got 0)"),
+    ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 1, "chars_per_token": -1}, "workload (sharegpt): chars_per_token: must be > 0 (got -1)"),
     ("sharegpt", "sg.json", json.dumps(SHAREGPT), {}, "workload (sharegpt): missing field 'rate'"),
     ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 1, "start": 3},
      "workload (sharegpt): unknown field 'start'"),

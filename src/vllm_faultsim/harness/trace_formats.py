@@ -21,19 +21,63 @@ import math
 import random
 from array import array
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
+from pydantic import model_validator
+
+from ..inputs import NonNegative, Positive, PositiveInt, Section
 from ..models.request import RequestSpec
-from .workload import MAX_REQUESTS, WorkloadError, _number, validate
+from .workload import MAX_REQUESTS, WorkloadError, validate
 
 OVER_LENGTH = ("refuse", "clip", "skip")
-_TIMED = ("start", "duration", "time_scale", "rate", "max_requests", "over_length")
-WORKLOAD_FIELDS = {  # kind: required, optional (as a run config's workload section names them)
-    "azure": (("path",), _TIMED),
-    "mooncake": (("path",), _TIMED + ("chunk_hash_size",)),
-    "burstgpt": (("path",), _TIMED + ("model",)),
-    "sharegpt": (("path", "rate"), ("max_requests", "chars_per_token", "over_length")),
-}
+
+
+class TracePath(Section):
+    """A published trace file (a ``.gz`` of it too) and what to do with prompts of ``max_model_len``
+    tokens or more (vLLM refuses them)."""
+
+    path: str
+    max_requests: PositiveInt | None = None
+    over_length: Literal[OVER_LENGTH] = "refuse"
+
+
+class TimedTrace(TracePath):
+    """A trace with timestamps: the window ``[start, start + duration)`` of trace time, arrivals scaled
+    by `time_scale` or to a mean `rate` (one of the two)."""
+
+    start: NonNegative = 0.0
+    duration: Positive | None = None
+    time_scale: Positive | None = None
+    rate: Positive | None = None
+
+    @model_validator(mode="after")
+    def _one_scale(self):
+        if self.time_scale is not None and self.rate is not None:
+            raise ValueError("give at most one of time_scale and rate")
+        return self
+
+
+class Azure(TimedTrace):
+    kind: Literal["azure"]
+
+
+class Mooncake(TimedTrace):
+    kind: Literal["mooncake"]
+    chunk_hash_size: PositiveInt = 512  # vLLM's --timed-trace-chunk-hash-size
+
+
+class BurstGPT(TimedTrace):
+    kind: Literal["burstgpt"]
+    model: str | None = None  # keep one model's rows (GPT-4), as vLLM's benchmark does
+
+
+class ShareGPT(TracePath):
+    kind: Literal["sharegpt"]
+    rate: Positive  # Poisson arrivals (file order)
+    chars_per_token: Positive = 4.0
+
+
+WORKLOADS = {"azure": Azure, "mooncake": Mooncake, "burstgpt": BurstGPT, "sharegpt": ShareGPT}  # kind -> schema
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 CHUNK_CHARS = 1 << 20  # how much of a ShareGPT JSON file is read at a time
 BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens")
@@ -180,26 +224,6 @@ def _lengths(where: str, p: int, o: int, over_length: str, max_model_len: int | 
     return p, o
 
 
-def _window(start, duration, time_scale, rate) -> None:
-    _number(start, "start (trace s)")
-    if duration is not None:
-        _number(duration, "duration (trace s)", lo_open=True)
-    if time_scale is not None and rate is not None:
-        raise WorkloadError("give at most one of time_scale and rate")
-    if time_scale is not None:
-        _number(time_scale, "time_scale", lo_open=True)
-    if rate is not None:
-        _number(rate, "rate (req/s)", lo_open=True)
-
-
-def _limits(max_requests, over_length) -> None:
-    if max_requests is not None and (isinstance(max_requests, bool) or not isinstance(max_requests, int)
-                                     or max_requests < 1):
-        raise WorkloadError(f"max_requests must be an integer >= 1, got {max_requests!r}")
-    if over_length not in OVER_LENGTH:
-        raise WorkloadError(f"over_length must be one of {', '.join(OVER_LENGTH)}, got {over_length!r}")
-
-
 def _select(rows, path: str, *, start=0.0, duration=None, time_scale=None, rate=None, max_requests=None,
             over_length="refuse", max_model_len=None, chunk_hash_size=512) -> tuple[RequestSpec, ...]:
     arrivals, prompts, outputs, blocks = array("d"), array("q"), array("q"), []  # compact until the specs
@@ -310,9 +334,6 @@ def _json_array_items(fh, path: str) -> Iterator[tuple[int, Any]]:
 
 def _sharegpt(path: str, *, rate, max_requests=None, chars_per_token=4.0, over_length="refuse",
               max_model_len=None, seed=0) -> tuple[RequestSpec, ...]:
-    _number(rate, "rate (req/s)", lo_open=True)
-    _number(chars_per_token, "chars_per_token", lo_open=True)
-    _limits(max_requests, over_length)
     limit = min(max_requests or MAX_REQUESTS + 1, MAX_REQUESTS + 1)
     rng = random.Random(seed)
     out, now, read = [], 0.0, 0
@@ -359,21 +380,15 @@ def _reading(path: str, items):
         raise WorkloadError(f"{path}: cannot read workload ({getattr(exc, 'strerror', None) or exc})") from None
 
 
-def read(kind: str, options: dict, *, seed: int = 0, max_model_len: int | None = None) -> tuple[RequestSpec, ...]:
-    """The workload a trace file of `kind` (a key of WORKLOAD_FIELDS) gives under `options` (the
-    run config's workload fields but ``kind``)."""
-    opts = {k: v for k, v in options.items() if v is not None}
-    path = opts.pop("path")
-    if kind == "sharegpt":
-        return _sharegpt(path, **opts, max_model_len=max_model_len, seed=seed)
+def read(w: Azure | Mooncake | BurstGPT | ShareGPT, *, seed: int = 0,
+         max_model_len: int | None = None) -> tuple[RequestSpec, ...]:
+    """The workload a checked trace-file section `w` (a schema of WORKLOADS) gives."""
+    opts = w.model_dump(exclude={"kind", "path"})
+    if isinstance(w, ShareGPT):
+        return _sharegpt(w.path, **opts, max_model_len=max_model_len, seed=seed)
     fmt = {k: opts.pop(k) for k in ("chunk_hash_size", "model") if k in opts}
-    if "chunk_hash_size" in fmt and (isinstance(fmt["chunk_hash_size"], bool)
-                                     or not isinstance(fmt["chunk_hash_size"], int) or fmt["chunk_hash_size"] < 1):
-        raise WorkloadError(f"chunk_hash_size must be an integer >= 1, got {fmt['chunk_hash_size']!r}")
-    if "model" in fmt and not isinstance(fmt["model"], str):
-        raise WorkloadError(f"model must be a model name (e.g. GPT-4), got {fmt['model']!r}")
-    _window(opts.get("start", 0.0), opts.get("duration"), opts.get("time_scale"), opts.get("rate"))
-    _limits(opts.get("max_requests"), opts.get("over_length", "refuse"))
-    with _open(path) as fh:
-        return _select(_reading(path, ROWS[kind](fh, path, **fmt)), path, **opts, max_model_len=max_model_len,
+    if fmt.get("model") is None:
+        fmt.pop("model", None)
+    with _open(w.path) as fh:
+        return _select(_reading(w.path, ROWS[w.kind](fh, w.path, **fmt)), w.path, **opts, max_model_len=max_model_len,
                        chunk_hash_size=fmt.get("chunk_hash_size", 512))

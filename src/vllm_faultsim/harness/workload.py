@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
+from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_validator
+
+from ..inputs import Fraction, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, checked, problem_line
 from ..models.request import MMItem, RequestSpec
 
 class WorkloadError(ValueError):
@@ -21,18 +23,6 @@ class WorkloadError(ValueError):
 
 
 MAX_REQUESTS = 10_000_000   # a generated workload larger than this is refused (memory: the specs are built up front)
-
-
-def _number(v: Any, what: str, *, lo: float = 0.0, lo_open: bool = False, hi: float = math.inf) -> float:
-    """A finite real number in [lo, hi] (``lo_open``: (lo, hi]), or a one-line WorkloadError."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise WorkloadError(f"{what} must be a number, got {v!r}")
-    if not math.isfinite(v):
-        raise WorkloadError(f"{what} must be a finite number, got {v!r}")
-    if v < lo or (lo_open and v == lo) or v > hi:
-        bounds = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi < math.inf else "")
-        raise WorkloadError(f"{what} must be {bounds}, got {v!r}")
-    return float(v)
 
 
 def _expected(n: float, what: str) -> None:
@@ -43,84 +33,139 @@ def _expected(n: float, what: str) -> None:
 
 # ---- length distributions -------------------------------------------------------------------
 
-def length_sampler(spec: Any, what: str):
-    """int -> fixed; {"uniform": [lo, hi]}; {"lognormal": {"median": m, "sigma": s, "max": x}}."""
-    if isinstance(spec, bool):
-        raise WorkloadError(f"{what}: a length must be an integer or a distribution, got {spec!r}")
-    if isinstance(spec, int):
+class Uniform(Section):
+    uniform: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.uniform[0] > self.uniform[1]:
+            raise ValueError(f"uniform bounds must satisfy lo <= hi, got {self.uniform}")
+        return self
+
+
+class LognormalParams(Section):
+    median: Positive
+    sigma: NonNegative
+    max: PositiveInt = 1 << 30
+
+
+class Lognormal(Section):
+    lognormal: LognormalParams
+
+
+def _member(spec: Any, schema: type[Section]) -> Section:
+    try:
+        return schema.model_validate(spec)
+    except ValidationError as exc:
+        raise ValueError(problem_line(exc, "", schema)) from None
+
+
+def _length(spec: Any) -> Any:
+    """int -> fixed; {"uniform": [lo, hi]}; {"lognormal": {"median": m, "sigma": s, "max": x}}: the
+    member of the union its form names, checked by that member's schema."""
+    if isinstance(spec, int) and not isinstance(spec, bool):
         if spec < 1:
-            raise WorkloadError(f"{what}: length must be >= 1, got {spec}")
+            raise ValueError(f"a length must be >= 1, got {spec}")
+        return spec
+    if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in ("uniform", "lognormal"):
+        return _member(spec, Uniform if "uniform" in spec else Lognormal)
+    raise ValueError(f"unknown length distribution {spec!r} (use an int, "
+                     "{uniform: [lo, hi]} or {lognormal: {median, sigma, max}})")
+
+
+Length = Annotated[Any, AfterValidator(_length)]
+
+
+def length_sampler(spec: Any):
+    """A sampler (rng -> tokens) of a checked length (``Length``)."""
+    if isinstance(spec, int):
         return lambda rng: spec
-    if isinstance(spec, dict) and len(spec) == 1:
-        (kind, arg), = spec.items()
-        if kind == "uniform" and isinstance(arg, list) and len(arg) == 2 and all(isinstance(a, int) for a in arg):
-            lo, hi = arg
-            if not 1 <= lo <= hi:
-                raise WorkloadError(f"{what}: uniform bounds must satisfy 1 <= lo <= hi, got {arg}")
-            return lambda rng: rng.randint(lo, hi)
-        if kind == "lognormal" and isinstance(arg, dict):
-            unknown = sorted(set(arg) - {"median", "sigma", "max"})
-            if unknown:
-                raise WorkloadError(f"{what}: lognormal has no field {unknown[0]!r} (median, sigma, max)")
-            try:
-                median, sigma, mx = float(arg["median"]), float(arg["sigma"]), int(arg.get("max", 1 << 30))
-            except (KeyError, TypeError, ValueError, OverflowError):
-                raise WorkloadError(f"{what}: lognormal needs numeric 'median' and 'sigma' (and optional 'max')") from None
-            _number(median, f"{what}: lognormal median", lo_open=True)
-            _number(sigma, f"{what}: lognormal sigma")
-            if mx < 1:
-                raise WorkloadError(f"{what}: lognormal max must be >= 1, got {mx}")
-            mu = math.log(median)
-            return lambda rng: max(1, min(mx, int(round(rng.lognormvariate(mu, sigma)))))
-    raise WorkloadError(f"{what}: unknown length distribution {spec!r} (use an int, "
-                        "{uniform: [lo, hi]} or {lognormal: {median, sigma, max}})")
+    if isinstance(spec, Uniform):
+        lo, hi = spec.uniform
+        return lambda rng: rng.randint(lo, hi)
+    mu, sigma, mx = math.log(spec.lognormal.median), spec.lognormal.sigma, spec.lognormal.max
+    return lambda rng: max(1, min(mx, int(round(rng.lognormvariate(mu, sigma)))))
 
 
 # ---- generators -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class MMConfig:
+class PrefetchUniform(Section):
+    uniform: Annotated[list[NonNegative], Field(min_length=2, max_length=2)]
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.uniform[0] > self.uniform[1]:
+            raise ValueError(f"uniform bounds must satisfy lo <= hi, got {self.uniform}")
+        return self
+
+
+def _prefetch(spec: Any) -> float | PrefetchUniform:
+    """Seconds (a finite number >= 0) or ``{uniform: [lo, hi]}`` seconds."""
+    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
+        if not math.isfinite(spec) or spec < 0:
+            raise ValueError(f"prefetch seconds must be finite and >= 0, got {spec!r}")
+        return float(spec)
+    if isinstance(spec, dict):
+        return _member(spec, PrefetchUniform)
+    raise ValueError(f"expected seconds or {{uniform: [lo, hi]}}, got {spec!r}")
+
+
+class MMConfig(Section):
     """Multimodal mix: a fraction of requests carry one image of `tokens` placeholder tokens."""
 
-    fraction: float = 0.0
-    tokens: int = 100
-    prefetch: Any = 0.05  # seconds, or {"uniform": [lo, hi]} in seconds
-    offset: int = 0
-    reuse: float = 0.0  # probability an image repeats an earlier identifier (encoder-cache hits)
+    fraction: Fraction = 0.0
+    tokens: PositiveInt = 100
+    prefetch: Annotated[Any, AfterValidator(_prefetch)] = 0.05  # seconds, or {"uniform": [lo, hi]} in seconds
+    offset: NonNegativeInt = 0
+    reuse: Fraction = 0.0  # probability an image repeats an earlier identifier (encoder-cache hits)
 
 
-def _prefetch_sampler(spec: Any):
-    if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-        x = _number(spec, "mm.prefetch (seconds)")
-        return lambda rng: x
-    if isinstance(spec, dict) and set(spec) == {"uniform"}:
-        arg = spec["uniform"]
-        if not (isinstance(arg, list) and len(arg) == 2):
-            raise WorkloadError(f"mm.prefetch: uniform needs [lo, hi] seconds, got {arg!r}")
-        lo, hi = (_number(a, "mm.prefetch: uniform bound (seconds)") for a in arg)
-        if lo > hi:
-            raise WorkloadError(f"mm.prefetch: uniform bounds must satisfy lo <= hi, got {arg!r}")
+def _prefetch_sampler(spec: float | PrefetchUniform):
+    if isinstance(spec, PrefetchUniform):
+        lo, hi = spec.uniform
         return lambda rng: rng.uniform(lo, hi)
-    raise WorkloadError(f"mm.prefetch: expected seconds or {{uniform: [lo, hi]}}, got {spec!r}")
+    return lambda rng: spec
 
 
-def mm_config(d: Any) -> MMConfig:
-    """An :class:`MMConfig` from a workload's ``mm`` mapping (unknown keys and bad values named)."""
-    if not isinstance(d, dict):
-        raise WorkloadError(f"mm must be a mapping (fraction, tokens, prefetch, offset, reuse), got {d!r}")
-    known = ("fraction", "tokens", "prefetch", "offset", "reuse")
-    unknown = sorted(set(d) - set(known), key=str)
-    if unknown:
-        raise WorkloadError(f"mm has no field {unknown[0]!r} (fields: {', '.join(known)})")
-    for key in ("fraction", "reuse"):
-        if key in d:
-            _number(d[key], f"mm.{key}", hi=1.0)
-    for key in ("tokens", "offset"):
-        if key in d and (isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < (key == "tokens")):
-            raise WorkloadError(f"mm.{key} must be an integer >= {int(key == 'tokens')}, got {d[key]!r}")
-    cfg = MMConfig(**d)
-    _prefetch_sampler(cfg.prefetch)
-    return cfg
+class Poisson(Section):
+    """Poisson arrivals at `rate` req/s for `duration` seconds or `num_requests` requests."""
+
+    kind: Literal["poisson"] = "poisson"
+    rate: Positive
+    duration: Positive | None = None
+    num_requests: Annotated[int, Field(ge=1, le=MAX_REQUESTS)] | None = None
+    prompt: Length = 512
+    output: Length = 128
+    mm: MMConfig | None = None
+    start: NonNegative = 0.0
+
+    @model_validator(mode="after")
+    def _one_end(self):
+        if (self.duration is None) == (self.num_requests is None):
+            raise ValueError("give exactly one of duration or num_requests")
+        if self.duration is not None:
+            _expected(self.rate * self.duration, f"rate {self.rate:g} req/s for {self.duration:g} s")
+        return self
+
+
+class Bursty(Section):
+    """On/off (two-state) arrivals: `rate_high` for `on` seconds, then `rate_low` for `off` seconds."""
+
+    kind: Literal["bursty"] = "bursty"
+    rate_high: Positive
+    rate_low: NonNegative
+    on: Positive
+    off: Positive
+    duration: Positive
+    prompt: Length = 512
+    output: Length = 128
+    mm: MMConfig | None = None
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        rate = max(self.rate_high, self.rate_low)
+        _expected(rate * self.duration, f"rate {rate:g} req/s for {self.duration:g} s")
+        return self
 
 
 def _attach_mm(rng: random.Random, i: int, prompt_len: int, mm: MMConfig, seen: list[str], sample_prefetch):
@@ -134,73 +179,82 @@ def _attach_mm(rng: random.Random, i: int, prompt_len: int, mm: MMConfig, seen: 
     return (MMItem(ident, mm.offset, mm.tokens, round(sample_prefetch(rng), 6)),)
 
 
-def poisson(rate: float, *, duration: float | None = None, num_requests: int | None = None,
-            prompt: Any = 512, output: Any = 128, seed: int = 0, mm: MMConfig | None = None,
-            start: float = 0.0) -> tuple[RequestSpec, ...]:
-    """Poisson arrivals at `rate` req/s for `duration` seconds or `num_requests` requests."""
-    rate = _number(rate, "rate (req/s)", lo_open=True)
-    if (duration is None) == (num_requests is None):
-        raise WorkloadError("give exactly one of duration or num_requests")
-    if duration is not None:
-        duration = _number(duration, "duration (s)", lo_open=True)
-        _expected(rate * duration, f"rate {rate:g} req/s for {duration:g} s")
-    elif isinstance(num_requests, bool) or not isinstance(num_requests, int) or num_requests < 1:
-        raise WorkloadError(f"num_requests must be an integer >= 1, got {num_requests!r}")
-    else:
-        _expected(num_requests, f"num_requests {num_requests}")
-    start = _number(start, "start (s)")
+def generate(w: Poisson | Bursty, seed: int = 0) -> tuple[RequestSpec, ...]:
+    """The requests of a checked generated workload, from `seed`."""
     rng = random.Random(seed)
-    sp, so = length_sampler(prompt, "prompt"), length_sampler(output, "output")
-    mm = mm or MMConfig()
-    spf = _prefetch_sampler(mm.prefetch)
-    out, seen, now = [], [], start
-    while True:
-        now += rng.expovariate(rate)
-        if duration is not None and now >= start + duration:
-            break
-        i = len(out)
-        if num_requests is not None and i >= num_requests:
-            break
-        p = sp(rng)
-        out.append(RequestSpec(f"r{i}", round(now, 6), p, so(rng), _attach_mm(rng, i, p, mm, seen, spf)))
-    return tuple(out)
-
-
-def bursty(rate_high: float, rate_low: float, *, on: float, off: float, duration: float,
-           prompt: Any = 512, output: Any = 128, seed: int = 0, mm: MMConfig | None = None) -> tuple[RequestSpec, ...]:
-    """On/off (two-state) arrivals: `rate_high` for `on` seconds, then `rate_low` for `off` seconds."""
-    rate_high = _number(rate_high, "rate_high (req/s)", lo_open=True)
-    rate_low = _number(rate_low, "rate_low (req/s)")
-    on, off = _number(on, "on (s)", lo_open=True), _number(off, "off (s)", lo_open=True)
-    duration = _number(duration, "duration (s)", lo_open=True)
-    _expected(max(rate_high, rate_low) * duration, f"rate {max(rate_high, rate_low):g} req/s for {duration:g} s")
-    rng = random.Random(seed)
-    sp, so = length_sampler(prompt, "prompt"), length_sampler(output, "output")
-    mm = mm or MMConfig()
+    sp, so = length_sampler(w.prompt), length_sampler(w.output)
+    mm = w.mm or MMConfig()
     spf = _prefetch_sampler(mm.prefetch)
     out, seen = [], []
-    t0, high = 0.0, True
-    while t0 < duration:
-        rate, span = (rate_high, on) if high else (rate_low, off)
-        end = min(t0 + span, duration)
-        now = t0
-        while rate > 0:
-            now += rng.expovariate(rate)
+    spans = ([(w.start, w.start + w.duration if w.duration is not None else math.inf, w.rate)]
+             if isinstance(w, Poisson) else _bursts(w))
+    limit = w.num_requests if isinstance(w, Poisson) and w.num_requests is not None else math.inf
+    expovariate = rng.expovariate
+    for start, end, rate in spans:
+        now = start
+        while rate > 0 and len(out) < limit:
+            now += expovariate(rate)
             if now >= end:
                 break
             i = len(out)
             p = sp(rng)
             out.append(RequestSpec(f"r{i}", round(now, 6), p, so(rng), _attach_mm(rng, i, p, mm, seen, spf)))
-        t0, high = end, not high
     return tuple(out)
+
+
+def _bursts(w: Bursty) -> list[tuple[float, float, float]]:
+    """A bursty workload's spans (start, end, rate): `rate_high` for `on` s, `rate_low` for `off` s, ..."""
+    spans, t0, high = [], 0.0, True
+    while t0 < w.duration:
+        rate, span = (w.rate_high, w.on) if high else (w.rate_low, w.off)
+        end = min(t0 + span, w.duration)
+        spans.append((t0, end, rate))
+        t0, high = end, not high
+    return spans
+
+
+def poisson(rate: float, *, seed: int = 0, **fields: Any) -> tuple[RequestSpec, ...]:
+    """Poisson arrivals at `rate` req/s (the fields of :class:`Poisson`), checked by its schema."""
+    return generate(checked(Poisson, {"rate": rate, **fields}, "", WorkloadError), seed)
+
+
+def bursty(rate_high: float, rate_low: float, *, seed: int = 0, **fields: Any) -> tuple[RequestSpec, ...]:
+    """On/off arrivals (the fields of :class:`Bursty`), checked by its schema."""
+    return generate(checked(Bursty, {"rate_high": rate_high, "rate_low": rate_low, **fields}, "", WorkloadError), seed)
 
 
 # ---- JSONL replay ---------------------------------------------------------------------------
 
+class MMLine(Section):
+    """A multimodal item of a JSONL request: placeholder tokens [offset, offset + length) of the
+    prompt; its EC prefetch takes `prefetch` seconds (null: no prefetch)."""
+
+    id: str
+    offset: NonNegativeInt
+    length: PositiveInt
+    prefetch: NonNegative | None = 0.0
+
+
+class RequestLine(Section):
+    """One request of a JSONL replay (see RequestSpec)."""
+
+    id: str | None = None
+    arrival: NonNegative
+    prompt_tokens: PositiveInt
+    output_tokens: PositiveInt
+    mm: list[MMLine] | None = None
+    prefix: Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2)] | None = None  # [group, length]
+    stop_at: int | None = None
+    hash_ids: list[int] = []
+    chunk_hash_size: PositiveInt = 512
+
+
+REQUEST_LINE = TypeAdapter(RequestLine)
+
+
 def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
-    """Replay a JSONL trace: one request per line, fields ``arrival`` (s), ``prompt_tokens``,
-    ``output_tokens``, optional ``id``, ``mm`` ([{id, offset, length, prefetch}]), ``prefix``
-    ([group, length]), ``stop_at``, ``hash_ids`` and ``chunk_hash_size`` (see RequestSpec)."""
+    """Replay a JSONL trace: one request per line (:class:`RequestLine`), each checked by its schema
+    as it is parsed; a problem names ``FILE:LINE``."""
     out = []
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
@@ -212,55 +266,30 @@ def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
         try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
-        try:
-            out.append(spec_from_dict(d, default_id=f"r{len(out)}"))
-        except WorkloadError as exc:
-            raise WorkloadError(f"{where}: {exc}") from None
-    return validate(out)
+            d = REQUEST_LINE.validate_json(line)
+        except ValidationError as exc:
+            e = exc.errors(include_url=False)[0]
+            if e["type"] == "json_invalid":
+                raise WorkloadError(f"{path}:{n}: not valid JSON ({e['ctx']['error']})") from None
+            raise WorkloadError(problem_line(exc, f"{path}:{n}", RequestLine)) from None
+        out.append(_spec(d, f"r{len(out)}"))
+    try:
+        return validate(out)
+    except WorkloadError as exc:
+        raise WorkloadError(f"{path}: {exc}") from None
 
 
-JSONL_FIELDS = ("id", "arrival", "prompt_tokens", "output_tokens", "mm", "prefix", "stop_at", "hash_ids",
-                "chunk_hash_size")
+def spec_from_dict(d: Any, default_id: str) -> RequestSpec:
+    """The request of a JSONL line's mapping `d` (:class:`RequestLine`); id `default_id` if it has none."""
+    return _spec(checked(RequestLine, d, "", WorkloadError), default_id)
 
 
-def spec_from_dict(d: dict, default_id: str) -> RequestSpec:
-    if not isinstance(d, dict):
-        raise WorkloadError(f"a request must be an object, got {type(d).__name__}")
-    for key in ("arrival", "prompt_tokens", "output_tokens"):
-        if key not in d:
-            raise WorkloadError(f"missing field {key!r}")
-    unknown = sorted(set(d) - set(JSONL_FIELDS))
-    if unknown:
-        raise WorkloadError(f"unknown field {unknown[0]!r} (fields: {', '.join(JSONL_FIELDS)})")
-    arrival = d["arrival"]
-    if isinstance(arrival, bool) or not isinstance(arrival, (int, float)) or not math.isfinite(arrival) or arrival < 0:
-        raise WorkloadError(f"field 'arrival' must be a finite number >= 0, got {arrival!r}")
-    for key in ("prompt_tokens", "output_tokens"):
-        if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 1:
-            raise WorkloadError(f"field {key!r} must be an integer >= 1, got {d[key]!r}")
-    mm = []
-    for j, m in enumerate(d.get("mm", []) or []):
-        try:
-            mm.append(MMItem(str(m["id"]), int(m["offset"]), int(m["length"]),
-                             None if m.get("prefetch", 0.0) is None else float(m.get("prefetch", 0.0))))
-        except (KeyError, TypeError, ValueError):
-            raise WorkloadError(f"mm[{j}] needs id, offset, length (and optional prefetch seconds)") from None
-        if mm[-1].prefetch is not None:
-            _number(mm[-1].prefetch, f"mm[{j}].prefetch (seconds)")
-    prefix = tuple(d["prefix"]) if d.get("prefix") is not None else None
-    hash_ids = d.get("hash_ids", [])
-    if not isinstance(hash_ids, list) or any(isinstance(h, bool) or not isinstance(h, int) for h in hash_ids):
-        raise WorkloadError(f"field 'hash_ids' must be a list of integers, got {hash_ids!r}")
-    size = d.get("chunk_hash_size", 512)
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise WorkloadError(f"field 'chunk_hash_size' must be an integer >= 1, got {size!r}")
-    return RequestSpec(str(d.get("id", default_id)), float(arrival), d["prompt_tokens"], d["output_tokens"],
-                       tuple(mm), prefix, d.get("stop_at"), tuple(hash_ids), size)
+def _spec(d: RequestLine, default_id: str) -> RequestSpec:
+    mm = tuple(MMItem(m.id, m.offset, m.length, m.prefetch) for m in d.mm or ())
+    return RequestSpec(d.id if d.id is not None else default_id, d.arrival, d.prompt_tokens, d.output_tokens, mm,
+                       tuple(d.prefix) if d.prefix is not None else None, d.stop_at, tuple(d.hash_ids),
+                       d.chunk_hash_size)
 
 
 def validate(specs: Sequence[RequestSpec]) -> tuple[RequestSpec, ...]:

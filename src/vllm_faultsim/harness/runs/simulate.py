@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import random
 
@@ -16,7 +16,7 @@ import simpy
 
 from ...faults.plan import FaultPlan
 from ...faults.sim_injector import SimInjector
-from ...inputs import check_fields
+from ...inputs import Section, check_fields, checked
 from ...models import eplb as eplb_model
 from ...models import kv_offload as ko
 from ...models.ec_connector import EC_POLICIES, ECConnector, PrefetchSchedule
@@ -32,7 +32,7 @@ from ..metrics import Summary
 from ..named_setup import SetupError, apply_setup
 from ..trace import Trace, header
 
-WORKLOAD_KINDS = ("poisson", "bursty", "jsonl") + tuple(trace_formats.WORKLOAD_FIELDS)
+WORKLOAD_KINDS = ("poisson", "bursty", "jsonl") + tuple(trace_formats.WORKLOADS)
 
 
 class ConfigError(ValueError):
@@ -221,12 +221,14 @@ def detection(cfg: RunConfig, injector: SimInjector) -> Callable[[str], float]:
     return lambda cause: model.sample(rng, "mp", cause)
 
 
-WORKLOAD_FIELDS = {  # per kind: required, optional (the generators' keyword arguments, as a config names them)
-    "poisson": ((), ("rate", "duration", "num_requests", "prompt", "output", "mm", "start")),
-    "bursty": (("rate_high", "rate_low", "on", "off", "duration"), ("prompt", "output", "mm")),
-    "jsonl": (("path",), ()),
-    **trace_formats.WORKLOAD_FIELDS,  # azure, mooncake, burstgpt, sharegpt (harness/trace_formats.py)
-}
+class JsonlWorkload(Section):
+    """A JSONL replay (harness/workload.py ``load_jsonl``)."""
+
+    kind: Literal["jsonl"]
+    path: str
+
+
+WORKLOADS = {"poisson": wl.Poisson, "bursty": wl.Bursty, "jsonl": JsonlWorkload, **trace_formats.WORKLOADS}  # kind -> schema
 
 
 def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
@@ -237,29 +239,15 @@ def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
     kind = w.pop("kind", None)
     if kind not in WORKLOAD_KINDS:
         raise ConfigError(f"workload.kind must be one of {', '.join(WORKLOAD_KINDS)}, got {kind!r}")
-    required, optional = WORKLOAD_FIELDS[kind]
-    unknown = sorted((k for k in w if k not in required + optional), key=str)
-    if unknown:
-        raise ConfigError(f"workload ({kind}): unknown field {unknown[0]!r} "
-                          f"(fields: {', '.join(required + optional)})")
-    missing = [k for k in required if k not in w]
-    if missing:
-        raise ConfigError(f"workload ({kind}): missing field {missing[0]!r}")
-    if kind == "poisson" and "rate" not in w:
-        raise ConfigError("workload (poisson): missing field 'rate'")
-    try:
-        if kind == "jsonl":
-            return wl.load_jsonl(w["path"])
-        if kind in trace_formats.WORKLOAD_FIELDS:
-            return trace_formats.read(kind, w, seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len)
-        mm = w.pop("mm", None)
-        mmc = wl.mm_config(mm) if mm is not None else None
-        fn = wl.poisson if kind == "poisson" else wl.bursty
-        return fn(**w, seed=cfg.seed, mm=mmc)
-    except wl.WorkloadError as exc:
-        raise wl.WorkloadError(f"workload ({kind}): {exc}") from None
-    except wl.WorkloadError as exc:
-        raise ConfigError(f"workload ({kind}): {exc}") from None
+    spec = checked(WORKLOADS[kind], {"kind": kind, **w}, f"workload ({kind})", wl.WorkloadError)
+    if kind == "jsonl":
+        return wl.load_jsonl(spec.path)
+    if kind in trace_formats.WORKLOADS:
+        try:
+            return trace_formats.read(spec, seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len)
+        except wl.WorkloadError as exc:
+            raise wl.WorkloadError(f"workload ({kind}): {exc}") from None
+    return wl.generate(spec, cfg.seed)
 
 
 @dataclass
