@@ -236,3 +236,66 @@ def test_the_readme_examples_load():
     for path in specs:
         spec = search.load_search(str(path))
         assert spec["space"]["system"] == ["h100_sxm", "h200_sxm", "b200_sxm"]
+
+
+@pytest.fixture
+def external_ray_cluster(monkeypatch):
+    """A Ray cluster of its own (``ray start --head --block``, 2 CPUs, token authentication off for it
+    and this driver), as a user's existing cluster would be; its processes are stopped after the test."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from vllm_faultsim.harness.drivers.scratch import socket_dir
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket_dir("vfs-rayx-", room=66) as tmp:
+        head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block",
+                                 "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
+                                 f"--temp-dir={tmp}", "--disable-usage-stats"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        try:
+            yield f"127.0.0.1:{port}"
+        finally:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait()
+
+
+@needs_ray
+def test_study_on_an_existing_cluster(tmp_path, external_ray_cluster, monkeypatch):
+    """`study --ray-address` runs the points on a cluster started outside the process (the head is
+    up once a driver connects: the sweep retries nothing, so wait for it first) and disconnects
+    from it: the same CSV bytes as a serial run."""
+    import time
+
+    import ray
+
+    for _ in range(60):
+        try:
+            ray.init(address=external_ray_cluster, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:  # the head is still starting
+            time.sleep(1)
+    ray.shutdown()
+    inits = []  # every ray.init of the study: the existing cluster's address, no local cluster
+    real_init = ray.init
+    monkeypatch.setattr(ray, "init", lambda *a, **kw: inits.append(kw.get("address")) or real_init(*a, **kw))
+    st = {"base": {"workload": {"kind": "poisson", "duration": 2.0, "prompt": 64, "output": 8}},
+          "grid": {"workload.rate": [5.0, 10.0, 20.0]}}
+    (tmp_path / "st.yaml").write_text(yaml.safe_dump(st))
+    assert main(["study", "--spec", str(tmp_path / "st.yaml"), "--out", str(tmp_path / "serial"),
+                 "--workers", "1", "--no-progress"]) in (0, None)
+    assert main(["study", "--spec", str(tmp_path / "st.yaml"), "--out", str(tmp_path / "ext"),
+                 "--ray-address", external_ray_cluster, "--no-progress"]) in (0, None)
+    assert not ray.is_initialized() and inits == [external_ray_cluster]
+    assert (tmp_path / "serial" / "study.csv").read_bytes() == (tmp_path / "ext" / "study.csv").read_bytes()
