@@ -56,21 +56,21 @@ def read_mapping_file(path: str | Path, what: str, error: type[Exception]) -> An
         raise error(f"{path}: not valid {'JSON' if p.suffix == '.json' else 'YAML'} ({first})") from None
 
 
-def checked(schema: Any, data: Any, where: str, error: type[Exception]) -> Any:
+def checked(schema: Any, data: Any, where: str, error: type[Exception], at: str = "") -> Any:
     """`data` validated by `schema`: a :class:`Section`, a dataclass (its fields' annotations and
-    defaults read as a Section; the instance is built, so ``__post_init__`` rules apply) or any type
-    (a pydantic ``TypeAdapter``). A problem raises `error` with :func:`problem_line`'s one line;
-    `where` names the file or section ("" for none)."""
+    defaults read as a Section, a field typed by another dataclass as that one's section; the
+    instances are built with the fields given, the others keep the dataclass's defaults) or any
+    type (a pydantic ``TypeAdapter``). A problem raises `error` with :func:`problem_line`'s one
+    line; `where` names the file or section ("" for none), `at` the section's own field path in the
+    file ("kv_offload": ``kv_offload.policy: ...``)."""
     try:
         if dataclasses.is_dataclass(schema):
-            model = _dataclass_section(schema)
-            m = model.model_validate(data)
-            return schema(**{name: getattr(m, name) for name in m.model_fields_set})
+            return _built(_dataclass_section(schema).model_validate(data))
         if isinstance(schema, type) and issubclass(schema, BaseModel):
             return schema.model_validate(data)
         return _adapter(schema).validate_python(data)
     except ValidationError as exc:
-        raise error(problem_line(exc, where, schema)) from None
+        raise error(problem_line(exc, where, schema, at)) from None
 
 
 @lru_cache(maxsize=None)
@@ -78,31 +78,54 @@ def _adapter(schema: Any) -> TypeAdapter:
     return TypeAdapter(schema, config=SECTION)
 
 
+_DATACLASS_OF: dict[type, type] = {}  # a dataclass's section -> the dataclass
+
+
 @lru_cache(maxsize=None)
 def _dataclass_section(cls: type) -> type[Section]:
     hints = typing.get_type_hints(cls, include_extras=True)
     specs = {}
     for f in dataclasses.fields(cls):
+        hint = _sectioned(hints[f.name])
         if f.default is not dataclasses.MISSING:
-            specs[f.name] = (hints[f.name], f.default)
+            specs[f.name] = (hint, f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            specs[f.name] = (hints[f.name], Field(default_factory=f.default_factory))
+            specs[f.name] = (hint, Field(default_factory=f.default_factory))
         else:
-            specs[f.name] = (hints[f.name], ...)
-    return create_model(cls.__name__, __base__=Section, **specs)
+            specs[f.name] = (hint, ...)
+    model = create_model(cls.__name__, __base__=Section, **specs)
+    _DATACLASS_OF[model] = cls
+    return model
 
 
-def problem_line(exc: ValidationError, where: str, schema: Any = None) -> str:
+def _sectioned(hint: Any) -> Any:
+    """`hint` with a dataclass (alone or in ``X | None``) replaced by its section."""
+    if dataclasses.is_dataclass(hint):
+        return _dataclass_section(hint)
+    args = typing.get_args(hint)
+    if args and type(None) in args and any(dataclasses.is_dataclass(a) for a in args):
+        return typing.Optional[tuple(_sectioned(a) for a in args if a is not type(None))[0]]
+    return hint
+
+
+def _built(m: BaseModel) -> Any:
+    cls = _DATACLASS_OF[type(m)]
+    return cls(**{name: _built(v) if type(v) in _DATACLASS_OF else v
+                  for name in m.model_fields_set for v in (getattr(m, name),)})
+
+
+def problem_line(exc: ValidationError, where: str, schema: Any = None, at: str = "") -> str:
     """The first problem of `exc` as one line: ``WHERE: field.path: problem (got VALUE)``; an
     unknown key lists the known fields of its section (when `schema` names them)."""
     e = exc.errors(include_url=False)[0]
-    loc, kind = tuple(e["loc"]), e["type"]
+    kind = e["type"]
+    loc = (*((at,) if at else ()), *e["loc"])
     if kind in ("missing", "extra_forbidden"):
         parent, name = loc[:-1], loc[-1]
         if kind == "missing":
             problem = f"missing field {name!r}"
         else:
-            known = _fields_at(schema, parent)
+            known = _fields_at(schema, parent[1:] if at else parent)
             problem = f"unknown field {name!r}" + (f" (fields: {', '.join(known)})" if known else "")
         return _join(where, _path(parent), problem)
     msg = e["msg"]

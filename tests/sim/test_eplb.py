@@ -132,7 +132,7 @@ def test_engine_dies_of_an_eplb_rank_death():
 
 
 @pytest.mark.parametrize("section,needle", [({"layerz": 3}, "unknown field 'layerz'"),
-                                            ({"link": {"speed": 1}}, "eplb.link"),
+                                            ({"link": {"speed": 1}}, r"eplb.link: unknown field 'speed' \(fields: latency, bandwidth"),
                                             ({"ep_size": 3}, "multiple of ep_size"),
                                             ({"mutant": "no-stream-sync"}, "unknown field 'mutant'")])  # mutants are not config
 def test_bad_eplb_config_is_one_line(section, needle):

@@ -119,12 +119,12 @@ def test_slow_transfers_stretch_flush_waits():
 
 
 @pytest.mark.parametrize("section,message", [
-    ({"polcy": "0.23"}, "unknown kv_offload field 'polcy'"),
-    ({"policy": "0.25"}, "kv_offload.policy must be one of auto, 0.23, 0.24+"),
-    ({"bandwidth": "25e9"}, "kv_offload.bandwidth must be a number, got str '25e9'"),
-    ({"num_cpu_chunks": 0}, "kv_offload: offload.num_cpu_chunks must be >= 1"),
-    ({"offload_prompt_only": 1}, "kv_offload.offload_prompt_only must be bool"),
-    ([1], "kv_offload must be a mapping"),
+    ({"polcy": "0.23"}, "kv_offload: unknown field 'polcy' (fields: policy, blocks_per_chunk"),
+    ({"policy": "0.25"}, "kv_offload.policy: must be one of auto, 0.23, 0.24+ (got '0.25')"),
+    ({"bandwidth": "25e9"}, "kv_offload.bandwidth: must be a number (got '25e9')"),
+    ({"num_cpu_chunks": 0}, "kv_offload.num_cpu_chunks: must be >= 1 (got 0)"),
+    ({"offload_prompt_only": 1}, "kv_offload.offload_prompt_only: must be true or false (got 1)"),
+    ([1], "kv_offload: must be a mapping (got list [1])"),
 ])
 def test_bad_kv_offload_config_is_one_line(section, message):
     d = {**CONFIG, "kv_offload": section}

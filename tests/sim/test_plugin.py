@@ -70,7 +70,7 @@ def test_load_config_reads_the_cli_config_file(tmp_path):
     cfg = vllm_faultsim.load_config(tmp_path / "run.yaml")
     assert (cfg.seed, cfg.scheduler.max_num_seqs, cfg.workload["rate"]) == (3, 8, 5)
     (tmp_path / "bad.yaml").write_text("scheduler: {max_num_seqs: 8, seqs: 2}\n")
-    with pytest.raises(vllm_faultsim.ConfigError, match=r"bad\.yaml: unknown scheduler field 'seqs'"):
+    with pytest.raises(vllm_faultsim.ConfigError, match=r"bad\.yaml: scheduler: unknown field 'seqs' \(fields: max_num_seqs, "):
         vllm_faultsim.load_config(tmp_path / "bad.yaml")
     with pytest.raises(vllm_faultsim.ConfigError, match="cannot read config"):
         vllm_faultsim.load_config(tmp_path / "missing.yaml")

@@ -35,10 +35,12 @@ checkers (harness/checkers/mutants.py).
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import simpy
+
+from ..inputs import NonNegative, NonNegativeInt, Positive, PositiveInt, checked
 
 class EplbConfigError(ValueError):
     """An invalid ``eplb`` config section; the message is one line."""
@@ -57,11 +59,11 @@ class EplbLink:
     """Per-layer costs of the async worker (seconds, bytes per second). Defaults: vLLM 0.26.0's
     async path (``torch_gloo``: device->host, gloo, host->device) measured on 2 H200s
     (benchmarks/results/gpu/eplb.txt); ``setup``: a worker's first transfer was 6-16 ms slower."""
-    latency: float = 4.8e-3
-    bandwidth: float = 3.0e9
-    setup: float = 1.0e-2
-    gap: float = 2.1e-3
-    rebalance: float = 9.0e-4
+    latency: NonNegative = 4.8e-3
+    bandwidth: Positive = 3.0e9
+    setup: NonNegative = 1.0e-2
+    gap: NonNegative = 2.1e-3
+    rebalance: NonNegative = 9.0e-4
 
     def transfer_time(self, moved_bytes: int, first: bool = False) -> float:
         return self.latency + moved_bytes / self.bandwidth + (self.setup if first else 0.0)
@@ -74,16 +76,16 @@ class EplbConfig:
     the link and ``step_sync`` measured on 2 H200s; ``publish_bandwidth`` (the main stream's
     ``move_from_buffer`` copy) and ``contention`` (how much a transfer beside the forward slows
     it) are assumptions, not measurements."""
-    layers: int = 58
-    logical_experts: int = 256
-    redundant_experts: int = 32
-    ep_size: int = 8
-    expert_bytes: int = 3 * 7168 * 2048
-    step_interval: int = 3000
+    layers: PositiveInt = 58
+    logical_experts: PositiveInt = 256
+    redundant_experts: NonNegativeInt = 32
+    ep_size: PositiveInt = 8
+    expert_bytes: NonNegativeInt = 3 * 7168 * 2048
+    step_interval: PositiveInt = 3000
     link: EplbLink = EplbLink()
-    step_sync: float = 2.6e-4
-    publish_bandwidth: float = 1.0e12
-    contention: float = 0.1
+    step_sync: NonNegative = 2.6e-4
+    publish_bandwidth: Positive = 1.0e12
+    contention: NonNegative = 0.1
 
     @property
     def physical_experts(self) -> int:
@@ -94,29 +96,11 @@ class EplbConfig:
 
 
 def config_from_dict(d: dict) -> EplbConfig:
-    """Validate a parsed ``eplb`` section (unknown fields and bad values: one-line errors)."""
-    if not isinstance(d, dict):
-        raise EplbConfigError(f"eplb must be a mapping, got {type(d).__name__}")
-    top = {f.name for f in fields(EplbConfig)}
-    link_names = {f.name for f in fields(EplbLink)}
-    bad = set(d) - top
-    if bad:
-        raise EplbConfigError(f"eplb: unknown field {sorted(bad)[0]!r} (fields: {', '.join(sorted(top))})")
-    link = d.get("link", {}) or {}
-    if not isinstance(link, dict) or set(link) - link_names:
-        raise EplbConfigError(f"eplb.link: must be a mapping of {', '.join(sorted(link_names))}")
-    for name, v in [*((k, v) for k, v in d.items() if k != "link"), *link.items()]:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            raise EplbConfigError(f"eplb: field {name!r} must be a number >= 0, got {v!r}")
-    cfg = EplbConfig(**{**d, "link": EplbLink(**link)})
-    for name in ("layers", "logical_experts", "ep_size", "step_interval"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise EplbConfigError(f"eplb: field {name!r} must be an integer >= 1, got {getattr(cfg, name)!r}")
+    """Validate a parsed ``eplb`` section (its schema: the fields' annotations; one-line errors)."""
+    cfg = checked(EplbConfig, d, "", EplbConfigError, at="eplb")
     if cfg.physical_experts % cfg.ep_size:
         raise EplbConfigError(f"eplb: logical_experts + redundant_experts ({cfg.physical_experts}) "
                               f"must be a multiple of ep_size ({cfg.ep_size})")
-    if cfg.link.bandwidth <= 0 or cfg.publish_bandwidth <= 0:
-        raise EplbConfigError("eplb: bandwidths must be > 0")
     return cfg
 
 

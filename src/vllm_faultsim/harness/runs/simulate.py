@@ -16,7 +16,7 @@ import simpy
 
 from ...faults.plan import FaultPlan
 from ...faults.sim_injector import SimInjector
-from ...inputs import Section, check_fields, checked
+from ...inputs import NonNegative, Positive, PositiveInt, Section, checked
 from ...models import eplb as eplb_model
 from ...models import kv_offload as ko
 from ...models.ec_connector import EC_POLICIES, ECConnector, PrefetchSchedule
@@ -46,7 +46,7 @@ class RunConfig:
                                                     "prompt": 512, "output": 128})
     seed: int = 0
     profile: str = "default"
-    ec_policy: str = "future-only"
+    ec_policy: Literal[EC_POLICIES] = "future-only"
     liveness: str = "liveness_h100"  # detection-latency profile: a packaged name or a JSON path
     kv_offload: dict | None = None  # KV offloading to CPU (kv_offload_config); None: off
     eplb: dict | None = None  # async EPLB (models/eplb.py EplbConfig); None: off
@@ -70,8 +70,17 @@ class RunConfig:
         return d
 
 
-KV_OFFLOAD_FIELDS = {"policy": str, "blocks_per_chunk": int, "num_cpu_chunks": int, "offload_prompt_only": bool,
-                     "bytes_per_block": int, "bandwidth": (int, float), "latency": (int, float)}
+class KVOffloadSection(Section):
+    """The ``kv_offload`` section: ``policy`` and the ``kv_offload.OffloadConfig`` fields but
+    ``block_size`` (the scheduler's); a field left out keeps OffloadConfig's default."""
+
+    policy: Literal[("auto",) + ko.VERSIONS] = "auto"
+    blocks_per_chunk: PositiveInt | None = None
+    num_cpu_chunks: PositiveInt | None = None
+    offload_prompt_only: bool | None = None
+    bytes_per_block: PositiveInt | None = None
+    bandwidth: Positive | None = None  # bytes/s
+    latency: NonNegative | None = None  # seconds
 
 
 def kv_offload_config(section: Any, scheduler: SchedulerConfig) -> dict:
@@ -79,15 +88,11 @@ def kv_offload_config(section: Any, scheduler: SchedulerConfig) -> dict:
     vLLM's release, or $VLLM_FAULTSIM_OFFLOAD_POLICY, resolved here so the trace header names it;
     ``0.23``; ``0.24+``) and the ``kv_offload.OffloadConfig`` fields but ``block_size`` (the
     scheduler's)."""
-    if not isinstance(section, dict):
-        raise ConfigError(f"kv_offload must be a mapping, got {type(section).__name__}")
-    check_fields(section, KV_OFFLOAD_FIELDS, "kv_offload", ConfigError)
+    section = checked(KVOffloadSection, section, "", ConfigError, at="kv_offload")
     if not scheduler.enable_prefix_caching:
         raise ConfigError("kv_offload needs scheduler.enable_prefix_caching: true (offload keys are block hashes)")
-    d = dict(section)
-    policy = d.pop("policy", "auto")
-    if policy not in ("auto",) + ko.VERSIONS:
-        raise ConfigError(f"kv_offload.policy must be one of auto, {', '.join(ko.VERSIONS)}, got {policy!r}")
+    d = section.model_dump(exclude={"policy"}, exclude_none=True)
+    policy = section.policy
     try:
         offload = ko.OffloadConfig(block_size=scheduler.block_size, **d).validate()
         policy = ko.policy_for(None if policy == "auto" else policy).version
@@ -106,23 +111,16 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         d = apply_setup(d)  # a named setup's sections, with the config's own merged over them
     except SetupError as exc:
         raise ConfigError(str(exc)) from None
-    top = {f.name for f in fields(RunConfig)}
-    unknown = set(d) - top
-    if unknown:
-        raise ConfigError(f"unknown config field {sorted(unknown)[0]!r} (fields: {', '.join(sorted(top))})")
-    sched = d.get("scheduler", {}) or {}
-    known = {f.name for f in fields(SchedulerConfig)}
-    bad = set(sched) - known
-    if bad:
-        raise ConfigError(f"unknown scheduler field {sorted(bad)[0]!r} (fields: {', '.join(sorted(known))})")
-    rest = {k: v for k, v in d.items() if k != "scheduler"}
-    if rest.get("eplb") is not None:  # modelled with synchronous scheduling only: the default follows, an explicit true is refused
-        if sched.get("async_scheduling") is True:
+    cfg = checked(RunConfig, d, "", ConfigError)  # every field's type, scheduler's too; each section below
+    rest = {f.name: getattr(cfg, f.name) for f in fields(RunConfig) if f.name != "scheduler"}
+    sched = cfg.scheduler
+    if cfg.eplb is not None:  # modelled with synchronous scheduling only: the default follows, an explicit true is refused
+        if sched.async_scheduling and "async_scheduling" in (d.get("scheduler") or {}):
             raise ConfigError("scheduler.async_scheduling: true is not modelled with eplb yet (set it false)")
-        sched = {**sched, "async_scheduling": False}
+        sched = replace(sched, async_scheduling=False)
     try:
-        scfg = SchedulerConfig(**sched).validate()
-    except (TypeError, ValueError) as exc:
+        scfg = sched.validate()
+    except ValueError as exc:
         raise ConfigError(f"scheduler: {exc}") from None
     if rest.get("kv_offload") is not None:
         rest["kv_offload"] = kv_offload_config(rest["kv_offload"], scfg)
@@ -137,13 +135,6 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         step_time_backends.check_serving(rest["serving"])
         if not scfg.async_scheduling:
             raise ConfigError("serving (CPU costs per step) is modelled with async scheduling only (the batch queue)")
-    if "ec_policy" in rest and rest["ec_policy"] not in EC_POLICIES:
-        raise ConfigError(f"ec_policy must be one of {', '.join(EC_POLICIES)}, got {rest['ec_policy']!r}")
-    if "seed" in rest and (isinstance(rest["seed"], bool) or not isinstance(rest["seed"], int)):
-        raise ConfigError(f"seed must be an integer, got {rest['seed']!r}")
-    for key in ("profile", "liveness"):
-        if key in rest and not isinstance(rest[key], str):
-            raise ConfigError(f"{key} must be a profile name or a JSON path, got {rest[key]!r}")
     cfg = RunConfig(scheduler=scfg, **rest)
     specs = build_workload(cfg)  # validates the workload description
     mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
