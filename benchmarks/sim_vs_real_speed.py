@@ -63,6 +63,14 @@ class TimedCore:
             return out
         return call
 
+    @property
+    def lazy_decodes(self) -> bool:
+        return self.core.lazy_decodes
+
+    @lazy_decodes.setter
+    def lazy_decodes(self, on: bool) -> None:  # the engine turns the core's decode cohort on (macro-steps)
+        self.core.lazy_decodes = on
+
     def __getattr__(self, name):  # the other methods, bound once
         value = getattr(self.core, name)
         if callable(value):

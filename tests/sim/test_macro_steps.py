@@ -22,12 +22,19 @@ FAULTS = ("slow_steps", "kill_engine", "ec_prefetch_stall", "ec_prefetch_fail")
 MAX_OUTPUT = 64  # long enough decodes that decode runs of many steps happen
 
 
-def counting(cls: type[Scheduler], runs: list[int]) -> type[Scheduler]:
-    """`cls`, recording the length of every decode run the engine takes."""
+def counting(cls: type[Scheduler], runs: list[int], lazy: list[int] | None = None) -> type[Scheduler]:
+    """`cls`, recording the length of every decode run the engine takes (and in `lazy`, the size of
+    every round the decode cohort took)."""
     class Counted(cls):
         def advance_decode(self, k, now, sched=None):
             runs.append(k)
             return super().advance_decode(k, now, sched)
+
+        def _cohort_round(self):
+            res = super()._cohort_round()
+            if res is not None and lazy is not None:
+                lazy.append(len(res.sched))
+            return res
     return Counted
 
 
@@ -51,6 +58,7 @@ def trace(specs, scheduler: SchedulerConfig, plan: FaultPlan, *, macro_steps: bo
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
 def test_macro_steps_give_the_per_step_trace(async_scheduling):
     runs: list[int] = []
+    lazy: list[int] = []  # the decode cohort's rounds (members scheduled)
     killed = [0]
 
     @settings(max_examples=120, deadline=None, derandomize=True)
@@ -62,15 +70,17 @@ def test_macro_steps_give_the_per_step_trace(async_scheduling):
         scheduler = SchedulerConfig(**{**scheduler.__dict__, "enable_prefix_caching": caching and
                                        scheduler.enable_prefix_caching})
         per_step = trace(specs, scheduler, plan, macro_steps=False, serving=serving)
-        assert trace(specs, scheduler, plan, macro_steps=True, scheduler_cls=counting(Scheduler, runs),
+        assert trace(specs, scheduler, plan, macro_steps=True, scheduler_cls=counting(Scheduler, runs, lazy),
                      serving=serving) == per_step
         killed[0] += any('"kind":"fault"' in line and "kill_engine" in line for line in per_step)
 
     check()
     print(f"decode runs: {len(runs)}, of >= 2 steps: {sum(k >= 2 for k in runs)}, steps in them: {sum(runs)}, "
-          f"runs with a kill: {killed[0]}")
-    # the comparison covered macro-steps of several steps, and runs cut by kills
+          f"runs with a kill: {killed[0]}; decode cohort rounds: {len(lazy)}, of >= 2 requests: "
+          f"{sum(n >= 2 for n in lazy)}")
+    # the comparison covered macro-steps of several steps, cohort rounds of several requests, and runs cut by kills
     assert sum(k >= 2 for k in runs) >= 30 and sum(runs) >= 400, runs
+    assert sum(n >= 2 for n in lazy) >= 15, lazy
     assert killed[0] >= 10
 
 
@@ -100,6 +110,7 @@ def long_decodes(n: int, output: int, stop_at: int | None = None) -> tuple[Reque
 @pytest.mark.parametrize("mutant, specs, blocks", [
     ("macro-past-finish", long_decodes(3, 200, stop_at=90), 1000),   # r0 stops (EOS) mid-run
     ("macro-past-pool", long_decodes(3, 200), 30),                   # the pool runs dry: a preemption
+    ("cohort-past-eos", long_decodes(3, 200, stop_at=90), 1000),     # r0 stops (EOS) in the cohort
 ])
 def test_the_comparison_catches_each_macro_mutant(async_scheduling, mutant, specs, blocks):
     scheduler = SchedulerConfig(num_gpu_blocks=blocks, block_size=16, max_model_len=512,

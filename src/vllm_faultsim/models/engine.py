@@ -147,6 +147,8 @@ class EngineCore:
         # through such steps at once (_decode_steps); False keeps the per-step loop (the check of it)
         self.macro_steps = (macro_steps and hasattr(core, "decode_run") and eplb is None and not self.kv_connector
                             and self.apply_outputs_late)
+        if self.macro_steps:  # and every step's steady decodes advance lazily (Scheduler.lazy_decodes)
+            core.lazy_decodes = True
         self.process = env.process(self._loop() if max_concurrent_batches == 1 else self.step_with_batch_queue())
 
     # ---- fault hooks (the fault injector calls them before the run) ----------------------

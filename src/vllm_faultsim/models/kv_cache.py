@@ -86,6 +86,20 @@ class BlockPool:
             blocks.extend(new)
         return new
 
+    def allocate_each(self, req_ids) -> None:
+        """One new block for each request of `req_ids`, in order: ``allocate(rid, 1)`` each, for a
+        pool without prefix caching (no hash to evict; the decode cohort's block takers)."""
+        assert not self.enable_caching
+        free, ref, req_blocks = self.free, self.ref_cnt, self.req_blocks
+        for rid in req_ids:
+            b = free.popitem(last=False)[0]  # the free queue's front
+            ref[b] = 1
+            blocks = req_blocks.get(rid)
+            if blocks is None:
+                req_blocks[rid] = [b]
+            else:
+                blocks.append(b)
+
     def cache_blocks(self, req_id: str, block_hashes: list, num_tokens: int, block_size: int) -> None:
         """Give the request's newly full blocks their hashes (cache_full_blocks)."""
         start = self.num_cached_block.get(req_id, 0)

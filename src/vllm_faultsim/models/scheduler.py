@@ -34,6 +34,14 @@ scheduling:
   ``OffloadScheduler``; ``None`` skips every hook and the RUNNING loop has none), vLLM's calls
   into ``self.connector``: lookup, ``update_state_after_alloc``, ``WAITING_FOR_REMOTE_KVS``,
   ``build_connector_meta``, ``request_finished``, the worker's output (models/offload_scheduler.py).
+- Macro-steps (``lazy_decodes``, set by the engine; none of this changes a decision): the *decode
+  cohort* takes the RUNNING loop's round when every running request is a steady decode (one token
+  past its prompt, unclipped), parked (skipped by the async ``max_tokens`` rule until its last token
+  comes back) or new; its members' counters advance lazily with two round counters, and a round
+  costs what changes in it (new members, block boundaries, finishes, the rule's edge), not the batch
+  (``_cohort_round``, ``_cohort_update``). Anything else (a prefill chunk, multimodal inputs, a
+  preemption, the token budget) dissolves it: the counters are written back and the loop runs.
+  ``decode_run`` / ``advance_decode``: whole rounds in which nothing can change, at once.
 
 vLLM's rules that the differential checks' mutants break are class attributes
 (``continue_past_deferred``, ``requeue_skipped_at_front``, ``admit_full_sequence``); the broken
@@ -43,8 +51,11 @@ variants are subclasses that live with the checkers (harness/checkers/mutants.py
 from __future__ import annotations
 
 from collections import deque
-from functools import lru_cache
 from dataclasses import dataclass, fields
+from functools import lru_cache
+from heapq import heappop, heappush
+from itertools import chain, islice
+from operator import attrgetter
 
 from .request import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
@@ -91,7 +102,7 @@ class SchedulerConfig:
 class Request:
     __slots__ = ("req_id", "num_prompt_tokens", "num_output_tokens", "num_tokens", "num_computed_tokens",
                  "stop_at", "finish_at", "status", "mm", "tokens", "block_hashes", "max_tokens",
-                 "num_output_placeholders")
+                 "num_output_placeholders", "join", "leave", "order", "finish_round")
 
     def __init__(self, spec: RequestSpec, max_model_len: int, block_size: int | None = None):
         self.req_id = spec.req_id
@@ -102,6 +113,10 @@ class Request:
         self.stop_at = spec.stop_at
         self.max_tokens = spec.output_len
         self.num_output_placeholders = 0  # async scheduling: tokens of batches in flight
+        # in the decode cohort (Scheduler.cohort): the rounds it joined and left it in; the counters
+        # above are then those of the join, advanced lazily (_Cohort)
+        self.join: int | None = None
+        self.leave: int | None = None
         # the output count at which it finishes: EOS (stop_at), max_tokens or max_model_len
         self.finish_at = min(spec.output_len, max_model_len - spec.prompt_len,
                              spec.stop_at if spec.stop_at is not None and spec.stop_at >= 1 else spec.output_len)
@@ -147,6 +162,7 @@ class Scheduler:
         # go back to the pool (pool.deferred_frees) once that batch's output is processed
         self.defer_block_free = False
         self.sched_step_seq = self.processed_step_seq = 0
+        self.cohort: _Cohort | bool | None = None  # the lazy decode cohort (lazy_decodes; False: not allowed)
         self.last_sched_seq: dict[str, int] = {}  # vLLM's Request.last_sched_seq, of requests holding blocks
 
     def attach_kv_connector(self, connector) -> None:
@@ -178,10 +194,23 @@ class Scheduler:
     def check(self, deep: bool = False) -> str | None:
         """Internal invariants; None when they hold. Every running request holds exactly the blocks
         its computed tokens need, waiting ones hold none, and held + free blocks = the pool
-        (deep: every block's ref count recounted from the requests' block lists)."""
+        (deep: every block's ref count recounted from the requests' block lists). With the decode
+        cohort, the members checked are those that took a block in the last round: each member
+        once every block_size rounds, right after its new block (deep: all)."""
         bs, max_len, req_blocks = self.config.block_size, self.config.max_model_len, self.pool.req_blocks
-        for req in self.running:
+        c = self.cohort
+        checked = self.running
+        if c and c.active:  # counters are those of the join; members: the last round's block takers
+            members, rounds = c.members, c.S
+            if not deep:
+                checked = [*map(members.__getitem__, c.blocks[(rounds - 1) % bs]), *c.parked.values(),
+                           *(req for req in c.pending if req.status == RUNNING)]
+                if len(members) + len(c.parked) + len(c.pending) < len(self.running):
+                    return f"{len(self.running)} running requests, not all in the decode cohort or new"
+        for req in checked:
             computed = req.num_computed_tokens
+            if req.join is not None:
+                computed += (rounds if req.leave is None else req.leave) - req.join
             if len(req_blocks.get(req.req_id, ())) != -(-(computed if computed < max_len else max_len) // bs):
                 return (f"request {req.req_id} holds {len(req_blocks.get(req.req_id, ()))} KV blocks for "
                         f"{computed} computed tokens (block_size {bs})")
@@ -208,9 +237,13 @@ class Scheduler:
 
     def schedule(self, now: float) -> StepResult:
         cfg = self.config
-        res = StepResult()
+        # the RUNNING requests as the decode cohort's round (None: this round needs the loop below)
+        res = self._cohort_round() if self.lazy_decodes else None
+        lazy = res is not None
+        if not lazy:
+            res = StepResult()
         sched, before, plen = res.sched, res.computed_before, res.prompt_len
-        token_budget = cfg.max_num_batched_tokens
+        token_budget = cfg.max_num_batched_tokens - len(sched)
         encoder_budget = cfg.encoder_compute_budget
         max_model_len, bs = cfg.max_model_len, cfg.block_size
         threshold = cfg.long_prefill_token_threshold
@@ -227,8 +260,10 @@ class Scheduler:
         preempted = res.preempted
         async_ = self.async_scheduling
         if async_:
-            res.sampling = sampling = set()
-        for req in running:  # a preemption pops the list's end: the iteration sees it
+            sampling = res.sampling if lazy else set()
+            res.sampling = sampling
+        num_running = len(running)
+        for req in () if lazy else running:  # a preemption pops the list's end: the iteration sees it
             computed = req.num_computed_tokens
             ph = req.num_output_placeholders
             if ph and computed + 2 - ph >= req.num_prompt_tokens + req.max_tokens:
@@ -374,6 +409,8 @@ class Scheduler:
                     self.skipped_waiting.extendleft(step_skipped_waiting)
                 else:
                     self.waiting.extend(reversed(step_skipped_waiting))
+        if lazy:  # admitted this round: they join the cohort (or not) at the next one
+            self.cohort.pending.extend(running[num_running:])
         if kv is not None:
             kv.build_connector_meta(res, now)
         if self.defer_block_free and sched:  # the fence of the blocks this batch writes
@@ -452,16 +489,19 @@ class Scheduler:
             deferred = self.pool.deferred_frees
             while deferred and deferred[0][0] <= self.processed_step_seq:  # _drain_deferred_frees
                 self.pool.free_blocks(reversed(deferred.popleft()[1]))
+        finished: list[Finished] = []
+        rids = res.sched
+        if type(res) is _CohortStep and res.epoch == self.cohort.epoch:  # the cohort's part, lazily
+            rids = self._cohort_update(res, finished)
         if res.sampling is not None:
-            finished = self._update_async(res)
+            self._update_async(res, rids, finished)
             if self.kv_connector is not None:  # the batch's worker output (got when it was scheduled)
                 self.kv_connector.update_connector_output(res)
             return finished
-        finished: list[Finished] = []
         kv = self.kv_connector
         if kv is not None:  # the worker's get_finished, at the step's end
             kv.get_finished(now)
-        for req in map(self.requests.get, res.sched):
+        for req in map(self.requests.get, rids):
             if req is None:
                 continue
             if req.mm:
@@ -488,13 +528,13 @@ class Scheduler:
     # the check of AsyncScheduler._update_request_with_output's cache_blocks (a mutant drops it)
     cache_less_placeholders = True
 
-    def _update_async(self, res: StepResult) -> list[Finished]:
-        """``update_from_output`` of a batch scheduled one step before (AsyncScheduler): requests
-        finished meanwhile are skipped; a request preempted meanwhile keeps its token (vLLM appends
-        it; it is not cached); placeholders resolve; blocks are cached at computed - placeholders."""
-        finished: list[Finished] = []
+    def _update_async(self, res: StepResult, rids, finished: list[Finished]) -> None:
+        """``update_from_output`` of a batch scheduled one step before (AsyncScheduler), for its
+        requests `rids`: requests finished meanwhile are skipped; a request preempted meanwhile keeps
+        its token (vLLM appends it; it is not cached); placeholders resolve; blocks are cached at
+        computed - placeholders."""
         sampling, bs = res.sampling, self.config.block_size
-        for rid in res.sched:
+        for rid in rids:
             req = self.requests.get(rid)
             if req is None:
                 continue  # finished (or aborted) while the batch was in flight
@@ -526,7 +566,6 @@ class Scheduler:
                 self.skipped_waiting.remove(req)
             req.status = FINISHED
             self._free_request(req)
-        return finished
 
     # ---- macro-steps: rounds in which nothing can change (models/engine.py) --------------
 
@@ -552,6 +591,8 @@ class Scheduler:
         if (not n or n > budget or self.kv_connector is not None or self.caching
                 or ((self.waiting or self.skipped_waiting) and n < cfg.max_num_seqs and n < budget)):
             return None
+        if self.cohort and self.cohort.active:  # the requests' counters are the cohort's
+            return self._cohort_decode_run(self.cohort, in_flight)
         lag = 0  # the first round's computed tokens are those before the batch in flight, + 1
         if in_flight is not None:
             sched = in_flight.sched
@@ -581,16 +622,22 @@ class Scheduler:
                 return None
             first_block[-c % bs] += 1
             context += c
-        free = len(self.pool.free)
-        if self.decode_run_fits_the_pool and self._new_blocks(first_block, k) > free:
-            lo, hi = 0, k  # the longest run whose new blocks fit: no preemption in it
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if self._new_blocks(first_block, mid) <= free else (lo, mid - 1)
-            if not lo:
+        if self.decode_run_fits_the_pool:
+            k = self._fitting_run(first_block, k)
+            if not k:
                 return None
-            k = lo
         return k, DecodeBatch(sched if in_flight is not None else {req.req_id: 1 for req in running}, context)
+
+    def _fitting_run(self, first_block: list[int], k: int) -> int:
+        """The longest run of at most k rounds whose new blocks fit the free queue (no preemption)."""
+        free = len(self.pool.free)
+        if self._new_blocks(first_block, k) <= free:
+            return k
+        lo, hi = 0, k
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if self._new_blocks(first_block, mid) <= free else (lo, mid - 1)
+        return lo
 
     @staticmethod
     def _new_blocks(first_block: list[int], k: int) -> int:
@@ -604,6 +651,8 @@ class Scheduler:
         running request computes and samples k more tokens, its new blocks allocated in the order
         the rounds would allocate them. ``sched`` (the run's batch): the rounds were
         schedule(N+1), update(N) (async); returns the batch the last round scheduled, still in flight."""
+        if self.cohort and self.cohort.active:
+            return self._cohort_advance(self.cohort, k, now)
         running, pool, bs = self.running, self.pool, self.config.block_size
         by_round: list[list[str]] = [[] for _ in range(bs)]
         for req in running:
@@ -627,6 +676,221 @@ class Scheduler:
         res.sampling = set(res.sched)
         return res
 
+    # ---- the decode cohort: steady decodes advanced lazily (macro-steps) -----------------
+
+    lazy_decodes = False  # set by the engine when macro-steps are on (models/engine.py)
+    cohort_finishes_at_eos = True  # a member finishes at finish_at (a mutant: at max_tokens / max_model_len)
+
+    def _cohort_allowed(self) -> bool:
+        """The cohort takes rounds of the plain twin only: no KV connector, prefix caching or a
+        mutant's RUNNING-loop or decode-run rule."""
+        return (self.kv_connector is None and not self.caching and not self.defer_block_free
+                and self.use_output_placeholders and self.decode_run_stops_at_finish and self.decode_run_fits_the_pool)
+
+    def _cohort_round(self) -> "_CohortStep | None":
+        """The RUNNING loop's round, taken by the decode cohort when it decides what the loop would:
+        every running request is a member (one decode token past its prompt, unclipped: scheduled),
+        parked (skipped by the async max_tokens rule until the batch in flight finishes it) or new
+        since the last round and one of the two; the members fit the token budget and their new
+        blocks the free queue (no preemption). Per round the work is what changes: new requests,
+        members at the async rule's edge (``leave`` rounds), the members whose computed tokens reach
+        a block boundary (``blocks``, by round mod block_size: one new block each, in running order).
+        None when the loop must run: the cohort is dissolved first (its counters written back)."""
+        c = self.cohort
+        if c is None:
+            c = self.cohort = _Cohort(self.config.block_size) if self._cohort_allowed() else False
+        if not c:
+            return None
+        r = c.S
+        if not c.active:
+            if not self._cohort_form(c):
+                return None
+        elif c.pending:
+            for req in c.pending:
+                joins = self._steady(req, req.num_computed_tokens, req.num_output_placeholders, req.num_tokens)
+                if joins is None:
+                    return self._cohort_dissolve(c)
+                (self._cohort_join if joins else self._cohort_park)(c, req, r)
+            c.pending.clear()
+        keys, leave, members = c.leave_keys, c.leave, c.members
+        while keys and keys[0] <= r:
+            for req in leave.pop(heappop(keys), ()):
+                if members.get(req.req_id) is not req:
+                    continue  # finished or parked since
+                applied = c.A - req.join
+                applied = applied if applied > 0 else 0
+                d = r - req.join
+                joins = self._steady(req, req.num_computed_tokens + d, req.num_output_placeholders + d - applied,
+                                     req.num_tokens + applied)
+                if joins is None or (not joins and req.finish_round != r - 1):
+                    return self._cohort_dissolve(c)
+                if joins:
+                    _push(leave, keys, r + 1, req)
+                else:
+                    self._cohort_park(c, req, r)
+        bucket = c.blocks[r % c.bs]
+        if len(members) > self.config.max_num_batched_tokens or len(bucket) > len(self.pool.free):
+            return self._cohort_dissolve(c)
+        if bucket:
+            self.pool.allocate_each(bucket)
+        c.S = r + 1
+        res = _CohortStep(c, r, self.async_scheduling)
+        c.live.append(res)
+        return res
+
+    def _steady(self, req: Request, computed: int, ph: int, num_tokens: int) -> bool | None:
+        """The RUNNING loop's decision for `req` at these counters: True (one decode token past its
+        prompt, no clip), False (skipped by the async max_tokens rule: what is in flight finishes it),
+        None (anything else: the loop must run)."""
+        if ph and computed + 2 - ph >= req.num_prompt_tokens + req.max_tokens:
+            return False
+        if (req.mm or computed >= self.config.max_model_len - 1 or num_tokens + ph - computed != 1
+                or computed < req.num_prompt_tokens):
+            return None
+        return True
+
+    def _cohort_form(self, c: "_Cohort") -> bool:
+        """Form the cohort from the running requests, when each is a member or parked."""
+        kinds = []
+        for req in self.running:
+            joins = self._steady(req, req.num_computed_tokens, req.num_output_placeholders, req.num_tokens)
+            if joins is None:
+                return False
+            kinds.append(joins)
+        c.active = True
+        for req, joins in zip(self.running, kinds):
+            (self._cohort_join if joins else self._cohort_park)(c, req, c.S)
+        return True
+
+    def _cohort_join(self, c: "_Cohort", req: Request, r: int) -> None:
+        """`req` (counters current) is a member from round r: its next block, finish and rule edge."""
+        rid, cfg = req.req_id, self.config
+        req.join, req.leave, req.order = r, None, c.next_order
+        c.next_order += 1
+        c.members[rid] = req
+        base = req.num_computed_tokens - r  # computed tokens at round t: base + t
+        c.sum_base += base
+        c.blocks[-base % c.bs][rid] = None
+        prompt = req.num_prompt_tokens
+        fin = req.finish_at if self.cohort_finishes_at_eos else min(req.max_tokens, cfg.max_model_len - prompt)
+        # the round whose update brings its output to fin (after the tokens of batches in flight)
+        req.finish_round = r + fin - req.num_output_tokens - req.num_output_placeholders - 1
+        if req.finish_round >= r:
+            _push(c.finish, c.finish_keys, req.finish_round, req)
+        edge = cfg.max_model_len - 1
+        if self.async_scheduling:  # the max_tokens rule can skip it once computed + 1 >= prompt + max_tokens
+            edge = min(edge, prompt + req.max_tokens - 1)
+        _push(c.leave, c.leave_keys, max(r + 1, r + edge - req.num_computed_tokens), req)
+
+    def _cohort_park(self, c: "_Cohort", req: Request, r: int) -> None:
+        rid = req.req_id
+        if c.members.pop(rid, None) is not None:
+            base = req.num_computed_tokens - req.join
+            c.sum_base -= base
+            del c.blocks[-base % c.bs][rid]
+        else:  # new (counters current)
+            req.join, req.order = r, c.next_order
+            c.next_order += 1
+        req.leave = r
+        c.parked[rid] = req
+
+    def _cohort_discard(self, c: "_Cohort", req: Request) -> None:
+        """A finished request leaves the cohort (its join stays: batches in flight still name it)."""
+        rid = req.req_id
+        if c.members.pop(rid, None) is not None:
+            base = req.num_computed_tokens - req.join
+            c.sum_base -= base
+            del c.blocks[-base % c.bs][rid]
+        elif c.parked.pop(rid, None) is None and req in c.pending:
+            c.pending.remove(req)
+
+    def _cohort_dissolve(self, c: "_Cohort") -> None:
+        """Write the lazy counters back (the batches in flight keep their computed tokens) and end
+        the cohort: the RUNNING loop runs."""
+        S, A, async_ = c.S, c.A, self.async_scheduling
+        for res in c.live:
+            res.freeze()
+        for req in chain(c.members.values(), c.parked.values()):
+            lv = S if req.leave is None else req.leave
+            rounds = lv - req.join
+            applied = (A if A < lv else lv) - req.join
+            if applied < 0:
+                applied = 0
+            req.num_computed_tokens += rounds
+            req.num_output_tokens += applied
+            req.num_tokens += applied
+            if async_:
+                req.num_output_placeholders += rounds - applied
+            req.join = req.leave = None
+        c.clear()
+        return None
+
+    def _cohort_update(self, res: "_CohortStep", finished: list[Finished]):
+        """``update_from_output`` of a cohort round's members: the outputs advance lazily; those
+        whose output reaches ``finish_at`` in this round finish, in running order. Returns the
+        batch's other requests (the WAITING loop's), for the per-request update."""
+        c, r = self.cohort, res.round
+        c.live.remove(res)
+        c.A = r + 1
+        done = c.finish.pop(r, None)
+        if done:
+            requests, running, members, parked = self.requests, self.running, c.members, c.parked
+            if len(done) > 1:
+                done.sort(key=_order)
+            for req in done:
+                rid = req.req_id
+                if req.finish_round != r or requests.get(rid) is not req or (rid not in members and rid not in parked):
+                    continue
+                lv = req.leave
+                out = req.num_output_tokens + (r + 1 if lv is None or lv > r else lv) - req.join
+                req.num_output_tokens = out
+                req.num_tokens = req.num_prompt_tokens + out
+                req.status = FINISHED
+                finished.append(Finished(rid, "stop" if out == req.stop_at else "length", out))
+                running.remove(req)
+                self._free_request(req)
+        return islice(res.sched, res.m, None) if len(res.sched) > res.m else ()
+
+    def _cohort_decode_run(self, c: "_Cohort", in_flight: StepResult | None):
+        """:meth:`decode_run` from the cohort's own bounds: every running request a member, the
+        first finish and rule edge ahead, the new blocks of the run fitting the pool."""
+        n, members = len(self.running), c.members
+        if c.pending or c.parked or len(members) != n:
+            return None
+        r, bs = c.S, c.bs
+        lag = 0
+        if in_flight is not None:
+            if (type(in_flight) is not _CohortStep or in_flight.epoch != c.epoch or in_flight.round != r - 1
+                    or in_flight.m != n or len(in_flight.sched) != n or in_flight.preempted or in_flight.deferred
+                    or in_flight.enc or in_flight.ec_loaded or in_flight.kv):
+                return None
+            lag = 1
+        k = min(_first_key(c.finish, c.finish_keys, r - lag) - (r - lag), _first_key(c.leave, c.leave_keys, r) - r)
+        if k < 1:
+            return None
+        k = self._fitting_run([len(c.blocks[(r + f) % bs]) for f in range(bs)], k)
+        if not k:
+            return None
+        return k, DecodeBatch(in_flight.sched if lag else dict.fromkeys(members, 1), c.sum_base + n * r)
+
+    def _cohort_advance(self, c: "_Cohort", k: int, now: float) -> "_CohortStep | None":
+        """:meth:`advance_decode` of the cohort: the blocks of k rounds, in order; the counters move."""
+        r, bs, blocks, allocate_each = c.S, c.bs, c.blocks, self.pool.allocate_each
+        for t in range(r, r + k):
+            if blocks[t % bs]:
+                allocate_each(blocks[t % bs])
+        c.S = r + k
+        if self.ec_connector is not None:
+            self.ec_connector.now = now
+        if not self.async_scheduling:
+            c.A = r + k
+            return None
+        c.A = r + k - 1  # the batch in flight and k - 1 of the run's applied; its last in flight
+        c.live.clear()
+        res = _CohortStep(c, r + k - 1, True)
+        c.live.append(res)
+        return res
+
     def _free_encoder_inputs(self, req: Request) -> None:
         ids = self.encoder_cache.request_cached_ids.get(req.req_id)
         if not ids:
@@ -640,6 +904,8 @@ class Scheduler:
                 self.encoder_cache.free_encoder_input(req, i)
 
     def _free_request(self, req: Request) -> None:
+        if self.cohort:
+            self._cohort_discard(self.cohort, req)
         if self.kv_connector is not None:  # before the blocks are freed
             self.kv_connector.request_finished(req)
         if req.mm:
@@ -666,7 +932,112 @@ class Scheduler:
         self.waiting.clear()
         self.skipped_waiting.clear()
         self.running = []
+        if self.cohort:
+            self.cohort.clear()
         return ids
+
+
+_order = attrgetter("order")
+
+
+def _push(d: dict[int, list], keys: list[int], key: int, req: Request) -> None:
+    lst = d.get(key)
+    if lst is None:
+        d[key] = lst = []
+        heappush(keys, key)
+    lst.append(req)
+
+
+def _first_key(d: dict[int, list], keys: list[int], lo: int) -> float:
+    """The first round >= lo with an entry (rounds before lo are dropped)."""
+    while keys and (keys[0] < lo or keys[0] not in d):
+        d.pop(heappop(keys), None)
+    return keys[0] if keys else float("inf")
+
+
+class _Cohort:
+    """The decode cohort (Scheduler._cohort_round): running requests in steady decode, whose
+    counters advance lazily with the round counters ``S`` (rounds scheduled) and ``A`` (rounds
+    applied): a member that joined in round j with counters (c, o, ph) has, after round t is
+    scheduled and round a applied, c + t - j computed tokens, o + max(0, a - j) outputs and
+    ph + (t - j) - max(0, a - j) placeholders (a parked one stops at its ``leave`` round)."""
+
+    __slots__ = ("bs", "S", "A", "epoch", "active", "members", "parked", "pending", "blocks", "sum_base",
+                 "finish", "finish_keys", "leave", "leave_keys", "live", "next_order")
+
+    def __init__(self, block_size: int):
+        self.bs = block_size
+        self.S = self.A = self.epoch = self.next_order = 0
+        self.clear()
+
+    def clear(self) -> None:
+        self.active = False
+        self.epoch += 1  # batches of the old cohort are applied request by request
+        self.members: dict[str, Request] = {}  # running order
+        self.parked: dict[str, Request] = {}
+        self.pending: list[Request] = []  # admitted in the last round
+        self.blocks: list[dict[str, None]] = [{} for _ in range(self.bs)]  # by round mod block_size
+        self.sum_base = 0  # sum of the members' computed tokens less the round
+        self.finish: dict[int, list[Request]] = {}  # round -> members whose output reaches finish_at in it
+        self.finish_keys: list[int] = []
+        self.leave: dict[int, list[Request]] = {}  # round -> members at the async rule's edge
+        self.leave_keys: list[int] = []
+        self.live: list[_CohortStep] = []  # its batches not applied yet
+
+
+class _Before(dict):
+    """computed_before of a cohort round: the WAITING loop's entries, the members' on demand."""
+
+    __slots__ = ("members", "round")
+
+    def __missing__(self, rid: str) -> int:
+        req = self.members[rid]
+        return req.num_computed_tokens + self.round - req.join
+
+
+class _PromptLen(dict):
+    __slots__ = ("members",)
+
+    def __missing__(self, rid: str) -> int:
+        return self.members[rid].num_prompt_tokens
+
+
+class _CohortStep(StepResult):
+    """A round the decode cohort scheduled: ``sched`` holds its members first (one decode token
+    each, running order), then what the WAITING loop admitted; its shape comes from the cohort's
+    sums."""
+
+    def __init__(self, c: _Cohort, r: int, async_: bool):  # StepResult's fields, set once
+        members = dict(c.members)
+        self.sched = dict.fromkeys(members, 1)
+        self.computed_before = before = _Before()
+        self.prompt_len = plen = _PromptLen()
+        before.members = plen.members = members
+        before.round = r
+        self.sampling = set(members) if async_ else None
+        self.deferred, self.preempted, self.enc, self.ec_loaded, self.kv = [], [], {}, [], None
+        self.round, self.epoch, self.m, self.decode_kv = r, c.epoch, len(members), c.sum_base + len(members) * r
+
+    def freeze(self) -> None:
+        """The members' computed tokens written out (before the cohort's counters are written back)."""
+        before, r = self.computed_before, self.round
+        for rid, req in before.members.items():
+            before[rid] = req.num_computed_tokens + r - req.join
+
+    def batch_shape(self) -> tuple[int, int, int, int, int]:
+        m, sched, decode_kv = self.m, self.sched, self.decode_kv
+        if len(sched) == m:
+            return 0, 0, 0, m, decode_kv
+        decode, tokens, context = m, m, decode_kv
+        before, plen = self.computed_before, self.prompt_len
+        for rid, n in islice(sched.items(), m, None):
+            b = before[rid]
+            context += b
+            tokens += n
+            if n == 1 and b >= plen[rid]:
+                decode += 1
+                decode_kv += b
+        return len(sched) - decode, tokens - decode, context - decode_kv, decode, decode_kv
 
 
 @lru_cache(maxsize=None)
