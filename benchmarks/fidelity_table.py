@@ -1,10 +1,15 @@
 """Fidelity on the committed real recordings (benchmarks/results/recordings: vLLM 0.26.0 as served on
-one H200, three models x three loads), per recording, in three modes:
+one H200, three models x three loads; and the held-out set r2/, recorded later with fresh seeds),
+per recording, in three modes:
 
 - ``zero-shot``: serving CPU costs and step-time correction fitted on the *other models'* six
-  recordings (nothing of this model or recording; per-request and per-layer costs carry over);
+  recordings (nothing of this model or recording: leave-one-model-out; per-request, per-layer and
+  per-layer-kind costs carry over);
 - ``calibrated``: fitted on the other two loads of the same model (leave-one-load-out);
 - ``calibrated-all``: fitted on the other eight recordings (leave-one-out).
+
+An r2 recording is never fitted on: its ``calibrated`` fit is the three original recordings of its
+model, ``calibrated-all`` all nine, ``zero-shot`` the six of the other models.
 
 The fit is ``vllm-faultsim fidelity --fit`` (harness/runs/fidelity.py ``fit``); aiconfigurator-core
 gives the forward time in every mode.
@@ -21,16 +26,26 @@ from pathlib import Path
 from vllm_faultsim.harness.runs import fidelity as F
 
 RECORDINGS = Path(__file__).parent / "results" / "recordings"
+HELD_OUT = RECORDINGS / "r2"
 MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen3-30b-a3b")
 LOADS = ("light", "near", "overload")
 METRICS = ("ttft", "tpot", "e2e", "step")
 
 
-def fit_sets(model: str, load: str) -> dict[str, list[Path]]:
+def fit_sets(model: str, recording: Path) -> dict[str, list[Path]]:
+    """The recordings each mode fits on for `recording` (of `model`): never `recording` itself."""
     path = lambda m, l: RECORDINGS / f"{m}-{l}.jsonl.gz"  # noqa: E731
     return {"zero-shot": [path(m, l) for m in MODELS if m != model for l in LOADS],
-            "calibrated": [path(model, l) for l in LOADS if l != load],
-            "calibrated-all": [path(m, l) for m in MODELS for l in LOADS if (m, l) != (model, load)]}
+            "calibrated": [path(model, l) for l in LOADS if path(model, l) != recording],
+            "calibrated-all": [path(m, l) for m in MODELS for l in LOADS if path(m, l) != recording]}
+
+
+def recordings() -> list[tuple[str, Path]]:
+    """(model, path): the nine originals, then the held-out r2 recordings present."""
+    out = [(m, RECORDINGS / f"{m}-{l}.jsonl.gz") for m in MODELS for l in LOADS]
+    for p in sorted(HELD_OUT.glob("*.jsonl.gz")):
+        out += [(m, p) for m in MODELS if p.name.startswith(m + "-")]
+    return out
 
 
 def main() -> None:
@@ -39,16 +54,16 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     print(f"{'recording':<24} {'mode':<15} " + " ".join(f"{m.upper():>14}" for m in METRICS) + "   (MAPE % (bias %))")
-    for model in MODELS:
-        for load in LOADS:
-            path = RECORDINGS / f"{model}-{load}.jsonl.gz"
-            for mode, fit_on in fit_sets(model, load).items():
-                fitted = F.fit(fit_on)
-                f = F.fidelity(path, fitted)
-                rows.append({"recording": path.name, "mode": mode, "fit_on": [p.name for p in fit_on],
-                             "fitted": fitted, **{m: f.metrics[m] for m in METRICS}})
-                print(f"{model + '-' + load:<24} {mode:<15} " + " ".join(
-                    f"{f.metrics[m]['mape_pct']:>6.1f} ({f.metrics[m]['bias_pct']:+5.0f})" for m in METRICS), flush=True)
+    for model, path in recordings():
+        name = str(path.relative_to(RECORDINGS))
+        for mode, fit_on in fit_sets(model, path).items():
+            fitted = F.fit(fit_on)
+            f = F.fidelity(path, fitted)
+            rows.append({"recording": name, "held_out_set": path.parent == HELD_OUT, "mode": mode,
+                         "fit_on": [p.name for p in fit_on], "fitted": fitted, **{m: f.metrics[m] for m in METRICS}})
+            print(f"{F.stem(name):<24} {mode:<15} " + " ".join(
+                f"{f.metrics[m]['mape_pct']:>6.1f} ({f.metrics[m]['bias_pct']:+5.0f})" if f.metrics[m].get("n") else f"{'-':>14}"
+                for m in METRICS), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"json: {args.out}")
 

@@ -233,13 +233,85 @@ def test_the_step_replay_needs_the_launch_and_the_fit_finds_it(tmp_path):
 
 
 def _launch_fit_inputs(rec, costs):
-    full, per_layer = {}, {"PIECEWISE": [], "NONE": []}
+    full, piecewise, eager = [{}], [], [[]]
     for mode, n, x, behind in F.launch_samples(rec, costs):
         if mode == "FULL":
-            full.setdefault(n // F.LAUNCH_BIN, []).append(x)
+            full[0].setdefault(n // F.LAUNCH_BIN, []).append(x)
+        elif behind == "FULL" and mode == "PIECEWISE":
+            piecewise.append((n, costs.num_hidden_layers, x))
         elif behind == "FULL":
-            per_layer[mode].append((n, costs.num_hidden_layers, x))
-    return full, per_layer
+            eager[0].append((n, costs.num_hidden_layers - costs.num_moe_layers, costs.num_moe_layers, x))
+    return full, piecewise, eager
+
+
+def test_moe_layers_follow_vllms_model_code():
+    assert F.moe_layers({"num_hidden_layers": 16}) == 0  # dense Llama
+    assert F.moe_layers({"num_hidden_layers": 48, "num_experts": 128, "decoder_sparse_step": 1,
+                         "mlp_only_layers": []}) == 48  # Qwen3-30B-A3B
+    assert F.moe_layers({"num_hidden_layers": 8, "num_experts": 4, "decoder_sparse_step": 2,
+                         "mlp_only_layers": [3]}) == 3  # layers 1, 5, 7 (3 is dense)
+    assert F.moe_layers({"num_hidden_layers": 61, "n_routed_experts": 256, "first_k_dense_replace": 3}) == 58
+    assert F.moe_layers({"num_hidden_layers": 32, "num_local_experts": 8}) == 32  # Mixtral
+
+
+def test_eager_launch_costs_split_by_layer_kind_and_carry_to_a_mixed_model():
+    """Per-recording eager excess of a dense and a MoE model gives each kind's cost; a model with
+    both kinds is predicted from them; with dense models only, a MoE layer costs a dense one."""
+    dense, moe = F.layer_costs([(16, 0, 16 * 0.0006), (32, 0, 32 * 0.0006), (0, 48, 48 * 0.0017)])
+    assert (dense, moe) == (pytest.approx(0.0006), pytest.approx(0.0017))
+    assert F.layer_costs([(16, 0, 0.0096), (32, 0, 0.0192)]) == (pytest.approx(0.0006), pytest.approx(0.0006))
+    assert F.layer_costs([(3, 58, 3 * 0.0006 + 58 * 0.0017), (32, 0, 32 * 0.0006)]) == \
+        (pytest.approx(0.0006), pytest.approx(0.0017))
+    from vllm_faultsim.harness.runs.simulate import config_from_dict as cfd
+    from vllm_faultsim.models.step_time import ProfileError, check_serving, serving_costs
+    sched = cfd({"scheduler": {"max_num_seqs": 64, "max_num_batched_tokens": 8192}}).scheduler
+    c = serving_costs({"num_hidden_layers": 61, "num_moe_layers": 58, "eager_per_layer_s": 0.0006,
+                       "eager_per_moe_layer_s": 0.0017}, sched)
+    assert c.execute_seconds(2, 700) == pytest.approx(3 * 0.0006 + 58 * 0.0017)
+    with pytest.raises(ProfileError, match="num_moe_layers must be <= num_hidden_layers"):
+        check_serving({"num_hidden_layers": 4, "num_moe_layers": 5})
+
+
+def test_the_request_path_costs_are_found_from_client_times():
+    """input_s: the value inside the most (lo, hi] bounds; the output path: a line through bin
+    medians of (requests in the step, delay)."""
+    bounds = [(0.0009 - 0.0001 * (i % 5), 0.0011 + 0.002 * (i % 7)) for i in range(200)] + [(float("-inf"), 0.003)]
+    assert F.input_seconds(bounds) == pytest.approx(0.001, abs=1e-4)
+    assert F.input_seconds([(0.0012, 0.0012)] * 3) == pytest.approx(0.0012, abs=1e-5)  # exact (stats.queued_ts)
+    samples = [(n, 0.001 + 4e-5 * n + (1e-4 if i % 2 else -1e-4)) for i in range(6) for n in range(1, 64)]
+    a, b = F.output_costs(samples)
+    assert a == pytest.approx(0.001, abs=5e-5) and b == pytest.approx(4e-5, rel=0.05)
+
+
+def test_first_scheduled_replays_fcfs_prefills_and_gives_up_when_the_sums_disagree(tmp_path):
+    def step(i, npf, spt, nd=0):
+        t = 0.01 * i
+        return {"i": i, "num_prefill_requests": npf, "sum_prefill_tokens": spt, "sum_prefill_kv_tokens": 0,
+                "num_decode_requests": nd, "sum_decode_kv_tokens": 0, "total_tokens": spt + nd,
+                "schedule_start": t, "schedule_end": t, "output_start": t + 0.005, "output_end": t + 0.005}
+    reqs = [{"id": f"r{j}", "arrival": 0.001 * j, "prompt_tokens": p, "output_tokens": 2, "first_token": 0.05,
+             "finish": 0.09} for j, p in enumerate((100, 300, 50))]
+    steps = [step(0, 2, 100 + 200), step(1, 2, 100 + 50, 1), step(2, 0, 0, 3)]  # r1 chunked over steps 0-1
+    rec = R.Recording(header(3), reqs, steps)
+    assert F.first_scheduled(rec) == [0, 0, 1]
+    rec.steps = [step(0, 2, 100 + 150), step(1, 1, 200, 1)]  # r1 had 150 left: the sums disagree
+    assert F.first_scheduled(rec) == [None, None, None]
+
+
+def test_the_request_path_delays_first_tokens_and_finishes():
+    """A lone request on an idle engine: its first token and finish come input_s + the output path
+    later than without them (models/engine.py: the core sees it input_s after the client sent
+    it; the client has each step's tokens ServingCosts.output after update_from_output)."""
+    from vllm_faultsim.models.request import RequestSpec as Spec
+    base = {"workload": {"kind": "poisson", "rate": 1, "duration": 1, "prompt": 8, "output": 2}, "profile": "default"}
+    spec = (Spec("a", 0.5, 64, 4),)
+    ev = lambda serving: next(e for e in simulate(config_from_dict({**base, "serving": serving}), specs=spec).events
+                              if e["kind"] == "req")  # noqa: E731
+    plain = ev({"num_hidden_layers": 1})
+    path = ev({"num_hidden_layers": 1, "input_s": 0.004, "output_base_s": 0.002, "output_per_req_s": 0.0005})
+    assert path["arrival"] == plain["arrival"] == 0.5
+    assert path["first_token"] - plain["first_token"] == pytest.approx(0.004 + 0.0025, abs=1e-9)
+    assert path["finish"] - plain["finish"] == pytest.approx(0.004 + 0.0025, abs=1e-9)
 
 
 def test_a_launch_delays_the_outputs_it_precedes():

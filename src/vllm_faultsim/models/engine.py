@@ -51,7 +51,7 @@ models/step.py). The same loop drives the simulated scheduler and the real vLLM 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Protocol
 
 import simpy
@@ -117,7 +117,11 @@ class EngineCore:
                  macro_steps: bool = True):
         self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
-        self.workload = list(workload)
+        # a request reaches the core's input queue ServingCosts.input_s after the client sent it: the
+        # workload holds the times it does, client_arrival the client's times (kept in the records)
+        self.input_s = cpu_costs.input_s if cpu_costs is not None else 0.0
+        self.client_arrival: dict[str, float] = {}
+        self.workload = [self._reaching_core(spec) for spec in workload]
         self.open = open_workload  # more requests may come (submit) until close()
         self._submitted: simpy.Event | None = None  # what a sleep of an open workload also wakes on
         self.step_time = step_time
@@ -166,8 +170,15 @@ class EngineCore:
 
     def submit(self, spec: RequestSpec) -> None:
         """A request sent now (``spec.arrival`` <= now) joins the open workload; a sleeping loop wakes."""
-        self.workload.append(spec)
+        self.workload.append(self._reaching_core(spec))
         self._wake()
+
+    def _reaching_core(self, spec: RequestSpec) -> RequestSpec:
+        """`spec` as the engine core receives it: ``input_s`` after the client sent it."""
+        if not self.input_s:
+            return spec
+        self.client_arrival[spec.req_id] = spec.arrival
+        return replace(spec, arrival=spec.arrival + self.input_s)
 
     def close(self) -> None:
         """No more submissions: the loop ends once its requests have."""
@@ -198,7 +209,8 @@ class EngineCore:
             spec = arrivals[self.nxt]
             self.nxt += 1
             core.add_request(spec, now)
-            records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(spec.arrival)
+            records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(
+                self.client_arrival.pop(spec.req_id, spec.arrival))
             stats.arrived += 1
         return self.nxt
 
@@ -479,9 +491,11 @@ class EngineCore:
         if self.invariants is not None and self.max_concurrent_batches == 1:  # a batch queue checks at schedule()
             self.invariants.scheduled(stats.steps, start, end, res, records)
         prefilling, sched = self.prefilling, res.sched
+        # the client has the step's tokens after AsyncLLM's output path (ServingCosts.output)
+        delivered = end + self.cpu_costs.output(res) if self.cpu_costs is not None and sched else end
         for rid in prefilling.keys() & sched.keys():  # in C, over the smaller of the two
             if res.computed_before[rid] + sched[rid] >= res.prompt_len[rid]:
-                prefilling.pop(rid).first_token = end
+                prefilling.pop(rid).first_token = delivered
         for rid in res.preempted:
             if rid in records:  # (a request preempted in a later batch may have finished already)
                 records[rid].preemptions += 1
@@ -491,7 +505,7 @@ class EngineCore:
         for f in finished:
             rec = records.pop(f.req_id)
             stats.finished += 1
-            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, end, f.num_output,
+            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, delivered, f.num_output,
                                  rec.preemptions))
         if self.invariants is not None:
             self.invariants.after_step(stats.steps - 1, start, self.core, stats)

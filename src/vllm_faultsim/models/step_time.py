@@ -260,8 +260,9 @@ def from_config(section: dict | None, profile: str = "default",
 # ---- serving-mode CPU costs around the forward (the run config's ``serving`` section) ---------
 
 COST_FIELDS = ("schedule_base_s", "schedule_per_req_s", "update_base_s", "update_per_req_s",
-               "execute_base_s", "execute_per_req_s", "piecewise_per_layer_s", "eager_per_layer_s")
-SERVING_FIELDS = COST_FIELDS + ("num_hidden_layers", "cudagraph_mode", "max_cudagraph_capture_size")
+               "execute_base_s", "execute_per_req_s", "piecewise_per_layer_s", "eager_per_layer_s",
+               "eager_per_moe_layer_s", "input_s", "output_base_s", "output_per_req_s")
+SERVING_FIELDS = COST_FIELDS + ("num_hidden_layers", "num_moe_layers", "cudagraph_mode", "max_cudagraph_capture_size")
 CUDAGRAPH_MODES = ("FULL_AND_PIECEWISE", "NONE")  # CompilationConfig.cudagraph_mode: the default, enforce_eager
 MAX_CUDAGRAPH_CAPTURE_SIZE = 512  # VllmConfig._set_cudagraph_sizes: min(max_num_seqs * 2, 512, max_num_batched_tokens)
 
@@ -285,15 +286,30 @@ class ServingCosts:
       ``max_cudagraph_capture_size`` tokens a PIECEWISE graph, whose attention runs eagerly
       (``+ piecewise_per_layer_s * num_hidden_layers``); a larger batch, or every batch with
       ``cudagraph_mode: NONE`` (``enforce_eager``), runs the compiled model without CUDA graphs,
-      launched kernel by kernel (``+ eager_per_layer_s * num_hidden_layers``). The GPU runs the
-      kernels as they are launched, so a batch's forward ends no earlier than its launch; the core
-      blocks on the oldest batch only after launching the new one;
+      launched kernel by kernel (``+ eager_per_layer_s`` per dense decoder layer and
+      ``eager_per_moe_layer_s`` per MoE layer (``num_moe_layers`` of ``num_hidden_layers``): a MoE
+      layer launches the router, top-k and fused-expert kernels through the ``FusedMoE`` custom op
+      instead of a dense MLP). The GPU runs the kernels as they are launched, so a batch's forward
+      ends no earlier than its launch; the core blocks on the oldest batch only after launching
+      the new one;
     - ``update_from_output()``: ``update_base_s + update_per_req_s * scheduled requests``; the step's
-      outputs reach the client after it.
+      outputs reach the client after it, ``output_base_s + output_per_req_s * scheduled requests``
+      later (:meth:`output`);
+    - before any of it, a request reaches the engine core ``input_s`` after the client sent it.
+
+    Around the core (the request's path through ``AsyncLLM``, vllm/v1/engine/async_llm.py and
+    core.py): ``input_s`` is ``AsyncLLM.add_request`` (``InputProcessor.process_inputs``, the
+    ``EngineCoreRequest`` sent over ZMQ) to the core's input queue (``EngineCoreProc``'s
+    ``process_input_sockets`` thread: ``preprocess_add_request``), which the busy loop drains
+    (``_process_input_queue``) before each step; the output path is ``update_from_output()``'s
+    ``EngineCoreOutputs`` through the core's ``process_output_sockets`` thread (ZMQ), ``AsyncLLM``'s
+    ``output_handler`` (``OutputProcessor.process_outputs`` over every request of the batch, then
+    each request's ``RequestOutputCollector``) to the client's ``generate()`` task.
 
     Measured: the recordings' step lines time schedule() and update_from_output()
     (``schedule_start``/``schedule_end``, ``output_start``/``output_end``) and, between the end of
-    step N+1's schedule() and the start of step N's update_from_output(), step N+1's launch;
+    step N+1's schedule() and the start of step N's update_from_output(), step N+1's launch; their
+    requests' client times against the step lines give ``input_s`` and the output path;
     ``vllm-faultsim fidelity --fit`` fits the costs (harness/runs/fidelity.py ``fit``)."""
     schedule_base_s: float = 0.0
     schedule_per_req_s: float = 0.0
@@ -303,7 +319,12 @@ class ServingCosts:
     execute_per_req_s: float = 0.0
     piecewise_per_layer_s: float = 0.0
     eager_per_layer_s: float = 0.0
+    eager_per_moe_layer_s: float = 0.0
+    input_s: float = 0.0
+    output_base_s: float = 0.0
+    output_per_req_s: float = 0.0
     num_hidden_layers: int = 0
+    num_moe_layers: int = 0
     cudagraph_mode: str = "FULL_AND_PIECEWISE"
     max_cudagraph_capture_size: int = MAX_CUDAGRAPH_CAPTURE_SIZE
     max_num_seqs: int = MAX_CUDAGRAPH_CAPTURE_SIZE
@@ -313,6 +334,10 @@ class ServingCosts:
 
     def update(self, res) -> float:
         return self.update_base_s + self.update_per_req_s * len(res.sched)
+
+    def output(self, res) -> float:
+        """From the end of `res`'s update_from_output() to its tokens reaching the client."""
+        return self.output_base_s + self.output_per_req_s * len(res.sched)
 
     def runtime_mode(self, num_reqs: int, num_tokens: int) -> str:
         """``CudagraphDispatcher.dispatch``'s CUDAGraphMode for a batch: FULL, PIECEWISE or NONE."""
@@ -331,7 +356,8 @@ class ServingCosts:
         if mode == "PIECEWISE":
             t += self.piecewise_per_layer_s * self.num_hidden_layers
         elif mode == "NONE":
-            t += self.eager_per_layer_s * self.num_hidden_layers
+            t += (self.eager_per_layer_s * (self.num_hidden_layers - self.num_moe_layers)
+                  + self.eager_per_moe_layer_s * self.num_moe_layers)
         return t
 
 
@@ -350,6 +376,9 @@ def check_serving(section: Any) -> dict:
                 raise ProfileError(f"serving.{key} must be a number >= 0, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ProfileError(f"serving.{key} must be an integer >= 0, got {value!r}")
+    if section.get("num_moe_layers", 0) > section.get("num_hidden_layers", 0):
+        raise ProfileError(f"serving.num_moe_layers must be <= num_hidden_layers "
+                           f"({section.get('num_hidden_layers', 0)}), got {section['num_moe_layers']!r}")
     return section
 
 

@@ -26,6 +26,7 @@ one line (the CLI exits 2).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import tempfile
@@ -97,15 +98,34 @@ def header_config(rec: recording_format.Recording) -> dict:
     return out
 
 
+def moe_layers(config: dict) -> int:
+    """How many of a Hugging Face config's decoder layers vLLM builds with a MoE block: Qwen-MoE's
+    rule (vllm/model_executor/models/qwen3_moe.py: ``num_experts > 0``, ``(i + 1) %
+    decoder_sparse_step == 0``, not in ``mlp_only_layers``), DeepSeek's (deepseek_v2.py:
+    ``n_routed_experts``, ``i >= first_k_dense_replace``, ``i % moe_layer_freq == 0``), and every
+    layer of a model with ``num_local_experts`` (Mixtral)."""
+    n = config.get("num_hidden_layers") or 0
+    if config.get("n_routed_experts"):
+        first, freq = config.get("first_k_dense_replace") or 0, config.get("moe_layer_freq") or 1
+        return sum(1 for i in range(n) if i >= first and i % freq == 0)
+    if config.get("num_experts"):
+        step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
+        return sum(1 for i in range(n) if i not in dense and (i + 1) % step == 0)
+    return n if config.get("num_local_experts") else 0
+
+
 def engine_shape(rec: recording_format.Recording) -> dict:
-    """The ``serving`` fields a recording's header fixes: the model's ``num_hidden_layers`` (its
-    hf_config), ``cudagraph_mode`` (NONE with ``enforce_eager``) and ``max_cudagraph_capture_size``
-    (where the header records it; else vLLM's default from the engine's limits)."""
+    """The ``serving`` fields a recording's header fixes: the model's ``num_hidden_layers`` and
+    ``num_moe_layers`` (its hf_config), ``cudagraph_mode`` (NONE with ``enforce_eager``) and
+    ``max_cudagraph_capture_size`` (where the header records it; else vLLM's default from the
+    engine's limits)."""
     h, e = rec.header, rec.header["engine"]
     out: dict[str, Any] = {"cudagraph_mode": "NONE" if e.get("enforce_eager") else "FULL_AND_PIECEWISE"}
-    layers = (h.get("hf_config") or {}).get("num_hidden_layers")
+    config = h.get("hf_config") or {}
+    layers = config.get("num_hidden_layers")
     if isinstance(layers, int) and not isinstance(layers, bool):
         out["num_hidden_layers"] = layers
+        out["num_moe_layers"] = moe_layers(config)
     if isinstance(e.get("max_cudagraph_capture_size"), int):
         out["max_cudagraph_capture_size"] = e["max_cudagraph_capture_size"]
     return out
@@ -354,14 +374,15 @@ def fit(paths: list[str | Path], overrides: dict | None = None) -> dict:
     """A ``serving`` section calibrated on the recordings at `paths` (least squares and robust
     statistics over their step lines; costs per request and per layer, so they carry to other
     loads and models): ``schedule()`` and ``update_from_output()`` against the scheduled requests;
-    the launch (ServingCosts.execute) from :func:`launch_samples`: FULL graphs a line through the
-    p10 (LAUNCH_QUANTILE) of each LAUNCH_BIN-request bin, PIECEWISE and NONE (eager) the median
-    excess over that line per hidden layer, over the steps launched behind a FULL decode step
-    (whose short forward these launches outlast: measured 10-80 ms against 1-17 ms). Where the GPU
-    is the bottleneck of FULL steps (larger models) the FULL line is an upper bound."""
+    the launch (ServingCosts.execute) from :func:`launch_samples` (:func:`launch_costs`); the
+    request's path into the core and the outputs' path to the client from the requests' client
+    times against the step lines (:func:`input_seconds`, :func:`output_costs`)."""
     reqs, sched, upd = [], [], []
-    full: dict[int, list[float]] = {}
-    per_layer: dict[str, list[tuple[int, int, float]]] = {"PIECEWISE": [], "NONE": []}
+    full: list[dict[int, list[float]]] = []
+    piecewise: list[tuple[int, int, float]] = []
+    eager: list[list[tuple[int, int, int, float]]] = []
+    inputs: list[tuple[float, float]] = []
+    outputs: list[tuple[int, float]] = []
     for path in paths:
         rec = load(path)
         if not rec.steps:
@@ -373,18 +394,140 @@ def fit(paths: list[str | Path], overrides: dict | None = None) -> dict:
             reqs.append(s["num_prefill_requests"] + s["num_decode_requests"])
             sched.append(s["schedule_end"] - s["schedule_start"])
             upd.append(s["output_end"] - s["output_start"])
+        full.append({})
+        eager.append([])
+        dense = costs.num_hidden_layers - costs.num_moe_layers
         for mode, n, x, behind in launch_samples(rec, costs):
             if mode == "FULL":
-                full.setdefault(n // LAUNCH_BIN, []).append(x)
+                full[-1].setdefault(n // LAUNCH_BIN, []).append(x)
             elif behind == "FULL" and costs.num_hidden_layers:
-                per_layer[mode].append((n, costs.num_hidden_layers, x))
+                if mode == "PIECEWISE":
+                    piecewise.append((n, costs.num_hidden_layers, x))
+                else:
+                    eager[-1].append((n, dense, costs.num_moe_layers, x))
+        inputs += input_bounds(rec)
+        outputs += output_samples(rec)
     sa, sb = _line(reqs, sched)
     ua, ub = _line(reqs, upd)
+    oa, ob = output_costs(outputs)
     serving = {"schedule_base_s": sa, "schedule_per_req_s": sb, "update_base_s": ua, "update_per_req_s": ub,
-               **launch_costs(full, per_layer)}
+               **launch_costs(full, piecewise, eager), "input_s": input_seconds(inputs),
+               "output_base_s": oa, "output_per_req_s": ob}
     ratios = gpu_ratios(paths, overrides, serving)
     return {"serving": {k: round(v, 9) for k, v in serving.items()},
             "step_time": {k: round(v, 4) for k, v in ratios.items()}}
+
+
+def first_scheduled(rec: recording_format.Recording) -> list[int | None]:
+    """The index (in ``rec.steps``) of the step that first scheduled each request: the steps'
+    ``new_reqs`` where recorded, else the prefill requests replayed in FCFS order (a request's
+    prompt tokens across its chunks; vLLM schedules running requests, then waiting ones in
+    arrival order). All None where that replay disagrees with the recorded token sums (prefix-cache
+    hits or preemptions)."""
+    steps, reqs = rec.steps, rec.requests
+    out: list[int | None] = [None] * len(reqs)
+    if steps and "new_reqs" in steps[0]:
+        for k, s in enumerate(steps):
+            for j in s.get("new_reqs", ()):
+                out[j] = k
+        return out
+    nxt, active, left = 0, [], {}
+    for k, s in enumerate(steps):
+        new = s["num_prefill_requests"] - len(active)
+        if new < 0 or nxt + new > len(reqs):
+            return [None] * len(reqs)
+        for j in range(nxt, nxt + new):
+            out[j], left[j] = k, reqs[j]["prompt_tokens"]
+            active.append(j)
+        nxt += new
+        tokens = s["sum_prefill_tokens"]
+        for j in active:
+            take = min(left[j], tokens)
+            left[j] -= take
+            tokens -= take
+        if tokens:
+            return [None] * len(reqs)
+        active = [j for j in active if left[j]]
+    return out
+
+
+def input_bounds(rec: recording_format.Recording) -> list[tuple[float, float]]:
+    """(lo, hi) around each request's time from the client's add_request to the core's input
+    queue: exact where vLLM's ``stats.queued_ts`` is recorded; else the request was not in the
+    scheduler at the schedule() before the one that first scheduled it (if that step left nothing
+    waiting and followed at once: lo = its schedule_start - arrival; else -inf) and was at that
+    one's (hi = its schedule_start - arrival)."""
+    steps, out = rec.steps, []
+    for r, k in zip(rec.requests, first_scheduled(rec)):
+        if "stats" in r:
+            x = r["stats"]["queued_ts"] - r["arrival"]
+            out.append((x, x))
+            continue
+        if k is None:
+            continue
+        lo = float("-inf")
+        if k and steps[k - 1]["i"] == steps[k]["i"] - 1 and steps[k - 1].get("num_waiting", 1) == 0:
+            lo = steps[k - 1]["schedule_start"] - r["arrival"]
+        out.append((lo, steps[k]["schedule_start"] - r["arrival"]))
+    return out
+
+
+INPUT_GRID_S = 1e-5  # input_s is searched on a 10 us grid up to 20 ms
+INPUT_MAX_S = 0.02
+
+
+def input_seconds(bounds: list[tuple[float, float]]) -> float:
+    """The input path's time most consistent with :func:`input_bounds` (interval-censored: the
+    value inside the most (lo, hi] intervals; the mean of the grid points that tie). An exact
+    sample is the interval (x - INPUT_GRID_S, x]."""
+    if not bounds:
+        return 0.0
+    los = sorted(lo if lo < hi else hi - INPUT_GRID_S for lo, hi in bounds)
+    his = sorted(hi for _, hi in bounds)
+    best, at = -1, []
+    for g in range(int(INPUT_MAX_S / INPUT_GRID_S) + 1):
+        x = g * INPUT_GRID_S
+        inside = (len(his) - bisect.bisect_left(his, x)) - (len(los) - bisect.bisect_left(los, x))
+        if inside > best:
+            best, at = inside, [x]
+        elif inside == best:
+            at.append(x)
+    return sum(at) / len(at)
+
+
+def output_samples(rec: recording_format.Recording) -> list[tuple[int, float]]:
+    """(requests in the step, seconds from its update_from_output()'s end to the client) for each
+    request's first and last token: the step is the one whose ``first_token_reqs`` /
+    ``finished_reqs`` name the request where recorded, else the last step whose output ended
+    before the client had the token."""
+    steps = rec.steps
+    ends = [s["output_end"] for s in steps]
+    listed: dict[tuple[str, int], int] = {}
+    for k, s in enumerate(steps):
+        for key in ("first_token_reqs", "finished_reqs"):
+            for j in s.get(key, ()):
+                listed[key, j] = k
+    out = []
+    for j, r in enumerate(rec.requests):
+        for key, t in (("first_token_reqs", r["first_token"]), ("finished_reqs", r["finish"])):
+            k = listed.get((key, j), bisect.bisect_right(ends, t) - 1)
+            if k >= 0 and ends[k] <= t:
+                s = steps[k]
+                out.append((s["num_prefill_requests"] + s["num_decode_requests"], t - ends[k]))
+    return out
+
+
+def output_costs(samples: list[tuple[int, float]]) -> tuple[float, float]:
+    """ServingCosts' output_base_s, output_per_req_s: a line through the medians of LAUNCH_BIN-request
+    bins of :func:`output_samples`."""
+    bins: dict[int, list[float]] = {}
+    for n, x in samples:
+        bins.setdefault(n // LAUNCH_BIN, []).append(x)
+    keys = sorted(bins)
+    if not keys:
+        return 0.0, 0.0
+    meds = [percentile(bins[k], 50) for k in keys]
+    return _line([LAUNCH_BIN * k + LAUNCH_BIN / 2 for k in keys], meds) if len(keys) > 1 else (meds[0], 0.0)
 
 
 GPU_BOUND = 1.2  # a step is GPU-bound where its forward (by the model) is 1.2x the core's CPU time per step
@@ -418,17 +561,58 @@ def gpu_ratios(paths: list[str | Path], overrides: dict | None, serving: dict) -
     return {"decode_scale": meas / pred if pred > 0 else 1.0}
 
 
-def launch_costs(full: dict[int, list[float]], per_layer: dict[str, list[tuple[int, int, float]]]) -> dict[str, float]:
-    """ServingCosts' launch fields from :func:`launch_samples` (see :func:`fit`)."""
-    bins = sorted(full)
-    env = [percentile(full[k], LAUNCH_QUANTILE) for k in bins]
+LAUNCH_BIN_MIN = 10  # samples a recording needs in a bin for its p10 there
+
+
+def launch_costs(full: list[dict[int, list[float]]], piecewise: list[tuple[int, int, float]],
+                 eager: list[list[tuple[int, int, int, float]]]) -> dict[str, float]:
+    """ServingCosts' launch fields from :func:`launch_samples`: FULL graphs a line through the
+    lowest p10 (LAUNCH_QUANTILE) over the recordings (`full`: one mapping each) of each
+    LAUNCH_BIN-request bin (of LAUNCH_BIN_MIN samples or more: where the GPU is the bottleneck of
+    FULL steps a recording's p10 is an upper bound, so a smaller model's CPU-bound loop sets it);
+    over that line, for the launches behind a FULL decode step (whose short
+    forward they outlast: measured 10-80 ms against 1-17 ms), PIECEWISE (`piecewise`: requests,
+    layers, seconds; the attention of every layer runs eagerly) the mean excess per layer, and
+    NONE (`eager`: per recording, requests, dense and MoE layers, seconds) a least-squares split
+    of each recording's mean excess into a cost per dense layer and per MoE layer
+    (:func:`layer_costs`). Means, not medians: the launches' spread (8B p10-p90 19-33 ms) is not
+    explained by the batch, and the run's throughput sees their mean."""
+    lowest: dict[int, float] = {}
+    for bins_of in full:
+        for k, xs in bins_of.items():
+            if len(xs) >= LAUNCH_BIN_MIN:
+                lowest[k] = min(lowest.get(k, float("inf")), percentile(xs, LAUNCH_QUANTILE))
+    bins = sorted(lowest)
+    env = [lowest[k] for k in bins]
     ea, eb = _line([LAUNCH_BIN * k + LAUNCH_BIN / 2 for k in bins], env) if len(bins) > 1 else (env[0] if env else 0.0, 0.0)
-    layer = {}
-    for mode, xs in per_layer.items():
-        vals = sorted(max(0.0, x - ea - eb * n) / layers for n, layers, x in xs)
-        layer[mode] = vals[len(vals) // 2] if vals else 0.0
-    return {"execute_base_s": ea, "execute_per_req_s": eb, "piecewise_per_layer_s": layer["PIECEWISE"],
-            "eager_per_layer_s": layer["NONE"]}
+    vals = [max(0.0, x - ea - eb * n) / layers for n, layers, x in piecewise]
+    rows = [(xs[0][1], xs[0][2], sum(max(0.0, x - ea - eb * n) for n, _, _, x in xs) / len(xs)) for xs in eager if xs]
+    dense, moe = layer_costs(rows)
+    return {"execute_base_s": ea, "execute_per_req_s": eb, "piecewise_per_layer_s": sum(vals) / len(vals) if vals else 0.0,
+            "eager_per_layer_s": dense, "eager_per_moe_layer_s": moe}
+
+
+def layer_costs(rows: list[tuple[int, int, float]]) -> tuple[float, float]:
+    """(seconds per dense layer, per MoE layer) from (dense layers, MoE layers, eager launch excess)
+    rows: least squares through the origin, both >= 0. A kind no row has is taken to cost what the
+    other does (no MoE model among the recordings: a MoE layer costs a dense one)."""
+    sdd = sum(d * d for d, _, _ in rows)
+    smm = sum(m * m for _, m, _ in rows)
+    sdm = sum(d * m for d, m, _ in rows)
+    sdy = sum(d * y for d, _, y in rows)
+    smy = sum(m * y for _, m, y in rows)
+    if not sdd and not smm:
+        return 0.0, 0.0
+    det = sdd * smm - sdm * sdm
+    if not smm or not sdd or det <= 1e-9 * sdd * smm:  # one kind only, or always in one ratio
+        c = (sdy + smy) / (sdd + smm + 2 * sdm)
+        return c, c
+    a, b = (sdy * smm - smy * sdm) / det, (smy * sdd - sdy * sdm) / det
+    if a < 0:
+        return 0.0, smy / smm
+    if b < 0:
+        return sdy / sdd, 0.0
+    return a, b
 
 
 def stem(path: str | Path) -> str:
