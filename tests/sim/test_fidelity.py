@@ -298,6 +298,29 @@ def test_first_scheduled_replays_fcfs_prefills_and_gives_up_when_the_sums_disagr
     assert F.first_scheduled(rec) == [None, None, None]
 
 
+def test_recorded_request_ids_and_engine_times_are_used_where_present():
+    """r2's optional fields: a step's new_reqs give the first schedule, first_token_reqs /
+    finished_reqs the step whose output carried a token, stats.queued_ts the input path exactly."""
+    def step(i, new, first, fin, n):
+        t = 0.01 * i
+        return {"i": i, "num_prefill_requests": 0, "sum_prefill_tokens": 0, "sum_prefill_kv_tokens": 0,
+                "num_decode_requests": n, "sum_decode_kv_tokens": 0, "total_tokens": n, "schedule_start": t,
+                "schedule_end": t, "output_start": t + 0.004, "output_end": t + 0.005, "new_reqs": new,
+                "first_token_reqs": first, "finished_reqs": fin}
+    reqs = [{"id": "a", "arrival": 0.0, "prompt_tokens": 10, "output_tokens": 2, "first_token": 0.0071,
+             "finish": 0.0171, "stats": {"arrival_time": 0.0, "queued_ts": 0.0012, "scheduled_ts": 0.0,
+                                         "first_token_ts": 0.0, "last_token_ts": 0.0}},
+            {"id": "b", "arrival": 0.001, "prompt_tokens": 10, "output_tokens": 2, "first_token": 0.0272,
+             "finish": 0.0372}]
+    rec = R.Recording(header(2), reqs, [step(0, [0], [0], [], 1), step(1, [1], [], [0], 2), step(2, [], [1], [], 1),
+                                        step(3, [], [], [1], 1)])
+    assert F.first_scheduled(rec) == [0, 1]
+    # b: no stats; the step before its first did not say it left nothing waiting: only an upper bound
+    assert F.input_bounds(rec) == [(0.0012, 0.0012), (float("-inf"), pytest.approx(0.009))]
+    assert F.output_samples(rec) == [(1, pytest.approx(0.0021)), (2, pytest.approx(0.0021)),
+                                     (1, pytest.approx(0.0022)), (1, pytest.approx(0.0022))]
+
+
 def test_the_request_path_delays_first_tokens_and_finishes():
     """A lone request on an idle engine: its first token and finish come input_s + the output path
     later than without them (models/engine.py: the core sees it input_s after the client sent
