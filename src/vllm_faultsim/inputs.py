@@ -132,6 +132,8 @@ def problem_line(exc: ValidationError, where: str, schema: Any = None, at: str =
     if kind in ("value_error", "assertion_error"):  # a validator's own sentence names the values
         return _join(where, _path(loc), msg.split(", ", 1)[1] if msg.startswith(("Value error, ", "Assertion failed, ")) else msg)
     ctx = dict(e.get("ctx", {}))
+    if kind == "too_short" and ctx.get("min_length") == 1:
+        kind = "empty"
     if kind == "literal_error":
         ctx["expected"] = ctx["expected"].replace(" or ", ", ").replace("'", "")
     ctx = {k: (f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}" if isinstance(v, float) else v)
@@ -147,7 +149,7 @@ WORDING = {  # pydantic's error types in the project's words
     "bool_type": "must be true or false", "list_type": "must be a list", "finite_number": "must be finite",
     "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
     "less_than_equal": "must be <= {le}", "literal_error": "must be one of {expected}",
-    "too_short": "must have at least {min_length} items", "too_long": "must have at most {max_length} items",
+    "too_short": "must have at least {min_length} items", "empty": "must not be empty", "too_long": "must have at most {max_length} items",
     "string_too_short": "must be a non-empty string",
 }
 

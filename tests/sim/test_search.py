@@ -76,19 +76,19 @@ def test_memory_and_capacity_pruning_sound(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, needle", [
-    ("slo", {"ttft_ms": {"percentile": 0, "max": 100}}, "slo.ttft_ms.percentile: must be a number in (0, 100], got 0"),
-    ("slo", {"goodput": 0.9}, "slo.goodput counts requests meeting"),
-    ("slo", {"ttft": 1}, "unknown slo key 'ttft'"),
-    ("space", {"system": "h100_sxm"}, "space.system: must be a non-empty list of GPU system names, got 'h100_sxm'"),
+    ("slo", {"ttft_ms": {"percentile": 0, "max": 100}}, "slo.ttft_ms.percentile: must be > 0 (got 0)"),
+    ("slo", {"goodput": 0.9}, "slo: goodput counts requests meeting ttft_ms/tpot_ms"),
+    ("slo", {"ttft": 1}, "slo: unknown field 'ttft' (fields: ttft_ms, tpot_ms, goodput, availability)"),
+    ("space", {"system": "h100_sxm"}, "space.system: must be a list (got 'h100_sxm')"),
     ("space", {"system": ["l40s"]}, "cost_per_gpu_hour.l40s is missing"),
-    ("space", {"system": ["h100_sxm"], "max_num_seqs": [0]}, "space.max_num_seqs: must be a non-empty list"),
+    ("space", {"system": ["h100_sxm"], "max_num_seqs": [0]}, "space.max_num_seqs[0]: must be >= 1 (got 0)"),
     ("space", {"system": ["h100_sxm"], "servers": [1], "data_parallel_size": [1]}, "not both"),
-    ("cost_per_gpu_hour", {"h100_sxm": -1}, "cost_per_gpu_hour.h100_sxm: must be a number of USD > 0, got -1"),
-    ("gpu_memory_utilization", 1.5, "gpu_memory_utilization: must be a number in (0, 1], got 1.5"),
+    ("cost_per_gpu_hour", {"h100_sxm": -1}, "cost_per_gpu_hour.h100_sxm: must be > 0 (got -1)"),
+    ("gpu_memory_utilization", 1.5, "gpu_memory_utilization: must be <= 1 (got 1.5)"),
     ("workload", {"kind": "poisson", "rate": -1, "duration": 1}, "base/workload"),
-    ("colour", "red", "unknown search key 'colour'"),
-    ("faults", {"engine_mtbf_s": -5}, "faults.engine_mtbf_s must be > 0, got -5"),
-    ("deployment", {"router": "random"}, "deployment.router must be one of"),
+    ("colour", "red", "unknown field 'colour' (fields: name, description, model, "),
+    ("faults", {"engine_mtbf_s": -5}, "faults.engine_mtbf_s: must be > 0 (got -5)"),
+    ("deployment", {"router": "random"}, "deployment.router: must be one of"),
     ("deployment", {"servers": 2}, "deployment.servers: set by the search (space.servers), got 2"),
 ])
 def test_bad_specs_exit_2_with_one_line(tmp_path, capsys, field, value, needle):

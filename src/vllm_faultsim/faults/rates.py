@@ -27,12 +27,11 @@ anything is drawn.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
-from ..inputs import check_fields
+from ..inputs import Fraction, NonNegative, Positive, checked
 from .plan import SIGNALS, FaultPlan, PlanError, validate_plan
 
 MAX_FAULTS = 100_000  # per server
@@ -40,46 +39,23 @@ MAX_FAULTS = 100_000  # per server
 
 @dataclass(frozen=True)
 class FaultRates:
-    engine_mtbf_s: float | None = None
-    kill_signal: str = "SIGKILL"
-    slow_episodes_per_hour: float = 0.0
-    slow_duration_s: float = 30.0
-    slow_factor: float = 2.0
-    ec_prefetch_fail_rate: float = 0.0
-    ec_prefetch_stall_rate: float = 0.0
-    ec_prefetch_stall_s: float = 0.5
+    engine_mtbf_s: Positive | None = None
+    kill_signal: Literal[SIGNALS] = "SIGKILL"
+    slow_episodes_per_hour: NonNegative = 0.0
+    slow_duration_s: Positive = 30.0
+    slow_factor: Positive = 2.0
+    ec_prefetch_fail_rate: Fraction = 0.0
+    ec_prefetch_stall_rate: Fraction = 0.0
+    ec_prefetch_stall_s: Positive = 0.5
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_NUMBER = (int, float)
-FIELDS = {"engine_mtbf_s": (int, float, type(None)), "kill_signal": str, "slow_episodes_per_hour": _NUMBER,
-          "slow_duration_s": _NUMBER, "slow_factor": _NUMBER, "ec_prefetch_fail_rate": _NUMBER,
-          "ec_prefetch_stall_rate": _NUMBER, "ec_prefetch_stall_s": _NUMBER}
-_POSITIVE = ("engine_mtbf_s", "slow_duration_s", "slow_factor", "ec_prefetch_stall_s")
-_FRACTIONS = ("ec_prefetch_fail_rate", "ec_prefetch_stall_rate")
-
-
 def rates_from_dict(d: Any, source: str = "fault_rates") -> FaultRates:
-    """A checked :class:`FaultRates`; a bad key or value is a one-line PlanError naming it."""
-    if not isinstance(d, dict):
-        raise PlanError(f"{source} must be a mapping, got {type(d).__name__} {d!r}")
-    check_fields(d, FIELDS, source, PlanError)
-    for key, v in d.items():
-        where = f"{source}.{key}"
-        if key == "kill_signal":
-            if v not in SIGNALS:
-                raise PlanError(f"{where} must be one of {', '.join(SIGNALS)}, got {v!r}")
-        elif v is not None and not math.isfinite(v):
-            raise PlanError(f"{where} must be finite, got {v!r}")
-        elif key in _POSITIVE and v is not None and v <= 0:
-            raise PlanError(f"{where} must be > 0, got {v!r}")
-        elif key in _FRACTIONS and not 0 <= v <= 1:
-            raise PlanError(f"{where} must be in [0, 1], got {v!r}")
-        elif v is not None and v < 0:
-            raise PlanError(f"{where} must be >= 0, got {v!r}")
-    return FaultRates(**d)
+    """A checked :class:`FaultRates` (its fields' annotations are the schema); a bad key or value is
+    a one-line PlanError naming ``source.field`` and the value."""
+    return checked(FaultRates, d, "", PlanError, at=source)
 
 
 def expand(rates: FaultRates, *, servers: int, data_parallel_size: int, horizon: float, seed: int,

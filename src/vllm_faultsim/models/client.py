@@ -15,10 +15,12 @@ request ends exactly once:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Annotated, Callable
 
 import simpy
+from pydantic import Field
 
+from ..inputs import NonNegative, Positive, PositiveInt
 from . import events
 from .events import Emit
 from .request import RequestSpec
@@ -28,10 +30,10 @@ DONE = ("length", "stop")
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    attempts: int = 3            # tries per request, the first included
-    backoff_s: float = 1.0       # wait after the first failed try
-    backoff_multiplier: float = 2.0
-    timeout_s: float = 60.0      # from the first send: no answer by then and the request is lost
+    attempts: PositiveInt = 3         # tries per request, the first included
+    backoff_s: NonNegative = 1.0      # wait after the first failed try
+    backoff_multiplier: Annotated[float, Field(ge=1)] = 2.0
+    timeout_s: Positive = 60.0        # from the first send: no answer by then and the request is lost
 
     def backoff(self, tries: int) -> float:
         """The wait after the `tries`-th failed try."""

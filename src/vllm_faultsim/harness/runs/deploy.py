@@ -32,17 +32,16 @@ The spec file of ``vllm-faultsim deploy --spec deploy.yaml``::
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import simpy
 
 from ...faults.plan import FaultPlan, PlanError, validate_plan
 from ...faults.rates import FaultRates, expand, rates_from_dict
 from ...faults.sim_injector import SimInjector
-from ...inputs import check_fields, read_mapping_file
+from ...inputs import NonNegative, Positive, PositiveInt, Section, checked, read_mapping_file
 from ...models import events
 from ...models import step_time as step_time_backends
 from ...models.client import Client, RetryPolicy
@@ -60,16 +59,16 @@ from .simulate import (ConfigError, RunConfig, admission_errors, build_workload,
 
 @dataclass(frozen=True)
 class SLO:
-    ttft_ms: float = 500.0
-    tpot_ms: float = 50.0
+    ttft_ms: Positive = 500.0
+    tpot_ms: Positive = 50.0
 
 
 @dataclass(frozen=True)
 class DeploymentConfig:
-    servers: int = 1
-    data_parallel_size: int = 1
-    router: str = "round_robin"
-    restart_s: float = 60.0
+    servers: PositiveInt = 1
+    data_parallel_size: PositiveInt = 1
+    router: Literal[tuple(ROUTERS)] = "round_robin"
+    restart_s: NonNegative = 60.0
     is_moe: bool = True  # a DP server's ranks publish their counts (MoE: DPEngineCoreProc) or not (dense)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     slo: SLO = field(default_factory=SLO)
@@ -78,49 +77,22 @@ class DeploymentConfig:
         return asdict(self)
 
 
-_NUMBER = (int, float)
-DEPLOYMENT_FIELDS = {"servers": int, "data_parallel_size": int, "router": str, "restart_s": _NUMBER,
-                     "is_moe": bool, "retry": dict, "slo": dict}
-RETRY_FIELDS = {"attempts": int, "backoff_s": _NUMBER, "backoff_multiplier": _NUMBER, "timeout_s": _NUMBER}
-SLO_FIELDS = {"ttft_ms": _NUMBER, "tpot_ms": _NUMBER}
-# field -> (lowest value, whether it is excluded)
-BOUNDS = {"servers": (1, False), "data_parallel_size": (1, False), "restart_s": (0, False), "attempts": (1, False),
-          "backoff_s": (0, False), "backoff_multiplier": (1, False), "timeout_s": (0, True), "ttft_ms": (0, True),
-          "tpot_ms": (0, True)}
-
-
-def _section(cls, d: Any, spec: dict, where: str):
-    """`cls` from the mapping `d`: known fields of the right types (inputs.check_fields), finite and
-    in bounds; else a one-line ConfigError naming ``where.field`` and the value."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__} {d!r}")
-    check_fields(d, spec, where, ConfigError)
-    for key, v in d.items():
-        if key in BOUNDS:
-            lo, excluded = BOUNDS[key]
-            if not math.isfinite(v) or v < lo or (excluded and v == lo):
-                raise ConfigError(f"{where}.{key} must be {'>' if excluded else '>='} {lo} (and finite), got {v!r}")
-    return cls(**d)
-
-
 def deployment_from_dict(d: Any, source: str = "deployment") -> DeploymentConfig:
-    """A checked DeploymentConfig; a bad key or value is a one-line ConfigError naming it."""
-    dep = _section(DeploymentConfig, d, DEPLOYMENT_FIELDS, source)
-    if dep.router not in ROUTERS:
-        raise ConfigError(f"{source}.router must be one of {', '.join(ROUTERS)}, got {dep.router!r}")
-    return replace(dep, retry=_section(RetryPolicy, d.get("retry", {}), RETRY_FIELDS, f"{source}.retry"),
-                   slo=_section(SLO, d.get("slo", {}), SLO_FIELDS, f"{source}.slo"))
+    """A checked DeploymentConfig (its fields' annotations, retry's and slo's, are the schema); a
+    bad key or value is a one-line ConfigError naming ``source.field`` and the value."""
+    return checked(DeploymentConfig, d, "", ConfigError, at=source)
 
 
-SPEC_KEYS = ("deployment", "fault_rates", "run")
+class DeploymentSpec(Section):
+    """A deployment spec's top level; each section is checked by its own schema."""
+
+    deployment: dict | None = None
+    fault_rates: dict | None = None
+    run: dict | None = None
 
 
 def spec_from_dict(d: Any, source: str) -> tuple[DeploymentConfig, RunConfig, FaultRates | None]:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: a deployment spec must be a mapping with {', '.join(SPEC_KEYS)}")
-    unknown = sorted(set(d) - set(SPEC_KEYS), key=str)
-    if unknown:
-        raise ConfigError(f"{source}: unknown field {unknown[0]!r} (fields: {', '.join(SPEC_KEYS)})")
+    d = checked(DeploymentSpec, d, source, ConfigError).model_dump()
     try:
         dep = deployment_from_dict(d.get("deployment") or {})
     except ConfigError as exc:

@@ -55,9 +55,12 @@ import csv
 import itertools
 import math
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, model_validator
 
 from ...faults.rates import rates_from_dict
-from ...inputs import read_mapping_file
+from ...inputs import Positive, PositiveInt, Section, checked, read_mapping_file
 from ..metrics import percentile
 from .deploy import deployment_from_dict, simulate_deployment
 from .simulate import ConfigError, build_workload, config_from_dict
@@ -69,8 +72,6 @@ from .simulate import ConfigError, build_workload, config_from_dict
 DEFAULT_PRICES = {"h100_sxm": 3.00, "h200_sxm": 4.00, "b200_sxm": 6.03}
 PRICE_SOURCE = "illustrative on-demand USD/GPU-h (README: Capacity planning): set cost_per_gpu_hour"
 
-SPEC_KEYS = ("name", "description", "model", "dtype", "version", "gpu_memory_utilization", "workload", "base", "slo",
-             "space", "cost_per_gpu_hour", "faults", "deployment")
 SPACE_KEYS = ("system", "tensor_parallel_size", "servers", "data_parallel_size", "max_num_seqs",
               "max_num_batched_tokens")
 SLO_KEYS = ("ttft_ms", "tpot_ms", "goodput", "availability")
@@ -78,15 +79,61 @@ GPU_MEMORY_UTILIZATION = 0.92  # vLLM 0.26.0 CacheConfig.gpu_memory_utilization 
 WAVE = 4  # points simulated per wave at least (whole equal-cost tiers): fixed, so results do not depend on workers
 CAPACITY_MARGIN = 0.10  # prune on capacity only when the bound, 10% up, is still below the offered rate
 
+OpenFraction = Annotated[float, Field(gt=0, le=1)]
+Choices = Annotated[list[PositiveInt], Field(min_length=1)]  # a space axis: the values to try
 
-def _err(source: str, field: str, value, want: str) -> ConfigError:
-    return ConfigError(f"{source}: {field}: {want}, got {value!r}")
+
+class PercentileSLO(Section):
+    percentile: Annotated[float, Field(gt=0, le=100)]
+    max: Positive  # ms
 
 
-def _pos_int_list(source, field, v) -> list[int]:
-    if not isinstance(v, list) or not v or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
-        raise _err(source, field, v, "must be a non-empty list of integers >= 1")
-    return v
+class SearchSLO(Section):
+    ttft_ms: PercentileSLO | None = None
+    tpot_ms: PercentileSLO | None = None
+    goodput: OpenFraction | None = None  # of requests meeting ttft_ms/tpot_ms
+    availability: OpenFraction | None = None
+
+    @model_validator(mode="after")
+    def _some(self):
+        if not self.model_fields_set:
+            raise ValueError(f"give at least one of {', '.join(SLO_KEYS)}")
+        if self.goodput is not None and self.ttft_ms is None and self.tpot_ms is None:
+            raise ValueError("goodput counts requests meeting ttft_ms/tpot_ms: give one of them")
+        return self
+
+
+class SearchSpace(Section):
+    system: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]  # GPU systems of the aic backend
+    tensor_parallel_size: Choices | None = None
+    servers: Choices | None = None  # independent servers
+    data_parallel_size: Choices | None = None  # one server's DP ranks
+    max_num_seqs: Choices | None = None
+    max_num_batched_tokens: Choices | None = None
+
+    @model_validator(mode="after")
+    def _one_topology(self):
+        if self.servers is not None and self.data_parallel_size is not None:
+            raise ValueError("give servers (independent servers) or data_parallel_size (one server's DP ranks), not both")
+        return self
+
+
+class SearchSpec(Section):
+    """A search spec (the README's Capacity planning); deployment and faults are checked by their own schemas."""
+
+    name: str | None = None
+    description: str | None = None
+    model: Annotated[str, Field(min_length=1)]  # a model aiconfigurator ships or a config.json path
+    dtype: str | None = None
+    version: str | None = None
+    gpu_memory_utilization: OpenFraction = GPU_MEMORY_UTILIZATION
+    workload: dict
+    base: dict | None = None
+    slo: SearchSLO
+    space: SearchSpace
+    cost_per_gpu_hour: dict[str, Positive] | None = None  # USD
+    faults: dict | None = None
+    deployment: dict | None = None
 
 
 def load_search(path: str) -> dict:
@@ -95,69 +142,12 @@ def load_search(path: str) -> dict:
 
 
 def check_search(spec, source: str = "<search spec>") -> dict:
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{source}: a search spec is a mapping with model, workload, slo and space")
-    unknown = sorted((k for k in spec if k not in SPEC_KEYS), key=str)
-    if unknown:
-        raise ConfigError(f"{source}: unknown search key {unknown[0]!r} (keys: {', '.join(SPEC_KEYS)})")
-    for key in ("model", "workload", "slo", "space"):
-        if key not in spec:
-            raise ConfigError(f"{source}: missing {key!r}")
-    if not isinstance(spec["model"], str) or not spec["model"]:
-        raise _err(source, "model", spec["model"], "must be a model name aiconfigurator ships or a config.json path")
-    for key in ("base", "workload", "slo", "space", "cost_per_gpu_hour", "faults", "deployment"):
-        if key in spec and not isinstance(spec[key], dict):
-            raise _err(source, key, spec[key], "must be a mapping")
+    gmu = checked(SearchSpec, spec, source, ConfigError).gpu_memory_utilization
     base = spec.get("base") or {}
     if "workload" in base:
         raise ConfigError(f"{source}: base.workload: give the workload once, as the top-level 'workload'")
-    gmu = spec.get("gpu_memory_utilization", GPU_MEMORY_UTILIZATION)
-    if isinstance(gmu, bool) or not isinstance(gmu, (int, float)) or not 0 < gmu <= 1:
-        raise _err(source, "gpu_memory_utilization", gmu, "must be a number in (0, 1]")
-    # slo
-    slo = spec["slo"]
-    bad = sorted((k for k in slo if k not in SLO_KEYS), key=str)
-    if bad:
-        raise ConfigError(f"{source}: unknown slo key {bad[0]!r} (keys: {', '.join(SLO_KEYS)})")
-    if not slo:
-        raise ConfigError(f"{source}: slo: give at least one of {', '.join(SLO_KEYS)}")
-    for key in ("ttft_ms", "tpot_ms"):
-        if key in slo:
-            v = slo[key]
-            if not isinstance(v, dict) or set(v) != {"percentile", "max"}:
-                raise _err(source, f"slo.{key}", v, "must be {percentile: P, max: MS}")
-            p, m = v["percentile"], v["max"]
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 100:
-                raise _err(source, f"slo.{key}.percentile", p, "must be a number in (0, 100]")
-            if isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0 or not math.isfinite(m):
-                raise _err(source, f"slo.{key}.max", m, "must be a number of ms > 0")
-    for key in ("goodput", "availability"):
-        if key in slo:
-            v = slo[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-                raise _err(source, f"slo.{key}", v, "must be a fraction in (0, 1]")
-    if "goodput" in slo and not ({"ttft_ms", "tpot_ms"} & set(slo)):
-        raise ConfigError(f"{source}: slo.goodput counts requests meeting ttft_ms/tpot_ms: give one of them")
-    # space
     space = spec["space"]
-    bad = sorted((k for k in space if k not in SPACE_KEYS), key=str)
-    if bad:
-        raise ConfigError(f"{source}: unknown space key {bad[0]!r} (keys: {', '.join(SPACE_KEYS)})")
-    if "system" not in space:
-        raise ConfigError(f"{source}: space.system is missing (GPU systems of the aic backend, e.g. [h200_sxm])")
-    if not isinstance(space["system"], list) or not space["system"] or \
-            any(not isinstance(s, str) for s in space["system"]):
-        raise _err(source, "space.system", space["system"], "must be a non-empty list of GPU system names")
-    if "servers" in space and "data_parallel_size" in space:
-        raise ConfigError(f"{source}: space: give servers (independent servers) or data_parallel_size "
-                          "(one server's DP ranks), not both")
-    for key in SPACE_KEYS[1:]:
-        if key in space:
-            _pos_int_list(source, f"space.{key}", space[key])
     prices = {**DEFAULT_PRICES, **(spec.get("cost_per_gpu_hour") or {})}
-    for system, price in prices.items():
-        if isinstance(price, bool) or not isinstance(price, (int, float)) or not price > 0:
-            raise _err(source, f"cost_per_gpu_hour.{system}", price, "must be a number of USD > 0")
     for system in space["system"]:
         if system not in prices:
             raise ConfigError(f"{source}: cost_per_gpu_hour.{system} is missing (no default price for {system!r}; "

@@ -11,11 +11,13 @@ import csv
 import itertools
 from importlib import resources
 from pathlib import Path
+from typing import Annotated, Any
 
 import yaml
+from pydantic import Field
 
 from ...faults.plan import validate_plan
-from ...inputs import read_mapping_file
+from ...inputs import Section, checked, read_mapping_file
 from ..metrics import overloaded
 from ...models.step_time import describe
 from .simulate import ConfigError, config_from_dict, simulate, step_time_model
@@ -23,7 +25,15 @@ from .simulate import ConfigError, config_from_dict, simulate, step_time_model
 COLUMNS = ("throughput_rps", "ttft_p50_ms", "ttft_p99_ms", "tpot_p50_ms", "preemptions", "failed")
 
 
-STUDY_KEYS = ("name", "description", "base", "grid", "plans", "plot")
+class StudySpec(Section):
+    """A study spec: each grid value list non-empty; base (a run config) and plans (fault plans)
+    are checked by their own schemas, point by point."""
+
+    name: str | None = None
+    description: str | None = None
+    base: dict | None = None
+    grid: dict[str, Annotated[list, Field(min_length=1)]] | None = None  # dotted config path -> values
+    plans: dict[str, Any] | None = None  # name -> a fault plan
 
 
 def load_study(path: str | None) -> dict:
@@ -33,17 +43,7 @@ def load_study(path: str | None) -> dict:
     else:
         spec = read_mapping_file(path, "study spec", ConfigError)
         source = path
-    if not isinstance(spec, dict) or not isinstance(spec.get("grid", {}) or {}, dict):
-        raise ConfigError(f"{source}: a study needs a mapping with 'base', 'grid' and 'plans'")
-    unknown = sorted(set(spec) - set(STUDY_KEYS), key=str)
-    if unknown:
-        raise ConfigError(f"{source}: unknown study key {unknown[0]!r} (keys: {', '.join(STUDY_KEYS)})")
-    for k, v in (spec.get("grid") or {}).items():
-        if not isinstance(v, list) or not v:
-            raise ConfigError(f"{source}: grid.{k} must be a non-empty list of values, got {v!r}")
-    for k in ("base", "plans"):
-        if spec.get(k) is not None and not isinstance(spec[k], dict):
-            raise ConfigError(f"{source}: {k} must be a mapping, got {spec[k]!r}")
+    checked(StudySpec, spec, str(source), ConfigError)
     spec["source"] = source
     return spec
 
