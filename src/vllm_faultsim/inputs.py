@@ -136,10 +136,14 @@ def problem_line(exc: ValidationError, where: str, schema: Any = None, at: str =
         kind = "empty"
     if kind == "literal_error":
         ctx["expected"] = ctx["expected"].replace(" or ", ", ").replace("'", "")
+    if kind == "union_tag_invalid":
+        ctx["expected_tags"] = ctx["expected_tags"].replace("'", "")
     ctx = {k: (f"{v:,}" if isinstance(v, int) and abs(v) >= 10_000 else f"{v:g}" if isinstance(v, float) else v)
            for k, v in ctx.items()}
     problem = (WORDING[kind].format(**ctx) if kind in WORDING
                else "must be " + msg[len("Input should be "):] if msg.startswith("Input should be ") else msg)
+    if kind.startswith("union_tag_"):  # names the tag itself
+        return _join(where, _path(loc), problem)
     return _join(where, _path(loc), f"{problem} (got {show(e['input'])})")
 
 
@@ -151,6 +155,7 @@ WORDING = {  # pydantic's error types in the project's words
     "less_than_equal": "must be <= {le}", "literal_error": "must be one of {expected}",
     "too_short": "must have at least {min_length} items", "empty": "must not be empty", "too_long": "must have at most {max_length} items",
     "string_too_short": "must be a non-empty string",
+    "union_tag_invalid": "unknown kind {tag!r} (known: {expected_tags})", "union_tag_not_found": "missing field 'kind'",
 }
 
 

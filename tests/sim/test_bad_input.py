@@ -20,6 +20,9 @@ GOOD_WL = {"kind": "poisson", "rate": 5, "duration": 2, "prompt": 64, "output": 
 NONFINITE = st.sampled_from([math.inf, -math.inf, math.nan, 1e400])
 BAD_NUMBER = st.one_of(NONFINITE, st.floats(max_value=0, allow_nan=False, allow_infinity=False),
                        st.sampled_from(["x", [1], {"a": 1}, True]))
+# a value no numeric field takes (those >= 0 included): not finite, negative, or not a number
+NEVER = st.one_of(NONFINITE, st.floats(max_value=-1e-6, allow_nan=False, allow_infinity=False),
+                  st.sampled_from(["x", [1], {"a": 1}, True]))
 
 
 def _yaml(d) -> str:
@@ -39,7 +42,9 @@ BINARY = st.sampled_from([b"\xff\xfe\x00a\x00b", "kind: x".encode("utf-16"), b"\
 def bad_inputs(draw):
     kind = draw(st.sampled_from([
         "binary", "config_field", "workload_field", "workload_number", "mm", "jsonl", "study", "cli_number",
-        "out_path", "admission", "plan_mismatch"]))
+        "out_path", "admission", "plan_mismatch", "plan_field", "section", "deploy", "search", "trace"]))
+    if kind in SCHEMA_KINDS:
+        return SCHEMA_KINDS[kind](draw)
     if kind == "plan_mismatch":
         fault = draw(st.sampled_from([
             {"kind": "kv_transfer_slow", "start": 0, "end": 1, "factor": 3}, {"kind": "kv_transfer_fail", "start": 0, "end": 1},
@@ -121,6 +126,68 @@ def bad_inputs(draw):
                                               "--max-num-batched-tokens", "256"]
 
 
+def _plan_field(draw):
+    fault = dict(draw(st.sampled_from([{"kind": "kill_engine", "at": 1}, {"kind": "slow_steps", "start": 1, "end": 2, "factor": 2},
+                                      {"kind": "ec_prefetch_stall", "delay": 0.2}, {"kind": "eplb_rank_death"}])))
+    key = draw(st.sampled_from(sorted(set(fault) - {"kind"}) + ["rank", "bogus"]))
+    fault[key] = draw(NEVER)
+    return "plan_field", {"plan.yaml": _yaml({"faults": [fault]})}, ["run", "--duration", "1", "--plan", "{dir}/plan.yaml"]
+
+
+def _section(draw):
+    """A run config section with one bad value: scheduler, kv_offload, eplb, or the top level."""
+    section, key = draw(st.sampled_from([("scheduler", "max_num_seqs"), ("scheduler", "block_size"),
+                                         ("kv_offload", "num_cpu_chunks"), ("kv_offload", "bandwidth"),
+                                         ("kv_offload", "latency"), ("eplb", "layers"), ("eplb", "contention"),
+                                         ("seed", None), ("ec_policy", None)]))
+    value = draw(NEVER)
+    cfg = {"workload": GOOD_WL, "scheduler": {"enable_prefix_caching": True, "async_scheduling": False}}
+    cfg[section] = value if key is None else {**cfg.get(section, {}), key: value}
+    return "section", {"run.yaml": _yaml(cfg)}, ["run", "--config", "{dir}/run.yaml"]
+
+
+def _deploy(draw):
+    spec = draw(st.sampled_from([
+        {"deployment": {"servers": draw(NEVER)}}, {"deployment": {"retry": {"backoff_multiplier": 0.5}}},
+        {"deployment": {"slo": {"ttft_ms": draw(NEVER)}}}, {"deployment": {"router": "random"}},
+        {"fault_rates": {"ec_prefetch_fail_rate": draw(NEVER)}}, {"fault_rates": {"kill_signal": "SIGHUP"}},
+        {"run": {"workload": {**GOOD_WL, "rate": draw(NEVER)}}}, {"replicas": 2}, [1]]))
+    return "deploy", {"d.yaml": _yaml(spec)}, ["deploy", "--spec", "{dir}/d.yaml", "--trace", "{dir}/t.jsonl"]
+
+
+SEARCH = {"model": "meta-llama/Meta-Llama-3.1-8B", "workload": GOOD_WL,
+          "slo": {"ttft_ms": {"percentile": 90, "max": 150}}, "space": {"system": ["h100_sxm"], "max_num_seqs": [2]}}
+
+
+def _search(draw):
+    bad = draw(NEVER)
+    spec = draw(st.sampled_from([
+        {**SEARCH, "slo": {"ttft_ms": {"percentile": bad, "max": 150}}}, {**SEARCH, "slo": {"availability": bad}},
+        {**SEARCH, "slo": {}}, {**SEARCH, "space": {"system": ["h100_sxm"], "max_num_seqs": [bad]}},
+        {**SEARCH, "gpu_memory_utilization": bad}, {**SEARCH, "cost_per_gpu_hour": {"h100_sxm": bad}},
+        {**SEARCH, "model": ""}, {k: v for k, v in SEARCH.items() if k != "slo"}]))
+    return "search", {"s.yaml": _yaml(spec)}, ["search", "--spec", "{dir}/s.yaml", "--out", "{dir}/search"]
+
+
+def _trace(draw):
+    """A trace given to plot or diff --traces that breaks the schema: one event changed."""
+    head = {"kind": "header", "schema": "vllm-faultsim.trace/1", "side": "sim", "seed": 0, "config": {}}
+    step = {"kind": "step", "step": 0, "t": 0.0, "dur": 0.01, "sched": {"r0": 4}}
+    req = {"kind": "req", "req": "r0", "status": "length", "arrival": 0.0, "first_token": 0.01, "finish": 0.02,
+           "num_output": 1, "preemptions": 0}
+    events = [head, step, req, {"kind": "end", "t": 0.02}]
+    i, key = draw(st.sampled_from([(0, "schema"), (0, "seed"), (1, "dur"), (1, "sched"), (1, "kind"), (2, "status"),
+                                   (2, "arrival"), (3, "t")]))
+    events[i] = {**events[i], key: draw(st.sampled_from(["stepp", {"r0": 0}, None, [1], True, math.inf, math.nan]))}
+    text = "".join(json.dumps(e) + "\n" for e in events)
+    argv = draw(st.sampled_from([["plot", "{dir}/t.jsonl", "--out", "{dir}/t.png"],
+                                 ["diff", "--traces", "{dir}/t.jsonl", "{dir}/t.jsonl"]]))
+    return "trace", {"t.jsonl": text}, argv
+
+
+SCHEMA_KINDS = {"plan_field": _plan_field, "section": _section, "deploy": _deploy, "search": _search, "trace": _trace}
+
+
 def _listing(d: Path) -> set[str]:
     return {str(p.relative_to(d)) for p in d.rglob("*")}
 
@@ -139,7 +206,7 @@ def test_every_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path_facto
         argv += ["--no-progress"]
         if "--trace" not in argv:
             argv += ["--trace", str(d / "trace.jsonl")]
-    elif argv[0] == "study":
+    elif argv[0] in ("study", "deploy", "search"):
         argv += ["--no-progress"]
     code = main(argv)
     out, err = capsys.readouterr()

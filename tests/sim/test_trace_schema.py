@@ -32,11 +32,11 @@ def _first(events, kind):
 
 
 BREAKS = {
-    "unknown kind": (lambda ev: ev.insert(1, {"kind": "stepp"}), "unknown event kind 'stepp'"),
-    "missing field": (lambda ev: ev[_first(ev, "step")].pop("dur"), "step event without 'dur'"),
-    "wrong type": (lambda ev: ev[_first(ev, "req")].__setitem__("arrival", "0.5"), "req.arrival is str"),
-    "bad status": (lambda ev: ev[_first(ev, "req")].__setitem__("status", "done"), "req.status 'done'"),
-    "zero tokens": (lambda ev: ev[_first(ev, "step")]["sched"].update(x=0), "step.sched['x'] is 0"),
+    "unknown kind": (lambda ev: ev.insert(1, {"kind": "stepp"}), "unknown kind 'stepp' (known: header, step, req, "),
+    "missing field": (lambda ev: ev[_first(ev, "step")].pop("dur"), "step: missing field 'dur'"),
+    "wrong type": (lambda ev: ev[_first(ev, "req")].__setitem__("arrival", "0.5"), "req.arrival: must be a number (got '0.5')"),
+    "bad status": (lambda ev: ev[_first(ev, "req")].__setitem__("status", "done"), "req.status: must be one of length, stop, failed, aborted (got 'done')"),
+    "zero tokens": (lambda ev: ev[_first(ev, "step")]["sched"].update(x=0), "step.sched.x: must be > 0 (got 0)"),
     "steps out of order": (lambda ev: ev.insert(_first(ev, "step") + 2, dict(ev[_first(ev, "step")])),
                            "after step 1"),
     "no header": (lambda ev: ev.pop(0), "the first event is not a header"),

@@ -57,7 +57,12 @@ from __future__ import annotations
 import json
 import operator
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Annotated, Iterable, Iterator, Literal, Union
+
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from typing_extensions import NotRequired, TypedDict
+
+from ..inputs import problem_line
 
 
 SCHEMA = "vllm-faultsim.trace/1"
@@ -146,56 +151,108 @@ class TraceError(ValueError):
     """A trace that breaks the schema; the message is one line naming the event and the field."""
 
 
-_NUM = (int, float)
-_OPT_NUM = (int, float, type(None))
-# kind -> {field: accepted types}: the fields every event of the kind carries
-REQUIRED: dict[str, dict[str, tuple]] = {
-    "header": {"schema": (str,), "side": (str,), "seed": (int,), "config": (dict,)},
-    "step": {"step": (int,), "t": _NUM, "dur": _NUM, "sched": (dict,)},
-    "req": {"req": (str,), "status": (str,), "arrival": _NUM, "first_token": _OPT_NUM, "finish": _OPT_NUM,
-            "num_output": (int, type(None)), "preemptions": (int,)},
-    "fault": {"t": _OPT_NUM, "fault": (dict,)},
-    "proc": {"t": _NUM, "event": (str,)},
-    "kv_lost": {"t": _NUM, "cause": (str,), "jobs": (list,)},
-    "eplb": {"event": (str,)},
-    "client": {"t": _NUM, "req": (str,), "status": (str,), "arrival": _NUM, "tries": (int,),
-               "server": (int, type(None)), "first_token": _OPT_NUM, "finish": _OPT_NUM,
-               "num_output": (int, type(None))},
-    "end": {"t": _NUM},
-}
-# optional step fields and their types
-STEP_OPTIONAL = {"deferred": list, "preempted": list, "finished": list, "enc": dict, "ec_loaded": list, "kv": dict}
+# Each kind's fields (strict types; inf and nan refused); an event may carry more fields than these.
+EVENT = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 STATUSES = ("length", "stop", "failed", "aborted")
 CLIENT_STATUSES = ("finished", "failed", "lost")
+Time = Annotated[float, Field(ge=0)]
+
+
+@with_config(EVENT)
+class HeaderEvent(TypedDict):
+    kind: Literal["header"]
+    schema: Literal[SCHEMA]
+    side: str
+    seed: int
+    config: dict
+
+
+@with_config(EVENT)
+class StepEvent(TypedDict):
+    kind: Literal["step"]
+    step: int
+    t: float
+    dur: Time
+    sched: dict[str, Annotated[int, Field(gt=0)]]  # request -> tokens scheduled
+    deferred: NotRequired[list]
+    preempted: NotRequired[list]
+    finished: NotRequired[list]
+    enc: NotRequired[dict]
+    ec_loaded: NotRequired[list]
+    kv: NotRequired[dict]
+
+
+@with_config(EVENT)
+class ReqEvent(TypedDict):
+    kind: Literal["req"]
+    req: str
+    status: Literal[STATUSES]
+    arrival: float
+    first_token: float | None
+    finish: float | None
+    num_output: int | None
+    preemptions: int
+
+
+@with_config(EVENT)
+class FaultEvent(TypedDict):
+    kind: Literal["fault"]
+    t: float | None
+    fault: dict
+
+
+@with_config(EVENT)
+class ProcEvent(TypedDict):
+    kind: Literal["proc"]
+    t: float
+    event: str
+
+
+@with_config(EVENT)
+class KVLostEvent(TypedDict):
+    kind: Literal["kv_lost"]
+    t: float
+    cause: str
+    jobs: list
+
+
+@with_config(EVENT)
+class EplbEvent(TypedDict):
+    kind: Literal["eplb"]
+    event: str
+
+
+@with_config(EVENT)
+class ClientEvent(TypedDict):
+    kind: Literal["client"]
+    t: float
+    req: str
+    status: Literal[CLIENT_STATUSES]
+    arrival: float
+    tries: int
+    server: int | None
+    first_token: float | None
+    finish: float | None
+    num_output: int | None
+
+
+@with_config(EVENT)
+class EndEvent(TypedDict):
+    kind: Literal["end"]
+    t: float
+
+
+KINDS = (HeaderEvent, StepEvent, ReqEvent, FaultEvent, ProcEvent, KVLostEvent, EplbEvent, ClientEvent, EndEvent)
+TRACE_EVENT = TypeAdapter(Annotated[Union[KINDS], Field(discriminator="kind")])
 
 
 def validate_event(ev: dict, where: str = "event") -> None:
-    """Raise :class:`TraceError` if `ev` is not an event of the schema."""
-    kind = ev.get("kind") if isinstance(ev, dict) else None
-    fields = REQUIRED.get(kind)
-    if fields is None:
-        raise TraceError(f"{where}: unknown event kind {kind!r} (known: {', '.join(REQUIRED)})")
-    for name, types in fields.items():
-        if name not in ev:
-            raise TraceError(f"{where}: {kind} event without {name!r}")
-        v = ev[name]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
-            raise TraceError(f"{where}: {kind}.{name} is {type(v).__name__} {v!r}")
-    if kind == "step":
-        if ev["dur"] < 0:
-            raise TraceError(f"{where}: step.dur is negative ({ev['dur']!r})")
-        for rid, n in ev["sched"].items():
-            if not isinstance(rid, str) or not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-                raise TraceError(f"{where}: step.sched[{rid!r}] is {n!r} (a positive token count)")
-        for name, typ in STEP_OPTIONAL.items():
-            if name in ev and not isinstance(ev[name], typ):
-                raise TraceError(f"{where}: step.{name} is {type(ev[name]).__name__}")
-    elif kind == "req" and ev["status"] not in STATUSES:
-        raise TraceError(f"{where}: req.status {ev['status']!r} (known: {', '.join(STATUSES)})")
-    elif kind == "client" and ev["status"] not in CLIENT_STATUSES:
-        raise TraceError(f"{where}: client.status {ev['status']!r} (known: {', '.join(CLIENT_STATUSES)})")
-    elif kind == "header" and ev["schema"] != SCHEMA:
-        raise TraceError(f"{where}: header.schema {ev['schema']!r}, this version writes {SCHEMA!r}")
+    """Raise :class:`TraceError` (one line: ``WHERE: kind.field: problem (got VALUE)``) if `ev` is
+    not an event of the schema."""
+    try:
+        TRACE_EVENT.validate_python(ev)
+    except ValidationError as exc:
+        raise TraceError(problem_line(exc, where)) from None
 
 
 def validate_trace(events: Iterable[dict], source: str = "trace") -> None:
