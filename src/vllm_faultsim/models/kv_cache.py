@@ -27,7 +27,10 @@ class BlockPool:
             raise ValueError(f"num_gpu_blocks must be >= 2 (block 0 is the null block), got {num_gpu_blocks}")
         self.num_gpu_blocks = num_gpu_blocks
         self.enable_caching = enable_caching
-        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(1, num_gpu_blocks))
+        # the free queue, front first: with prefix caching an OrderedDict (a hit takes a cached block
+        # from anywhere in it), else a deque (blocks only leave the front)
+        self.free: OrderedDict[int, None] | deque[int] = (OrderedDict.fromkeys(range(1, num_gpu_blocks))
+                                                          if enable_caching else deque(range(1, num_gpu_blocks)))
         self.ref_cnt: dict[int, int] = {}
         self.block_hash: dict[int, object] = {}
         self.cached: dict[object, dict[int, None]] = {}   # hash -> blocks holding it, first = served
@@ -67,11 +70,15 @@ class BlockPool:
 
     def allocate(self, req_id: str, n: int) -> list[int]:
         free, ref = self.free, self.ref_cnt
-        new = list(islice(free, n))  # the free queue's front
-        for b in new:
-            del free[b]
-            ref[b] = 1
-        if self.enable_caching:
+        if not self.enable_caching:  # the free queue's front
+            popleft = free.popleft
+            new = [popleft() for _ in range(n if n < len(free) else len(free))]
+            ref.update(dict.fromkeys(new, 1))
+        else:
+            new = list(islice(free, n))
+            for b in new:
+                del free[b]
+                ref[b] = 1
             for b in new:
                 h = self.block_hash.pop(b, None)
                 if h is not None:  # _maybe_evict_cached_block
@@ -92,7 +99,7 @@ class BlockPool:
         assert not self.enable_caching
         free, ref, req_blocks = self.free, self.ref_cnt, self.req_blocks
         for rid in req_ids:
-            b = free.popitem(last=False)[0]  # the free queue's front
+            b = free.popleft()
             ref[b] = 1
             blocks = req_blocks.get(rid)
             if blocks is None:
@@ -117,11 +124,10 @@ class BlockPool:
         """Free in reverse order: hashless blocks go to the front, cached ones to the back."""
         blocks = self.req_blocks.pop(req_id, [])
         ref, free = self.ref_cnt, self.free
-        if not self.enable_caching:  # every block has one reference and no hash
+        if not self.enable_caching:  # every block has one reference and no hash: each to the front
             for b in blocks:
                 del ref[b]
-                free[b] = None
-                free.move_to_end(b, False)  # to the front
+            free.extendleft(blocks)
             return blocks
         self.num_cached_block.pop(req_id, None)
         self.free_blocks(reversed(blocks))
@@ -147,6 +153,9 @@ class BlockPool:
                 free[b] = None
             else:
                 without_hash.append(b)
+        if not self.enable_caching:
+            free.extendleft(reversed(without_hash))
+            return
         for b in reversed(without_hash):
             free[b] = None
             free.move_to_end(b, last=False)

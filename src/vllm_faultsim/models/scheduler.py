@@ -868,9 +868,10 @@ class Scheduler:
         k = min(_first_key(c.finish, c.finish_keys, r - lag) - (r - lag), _first_key(c.leave, c.leave_keys, r) - r)
         if k < 1:
             return None
-        k = self._fitting_run([len(c.blocks[(r + f) % bs]) for f in range(bs)], k)
-        if not k:
-            return None
+        if n * -(-k // bs) > len(self.pool.free):  # (at most one block per member every block_size rounds)
+            k = self._fitting_run([len(c.blocks[(r + f) % bs]) for f in range(bs)], k)
+            if not k:
+                return None
         return k, DecodeBatch(in_flight.sched if lag else dict.fromkeys(members, 1), c.sum_base + n * r)
 
     def _cohort_advance(self, c: "_Cohort", k: int, now: float) -> "_CohortStep | None":
