@@ -12,7 +12,8 @@ import pytest
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, fate_differences,
                                                 compare_code0_naming, compare_latency)
-from vllm_faultsim.harness.runs.procs import Case, matrix_cases, matrix_scenario, simulate_procs
+from vllm_faultsim.harness.runs.procs import (Case, like_the_run, matrix_cases, matrix_scenario, on_a_boundary,
+                                             simulate_procs)
 from vllm_faultsim.harness.trace import dumps
 from vllm_faultsim.harness.mutants import PROCS_MUTANTS
 from vllm_faultsim.models.engine_procs import (POLICIES, LatencyModel, ProcScenario, ScenarioError,
@@ -255,3 +256,25 @@ def test_pooled_latency_compares_the_models_mixture_median():
     assert mostly_exits["model_p50"] == pytest.approx(0.03) and mostly_exits["ok"]
     slower = compare_latency(lat, "mp", [("signal", 0.02)] * 3 + [("exit", 0.06)], pooled=True)["pooled"]
     assert slower["measured_p50"] == pytest.approx(0.02) and not slower["ok"]  # the model says 10 ms
+
+
+def test_a_run_is_judged_unless_its_detection_latency_lies_on_a_boundary():
+    """runs.procs.on_a_boundary: SIGTERM mid-step on rank 0: rank 0 drains and exits at 0.95 s;
+    rank 1's KV operations end at 1.10 s, so a detection of ~150 ms decides whether they are done
+    or drained when the monitor's SIGTERM reaches rank 1. Idle-host latencies (20-45 ms: moved
+    down they stop at 1 ms, short of the tie with the exit at 0) and a loaded host's (220 ms) are
+    judged; 150 ms and 130 ms are not. The model is conditioned on the run's operation times."""
+    plan, model = Case("SIGTERM", "mid_step", 0).plan(), latency()
+    on_time = {op.op: [op.submit, op.submit + op.dur] for op in SC.ops}
+
+    def why(x, op_times=on_time):
+        real = [{"kind": "proc", "event": "detect", "cause": "exit", "latency": x},
+                {"kind": "proc", "event": "request_failed", "t": SC.probe_at},
+                {"kind": "end", "op_times": op_times}]
+        return on_a_boundary(SC, plan, "mp-0.26", 0, model, real, like_the_run(SC, plan, "mp-0.26", 0, model, real))
+    assert [why(x) for x in (0.02, 0.045, 0.22)] == [None, None, None]
+    assert why(0.15) and why(0.13) and "lies on a boundary" in why(0.15)
+    # rank 1's KV operations submitted 150 ms late end at 1.25 s: 150 ms is then no boundary, 300 ms is
+    late = {op: [s + 0.15, e + 0.15] if op.startswith("a1.") and op.endswith(".kv") else [s, e]
+            for op, (s, e) in on_time.items()}
+    assert why(0.15, late) is None and why(0.3, late)

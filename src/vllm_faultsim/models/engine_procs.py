@@ -79,7 +79,8 @@ Trace events (kind ``proc`` unless noted), besides those of models/shutdown_drai
 - ``engine_dead`` ``via`` (``monitor`` or ``client_shutdown``)
 - ``request_failed`` / ``request_accepted`` ``error``: the driver's later ``add_request``
 - ``end`` (kind ``end``): ``t``, ``summary`` (operations per rank/role/connector); real
-                traces add ``max_slip`` (how late the run was against its schedule)
+                traces add ``max_slip`` (how late the run was against its schedule) and
+                ``slipped`` (what was that late)
 
 Exit times: a SIGKILL's is when it was sent; a process that returns, its last moment in Python.
 """

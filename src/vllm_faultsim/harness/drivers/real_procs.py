@@ -40,6 +40,7 @@ start. The run records a history; :mod:`harness.checkers.procs` judges it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import multiprocessing
@@ -726,33 +727,29 @@ def _trace_events(side: str, sc: ProcScenario, plan: FaultPlan, faults: list[Fau
     ev.sort(key=lambda e: (e["t"] is None, e["t"] or 0.0))
     last = max((e["t"] for e in ev if e["t"] is not None), default=0.0)
     head = header(side, seed, {"policy": f"real-{backend}", "scenario": sc.to_dict(), "plan": plan.to_dict()})
-    return [head, *ev, {"kind": "end", "t": tr(last), "summary": summarize(ev), "max_slip": tr(_max_slip(sc, faults, recs))}]
+    slip, slipped = _max_slip(sc, faults, recs)
+    done = {x["op"]: x["t"] for x in recs if x["ev"] == "op_complete"}
+    op_times = {x["op"]: [tr(x["t"]), tr(done[x["op"]]) if x["op"] in done else None]
+                for x in recs if x["ev"] == "op_submit"}
+    return [head, *ev, {"kind": "end", "t": tr(last), "summary": summarize(ev), "max_slip": tr(slip), "slipped": slipped,
+                        "op_times": op_times}]
 
 
-def _max_slip(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> float:
-    """How late the run was against its own schedule (faults, operations, probe, stop): a run
-    that slipped by more than the scenario's margins (a stalled machine) is no valid history."""
-    planned_ops = {op.op: op for op in sc.ops}
-    submitted = {(x["rank"], x["op"]): x["t"] for x in recs if x["ev"] == "op_submit"}
-    slips = [0.0]
+def _max_slip(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> tuple[float, str]:
+    """How late the run applied its faults against its schedule, and which: a run that slipped by
+    more than the scenario's margins (a stalled machine) is no valid history. The operations', the
+    probe's and the stop's times are not slips: the model takes them as the run had them
+    (``runs.procs.as_run``, from the trace)."""
+    slips = [(0.0, "nothing")]
     for x in recs:
-        e = x["ev"]
-        if e == "fault_applied":
+        if x["ev"] == "fault_applied":
             f = faults[x["index"]]
             if f.phase == "shutdown":
                 begin = [y["t"] for y in recs if y["ev"] == "core_shutdown" and y["rank"] == f.rank]
                 planned = max(f.at, begin[0] + sc.shutdown_delay) if begin else x["t"]
             else:
                 planned = resolve_fault_time(sc, f)
-            slips.append(x["t"] - planned)
-        elif e == "op_submit":
-            slips.append(x["t"] - planned_ops[x["op"]].submit)
-        elif e == "op_complete" and (x["rank"], x["op"]) in submitted:
-            slips.append(x["t"] - submitted[(x["rank"], x["op"])] - planned_ops[x["op"]].dur)
-        elif e in ("request_failed", "request_accepted"):
-            slips.append(x["t"] - sc.probe_at)
-        elif e == "stop" and x["cause"] == "end":
-            slips.append(x["t"] - sc.duration)
+            slips.append((x["t"] - planned, f"fault {x['index']} ({f.signal})"))
     return max(slips)
 
 
@@ -797,28 +794,27 @@ def _ray_actor_class():
         def wait_for_init(self) -> int:
             return os.getpid()
 
-        def run(self, t0: float) -> None:
-            self.t0 = t0
-            threading.Thread(target=self.submit_ops, daemon=True).start()
+        def run(self, go_path: str) -> None:
+            fd = os.open(go_path, os.O_RDONLY)   # blocks until the driver opens it: both actors run
+            self.t0 = float(os.read(fd, 64).decode())
+            os.close(fd)
+            for op in self.s["ops"]:   # each its own thread from the start: a starved actor
+                threading.Thread(target=self.run_op, args=(op,), daemon=True).start()  # submits on time
             try:
                 self.run_busy_loop()
             finally:
                 self.shutdown()
 
-        def submit_ops(self) -> None:
-            for op in sorted(self.s["ops"], key=lambda o: (o["submit"], o["op"])):
-                time.sleep(max(0.0, op["submit"] - self.now()))
+        def run_op(self, op: dict) -> None:
+            time.sleep(max(0.0, op["submit"] - self.now()))
+            with self.lock:
                 if self.shutting_down:
                     return
-
-                def run_op(op=op):
-                    time.sleep(op["dur"])
-                    self.report("op_complete", op=op["op"], connector=op["connector"], role=op["role"],
-                                shutting_down=self.shutting_down)
-                th = threading.Thread(target=run_op, daemon=True)
-                th.start()
-                self.threads.setdefault((op["role"], op["connector"]), []).append(th)
-                self.report("op_submit", op=op["op"], connector=op["connector"], role=op["role"])
+                self.threads.setdefault((op["role"], op["connector"]), []).append(threading.current_thread())
+            self.report("op_submit", op=op["op"], connector=op["connector"], role=op["role"])
+            time.sleep(op["dur"])
+            self.report("op_complete", op=op["op"], connector=op["connector"], role=op["role"],
+                        shutting_down=self.shutting_down)
 
         def run_busy_loop(self) -> None:
             """Steps until an injected exit; an actor has no shutdown request, so it runs until killed."""
@@ -833,7 +829,8 @@ def _ray_actor_class():
             raise SystemExit
 
         def shutdown(self) -> None:
-            self.shutting_down = True
+            with self.lock:
+                self.shutting_down = True
             begin = self.now()
             self.report("core_shutdown")
             for f in self.s["exit_faults"]:
@@ -854,6 +851,31 @@ def _ray_actor_class():
             self.report("exiting")
 
     return EngineCoreActorStandIn
+
+
+def _start_actors(go: list[str], timeout: float = 120.0) -> float:
+    """Start every actor's schedule at one t0, once all their ``run`` tasks are running (a loaded
+    host dispatches a task hundreds of ms late: a t0 taken before started them off schedule).
+    Each ``run`` opens its FIFO for reading; opening one for writing succeeds once it has."""
+    deadline = time.monotonic() + timeout
+    fds = []
+    try:
+        for path in go:
+            while True:
+                try:
+                    fds.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                        raise RuntimeError(f"the actors' run tasks did not start within {timeout:.0f} s") from exc
+                    time.sleep(0.001)
+        t0 = time.monotonic()
+        for fd in fds:
+            os.write(fd, repr(t0).encode())
+        return t0
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _tail(path: str, hist: _History, stop: threading.Event, shutdown_seen: dict[int, threading.Event]) -> None:
@@ -945,9 +967,12 @@ def run_ray_case(sc: ProcScenario, plan: FaultPlan, *, seed: int = 0,
             traced_shutdown(timeout=timeout)
         manager.shutdown = shutdown
         threading.excepthook = excepthook
-        hist.t0 = t0 = time.monotonic()
-        manager.run_refs = [a.run.remote(t0) for a in actors]
+        go = [os.path.join(tmp, f"go{r}") for r in range(sc.dp_size)]
+        for path in go:
+            os.mkfifo(path)
+        manager.run_refs = [a.run.remote(path) for a, path in zip(actors, go)]
         manager.actor_run_ref_dict = dict(zip(actors, manager.run_refs))
+        hist.t0 = _start_actors(go)
         for target, args in ((_tail, (log_path, hist, stop, shutdown_seen)),
                              (_watch_refs, (ray, manager.run_refs, manager, hist, stop))):
             threads.append(threading.Thread(target=target, args=args, daemon=True, name=f"ray-{target.__name__}"))
@@ -994,6 +1019,11 @@ def _ray_exits(sc: ProcScenario, faults: list[Fault], recs: list[dict]) -> dict[
         reported = [x["t"] for x in recs if x["ev"] == "exiting" and x["rank"] == r]
         exited = _applied_exit_faults(faults, recs, r)
         killed = [x["t"] for x in recs if x["ev"] == "manager_shutdown"]
+        if outcome == "killed" and reported and reported[-1] < killed[0]:
+            # its run() had ended before the kill; Ray had not told the driver yet (a loaded host)
+            fatal = any(faults[x["index"]].signal == "exit1" for x in recs
+                        if x["ev"] == "fault_applied" and faults[x["index"]].rank == r)
+            outcome = "task_error" if fatal else "actor_died"
         if outcome == "killed":
             t, cause = killed[0], "signal"
         elif reported or exited:   # it returned from run() (after its drain), whatever ended the loop
