@@ -31,22 +31,9 @@ def _usage_errors():
 
 
 def _run_config(args):
-    import yaml
-
+    from .config_file import read_config_file
     from .runs.simulate import ConfigError, config_from_dict
-    d: dict = {}
-    if args.config:
-        try:
-            d = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"{args.config}: cannot read config ({exc.strerror})") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{args.config}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                             "a config is a UTF-8 YAML or JSON file") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{args.config}: not valid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{args.config}: a run config must be a mapping")
+    d = dict(read_config_file(args.config)) if args.config else {}
     d.setdefault("workload", {"kind": "poisson", "rate": 20.0, "duration": 60.0, "prompt": 512, "output": 128})
     if args.workload:
         d["workload"] = {"kind": "jsonl", "path": args.workload}

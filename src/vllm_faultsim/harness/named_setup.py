@@ -13,8 +13,28 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..inputs import Section, checked, read_mapping_file
+
 DEFAULT_SETUP = "llama-3.1-8b-h200"
-SECTIONS = ("scheduler", "step_time", "serving")
+
+
+class SetupRun(Section):
+    """A setup's run-config sections (each checked as a run config's when a config uses it)."""
+
+    scheduler: dict | None = None
+    step_time: dict | None = None
+    serving: dict | None = None
+
+
+class SetupFile(Section):
+    """A setup: what it is (model, GPU, vLLM release) and its ``run`` sections."""
+
+    name: str | None = None
+    description: str | None = None
+    model: str | None = None
+    gpu: str | None = None
+    vllm: str | None = None
+    run: SetupRun
 
 
 class SetupError(ValueError):
@@ -27,28 +47,15 @@ def available_setups() -> list[str]:
 
 def load_setup(name_or_path: str) -> dict[str, Any]:
     """A packaged setup by name, or a YAML file by path: its mapping (``name``, ``description``, ``run``)."""
-    import yaml
-
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SetupError(f"setup {name_or_path}: cannot read it as UTF-8 text ({exc})") from None
-    else:
-        res = resources.files("vllm_faultsim.setups") / f"{name_or_path}.yaml"
-        if not res.is_file():
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = resources.files("vllm_faultsim.setups") / f"{name_or_path}.yaml"
+        if not path.is_file():
             raise SetupError(f"unknown setup {name_or_path!r} (packaged: {', '.join(available_setups())}; "
                              "or give a .yaml path)")
-        text = res.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SetupError(f"setup {name_or_path!r}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    run = data.get("run") if isinstance(data, dict) else None
-    if not isinstance(run, dict) or set(run) - set(SECTIONS) or not all(isinstance(v, dict) for v in run.values()):
-        raise SetupError(f"setup {name_or_path!r}: needs a 'run' mapping of {', '.join(SECTIONS)} sections")
-    return data
+    data = read_mapping_file(path, "setup", SetupError)
+    setup = checked(SetupFile, data, f"setup {name_or_path}", SetupError)
+    return {**data, "run": setup.run.model_dump(exclude_unset=True)}
 
 
 def merge(base: dict, over: dict) -> dict:
