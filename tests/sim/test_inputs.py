@@ -85,3 +85,21 @@ def test_a_dataclass_is_its_own_schema_nested_too():
         checked(Engine, {"link": {"speed": 1}}, "run.yaml", Bad, at="eplb")
     with pytest.raises(Bad, match=r"^eplb\.layers: must be an integer \(got bool False\)$"):
         checked(Engine, {"layers": False}, "", Bad, at="eplb")
+
+
+def test_a_saved_diff_case_is_checked_as_it_is_replayed():
+    """``diff --replay case.json``: the case's requests, scheduler and plan go through their schemas."""
+    from vllm_faultsim.faults.plan import validate_plan
+    from vllm_faultsim.harness.runs.diff import DiffCase
+    from vllm_faultsim.models.request import MMItem, RequestSpec
+    from vllm_faultsim.models.scheduler import SchedulerConfig
+
+    case = DiffCase((RequestSpec("a", 0.0, 100, 5, (MMItem("ia", 0, 100, 0.05),)), RequestSpec("b", 0.5, 20, 3, stop_at=2)),
+                    SchedulerConfig(max_num_seqs=4), validate_plan([{"kind": "ec_prefetch_stall", "item": "ia", "delay": 0.2}]), 3)
+    back = DiffCase.from_json(case.to_json(), "case.json")
+    assert (back.specs, back.scheduler, back.plan.faults, back.seed) == (case.specs, case.scheduler, case.plan.faults, 3)
+    with pytest.raises(ValueError, match=r"^case\.json: scheduler\.max_num_seqs: must be an integer \(got 'x'\)$"):
+        DiffCase.from_json('{"scheduler": {"max_num_seqs": "x"}, "requests": []}', "case.json")
+    with pytest.raises(ValueError, match=r"^case\.json: requests\[0\]: arrival: must be >= 0 \(got -1\)$"):
+        DiffCase.from_json('{"scheduler": {}, "requests": [{"arrival": -1, "prompt_tokens": 3, "output_tokens": 1}]}',
+                           "case.json")

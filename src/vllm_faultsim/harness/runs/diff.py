@@ -17,13 +17,23 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ...faults.plan import FaultPlan, validate_plan
+from ...inputs import Section, checked
 from ...models.ec_connector import ECConnector
 from ...models.kv_offload import installed_vllm_version
 from ...models.scheduler import SchedulerConfig, for_release
 from ..checkers.divergence import Divergence, first_divergence
 from ..mutants import SCHEDULER_MUTANTS, Mutant
 from .simulate import RunConfig, prefetch_schedule, run_engine
-from ..workload import spec_from_dict, spec_to_dict, validate
+from ..workload import WorkloadError, spec_from_dict, spec_to_dict, validate
+
+
+class CaseFile(Section):
+    """A saved case (``DiffCase.to_json``); its scheduler, plan and requests are checked by their schemas."""
+
+    seed: int = 0
+    scheduler: dict
+    plan: dict | list | None = None
+    requests: list
 
 @dataclass(frozen=True)
 class DiffCase:
@@ -38,11 +48,19 @@ class DiffCase:
 
     @classmethod
     def from_json(cls, text: str, source: str = "<case>") -> "DiffCase":
-        d = json.loads(text)
-        specs = validate([spec_from_dict(r, f"r{i}") for i, r in enumerate(d["requests"])])
+        try:
+            d = checked(CaseFile, json.loads(text), source, ValueError)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: not valid JSON ({exc.msg})") from None
+        specs = []
+        for i, r in enumerate(d.requests):
+            try:
+                specs.append(spec_from_dict(r, f"r{i}"))
+            except WorkloadError as exc:
+                raise WorkloadError(f"{source}: requests[{i}]: {exc}") from None
         # cases saved before async scheduling was modelled ran synchronously: replay them so
-        sched = {"async_scheduling": False, **d["scheduler"]}
-        return cls(specs, SchedulerConfig(**sched).validate(), validate_plan(d["plan"], source), d.get("seed", 0))
+        sched = checked(SchedulerConfig, {"async_scheduling": False, **d.scheduler}, source, ValueError, at="scheduler")
+        return cls(validate(specs), sched.validate(), validate_plan(d.plan, source), d.seed)
 
 
 def run_side(case: DiffCase, side: str, mutant: str | None = None) -> list[dict]:
