@@ -12,7 +12,8 @@ An r2 recording is never fitted on: its ``calibrated`` fit is the three original
 model, ``calibrated-all`` all nine, ``zero-shot`` the six of the other models.
 
 The fit is ``vllm-faultsim fidelity --fit`` (harness/runs/fidelity.py ``fit``); aiconfigurator-core
-gives the forward time in every mode.
+gives the forward time in every mode, corrected (``decode_scale``) only from the fit recordings of
+the replayed recording's model (none in zero-shot).
 
     python benchmarks/fidelity_table.py [--out benchmarks/results/fidelity.json]
 """
@@ -57,7 +58,7 @@ def main() -> None:
     for model, path in recordings():
         name = str(path.relative_to(RECORDINGS))
         for mode, fit_on in fit_sets(model, path).items():
-            fitted = F.fit(fit_on)
+            fitted = F.fit(fit_on, model=F.load(path).header["model"])
             f = F.fidelity(path, fitted)
             rows.append({"recording": name, "held_out_set": path.parent == HELD_OUT, "mode": mode,
                          "fit_on": [p.name for p in fit_on], "fitted": fitted, **{m: f.metrics[m] for m in METRICS}})

@@ -6,7 +6,9 @@ path, p50/p90 in ms; beside them the request-path constants fitted on that recor
 
 Where a recording has vLLM's per-request engine times (``stats``: ``queued_ts``,
 ``scheduled_ts``, ``first_token_ts``; the held-out set r2/) each component is also read from them
-directly; otherwise from the step lines (``first_scheduled``: the FCFS replay of prefills).
+directly (``queued_ts`` is ``Scheduler.add_request``, as the busy loop drains its input queue: the
+input path plus the wait for the loop); otherwise from the step lines (``first_scheduled``: the
+FCFS replay of prefills).
 
     python benchmarks/ttft_components.py [--out benchmarks/results/ttft_components.json]
 """
@@ -34,7 +36,7 @@ def components(path: Path) -> dict:
     ends = [s["output_end"] for s in steps]
     first = F.first_scheduled(rec)
     parts: dict[str, list[float]] = {k: [] for k in ("to_first_schedule", "schedule_to_output", "output_path", "ttft")}
-    stats: dict[str, list[float]] = {k: [] for k in ("input_path", "queued_to_scheduled", "scheduled_to_first_token",
+    stats: dict[str, list[float]] = {k: [] for k in ("arrival_to_queued", "queued_to_scheduled", "scheduled_to_first_token",
                                                      "first_token_to_client")}
     for r, k in zip(rec.requests, first):
         parts["ttft"].append(r["first_token"] - r["arrival"])
@@ -45,14 +47,14 @@ def components(path: Path) -> dict:
             parts["output_path"].append(r["first_token"] - ends[j])
         if "stats" in r:
             st = r["stats"]
-            stats["input_path"].append(st["queued_ts"] - r["arrival"])
+            stats["arrival_to_queued"].append(st["queued_ts"] - r["arrival"])
             stats["queued_to_scheduled"].append(st["scheduled_ts"] - st["queued_ts"])
             stats["scheduled_to_first_token"].append(st["first_token_ts"] - st["scheduled_ts"])
             stats["first_token_to_client"].append(r["first_token"] - st["first_token_ts"])
     out_a, out_b = F.output_costs(F.output_samples(rec))
     return {"recording": str(path.relative_to(RECORDINGS)), "requests": len(rec.requests),
             "from_steps": {k: quantiles(v) for k, v in parts.items()},
-            "from_engine_stats": {k: quantiles(v) for k, v in stats.items()} if stats["input_path"] else None,
+            "from_engine_stats": {k: quantiles(v) for k, v in stats.items()} if stats["arrival_to_queued"] else None,
             "fitted_here": {"input_s_ms": round(1000 * F.input_seconds(F.input_bounds(rec)), 3),
                             "output_base_ms": round(1000 * out_a, 3), "output_per_req_us": round(1e6 * out_b, 1)}}
 

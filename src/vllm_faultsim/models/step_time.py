@@ -19,7 +19,9 @@ Chosen by the run config's ``step_time`` section (:func:`from_config`):
   1/``KV_BUCKETS`` of their power of two (``kv_bucket``). Where aiconfigurator-core is missing or
   has no data for the model/GPU, one line names the fallback (the linear ``fallback`` profile).
 - ``scale`` and ``decode_scale`` (either backend, default 1 and ``scale``): multiplicative
-  corrections of batches with prefill work and of decode-only batches, fitted on recorded steps.
+  corrections of batches with prefill work and of decode-only batches, fitted on recorded steps;
+  ``decode_scale`` may be a list, one correction per ``DECODE_BIN`` decode requests (the last for
+  any larger batch: aiconfigurator's error on a MoE model's decode shrinks as the batch grows).
 
 Any callable ``(prefill_tokens, decode_reqs, context_tokens) -> seconds`` can still stand in
 (:func:`step_seconds_of`).
@@ -96,9 +98,10 @@ def load_profile(name_or_path: str = "default") -> LinearStepTime:
 # ---- the backend interface and the run config's step_time section ---------------------------
 
 BACKENDS = ("linear", "aic")
-SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, float), "decode_scale": (int, float)},
+SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, float), "decode_scale": (int, float, list)},
                   "aic": {"backend": str, "model": str, "system": str, "tp": int, "dtype": str, "version": str,
-                          "fallback": str, "scale": (int, float), "decode_scale": (int, float), "kv_bucket": bool}}
+                          "fallback": str, "scale": (int, float), "decode_scale": (int, float, list), "kv_bucket": bool}}
+DECODE_BIN = 16  # decode requests per entry of a decode_scale list
 AIC_DEFAULTS = {"system": "h200_sxm", "tp": 1, "dtype": "bfloat16", "version": "0.24.0", "kv_bucket": True}
 AIC_PACKAGE = "aiconfigurator-core==0.12.0"
 KV_BUCKETS = 64  # the KV sums are memoised in buckets of 1/64 of their power of two (<= 1.6% off)
@@ -108,7 +111,9 @@ def describe(step_time) -> str:
     """One line naming the step time a run uses (its trace header's ``clock``); the placeholder
     profile says that it is one."""
     if isinstance(step_time, Scaled):
-        return f"{describe(step_time.inner)}, x{step_time.scale:g} (decode-only x{step_time.decode_scale:g})"
+        per = "/".join(f"{x:g}" for x in step_time.decode_scale)
+        bins = f" per {DECODE_BIN} requests" if len(step_time.decode_scale) > 1 else ""
+        return f"{describe(step_time.inner)}, x{step_time.scale:g} (decode-only x{per}{bins})"
     if isinstance(step_time, AicStepTime):
         s = step_time.section
         return (f"aic: aiconfigurator-core {s['model']} on {s['system']} (tp {s['tp']}, {s['dtype']}, "
@@ -127,17 +132,20 @@ def step_seconds_of(step_time) -> Callable:
 
 @dataclass(frozen=True)
 class Scaled:
-    """A backend times a constant, ``decode_scale`` for decode-only batches and ``scale`` for the
-    others (a correction fitted on recorded steps: ``vllm-faultsim fidelity --fit``)."""
+    """A backend times a constant: ``scale`` for batches with prefill work, for decode-only ones
+    ``decode_scale[min(requests // DECODE_BIN, len - 1)]`` (corrections fitted on recorded steps:
+    ``vllm-faultsim fidelity --fit``)."""
     inner: Any
     scale: float
-    decode_scale: float
+    decode_scale: tuple[float, ...]
 
     def of_step(self, res) -> float:
         return self.batch_seconds(res.batch_shape())
 
     def batch_seconds(self, shape) -> float:
-        return (self.scale if shape[0] else self.decode_scale) * self.inner.batch_seconds(shape)
+        ds = self.decode_scale
+        k = (self.scale if shape[0] else ds[0] if len(ds) == 1 else ds[min(shape[3] // DECODE_BIN, len(ds) - 1)])
+        return k * self.inner.batch_seconds(shape)
 
 
 def _bucket(x: int) -> int:
@@ -203,8 +211,11 @@ def check_section(section: Any) -> dict:
     spec = SECTION_FIELDS[backend]
     check_fields(section, spec, "step_time", ProfileError)
     for key in ("scale", "decode_scale"):
-        if key in section and not section[key] > 0:
-            raise ProfileError(f"step_time.{key} must be > 0, got {section[key]!r}")
+        values = section[key] if isinstance(section.get(key), list) else [section[key]] if key in section else []
+        if (key in section and not values) or not all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 for v in values):
+            raise ProfileError(f"step_time.{key} must be > 0{' (each)' if key == 'decode_scale' else ''}, "
+                               f"got {section[key]!r}")
     out = {"backend": backend, **section}
     if backend == "aic":
         if "model" not in section:
@@ -233,7 +244,8 @@ def from_config(section: dict | None, profile: str = "default",
         return load_profile(profile)
     section = check_section(section)
     scale = float(section.get("scale", 1.0))
-    decode_scale = float(section.get("decode_scale", scale))
+    ds = section.get("decode_scale", scale)
+    decode_scale = tuple(map(float, ds)) if isinstance(ds, list) else (float(ds),)
     if section["backend"] == "linear":
         model = load_profile(section.get("profile", profile))
     else:
@@ -254,7 +266,7 @@ def from_config(section: dict | None, profile: str = "default",
                      f"{section['system']!r} (tp {section['tp']}, {section['dtype']}, vLLM data {section['version']}): "
                      f"{first}; falling back to the linear profile {fallback!r}{_placeholder(fallback)}")
                 model = _BUILT[key] = load_profile(fallback)
-    return model if scale == decode_scale == 1.0 else Scaled(model, scale, decode_scale)
+    return model if scale == 1.0 and decode_scale == (1.0,) else Scaled(model, scale, decode_scale)
 
 
 # ---- serving-mode CPU costs around the forward (the run config's ``serving`` section) ---------
