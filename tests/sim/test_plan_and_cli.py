@@ -105,7 +105,7 @@ def test_wrongly_typed_scheduler_field_is_one_line_exit_2(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("scheduler: {max_num_seqs: 'a'}\n")
     assert main(["run", "--config", str(cfg), "--trace", str(tmp_path / "t.jsonl"), "--no-progress"]) == 2
-    assert capsys.readouterr().err.strip() == "vllm-faultsim: error: scheduler.max_num_seqs: must be an integer (got 'a')"
+    assert capsys.readouterr().err.strip() == f"vllm-faultsim: error: {cfg}: scheduler.max_num_seqs: must be an integer (got 'a')"
 
 
 def test_diff_of_unreadable_traces_is_one_line_exit_2(tmp_path, capsys):

@@ -58,7 +58,12 @@ def _run_config(args):
                 raise ConfigError(f"{args.profile}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
                                   f"{exc.start}): a step-time profile is a UTF-8 JSON file") from None
         d["profile"] = args.profile
-    return config_from_dict(d)
+    try:
+        return config_from_dict(d)
+    except _usage_errors() as exc:  # named by the config file the run came from
+        if not args.config or str(exc).startswith(f"{args.config}:"):
+            raise
+        raise type(exc)(f"{args.config}: {exc}") from None
 
 
 def _quietly(fn) -> None:
