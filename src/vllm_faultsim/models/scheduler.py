@@ -203,8 +203,9 @@ class Scheduler:
         if c and c.active:  # counters are those of the join; members: the last round's block takers
             members, rounds = c.members, c.S
             if not deep:
-                checked = [*map(members.__getitem__, c.blocks[(rounds - 1) % bs]), *c.parked.values(),
-                           *(req for req in c.pending if req.status == RUNNING)]
+                checked = list(map(members.__getitem__, c.blocks[(rounds - 1) % bs]))
+                if c.parked or c.pending:
+                    checked += [*c.parked.values(), *(req for req in c.pending if req.status == RUNNING)]
                 if len(members) + len(c.parked) + len(c.pending) < len(self.running):
                     return f"{len(self.running)} running requests, not all in the decode cohort or new"
         for req in checked:
