@@ -6,7 +6,10 @@ per recording, in three modes:
   recordings (nothing of this model or recording: leave-one-model-out; per-request, per-layer and
   per-layer-kind costs carry over);
 - ``calibrated``: fitted on the other two loads of the same model (leave-one-load-out);
-- ``calibrated-all``: fitted on the other eight recordings (leave-one-out).
+- ``calibrated-all``: fitted on the other eight recordings (leave-one-out);
+- ``calibrated, cpu``: ``calibrated`` with every serving cost scaled to the replayed run's CPU
+  speed, read from its recorded ``schedule()`` times (``fidelity.at_cpu_speed``; none of its
+  latencies): the host's CPU speed changes from run to run.
 
 An r2 recording is never fitted on: its ``calibrated`` fit is the three original recordings of its
 model, ``calibrated-all`` all nine, ``zero-shot`` the six of the other models.
@@ -59,12 +62,15 @@ def main() -> None:
         name = str(path.relative_to(RECORDINGS))
         for mode, fit_on in fit_sets(model, path).items():
             fitted = F.fit(fit_on, model=F.load(path).header["model"])
-            f = F.fidelity(path, fitted)
-            rows.append({"recording": name, "held_out_set": path.parent == HELD_OUT, "mode": mode,
-                         "fit_on": [p.name for p in fit_on], "fitted": fitted, **{m: f.metrics[m] for m in METRICS}})
-            print(f"{F.stem(name):<24} {mode:<15} " + " ".join(
-                f"{f.metrics[m]['mape_pct']:>6.1f} ({f.metrics[m]['bias_pct']:+5.0f})" if f.metrics[m].get("n") else f"{'-':>14}"
-                for m in METRICS), flush=True)
+            runs = [(mode, fitted)] + ([("calibrated, cpu", F.at_cpu_speed(fitted, fit_on, path))]
+                                       if mode == "calibrated" else [])
+            for label, over in runs:
+                f = F.fidelity(path, over)
+                rows.append({"recording": name, "held_out_set": path.parent == HELD_OUT, "mode": label,
+                             "fit_on": [p.name for p in fit_on], "fitted": over, **{m: f.metrics[m] for m in METRICS}})
+                print(f"{F.stem(name):<24} {label:<15} " + " ".join(
+                    f"{f.metrics[m]['mape_pct']:>6.1f} ({f.metrics[m]['bias_pct']:+5.0f})" if f.metrics[m].get("n")
+                    else f"{'-':>14}" for m in METRICS), flush=True)
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
     print(f"json: {args.out}")
 

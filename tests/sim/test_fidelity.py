@@ -369,7 +369,7 @@ def test_decode_scale_per_batch_size():
         assert m.batch_seconds(shape) == pytest.approx(k * base.batch_seconds(shape))
     assert m.batch_seconds((1, 64, 0, 3, 300)) == pytest.approx(base.batch_seconds((1, 64, 0, 3, 300)))
     for bad in ([], [1.0, 0], [True], ["1"]):
-        with pytest.raises(ProfileError, match="step_time.decode_scale must be > 0"):
+        with pytest.raises(ProfileError, match="step_time.decode_scale: must be a number > 0 or a non-empty list"):
             check_section({"backend": "linear", "decode_scale": bad})
 
 
@@ -381,3 +381,25 @@ def test_the_decode_correction_comes_from_the_replayed_models_recordings_only():
     own = F.fit([near], model="qwen3-30b-a3b")["step_time"]["decode_scale"]
     assert isinstance(own, list) and own[0] > 1.1 and own[-1] < own[0]
     assert F.fit([near], model="llama-3.1-8b")["step_time"]["decode_scale"] == 1.0
+
+
+def test_serving_costs_scale_to_the_replayed_runs_cpu_speed(tmp_path):
+    """cpu_speed: the recorded schedule() times over the fitted line; at_cpu_speed scales every
+    serving cost by the replayed run's speed over the fit runs' (a run 1.5x as slow: costs x1.5)."""
+    serving = {"schedule_base_s": 1e-4, "schedule_per_req_s": 1e-5, "execute_base_s": 0.002, "input_s": 0.001}
+
+    def rec(slow: float) -> R.Recording:
+        steps = []
+        for i in range(20):
+            n, t = 1 + i % 8, 0.01 * i
+            d = slow * (1e-4 + 1e-5 * n)
+            steps.append({"i": i, "num_prefill_requests": 0, "sum_prefill_tokens": 0, "sum_prefill_kv_tokens": 0,
+                          "num_decode_requests": n, "sum_decode_kv_tokens": 100 * n, "total_tokens": n,
+                          "schedule_start": t, "schedule_end": t + d, "output_start": t + 0.005, "output_end": t + 0.005})
+        return R.Recording(header(1), [{"id": "a", "arrival": 0.0, "prompt_tokens": 10, "output_tokens": 2,
+                                        "first_token": 0.3, "finish": 0.4}], steps)
+    assert F.cpu_speed(rec(2.0), serving) == pytest.approx(2.0)
+    fit_on, held = R.write(tmp_path / "fit.jsonl", rec(1.0)), R.write(tmp_path / "held.jsonl", rec(1.5))
+    scaled = F.at_cpu_speed({"serving": serving, "step_time": {"decode_scale": 1.0}}, [fit_on], held)
+    assert scaled["serving"] == {k: pytest.approx(1.5 * v, rel=1e-3) for k, v in serving.items()}
+    assert scaled["step_time"] == {"decode_scale": 1.0}

@@ -534,6 +534,31 @@ def output_costs(samples: list[tuple[int, float]]) -> tuple[float, float]:
 GPU_BOUND = 1.2  # a step is GPU-bound where its forward (by the model) is 1.2x the core's CPU time per step
 
 
+def cpu_speed(rec: recording_format.Recording, serving: dict) -> float:
+    """How slow the recorded engine core's CPU ran against a fitted ``serving`` section: the median
+    over the recorded steps of the measured ``schedule()`` time over the section's line
+    (``schedule_base_s + schedule_per_req_s x requests``). Measured: the same model and load
+    recorded twice (r2) gives 1.37x on the 1B (its eager launches 1.45x as long), 0.99-1.03x on the
+    8B at 64 requests a step."""
+    line = lambda s: (serving["schedule_base_s"] + serving["schedule_per_req_s"]  # noqa: E731
+                      * (s["num_prefill_requests"] + s["num_decode_requests"]))
+    return percentile([(s["schedule_end"] - s["schedule_start"]) / line(s) for s in rec.steps], 50)
+
+
+def at_cpu_speed(fitted: dict, fit_paths: list[str | Path], path: str | Path) -> dict:
+    """`fitted` (:func:`fit` on `fit_paths`) with every serving cost scaled to the CPU speed of the
+    run at `path` relative to theirs (:func:`cpu_speed`; the median over `fit_paths`): the engine
+    core's and the client's CPU work (schedule, launch, update, the request's path) all run on
+    the recording host's CPU. It reads the replayed recording's schedule() times (none of its
+    latencies)."""
+    serving = fitted["serving"]
+    ref = percentile([cpu_speed(load(p), serving) for p in fit_paths], 50)
+    if not ref > 0:  # no schedule() time recorded: nothing to scale by
+        return fitted
+    k = cpu_speed(load(path), serving) / ref
+    return {**fitted, "serving": {key: round(v * k, 9) for key, v in serving.items()}}
+
+
 DECODE_BIN_MIN = 20  # GPU-bound decode steps a bin of decode_scale needs
 
 
