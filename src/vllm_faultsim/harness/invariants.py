@@ -29,6 +29,7 @@ class Invariants:
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.last_t = 0.0
+        self.last_sched: dict = {}  # the last batch checked: its requests had arrived by its start
 
     def _clock(self, step: int, start: float, end: float) -> None:
         if start < self.last_t or end < start:
@@ -38,11 +39,15 @@ class Invariants:
     def scheduled(self, step: int, start: float, end: float, res, records) -> None:
         """Before the step's output is applied: clock, causality, limits."""
         self._clock(step, start, end)
-        sched = res.sched
-        if not (sched.keys() <= records.keys()  # the checks in C; _culprit names the request
-                and max(map(_arrival, map(records.__getitem__, sched)), default=start) <= start
+        sched, last = res.sched, self.last_sched
+        # the checks in C; _culprit names the request. Arrivals: those not in the last batch (the
+        # others arrived by its start, which the clock check holds to be no later than this one)
+        if not (sched.keys() <= records.keys()
+                and max(map(_arrival, map(records.__getitem__, sched.keys() - last.keys() if last else sched)),
+                        default=start) <= start
                 and min(sched.values(), default=1) > 0):
             _culprit(step, start, sched, records)
+        self.last_sched = sched
         total = sum(sched.values())
         if total > self.max_tokens:
             raise InvariantViolation(step, start, f"{total} tokens scheduled > max_num_batched_tokens {self.max_tokens}")
