@@ -200,15 +200,3 @@ def _section_in(annotation: Any) -> Any:
         if found is not None:
             return found
     return None
-
-
-def check_fields(section: dict, spec: dict[str, Any], where: str, error: type[Exception]) -> None:
-    """Every key of `section` is a field of `spec` (name -> type or tuple of types; a bool is
-    never a number), else `error` names ``where.key`` and the value."""
-    for key, value in section.items():
-        kind = spec.get(key)
-        if kind is None:
-            raise error(f"unknown {where} field {key!r} (fields: {', '.join(spec)})")
-        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
-            raise error(f"{where}.{key} must be {getattr(kind, '__name__', 'a number')}, "
-                        f"got {type(value).__name__} {value!r}")

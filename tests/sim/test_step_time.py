@@ -49,11 +49,11 @@ def test_scale_multiplies_the_step_time():
 
 
 @pytest.mark.parametrize("section, needle", [
-    ({"backend": "roofline"}, "step_time.backend must be one of linear, aic"),
-    ({"backend": "aic"}, "step_time.model is missing"),
-    ({"backend": "aic", "model": "x", "tp": "2"}, "step_time.tp must be int"),
-    ({"backend": "linear", "model": "x"}, "unknown step_time field 'model'"),
-    ({"backend": "linear", "scale": 0}, "step_time.scale must be > 0"),
+    ({"backend": "roofline"}, "step_time.backend: must be one of linear, aic (got 'roofline')"),
+    ({"backend": "aic"}, "step_time: model is missing (a config aiconfigurator ships"),
+    ({"backend": "aic", "model": "x", "tp": "2"}, "step_time.tp: must be an integer (got '2')"),
+    ({"backend": "linear", "model": "x"}, "step_time: unknown field 'model' (fields: backend, profile, scale, decode_scale)"),
+    ({"backend": "linear", "scale": 0}, "step_time.scale: must be > 0 (got 0)"),
 ])
 def test_bad_sections_are_one_line_errors(tmp_path, capsys, section, needle):
     import yaml

@@ -30,13 +30,16 @@ Any callable ``(prefill_tokens, decode_reqs, context_tokens) -> seconds`` can st
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Annotated, Any, Callable, Literal
 
-from ..inputs import check_fields
+from pydantic import AfterValidator, Field, model_validator
+
+from ..inputs import NonNegative, NonNegativeInt, Positive, PositiveInt, Section, checked
 
 COEFFS = ("base", "prefill_token", "decode_req", "context_token")
 PLACEHOLDER_PROFILE = "default"  # profiles/default.json: uncalibrated, no GPU measured it
@@ -98,10 +101,51 @@ def load_profile(name_or_path: str = "default") -> LinearStepTime:
 # ---- the backend interface and the run config's step_time section ---------------------------
 
 BACKENDS = ("linear", "aic")
-SECTION_FIELDS = {"linear": {"backend": str, "profile": str, "scale": (int, float), "decode_scale": (int, float, list)},
-                  "aic": {"backend": str, "model": str, "system": str, "tp": int, "dtype": str, "version": str,
-                          "fallback": str, "scale": (int, float), "decode_scale": (int, float, list), "kv_bucket": bool}}
 DECODE_BIN = 16  # decode requests per entry of a decode_scale list
+
+
+def _decode_scale(v: Any) -> Any:
+    values = v if isinstance(v, list) else [v]
+    if not values or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                             for x in values):
+        raise ValueError(f"must be a number > 0 or a non-empty list of them (one per {DECODE_BIN} "
+                         f"decode requests), got {v!r}")
+    return v
+
+
+class LinearSection(Section):
+    """``step_time: {backend: linear}``: a linear profile (a name or a JSON path), scaled."""
+
+    backend: Literal["linear"] = "linear"
+    profile: str | None = None
+    scale: Positive | None = None
+    decode_scale: Annotated[Any, AfterValidator(_decode_scale)] = None
+
+
+class AicSection(Section):
+    """``step_time: {backend: aic}``: aiconfigurator's per-operation data for `model` on `system`
+    (the fields left out: AIC_DEFAULTS)."""
+
+    backend: Literal["aic"]
+    model: Annotated[str, Field(min_length=1)] | None = None
+    system: str | None = None
+    tp: PositiveInt | None = None
+    dtype: str | None = None
+    version: str | None = None
+    fallback: str | None = None  # the linear profile when the backend cannot be built
+    scale: Positive | None = None
+    decode_scale: Annotated[Any, AfterValidator(_decode_scale)] = None
+    kv_bucket: bool | None = None
+
+    @model_validator(mode="after")
+    def _model(self):
+        if self.model is None:
+            raise ValueError("model is missing (a config aiconfigurator ships, e.g. meta-llama/Meta-Llama-3.1-8B, "
+                             "or a Hugging Face config.json path)")
+        return self
+
+
+SECTIONS = {"linear": LinearSection, "aic": AicSection}  # backend -> the step_time section's schema
 AIC_DEFAULTS = {"system": "h200_sxm", "tp": 1, "dtype": "bfloat16", "version": "0.24.0", "kv_bucket": True}
 AIC_PACKAGE = "aiconfigurator-core==0.12.0"
 KV_BUCKETS = 64  # the KV sums are memoised in buckets of 1/64 of their power of two (<= 1.6% off)
@@ -202,29 +246,14 @@ class AicStepTime:
 
 
 def check_section(section: Any) -> dict:
-    """The ``step_time`` section, checked (one-line ProfileError) and completed with the defaults."""
-    if not isinstance(section, dict):
-        raise ProfileError(f"step_time must be a mapping, got {type(section).__name__}")
-    backend = section.get("backend", "linear")
-    if backend not in BACKENDS:
-        raise ProfileError(f"step_time.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    spec = SECTION_FIELDS[backend]
-    check_fields(section, spec, "step_time", ProfileError)
-    for key in ("scale", "decode_scale"):
-        values = section[key] if isinstance(section.get(key), list) else [section[key]] if key in section else []
-        if (key in section and not values) or not all(
-                not isinstance(v, bool) and isinstance(v, (int, float)) and v > 0 for v in values):
-            raise ProfileError(f"step_time.{key} must be > 0{' (each)' if key == 'decode_scale' else ''}, "
-                               f"got {section[key]!r}")
+    """The ``step_time`` section, checked by its backend's schema (one-line ProfileError) and
+    completed with the defaults."""
+    backend = section.get("backend", "linear") if isinstance(section, dict) else "linear"
+    if not isinstance(backend, str) or backend not in SECTIONS:
+        checked(Literal[BACKENDS], backend, "", ProfileError, at="step_time.backend")
+    checked(SECTIONS[backend], section, "", ProfileError, at="step_time")
     out = {"backend": backend, **section}
-    if backend == "aic":
-        if "model" not in section:
-            raise ProfileError("step_time.model is missing (a config aiconfigurator ships, e.g. "
-                               "meta-llama/Meta-Llama-3.1-8B, or a Hugging Face config.json path)")
-        out = {**{"backend": "aic"}, **AIC_DEFAULTS, **out}
-        if out["tp"] < 1:
-            raise ProfileError(f"step_time.tp must be >= 1, got {out['tp']}")
-    return out
+    return {"backend": "aic", **AIC_DEFAULTS, **out} if backend == "aic" else out
 
 
 _BUILT: dict[str, Any] = {}
@@ -271,10 +300,6 @@ def from_config(section: dict | None, profile: str = "default",
 
 # ---- serving-mode CPU costs around the forward (the run config's ``serving`` section) ---------
 
-COST_FIELDS = ("schedule_base_s", "schedule_per_req_s", "update_base_s", "update_per_req_s",
-               "execute_base_s", "execute_per_req_s", "piecewise_per_layer_s", "eager_per_layer_s",
-               "eager_per_moe_layer_s", "input_s", "output_base_s", "output_per_req_s")
-SERVING_FIELDS = COST_FIELDS + ("num_hidden_layers", "num_moe_layers", "cudagraph_mode", "max_cudagraph_capture_size")
 CUDAGRAPH_MODES = ("FULL_AND_PIECEWISE", "NONE")  # CompilationConfig.cudagraph_mode: the default, enforce_eager
 MAX_CUDAGRAPH_CAPTURE_SIZE = 512  # VllmConfig._set_cudagraph_sizes: min(max_num_seqs * 2, 512, max_num_batched_tokens)
 
@@ -373,33 +398,45 @@ class ServingCosts:
         return t
 
 
-def check_serving(section: Any) -> dict:
-    """The ``serving`` section, checked (one-line ProfileError)."""
-    if not isinstance(section, dict):
-        raise ProfileError(f"serving must be a mapping, got {type(section).__name__}")
-    for key, value in section.items():
-        if key not in SERVING_FIELDS:
-            raise ProfileError(f"unknown serving field {key!r} (fields: {', '.join(SERVING_FIELDS)})")
-        if key == "cudagraph_mode":
-            if value not in CUDAGRAPH_MODES:
-                raise ProfileError(f"serving.cudagraph_mode must be one of {', '.join(CUDAGRAPH_MODES)}, got {value!r}")
-        elif key in COST_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ProfileError(f"serving.{key} must be a number >= 0, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ProfileError(f"serving.{key} must be an integer >= 0, got {value!r}")
-    if section.get("num_moe_layers", 0) > section.get("num_hidden_layers", 0):
-        raise ProfileError(f"serving.num_moe_layers must be <= num_hidden_layers "
-                           f"({section.get('num_hidden_layers', 0)}), got {section['num_moe_layers']!r}")
-    return section
+class ServingSection(Section):
+    """The ``serving`` section: :class:`ServingCosts`' costs (seconds) and the model's layers; the
+    engine limits come from the scheduler."""
+
+    schedule_base_s: NonNegative = 0.0
+    schedule_per_req_s: NonNegative = 0.0
+    update_base_s: NonNegative = 0.0
+    update_per_req_s: NonNegative = 0.0
+    execute_base_s: NonNegative = 0.0
+    execute_per_req_s: NonNegative = 0.0
+    piecewise_per_layer_s: NonNegative = 0.0
+    eager_per_layer_s: NonNegative = 0.0
+    eager_per_moe_layer_s: NonNegative = 0.0
+    input_s: NonNegative = 0.0
+    output_base_s: NonNegative = 0.0
+    output_per_req_s: NonNegative = 0.0
+    num_hidden_layers: NonNegativeInt = 0
+    num_moe_layers: NonNegativeInt = 0
+    cudagraph_mode: Literal[CUDAGRAPH_MODES] = "FULL_AND_PIECEWISE"
+    max_cudagraph_capture_size: NonNegativeInt | None = None  # None: vLLM's default rule
+
+    @model_validator(mode="after")
+    def _layers(self):
+        if self.num_moe_layers > self.num_hidden_layers:
+            raise ValueError(f"num_moe_layers must be <= num_hidden_layers ({self.num_hidden_layers}), "
+                             f"got {self.num_moe_layers}")
+        return self
+
+
+def check_serving(section: Any) -> ServingSection:
+    """The ``serving`` section, checked by its schema (one-line ProfileError)."""
+    return checked(ServingSection, section, "", ProfileError, at="serving")
 
 
 def serving_costs(section: dict, scheduler) -> ServingCosts:
     """The ServingCosts of a ``serving`` section for an engine with `scheduler`'s limits
     (``max_num_seqs``, ``max_num_batched_tokens``: vLLM's default ``max_cudagraph_capture_size``
     where the section does not give one)."""
-    check_serving(section)
     limits = {"max_num_seqs": scheduler.max_num_seqs,
               "max_cudagraph_capture_size": max_cudagraph_capture_size(scheduler.max_num_seqs,
                                                                        scheduler.max_num_batched_tokens)}
-    return ServingCosts(**{**limits, **{k: (float(v) if k in COST_FIELDS else v) for k, v in section.items()}})
+    return ServingCosts(**{**limits, **check_serving(section).model_dump(exclude_none=True)})
