@@ -37,11 +37,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, model_validator
 
-from ..inputs import NonNegative, NonNegativeInt, Positive, PositiveInt, Section, checked
+from ..inputs import SECTION, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, checked, read_mapping_file
 
-COEFFS = ("base", "prefill_token", "decode_req", "context_token")
 PLACEHOLDER_PROFILE = "default"  # profiles/default.json: uncalibrated, no GPU measured it
 
 
@@ -76,26 +75,34 @@ def available_profiles() -> list[str]:
                   if p.name.endswith(".json"))
 
 
+class Coefficients(Section):
+    """A linear profile's seconds: per step, per prefill token, per decode request, per context token."""
+
+    base: Positive
+    prefill_token: NonNegative
+    decode_req: NonNegative
+    context_token: NonNegative
+
+
+class ProfileFile(Section):
+    """A step-time profile file: its coefficients, with where they were measured (any other keys)."""
+
+    model_config = ConfigDict(SECTION, extra="allow")
+    name: str | None = None
+    coeffs: Coefficients
+
+
 def load_profile(name_or_path: str = "default") -> LinearStepTime:
     """A packaged profile by name, or a JSON file by path."""
     path = Path(name_or_path)
-    if path.suffix == ".json" and path.exists():
-        text = path.read_text(encoding="utf-8")
-    else:
-        res = resources.files("vllm_faultsim.profiles") / f"{name_or_path}.json"
-        if not res.is_file():
+    if not (path.suffix == ".json" and path.exists()):
+        path = resources.files("vllm_faultsim.profiles") / f"{name_or_path}.json"
+        if not path.is_file():
             raise ProfileError(f"unknown step-time profile {name_or_path!r} "
                                f"(packaged: {', '.join(available_profiles())}; or give a .json path)")
-        text = res.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-        coeffs = data["coeffs"]
-        values = {k: float(coeffs[k]) for k in COEFFS}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ProfileError(f"step-time profile {name_or_path!r} is malformed ({type(exc).__name__}: {exc})") from None
-    if values["base"] <= 0 or any(v < 0 for v in values.values()):
-        raise ProfileError(f"step-time profile {name_or_path!r}: base must be > 0 and all coefficients >= 0")
-    return LinearStepTime(**values, name=data.get("name", str(name_or_path)))
+    data = checked(ProfileFile, read_mapping_file(path, "step-time profile", ProfileError),
+                   f"step-time profile {name_or_path}", ProfileError)
+    return LinearStepTime(**data.coeffs.model_dump(), name=data.name or str(name_or_path))
 
 
 # ---- the backend interface and the run config's step_time section ---------------------------
