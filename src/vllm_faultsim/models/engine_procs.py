@@ -88,16 +88,17 @@ Exit times: a SIGKILL's is when it was sent; a process that returns, its last mo
 from __future__ import annotations
 
 import bisect
-import json
 import math
 import random
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Annotated, Iterable
 
 import simpy
+from pydantic import ConfigDict, Field
 
+from ..inputs import SECTION, Fraction, NonNegative, Positive, Section, checked, read_mapping_file
 from . import events
 from .events import Emit
 from .events import t as tr
@@ -208,6 +209,26 @@ def check_faults(sc: ProcScenario, faults: list) -> list:
 
 # --- detection latency ------------------------------------------------------------------------
 
+Quantiles = Annotated[list[Annotated[list[NonNegative], Field(min_length=2, max_length=2)]], Field(min_length=2)]
+
+
+class SentinelRace(Section):
+    model_config = ConfigDict(SECTION, extra="allow")
+    rate: Fraction  # how often proc.exitcode is still None when the monitor reads it after the sentinel
+
+
+class LivenessFile(Section):
+    """A liveness profile file: ``{backend: {cause: [[q, seconds], ...]}}`` quantiles and the host
+    they were measured on (any other keys: provenance)."""
+
+    model_config = ConfigDict(SECTION, extra="allow")
+    name: str | None = None
+    quantiles: dict[str, dict[str, Quantiles]]
+    exitcode_none_after_sentinel: SentinelRace
+    client_rss_mb: NonNegative | None
+    fork_teardown_s: Positive | None = None
+
+
 class LatencyModel:
     """Inverse-CDF sampling from measured quantiles: ``{backend: {cause: [[q, seconds], ...]}}``."""
 
@@ -231,8 +252,9 @@ class LatencyModel:
     def load(cls, path: str | Path | None = None) -> "LatencyModel":
         """A profile by path, or by name among the package's profiles (``liveness_h100``)."""
         packaged = resources.files("vllm_faultsim.profiles").joinpath(f"{path or DEFAULT_PROFILE}".removesuffix(".json") + ".json")
-        text = packaged.read_text() if packaged.is_file() else Path(path).read_text()
-        return cls(json.loads(text))
+        data = read_mapping_file(packaged if packaged.is_file() else Path(path), "liveness profile", ValueError)
+        checked(LivenessFile, data, "", ValueError)
+        return cls(data)
 
     def on_host(self, fork_teardown_s: float, client_rss_mb: float) -> "LatencyModel":
         """This profile re-based on another host: its MP quantiles scaled by that host's bare
