@@ -38,6 +38,7 @@ vLLM and torch are imported only inside the rank processes (and lazily by ``skip
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -47,6 +48,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ...faults.plan import FaultPlan, validate_plan
 from ...faults.real_injector import EplbInjector
@@ -127,15 +129,25 @@ def weight_code(logical: int, layer: int, widx: int, shape: Shape) -> int:
     return 1 + widx + len(shape.hidden) * (layer + shape.layers * logical)
 
 
-def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict]:
-    """Run the configurations one after another in one set of ``world`` rank processes (one
-    vLLM import); return, per configuration, what each rank observed. They share ``device`` and
-    ``world``; a rank death ends the processes, so only the last run's plan may have one."""
-    cfg0 = cfgs[0]
-    if any((c.device, c.world) != (cfg0.device, cfg0.world) for c in cfgs):
+def _check_launch(cfgs: list[RealEplbRun], ends: bool = True) -> None:
+    """Runs of one launch (that ``ends`` with the last of them) share device and world, and only
+    the last run of all may have a rank death."""
+    if any((c.device, c.world) != (cfgs[0].device, cfgs[0].world) for c in cfgs):
         raise ValueError("runs of one launch share device and world")
-    if any(c.plan.of_kind("eplb_rank_death") for c in cfgs[:-1]):
+    if any(c.plan.of_kind("eplb_rank_death") for c in (cfgs[:-1] if ends else cfgs)):
         raise ValueError("only the last run may have an eplb_rank_death")
+
+
+def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None,
+        then: Callable[[list[dict]], list[RealEplbRun]] | None = None) -> list[dict]:
+    """Run the configurations one after another in one set of ``world`` rank processes (one
+    vLLM import); return, per configuration, what each rank observed. ``then``: more
+    configurations made from the results of ``cfgs`` (a calibration's), run after them by the same
+    processes (a second launch cost 60-90 s of imports on the loaded 2-core host). They share
+    ``device`` and ``world``; a rank death ends the processes, so only the last run of all may
+    have one."""
+    cfg0 = cfgs[0]
+    _check_launch(cfgs, ends=then is None)
     out = Path(out_dir or tempfile.mkdtemp(prefix="eplb-real-"))
     out.mkdir(parents=True, exist_ok=True)
     with socket.socket() as s:
@@ -145,6 +157,7 @@ def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict
     env = {**os.environ, "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
            "NVSHMEM_DISABLE_NVLS": "1", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     exit_codes: list[int | str] = []
+    more: list[RealEplbRun] = []
     # the model-parallel groups' message queues bind ZMQ IPC sockets; a rank that dies leaves its own
     with scratch.socket_dir("vfs-ipc-", room=38) as ipc:
         env["VLLM_RPC_BASE_PATH"] = ipc
@@ -152,8 +165,23 @@ def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict
         for rank in range(cfg0.world):
             log = open(out / f"rank{rank}.log", "w")
             procs.append((subprocess.Popen([sys.executable, "-m", __name__, spec, str(rank), str(port), str(out)],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env), log))
+                                           stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                           text=True), log))
         deadline = time.monotonic() + sum(c.timeout_s for c in cfgs)
+        if then is not None:
+            done = [out / f"rank{rank}.done{len(cfgs)}" for rank in range(cfg0.world)]
+            while not all(d.exists() for d in done):
+                if any(p.poll() is not None for p, _ in procs) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                more = then(collect(cfgs, out, []))
+                _check_launch(cfgs + more)
+                deadline += sum(c.timeout_s for c in more)
+        for p, _ in procs:   # the next batch (none: the ranks exit)
+            with contextlib.suppress(BrokenPipeError, OSError):
+                p.stdin.write(json.dumps([c.to_dict() for c in more]) + "\n")
+                p.stdin.close()
         for p, log in procs:
             try:
                 exit_codes.append(p.wait(timeout=max(0.1, deadline - time.monotonic())))
@@ -162,7 +190,10 @@ def run(cfgs: list[RealEplbRun], out_dir: str | Path | None = None) -> list[dict
                 p.wait()
                 exit_codes.append("hung")
             log.close()
-    return collect(cfgs, out, exit_codes)
+    if then is not None and not more:
+        raise RuntimeError(f"the rank processes ended before their first {len(cfgs)} runs were done "
+                           f"(exit codes {exit_codes}; logs in {out})")
+    return collect(cfgs + more, out, exit_codes)
 
 
 def collect(cfgs: list[RealEplbRun], out: Path, exit_codes: list) -> list[dict]:
@@ -261,10 +292,15 @@ def _rank_main(specs: list[dict], rank: int, port: int, out: Path) -> None:
         ps.ensure_model_parallel_initialized(world, 1)
     real = {"transfer_layer": aw.transfer_layer, "result": aw.AsyncEplbLayerResult,
             "move": es._move_to_workspace, "run": aw.transfer_run_periodically}
-    for i, spec in enumerate(specs):
-        injector = EplbInjector(validate_plan(spec["plan"], f"eplb-run-{i}"), rank,
-                                link_bandwidth=spec["link_bandwidth"])
-        _one_run(spec, rank, out / f"rank{rank}-{i}.json", out, vc, real, injector)
+    i = 0
+    while specs:   # a batch, then the next one the driver sends on stdin (none: exit)
+        for spec in specs:
+            injector = EplbInjector(validate_plan(spec["plan"], f"eplb-run-{i}"), rank,
+                                    link_bandwidth=spec["link_bandwidth"])
+            _one_run(spec, rank, out / f"rank{rank}-{i}.json", out, vc, real, injector)
+            i += 1
+        (out / f"rank{rank}.done{i}").touch()
+        specs = json.loads(sys.stdin.readline() or "[]")
     os._exit(0)  # the workers are daemon threads blocked on their rearrange_event
 
 

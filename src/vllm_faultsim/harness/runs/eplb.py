@@ -172,7 +172,7 @@ def calibrate(results: list[dict]) -> tuple[me.EplbLink, float]:
     slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
     slope = max(slope, 1e-15)
     latency = max(0.0, my - slope * mx)
-    gap = statistics.median(gaps)
+    gap = max(0.0, statistics.median(gaps))  # a starved host can record the next transfer before the consume
     link = me.EplbLink(latency=latency, bandwidth=1.0 / slope, gap=gap,
                        rebalance=max(0.0, statistics.median(rebal) - gap),
                        setup=max(0.0, statistics.median(y - latency - slope * x for x, y in firsts)))
@@ -199,12 +199,13 @@ def death_outcome(result: dict) -> dict:
 def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float, tol: Tolerance,
               communicator: str = "torch_gloo", slow_factor: float = 4.0, slow_min_s: float = 0.0,
               timeout_s: float = 90.0, timing: bool = True) -> dict:
-    """Two launches of the real driver on ``device``: (1) two calibration shapes and three check
-    shapes, (2) a slow link on a check shape, then a rank death. The slow link divides the
-    calibrated bandwidth by ``slow_factor``, or more, so that a layer moving one expert takes at
-    least ``slow_min_s`` longer (a latency-bound link, as gloo on one CPU host, may calibrate to a
-    near-infinite bandwidth that no factor slows down). Every check run is compared with
-    the model calibrated on the calibration runs, and so are the model's mutants (each must be
+    """One launch of the real driver on ``device`` (one vLLM import): (1) two calibration shapes
+    and three check shapes, (2) then, made from the calibration, a slow link on a check shape and
+    a rank death. The slow link divides the calibrated bandwidth by ``slow_factor``, or more, so
+    that a layer moving one expert takes at least ``slow_min_s`` longer (a latency-bound link, as
+    gloo on one CPU host, may calibrate to a near-infinite bandwidth that no factor slows down).
+    Every check run is compared with the model calibrated on the calibration runs, and so are the
+    model's mutants (each must be
     caught); the death is reported with the model's prediction of the step the engine fails in.
 
     ``timing=False`` (the CPU diff tier on a shared host) judges only what does not depend on the
@@ -219,13 +220,17 @@ def run_check(device: str, out_dir, *, hidden: tuple[int, ...], forward_s: float
     base = dict(device=device, communicator=communicator, forward_s=forward_s, timeout_s=timeout_s)
     cal = [re.Shape(4, 8, 0, hidden), re.Shape(3, 6, 2, hidden)]
     shapes = [re.Shape(4, 8, 4, hidden), re.Shape(6, 12, 4, hidden), re.Shape(5, 16, 8, hidden)]
-    first = re.run([re.RealEplbRun(s, **base) for s in cal + shapes], out / "launch1")
-    link, sync = calibrate(first[:2])
-    slow_factor = max(slow_factor, 1.0 + slow_min_s * link.bandwidth / shapes[0].expert_bytes)
-    slow_plan = validate_plan([{"kind": "slow_link", "start": 0, "end": 1e9, "factor": slow_factor}], "slow-link")
     death_plan = validate_plan([{"kind": "eplb_rank_death", "ep_rank": 1, "layer": 1}], "rank-death")
-    second = re.run([re.RealEplbRun(shapes[0], plan=slow_plan, link_bandwidth=link.bandwidth, **base),
-                     re.RealEplbRun(cal[0], plan=death_plan, **base)], out / "launch2")
+
+    def slow_then_death(results: list[dict]) -> list:
+        link, _ = calibrate(results[:2])
+        factor = max(slow_factor, 1.0 + slow_min_s * link.bandwidth / shapes[0].expert_bytes)
+        slow_plan = validate_plan([{"kind": "slow_link", "start": 0, "end": 1e9, "factor": factor}], "slow-link")
+        return [re.RealEplbRun(shapes[0], plan=slow_plan, link_bandwidth=link.bandwidth, **base),
+                re.RealEplbRun(cal[0], plan=death_plan, **base)]
+    runs = re.run([re.RealEplbRun(s, **base) for s in cal + shapes], out / "launch", then=slow_then_death)
+    first, second = runs[:len(cal) + len(shapes)], runs[len(cal) + len(shapes):]
+    link, sync = calibrate(first[:2])
     summary: dict = {"device": device, "communicator": communicator, "hidden": list(hidden), "forward_s": forward_s,
                      "tolerance": tol.__dict__, "link": link.__dict__, "step_sync": sync, "runs": [], "mutants": [],
                      "timing": timing}
