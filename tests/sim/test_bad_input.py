@@ -42,7 +42,7 @@ BINARY = st.sampled_from([b"\xff\xfe\x00a\x00b", "kind: x".encode("utf-16"), b"\
 def bad_inputs(draw):
     kind = draw(st.sampled_from([
         "binary", "config_field", "workload_field", "workload_number", "mm", "jsonl", "study", "cli_number",
-        "out_path", "admission", "plan_mismatch", "plan_field", "section", "deploy", "search", "trace"]))
+        "out_path", "admission", "plan_mismatch", "plan_field", "section", "deploy", "search", "trace", "recording"]))
     if kind in SCHEMA_KINDS:
         return SCHEMA_KINDS[kind](draw)
     if kind == "plan_mismatch":
@@ -185,7 +185,41 @@ def _trace(draw):
     return "trace", {"t.jsonl": text}, argv
 
 
-SCHEMA_KINDS = {"plan_field": _plan_field, "section": _section, "deploy": _deploy, "search": _search, "trace": _trace}
+def _recording(draw):
+    """A recording given to ``fidelity`` with one field of one line made invalid (NEVER: non-finite,
+    negative, ill-typed) or one unknown field added."""
+    head = {"kind": "header", "format": "vllm-faultsim.recording/1", "model": "llama-3.1-8b", "gpu": "NVIDIA H200",
+            "tensor_parallel_size": 1, "dtype": "bfloat16", "vllm": "0.26.0", "torch": "2.11.0", "driver": "580",
+            "device": "1x H200", "entry_point": "AsyncLLM",
+            "workload": {"rate": 2.0, "n": 1, "prompt_tokens": [64, 64], "output_tokens": [4, 4], "seed": 0},
+            "engine": {"max_num_seqs": 64, "max_num_batched_tokens": 8192, "max_model_len": 4096, "block_size": 16,
+                       "enable_prefix_caching": True, "async_scheduling": True, "enforce_eager": False,
+                       "gpu_memory_utilization": 0.92, "num_gpu_blocks": 5000}}
+    req = {"kind": "request", "id": "r0", "arrival": 0.0, "prompt_tokens": 64, "output_tokens": 4,
+           "first_token": 0.02, "finish": 0.05}
+    step = {"kind": "step", "i": 0, "num_prefill_requests": 1, "sum_prefill_tokens": 64, "sum_prefill_kv_tokens": 0,
+            "num_decode_requests": 0, "sum_decode_kv_tokens": 0, "total_tokens": 64, "schedule_start": 0.001,
+            "schedule_end": 0.002, "output_start": 0.015, "output_end": 0.016}
+    lines = [head, req, step]
+    i = draw(st.integers(0, 2))
+    key = draw(st.sampled_from(sorted(set(lines[i]) - {"kind"}) + ["bogus_field"]))
+
+    def bad(old):  # a string field takes any string: it gets a non-string
+        return draw(st.sampled_from([[1], {"a": 1}, True, 3]) if isinstance(old, str) else NEVER)
+
+    if key in ("workload", "engine"):
+        sub = draw(st.sampled_from(sorted(lines[i][key])))
+        lines[i] = {**lines[i], key: {**lines[i][key], sub: bad(lines[i][key][sub])}}
+    elif key == "bogus_field" and i == 0:  # the header keeps unknown keys: break a field instead
+        lines[i] = {**lines[i], "tensor_parallel_size": bad(1)}
+    else:
+        lines[i] = {**lines[i], key: bad(lines[i].get(key))}
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    return "recording", {"r.jsonl": text}, ["fidelity", "{dir}/r.jsonl", "--json", "{dir}/f.json"]
+
+
+SCHEMA_KINDS = {"plan_field": _plan_field, "section": _section, "deploy": _deploy, "search": _search, "trace": _trace,
+                "recording": _recording}
 
 
 def _listing(d: Path) -> set[str]:

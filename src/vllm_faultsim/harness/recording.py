@@ -62,8 +62,11 @@ Layout (one JSON object per line; the file may be gzip-compressed, detected by i
    times of a step follow each other and of the next. Within a step the four times never
    decrease; across steps ``schedule_start`` and ``output_end`` never decrease.
 
-Every violation raises :class:`RecordingError` with one line naming the file, the line, the field
-and the value: missing header, wrong format string, missing or ill-typed fields, non-finite
+Each line's fields are checked by its schema (:class:`HeaderLine`, :class:`RequestLine`,
+:class:`StepLine`, on inputs.py's layer: strict types, finite numbers, ranges; request and step
+lines refuse unknown fields, the header and its ``workload`` and ``engine`` allow more keys), then
+the rules across fields and lines. Every violation raises :class:`RecordingError` with the
+project's one line, ``FILE:LINE: field: problem (got VALUE)``: missing header, wrong format string, missing or ill-typed fields, non-finite
 numbers, negative times, times that go backwards, ``first_token`` before ``arrival``, ``finish``
 before ``first_token``, a shape whose sums disagree, duplicate request ids, a request count
 other than the header's ``workload.n``.
@@ -74,38 +77,33 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
-import math
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field
+
+from ..inputs import (
+    SECTION,
+    NonNegative,
+    NonNegativeInt,
+    PositiveInt,
+    Section,
+    checked,
+    show,
+)
 
 FORMAT = "vllm-faultsim.recording/1"
 GZIP_MAGIC = b"\x1f\x8b"
 
-# field -> kind ("str", "int", "num", "bool", "dict", "range")
-HEADER_FIELDS = {"format": "str", "model": "str", "gpu": "str", "tensor_parallel_size": "int",
-                 "dtype": "str", "vllm": "str", "torch": "str", "driver": "str", "device": "str",
-                 "entry_point": "str", "workload": "dict", "engine": "dict"}
-WORKLOAD_FIELDS = {"rate": "num", "n": "int", "prompt_tokens": "range", "output_tokens": "range",
-                   "seed": "int"}
-ENGINE_FIELDS = {"max_num_seqs": "int", "max_num_batched_tokens": "int", "max_model_len": "int",
-                 "block_size": "int", "enable_prefix_caching": "bool", "async_scheduling": "bool",
-                 "enforce_eager": "bool", "gpu_memory_utilization": "num", "num_gpu_blocks": "int"}
-REQUEST_FIELDS = {"id": "str", "arrival": "num", "prompt_tokens": "int", "output_tokens": "int",
-                  "first_token": "num", "finish": "num"}
 STEP_SHAPE = ("num_prefill_requests", "sum_prefill_tokens", "sum_prefill_kv_tokens",
               "num_decode_requests", "sum_decode_kv_tokens", "total_tokens")
 STEP_TIMES = ("schedule_start", "schedule_end", "output_start", "output_end")
-STEP_FIELDS = {"i": "int", **{k: "int" for k in STEP_SHAPE}, **{k: "num" for k in STEP_TIMES}}
 REQ_LISTS = ("new_reqs", "first_token_reqs", "finished_reqs")
-STEP_OPTIONAL = {"num_waiting": "int", "num_running": "int", "num_preempted": "int",
-                 **{k: "indices" for k in REQ_LISTS}}
-REQUEST_OPTIONAL = {"stats": "dict"}
 # RequestStateStats' times, in the order they must come (arrival_time is on another clock: not ordered)
 STATS_ORDERED = ("queued_ts", "scheduled_ts", "first_token_ts", "last_token_ts")
-STATS_FIELDS = {"arrival_time": "num", **{k: "num" for k in STATS_ORDERED}}
 TIME_DIGITS = 6  # times are written rounded to microseconds
 
 
@@ -120,48 +118,109 @@ class Recording:
     steps: list[dict] = field(default_factory=list)
 
 
-# ---- checks ---------------------------------------------------------------------------------
+# ---- checks: each line's fields by its schema (inputs.py), then the rules across fields and lines ----
 
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, float) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _lo_le_hi(v: list[int]) -> list[int]:
+    if v[0] > v[1]:
+        raise ValueError(f"must be [lo, hi] with lo <= hi (got {v})")
+    return v
+
+
+TokenRange = Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2), AfterValidator(_lo_le_hi)]
+Time = NonNegative  # seconds from the run's start
+
+
+class _Open(Section):
+    """A header section: its fields checked, more keys allowed (and kept)."""
+
+    model_config = ConfigDict(**{**SECTION, "extra": "allow"})
+
+
+class RecordedWorkload(_Open):
+    rate: NonNegative
+    n: NonNegativeInt
+    prompt_tokens: TokenRange
+    output_tokens: TokenRange
+    seed: NonNegativeInt
+
+
+class RecordedEngine(_Open):
+    """vLLM's engine arguments by their names."""
+    max_num_seqs: PositiveInt
+    max_num_batched_tokens: PositiveInt
+    max_model_len: PositiveInt
+    block_size: PositiveInt
+    enable_prefix_caching: bool
+    async_scheduling: bool
+    enforce_eager: bool
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)]
+    num_gpu_blocks: PositiveInt
+
+
+class HeaderLine(_Open):
+    kind: Literal["header"]
+    format: Literal[FORMAT]
+    model: str
+    gpu: str
+    tensor_parallel_size: PositiveInt
+    dtype: str
+    vllm: str
+    torch: str
+    driver: str
+    device: str
+    entry_point: str
+    workload: RecordedWorkload
+    engine: RecordedEngine
+
+
+class RequestStats(Section):
+    arrival_time: Time
+    queued_ts: Time
+    scheduled_ts: Time
+    first_token_ts: Time
+    last_token_ts: Time
+
+
+class RequestLine(Section):
+    kind: Literal["request"]
+    id: str
+    arrival: Time
+    prompt_tokens: PositiveInt
+    output_tokens: NonNegativeInt
+    first_token: Time
+    finish: Time
+    stats: RequestStats | None = None
+
+
+Indices = list[NonNegativeInt]  # request indices: 0-based positions of the request lines
+
+
+class StepLine(Section):
+    kind: Literal["step"]
+    i: NonNegativeInt
+    num_prefill_requests: NonNegativeInt
+    sum_prefill_tokens: NonNegativeInt
+    sum_prefill_kv_tokens: NonNegativeInt
+    num_decode_requests: NonNegativeInt
+    sum_decode_kv_tokens: NonNegativeInt
+    total_tokens: NonNegativeInt
+    schedule_start: Time
+    schedule_end: Time
+    output_start: Time
+    output_end: Time
+    num_waiting: NonNegativeInt | None = None
+    num_running: NonNegativeInt | None = None
+    num_preempted: NonNegativeInt | None = None
+    new_reqs: Indices | None = None
+    first_token_reqs: Indices | None = None
+    finished_reqs: Indices | None = None
+
+
+LINE_SCHEMAS = {"header": HeaderLine, "request": RequestLine, "step": StepLine}
 
 
 def _fail(name: str, line: int, fld: str, value: Any, why: str):
-    raise RecordingError(f"{name}: line {line}: {fld}: {_short(value)} ({why})")
-
-
-def _check_value(name: str, line: int, fld: str, value: Any, kind: str) -> None:
-    is_int = isinstance(value, int) and not isinstance(value, bool)
-    ok = {"str": isinstance(value, str), "int": is_int, "bool": isinstance(value, bool),
-          "dict": isinstance(value, dict),
-          "num": is_int or isinstance(value, float),
-          "indices": (isinstance(value, list)
-                      and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)),
-          "range": (isinstance(value, list) and len(value) == 2
-                    and all(isinstance(v, int) and not isinstance(v, bool) for v in value))}[kind]
-    if not ok:
-        want = {"str": "a string", "int": "an integer", "bool": "true or false", "dict": "an object",
-                "num": "a number", "range": "[lo, hi] integers",
-                "indices": "a list of integers >= 0"}[kind]
-        _fail(name, line, fld, value, f"must be {want}")
-    if kind == "num" and not math.isfinite(value):
-        _fail(name, line, fld, value, "must be finite")
-    if kind in ("int", "num") and value < 0:
-        _fail(name, line, fld, value, "must be >= 0")
-    if kind == "range" and not 0 <= value[0] <= value[1]:
-        _fail(name, line, fld, value, "must be 0 <= lo <= hi")
-
-
-def _check_fields(name: str, line: int, obj: dict, spec: dict, prefix: str = "",
-                  optional: dict | None = None) -> None:
-    for fld, kind in spec.items():
-        if fld not in obj:
-            _fail(name, line, prefix + fld, None, "missing")
-        _check_value(name, line, prefix + fld, obj[fld], kind)
-    for fld, kind in (optional or {}).items():
-        if fld in obj:
-            _check_value(name, line, prefix + fld, obj[fld], kind)
+    raise RecordingError(f"{name}:{line}: {fld}: {why} (got {show(value)})")
 
 
 class _Checker:
@@ -199,29 +258,20 @@ class _Checker:
         return kind
 
     def _header(self, no: int, h: dict) -> None:
-        if h.get("format") != FORMAT:
-            _fail(self.name, no, "format", h.get("format"), f"must be {FORMAT!r}")
-        _check_fields(self.name, no, h, HEADER_FIELDS)
-        if h["tensor_parallel_size"] < 1:
-            _fail(self.name, no, "tensor_parallel_size", h["tensor_parallel_size"], "must be >= 1")
-        _check_fields(self.name, no, h["workload"], WORKLOAD_FIELDS, "workload.")
-        _check_fields(self.name, no, h["engine"], ENGINE_FIELDS, "engine.")
+        checked(HeaderLine, h, f"{self.name}:{no}", RecordingError)
         self.header = h
 
     def _request(self, no: int, r: dict) -> None:
         name = self.name
-        _check_fields(name, no, r, REQUEST_FIELDS, optional=REQUEST_OPTIONAL)
-        if "stats" in r:
+        checked(RequestLine, r, f"{name}:{no}", RecordingError)
+        if r.get("stats") is not None:
             st = r["stats"]
-            _check_fields(name, no, st, STATS_FIELDS, "stats.")
             for a, b in itertools.pairwise(STATS_ORDERED):
                 if st[b] < st[a]:
                     _fail(name, no, f"stats.{b}", st[b], f"before stats.{a} {st[a]}")
         if r["id"] in self.ids:
             _fail(name, no, "id", r["id"], "duplicate request id")
         self.ids.add(r["id"])
-        if r["prompt_tokens"] < 1:
-            _fail(name, no, "prompt_tokens", r["prompt_tokens"], "must be >= 1")
         if r["arrival"] < self.last_arrival:
             _fail(name, no, "arrival", r["arrival"], f"before the previous request's {self.last_arrival}")
         if r["first_token"] < r["arrival"]:
@@ -233,7 +283,7 @@ class _Checker:
 
     def _step(self, no: int, s: dict) -> None:
         name = self.name
-        _check_fields(name, no, s, STEP_FIELDS, optional=STEP_OPTIONAL)
+        checked(StepLine, s, f"{name}:{no}", RecordingError)
         if s["total_tokens"] != s["sum_prefill_tokens"] + s["num_decode_requests"]:
             _fail(name, no, "total_tokens", s["total_tokens"],
                   f"!= sum_prefill_tokens + num_decode_requests = {s['sum_prefill_tokens'] + s['num_decode_requests']}")
@@ -243,9 +293,9 @@ class _Checker:
             if s[b] < s[a]:
                 _fail(name, no, b, s[b], f"before {a} {s[a]}")
         for k in REQ_LISTS:
-            for j in s.get(k, ()):
+            for j in s.get(k) or ():
                 if j >= self.n_requests:
-                    _fail(name, no, k, j, f"no such request (the file has {self.n_requests})")
+                    _fail(name, no, k, j, f"no such request: the file has {self.n_requests}")
                 if j in self.listed[k]:
                     _fail(name, no, k, j, "request already listed by an earlier step")
                 self.listed[k].add(j)
@@ -263,7 +313,7 @@ class _Checker:
             _fail(self.name, max(no, 1), "kind", None, "no header (empty recording)")
         n = self.header["workload"]["n"]
         if n != self.n_requests:
-            _fail(self.name, 1, "workload.n", n, f"but {self.n_requests} request lines")
+            _fail(self.name, 1, "workload.n", n, f"the file has {self.n_requests} request lines")
 
 
 # ---- reading and writing --------------------------------------------------------------------
@@ -286,7 +336,7 @@ def read(path: str | Path) -> Recording:
     try:
         fh = _open_text(path)
     except OSError as exc:
-        raise RecordingError(f"{name}: line 0: <file>: {_short(str(exc))} (cannot be read)") from None
+        _fail(name, 0, "<file>", exc.strerror or str(exc), "cannot be read")
     with fh:
         try:
             for no, text in enumerate(fh, 1):

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...inputs import show
 from ...models.request import RequestSpec
 from ...models.step_time import DECODE_BIN, serving_costs
 from .. import recording as recording_format
@@ -65,10 +66,10 @@ def load(path: str | Path) -> recording_format.Recording:
         raise ConfigError(str(exc)) from None
     h = rec.header
     if h["gpu"] not in GPU_SYSTEMS:
-        raise ConfigError(f"{path}: line 1: gpu: {json.dumps(h['gpu'])} (unknown GPU; known: {', '.join(sorted(GPU_SYSTEMS))})")
+        raise ConfigError(f"{path}:1: gpu: unknown GPU, known: {', '.join(sorted(GPU_SYSTEMS))} (got {show(h['gpu'])})")
     if not isinstance(h.get("hf_config"), dict) and h["model"] not in MODELS:
-        raise ConfigError(f"{path}: line 1: model: {json.dumps(h['model'])} (unknown model: no hf_config in the "
-                          f"header and not one of {', '.join(sorted(MODELS))})")
+        raise ConfigError(f"{path}:1: model: unknown model: no hf_config in the header and not one of "
+                          f"{', '.join(sorted(MODELS))} (got {show(h['model'])})")
     return rec
 
 
