@@ -18,6 +18,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from .named_setup import DEFAULT_SETUP, available_setups
 
@@ -103,16 +104,11 @@ def cmd_run(args) -> int:
     from .runs.simulate import ConfigError
     from .invariants import InvariantViolation
     from .progress import progress_bar
-    from .runs.simulate import admission_errors, build_workload, plan_applicability_errors, simulate
+    from .runs.simulate import admitted, iter_workload, plan_applicability_errors, simulate
 
     plan = load_plan(args.plan)
     cfg = _run_config(args)
-    specs = build_workload(cfg)
-    try:
-        admission_errors(specs, cfg.scheduler)
-    except ConfigError as exc:
-        source = args.workload or args.config
-        raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    specs = iter_workload(cfg)  # streamed: a generated workload is generated as the run reaches it
     plan_applicability_errors(plan, cfg, specs)
     horizon = round(max((s.arrival for s in specs), default=0.0), 1)  # the bar covers the arrivals
     final = _output_path(args.trace, "--trace")
@@ -120,7 +116,9 @@ def cmd_run(args) -> int:
     try:
         with progress_bar(total=horizon, unit="sim-s", desc="run", disable=args.no_progress,
                           bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} sim-s [{elapsed}<{remaining}]") as bar:
-            res = simulate(cfg, plan, trace_path=partial, keep=False, specs=specs,
+            # each request is checked for admission as the run pulls it: a bad one ends the run, exit 2
+            res = simulate(cfg, plan, trace_path=partial, keep=frozenset(),
+                           specs=admitted(specs, cfg.scheduler, args.workload or args.config),
                            progress=lambda now: bar.update(min(now, horizon) - bar.n) if now - bar.n >= 0.1 else None)
         partial.replace(final)
     except InvariantViolation as exc:
@@ -135,9 +133,8 @@ def cmd_run(args) -> int:
     except BaseException:
         _quietly(partial.unlink)  # interrupted: no trace under its name, and no partial one left
         raise
-    from .metrics import overloaded
     # the queue grew without bound: derived from the requests (not in the trace's end event)
-    summary = {**res.summary, "overloaded": overloaded(e for e in res.events if e["kind"] == "req")}
+    summary = {**res.summary, "overloaded": res.overloaded}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -247,11 +244,12 @@ def cmd_diff(args) -> int:
     return 1
 
 
-def _read_trace(path: str) -> list[dict]:
+def _read_trace(path: str, into: Callable[[Iterable[dict]], Any] = list):
+    """The trace at `path`, streamed through its checks into `into` (a list of its events by default)."""
     from .runs.simulate import ConfigError
-    from .trace import read_trace
+    from .trace import iter_trace
     try:
-        return read_trace(path)
+        return into(iter_trace(path))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read trace: {exc}") from None
 
@@ -260,18 +258,19 @@ def cmd_plot(args) -> int:
     import importlib.util
 
     from .runs.simulate import ConfigError
-    from .timeline import plot_timeline
+    from .timeline import plot_timeline, timeline_of
 
-    events = _read_trace(args.trace)  # the input is judged first, with or without matplotlib
-    if events[-1].get("kind") != "end":
-        raise ConfigError(f"{args.trace}: incomplete trace (no end event after line {len(events)}: the run was "
+    # the input is judged first, with or without matplotlib; streamed: the series are kept, not the events
+    tl = _read_trace(args.trace, timeline_of)
+    if tl.last_kind != "end":
+        raise ConfigError(f"{args.trace}: incomplete trace (no end event after line {tl.events}: the run was "
                           "interrupted or failed); plot draws complete runs only")
     if importlib.util.find_spec("matplotlib") is None:
         raise ConfigError("plot needs matplotlib: pip install 'vllm-faultsim[plot]'")
     out = args.out or str(Path(args.trace).with_suffix(".png"))
     _output_path(out, "--out")
     try:
-        plot_timeline(events, out, title=f"{args.trace} ({events[0].get('side', '?')}, seed {events[0].get('seed')})")
+        plot_timeline(tl, out, title=f"{args.trace} ({tl.header.get('side', '?')}, seed {tl.header.get('seed')})")
     except OSError as exc:
         raise ConfigError(f"--out {out}: cannot write the plot ({exc.strerror or exc})") from None
     print(f"plot: {out}")

@@ -9,59 +9,101 @@ drawn over every panel: windows shaded, point faults and the engine's death as v
 
 from __future__ import annotations
 
+import heapq
+from array import array
 from pathlib import Path
+from typing import Iterable
 
 
 FLOOR_MS = 0.1  # a request rejected on arrival (0 ms) is drawn here on the log axis
 
 
-def _series(events: list[dict]) -> dict:
-    steps = [e for e in events if e["kind"] == "step"]
-    reqs = [e for e in events if e["kind"] == "req"]
-    changes = sorted([(r["arrival"], -1) for r in reqs] + [(r["finish"], 1) for r in reqs if r["finish"] is not None])
-    inside, n = [], 0
-    for t, d in changes:  # an arrival before a finish at the same time (a request rejected at once)
-        n -= d
-        inside.append((t, n))
-    return {
-        "t": [s["t"] for s in steps],
-        "prefill": [sum(v for v in s["sched"].values() if v > 1) for s in steps],
-        "decode": [sum(1 for v in s["sched"].values() if v == 1) for s in steps],
-        "running": [len(s["sched"]) for s in steps],
-        "preempted": [(s["t"], len(s["preempted"])) for s in steps if s.get("preempted")],
-        "inside": inside,
-        "ttft": [(r["arrival"], 1e3 * (r["first_token"] - r["arrival"])) for r in reqs
-                 if r["first_token"] is not None and r["status"] not in ("failed", "aborted")],
-        "ended": [(r["arrival"], max(FLOOR_MS, 1e3 * (r["finish"] - r["arrival"])), r["status"]) for r in reqs
-                  if r["status"] in ("failed", "aborted") and r["finish"] is not None],
-        "dead": [e["t"] for e in events if e["kind"] == "proc" and e.get("event") == "engine_dead"],
-    }
+class Timeline:
+    """The series a timeline draws, taken from a trace's events one at a time (:meth:`add`) into
+    compact arrays: the trace itself is never held (``plot`` streams it: trace.iter_trace)."""
+
+    def __init__(self):
+        self.header: dict = {}
+        self.events, self.last_kind = 0, None  # how many were added, the kind of the last
+        self.t, self.prefill, self.decode, self.running = array("d"), array("q"), array("q"), array("q")
+        self.preempted: tuple[array, array] = (array("d"), array("q"))  # (t, count) of steps that preempted
+        self.arrival, self.finish = array("d"), array("d")  # of every request / of those that finished
+        self.ttft: tuple[array, array] = (array("d"), array("d"))  # (arrival, ms) of those with a first token
+        self.ended = {"failed": (array("d"), array("d")), "aborted": (array("d"), array("d"))}  # (arrival, ms)
+        self.dead: list[float] = []
+
+    def add(self, e: dict) -> None:
+        kind = self.last_kind = e["kind"]
+        self.events += 1
+        if kind == "step":
+            sched = e["sched"].values()
+            self.t.append(e["t"])
+            self.prefill.append(sum(v for v in sched if v > 1))
+            self.decode.append(sum(1 for v in sched if v == 1))
+            self.running.append(len(sched))
+            if e.get("preempted"):
+                self.preempted[0].append(e["t"])
+                self.preempted[1].append(len(e["preempted"]))
+        elif kind == "req":
+            arrival, finish, status = e["arrival"], e["finish"], e["status"]
+            self.arrival.append(arrival)
+            if finish is not None:
+                self.finish.append(finish)
+            if status in ("failed", "aborted"):
+                if finish is not None:
+                    x, y = self.ended[status]
+                    x.append(arrival)
+                    y.append(max(FLOOR_MS, 1e3 * (finish - arrival)))
+            elif e["first_token"] is not None:
+                self.ttft[0].append(arrival)
+                self.ttft[1].append(1e3 * (e["first_token"] - arrival))
+        elif kind == "proc" and e.get("event") == "engine_dead":
+            self.dead.append(e["t"])
+        elif kind == "header":
+            self.header = e
+
+    def inside(self) -> tuple[array, array]:
+        """Requests in the engine (arrived, not ended) after each arrival or finish, in time order;
+        an arrival before a finish at the same time (a request rejected at once)."""
+        xs, ys, n = array("d"), array("q"), 0
+        for t, d in heapq.merge(((t, -1) for t in sorted(self.arrival)), ((t, 1) for t in sorted(self.finish))):
+            n -= d
+            xs.append(t)
+            ys.append(n)
+        return xs, ys
 
 
-def plot_timeline(events: list[dict], path: str | Path, title: str = "") -> None:
-    """Write the timeline of a trace's events to ``path`` (PNG). Needs matplotlib (extra ``plot``)."""
+def timeline_of(events: Iterable[dict]) -> Timeline:
+    tl = Timeline()
+    for e in events:
+        tl.add(e)
+    return tl
+
+
+def plot_timeline(events: Iterable[dict] | Timeline, path: str | Path, title: str = "") -> None:
+    """Write the timeline of a trace's events (or of their :class:`Timeline`) to ``path`` (PNG).
+    Needs matplotlib (extra ``plot``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s = _series(events)
-    faults = events[0].get("config", {}).get("plan", {}).get("faults", [])
+    s = events if isinstance(events, Timeline) else timeline_of(events)
+    faults = s.header.get("config", {}).get("plan", {}).get("faults", [])
     fig, (a, b, c) = plt.subplots(3, 1, figsize=(11, 8), sharex=True)
-    a.plot(s["t"], s["prefill"], lw=0.8, label="prefill tokens")
-    a.plot(s["t"], s["decode"], lw=0.8, label="decode tokens")
-    if s["preempted"]:
-        a.scatter(*zip(*s["preempted"]), marker="x", color="red", zorder=3, label="preemptions (count)")
+    a.plot(s.t, s.prefill, lw=0.8, label="prefill tokens")
+    a.plot(s.t, s.decode, lw=0.8, label="decode tokens")
+    if s.preempted[0]:
+        a.scatter(*s.preempted, marker="x", color="red", zorder=3, label="preemptions (count)")
     a.set(ylabel="tokens / step", title=title or "vllm-faultsim run")
-    if s["inside"]:
-        b.step(*zip(*s["inside"]), where="post", lw=0.8, label="in the engine")
-    b.plot(s["t"], s["running"], lw=0.8, label="scheduled this step")
+    if s.arrival:
+        b.step(*s.inside(), where="post", lw=0.8, label="in the engine")
+    b.plot(s.t, s.running, lw=0.8, label="scheduled this step")
     b.set(ylabel="requests")
-    if s["ttft"]:
-        c.scatter(*zip(*s["ttft"]), s=4, label="time to first token")
+    if s.ttft[0]:
+        c.scatter(*s.ttft, s=4, label="time to first token")
     for status, color, what in (("failed", "red", "failure"), ("aborted", "orange", "abort")):
-        pts = [(x, y) for x, y, st in s["ended"] if st == status]
-        if pts:
-            c.scatter(*zip(*pts), s=8, marker="x", color=color, label=f"{status}: time to {what}")
+        if s.ended[status][0]:
+            c.scatter(*s.ended[status], s=8, marker="x", color=color, label=f"{status}: time to {what}")
     c.set(ylabel="ms (at arrival)", xlabel="time (s)", yscale="log")
     for ax in (a, b, c):
         for f in faults:
@@ -69,14 +111,14 @@ def plot_timeline(events: list[dict], path: str | Path, title: str = "") -> None
                 ax.axvspan(f["start"], f["end"], color="grey", alpha=0.15, lw=0)
             elif "at" in f:
                 ax.axvline(f["at"], color="red", ls="--", lw=0.8)
-        for t in s["dead"]:
+        for t in s.dead:
             ax.axvline(t, color="black", ls=":", lw=1.0)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="upper right")
     kinds = sorted({f["kind"] for f in faults})
-    if kinds or s["dead"]:
+    if kinds or s.dead:
         fig.text(0.01, 0.005, "faults: " + ", ".join(kinds) + " (shaded: windows, dashed: points)"
-                 + ("; dotted: engine dead" if s["dead"] else ""), fontsize=7)
+                 + ("; dotted: engine dead" if s.dead else ""), fontsize=7)
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -54,6 +54,7 @@ seed and inputs give the same bytes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import operator
 from pathlib import Path
@@ -256,9 +257,15 @@ def validate_event(ev: dict, where: str = "event") -> None:
 
 
 def validate_trace(events: Iterable[dict], source: str = "trace") -> None:
-    """Raise :class:`TraceError` unless `events` is a trace of the schema: a header first and only
-    there, every event valid, steps numbered in order with start times that never go back, one
-    ``req`` event per request, nothing after the ``end``."""
+    """Raise :class:`TraceError` unless `events` is a trace of the schema (:func:`checked_trace`)."""
+    for _ in checked_trace(events, source):
+        pass
+
+
+def checked_trace(events: Iterable[dict], source: str = "trace") -> Iterator[dict]:
+    """`events`, each yielded once checked: a header first and only there, every event valid, steps
+    numbered in order with start times that never go back, one ``req`` event per request, nothing
+    after the ``end`` (else :class:`TraceError`, raised when the event is reached)."""
     last_step, last_t, seen, ended = -1, float("-inf"), set(), False
     for n, ev in enumerate(events):
         where = f"{source}: event {n}"
@@ -277,6 +284,7 @@ def validate_trace(events: Iterable[dict], source: str = "trace") -> None:
                 raise TraceError(f"{where}: a second req event for request {ev['req']!r}")
             seen.add(ev["req"])
         ended = kind == "end"
+        yield ev
 
 
 def header(side: str, seed: int, config: dict, clock: str | None = None) -> dict:
@@ -287,13 +295,19 @@ def header(side: str, seed: int, config: dict, clock: str | None = None) -> dict
 
 def read_trace(path: str | Path) -> list[dict]:
     """Read a JSONL trace; refuses a file of another schema version or one that breaks the schema."""
-    events = list(iter_jsonl(path))
-    if not events or events[0].get("kind") != "header":
+    return list(iter_trace(path))
+
+
+def iter_trace(path: str | Path) -> Iterator[dict]:
+    """:func:`read_trace` one event at a time, each checked as it is read (the file is never held
+    whole); a problem raises when its line is reached."""
+    events = iter_jsonl(path)
+    first = next(events, None)
+    if first is None or first.get("kind") != "header":
         raise ValueError(f"{path}: not a vllm-faultsim trace (no header line)")
-    if events[0].get("schema") != SCHEMA:
-        raise ValueError(f"{path}: trace schema {events[0].get('schema')!r}, this version reads {SCHEMA!r}")
-    validate_trace(events, str(path))
-    return events
+    if first.get("schema") != SCHEMA:
+        raise ValueError(f"{path}: trace schema {first.get('schema')!r}, this version reads {SCHEMA!r}")
+    yield from checked_trace(itertools.chain((first,), events), str(path))
 
 
 def iter_jsonl(path: str | Path) -> Iterator[dict]:

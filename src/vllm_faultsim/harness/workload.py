@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import random
+from array import array
 from pathlib import Path
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Iterator, Literal, Sequence
 
 from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_validator
 
@@ -168,38 +169,56 @@ class Bursty(Section):
         return self
 
 
-def _attach_mm(rng: random.Random, i: int, prompt_len: int, mm: MMConfig, seen: list[str], sample_prefetch):
+def _attach_mm(rng: random.Random, i: int, prompt_len: int, mm: MMConfig, seen: array, sample_prefetch):
+    """The image of request `i`, if it carries one; `seen` holds the request numbers of the images so far."""
     if mm.fraction <= 0 or rng.random() >= mm.fraction or prompt_len < mm.offset + mm.tokens + 1:
         return ()
     if seen and rng.random() < mm.reuse:
-        ident = seen[rng.randrange(len(seen))]
+        ident = f"img{seen[rng.randrange(len(seen))]}"
     else:
         ident = f"img{i}"
-        seen.append(ident)
+        seen.append(i)
     return (MMItem(ident, mm.offset, mm.tokens, round(sample_prefetch(rng), 6)),)
 
 
 def generate(w: Poisson | Bursty, seed: int = 0) -> tuple[RequestSpec, ...]:
-    """The requests of a checked generated workload, from `seed`."""
+    """The requests of a checked generated workload, from `seed` (:func:`iter_requests`, all at once)."""
+    return tuple(iter_requests(w, seed))
+
+
+def iter_requests(w: Poisson | Bursty, seed: int = 0) -> Iterator[RequestSpec]:
+    """The requests of a checked generated workload, from `seed`, one at a time in arrival order
+    (what a run pulls as its clock reaches them: the workload is never held whole)."""
     rng = random.Random(seed)
     sp, so = length_sampler(w.prompt), length_sampler(w.output)
     mm = w.mm or MMConfig()
     spf = _prefetch_sampler(mm.prefetch)
-    out, seen = [], []
+    seen = array("q")
     spans = ([(w.start, w.start + w.duration if w.duration is not None else math.inf, w.rate)]
              if isinstance(w, Poisson) else _bursts(w))
     limit = w.num_requests if isinstance(w, Poisson) and w.num_requests is not None else math.inf
     expovariate = rng.expovariate
+    i = 0
     for start, end, rate in spans:
         now = start
-        while rate > 0 and len(out) < limit:
+        while rate > 0 and i < limit:
             now += expovariate(rate)
             if now >= end:
                 break
-            i = len(out)
             p = sp(rng)
-            out.append(RequestSpec(f"r{i}", round(now, 6), p, so(rng), _attach_mm(rng, i, p, mm, seen, spf)))
-    return tuple(out)
+            yield RequestSpec(f"r{i}", round(now, 6), p, so(rng), _attach_mm(rng, i, p, mm, seen, spf))
+            i += 1
+
+
+class Generated:
+    """A checked generated workload as an iterable of its requests: each pass generates them again,
+    lazily, from the same seed (the same requests every pass)."""
+
+    def __init__(self, w: Poisson | Bursty, seed: int = 0):
+        self.w, self.seed = w, seed
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        return iter_requests(self.w, self.seed)
 
 
 def _bursts(w: Bursty) -> list[tuple[float, float, float]]:

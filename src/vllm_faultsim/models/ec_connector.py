@@ -14,6 +14,8 @@ use of it is compared.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from .request import RequestSpec
 
 
@@ -22,16 +24,16 @@ class PrefetchSchedule:
 
     Staging is per (request, item): a request's encoder outputs are fetched for that request,
     starting the first time the scheduler asks (``ensure``). ``has_item`` is per identifier: the
-    item can be loaded once any staging of it has landed (and it did not fail).
+    item can be loaded once any staging of it has landed (and it did not fail). A run adds each
+    request as it pulls it from the workload (:meth:`add`), before it arrives.
     """
 
-    def __init__(self, workload: tuple[RequestSpec, ...]):
+    def __init__(self, workload: Iterable[RequestSpec] = ()):
         self.latency: dict[tuple[str, str], float | None] = {}
-        self.idents: set[str] = set()
         for spec in workload:
             self.add(spec)
-        self.stalled: dict[str, float] = {}  # identifier -> extra staging seconds
-        self.failed: set[str] = set()        # identifiers whose staging fails (encode locally)
+        self.stalled: dict[str, float] = {}  # identifier ("*": every one) -> extra staging seconds
+        self.failed: set[str] = set()        # identifiers ("*": every one) whose staging fails (encode locally)
         self.ready_at: dict[tuple[str, str], float] = {}   # started stagings -> ready time
         self.landed: dict[str, float] = {}                 # identifier -> earliest ready time
 
@@ -39,21 +41,16 @@ class PrefetchSchedule:
         """A request's items (an open workload adds each request as a router sends it)."""
         for m in spec.mm:
             self.latency[(spec.req_id, m.identifier)] = m.prefetch
-            self.idents.add(m.identifier)
 
     # ---- fault hooks (faults/sim_injector.py) ----------------------------------------------
 
-    def _items(self, item: str) -> list[str]:
-        return sorted(self.idents) if item == "*" else [item]
-
     def stall(self, item: str, delay: float) -> None:
         """Staging of ``item`` (``"*"``: every item) takes ``delay`` seconds longer."""
-        for ident in self._items(item):
-            self.stalled[ident] = self.stalled.get(ident, 0.0) + delay
+        self.stalled[item] = self.stalled.get(item, 0.0) + delay
 
     def fail(self, item: str) -> None:
         """Staging of ``item`` (``"*"``: every item) fails: the request encodes it locally."""
-        self.failed.update(self._items(item))
+        self.failed.add(item)
 
     # ---- the connector's view -----------------------------------------------------------
 
@@ -65,8 +62,9 @@ class PrefetchSchedule:
             lat = self.latency.get(key)
             if lat is None:
                 return True
-            at = self.ready_at[key] = now + lat + self.stalled.get(ident, 0.0)
-            if ident not in self.failed and at < self.landed.get(ident, float("inf")):
+            stalled = self.stalled
+            at = self.ready_at[key] = now + lat + (stalled.get(ident, 0.0) + stalled.get("*", 0.0) if stalled else 0.0)
+            if ident not in self.failed and "*" not in self.failed and at < self.landed.get(ident, float("inf")):
                 self.landed[ident] = at
         return now >= at
 

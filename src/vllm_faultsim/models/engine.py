@@ -57,6 +57,7 @@ from typing import Callable, Iterable, Protocol
 import simpy
 
 from . import events
+from .arrivals import Arrivals
 from .eplb import EplbRankDeath, EplbState
 from .events import Emit
 from .kv_offload import TransferFailed
@@ -118,10 +119,10 @@ class EngineCore:
         self.env, self.core, self.emit = env, core, emit
         self.eplb = eplb  # async EPLB (models/eplb.py): EplbState.step() after every forward
         # a request reaches the core's input queue ServingCosts.input_s after the client sent it: the
-        # workload holds the times it does, client_arrival the client's times (kept in the records)
+        # arrivals hold the times it does, client_arrival the client's times (kept in the records)
         self.input_s = cpu_costs.input_s if cpu_costs is not None else 0.0
-        self.client_arrival: dict[str, float] = {}
-        self.workload = [self._reaching_core(spec) for spec in workload]
+        self.client_arrival: dict[str, float] = {}  # of the requests pulled and not added yet
+        self.arrivals = Arrivals(workload, self._reaching_core)  # the workload, pulled as the clock reaches it
         self.open = open_workload  # more requests may come (submit) until close()
         self._submitted: simpy.Event | None = None  # what a sleep of an open workload also wakes on
         self.step_time = step_time
@@ -137,7 +138,6 @@ class EngineCore:
         self.alive = True
         self.shutdown_requested = False  # SIGTERM: the loop aborts everything at its next iteration
         self.stepping = False  # a SIGTERM waits for the step in flight
-        self.nxt = 0  # index of the next arrival the loop has not added yet
         self.prefilling: dict[str, RequestRecord] = {}  # the records without a first token yet
         self.kv_connector = hasattr(core, "pending_jobs")  # KV offloading: see _kv_idle_step, _kv_lost
         self.in_step: tuple[float, StepResult] | None = None  # (start, decisions) of the step in flight
@@ -170,7 +170,7 @@ class EngineCore:
 
     def submit(self, spec: RequestSpec) -> None:
         """A request sent now (``spec.arrival`` <= now) joins the open workload; a sleeping loop wakes."""
-        self.workload.append(self._reaching_core(spec))
+        self.arrivals.push(self._reaching_core(spec))
         self._wake()
 
     def _reaching_core(self, spec: RequestSpec) -> RequestSpec:
@@ -200,19 +200,18 @@ class EngineCore:
 
     # ---- the step loop -----------------------------------------------------------------
 
-    def _add_arrivals(self, now: float) -> int:
+    def _add_arrivals(self, now: float) -> float | None:
         """``_process_input_queue``: every request that has arrived by `now` is added; returns the
-        index of the next arrival."""
-        arrivals, core, stats = self.workload, self.core, self.stats
+        next arrival's time (None: none)."""
+        arrivals, core, stats = self.arrivals, self.core, self.stats
         records = stats.records
-        while self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= now:
-            spec = arrivals[self.nxt]
-            self.nxt += 1
+        while arrivals.next_at <= now:
+            spec = arrivals.pop()
             core.add_request(spec, now)
             records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(
                 self.client_arrival.pop(spec.req_id, spec.arrival))
             stats.arrived += 1
-        return self.nxt
+        return arrivals.next_arrival()
 
     def _forward_time(self, now: float, res: StepResult) -> float:
         """The step time of `res`'s batch, times the slow_steps factor of a forward starting at `now`."""
@@ -230,7 +229,6 @@ class EngineCore:
 
     def _loop(self):
         env, core, stats = self.env, self.core, self.stats
-        arrivals = self.workload
         try:
             while True:
                 if self.shutdown_requested:
@@ -238,9 +236,9 @@ class EngineCore:
                 now = env.now
                 nxt = self._add_arrivals(now)
                 if not core.has_unfinished_requests():
-                    if nxt == len(arrivals) and not self.open:
+                    if nxt is None and not self.open:
                         return
-                    yield self._sleep(arrivals[nxt].arrival if nxt < len(arrivals) else None)
+                    yield self._sleep(nxt)
                     continue
                 run = self.macro_steps and core.decode_run()
                 if run:
@@ -248,7 +246,7 @@ class EngineCore:
                     continue
                 res = core.schedule(now)
                 if not res.sched and not self.kv_connector:
-                    wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
+                    wake = self._next_wakeup(now, nxt)
                     self._record_step(now, 0.0, res, ())
                     if self.invariants is not None:
                         self.invariants.idle(stats.steps, now, wake, core)
@@ -287,7 +285,7 @@ class EngineCore:
         ``EngineCore.step_with_batch_queue`` (see the module docstring). ``batch_queue`` holds
         (forward start, forward end, decisions), newest first, as vLLM's deque."""
         env, core, stats = self.env, self.core, self.stats
-        arrivals, size = self.workload, self.max_concurrent_batches
+        size = self.max_concurrent_batches
         batch_queue = self.batch_queue
         gpu_free = 0.0
         done: set[int] = set()  # (a mutant's) batches whose output was applied when scheduled
@@ -296,7 +294,7 @@ class EngineCore:
                 if self.shutdown_requested:  # _handle_shutdown, between two calls
                     return self._abort()
                 now = env.now
-                nxt = self._add_arrivals(now)
+                self._add_arrivals(now)
                 executed = False  # whether this call scheduled a batch that runs the model
                 if core.has_unfinished_requests():
                     run = self.macro_steps and len(batch_queue) == 1 and size == 2 and core.decode_run(batch_queue[0][2])
@@ -351,7 +349,7 @@ class EngineCore:
                             start, end, res = batch_queue.pop()
                             if id(res) not in done:
                                 self._account(res, core.update_from_output(res, now), start, end - start)
-                        wake = self._next_wakeup(now, arrivals[nxt].arrival if nxt < len(arrivals) else None)
+                        wake = self._next_wakeup(now, self.arrivals.next_arrival())
                         if self.invariants is not None:
                             self.invariants.idle(stats.steps, now, wake, core)
                         yield self._sleep(wake)
@@ -359,9 +357,10 @@ class EngineCore:
                     elif len(batch_queue) < size:
                         continue
                 elif not batch_queue:
-                    if nxt == len(arrivals) and not self.open:
+                    nxt = self.arrivals.next_arrival()  # a submission may have come since
+                    if nxt is None and not self.open:
                         return
-                    yield self._sleep(arrivals[nxt].arrival if nxt < len(arrivals) else None)
+                    yield self._sleep(nxt)
                     continue
                 start, end, res = self.in_step = batch_queue.pop()  # block on the oldest batch
                 self.stepping = True  # a SIGTERM is handled after this call, its output applied (_handle_shutdown)
@@ -391,7 +390,7 @@ class EngineCore:
         arrival (or a submission) or a requested shutdown; a kill interrupts it as it interrupts
         a step. Invariants: clock, causality and limits every step, conservation and the core's
         own check once, after it."""
-        env, stats, inv, arrivals = self.env, self.stats, self.invariants, self.workload
+        env, stats, inv, arrivals = self.env, self.stats, self.invariants, self.arrivals
         n, done, now = len(batch.sched), 0, env.now
         while True:
             dur = self._forward_time(now, batch)
@@ -404,7 +403,7 @@ class EngineCore:
             done += 1
             if self.progress is not None:
                 self.progress(env.now)
-            if done == k or self.shutdown_requested or (self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= env.now):
+            if done == k or self.shutdown_requested or arrivals.next_at <= env.now:
                 break
             now = env.now
             batch.context += n
@@ -417,7 +416,7 @@ class EngineCore:
         starts when the GPU is free), blocks on batch N and applies it; the batch in flight at the
         start is the run's first, the last one scheduled stays in flight; serving CPU costs are
         paid as the per-step loop pays them. Returns when the GPU is free."""
-        env, stats, inv, arrivals, costs = self.env, self.stats, self.invariants, self.workload, self.cpu_costs
+        env, stats, inv, arrivals, costs = self.env, self.stats, self.invariants, self.arrivals, self.cpu_costs
         n, done = len(batch.sched), 0
         prev_start, prev_end, _ = batch_queue.pop()
         while True:
@@ -446,7 +445,7 @@ class EngineCore:
             if self.progress is not None:
                 self.progress(env.now)
             prev_start, prev_end = start, end
-            if done == k or self.shutdown_requested or (self.nxt < len(arrivals) and arrivals[self.nxt].arrival <= env.now):
+            if done == k or self.shutdown_requested or arrivals.next_at <= env.now:
                 break
             batch.context += n
         batch_queue.appendleft((prev_start, prev_end, self.core.advance_decode(done, scheduled_at, batch.sched)))
@@ -475,8 +474,7 @@ class EngineCore:
         up for."""
         if (self.invariants is not None and not res.preempted and any(self.core.counts())
                 and not self.core.pending_jobs()):
-            nxt = self.nxt
-            wake = self._next_wakeup(now, self.workload[nxt].arrival if nxt < len(self.workload) else None)
+            wake = self._next_wakeup(now, self.arrivals.next_arrival())
             self.invariants.idle(self.stats.steps, now, wake, self.core)
         return IDLE_STEP
 
@@ -641,12 +639,13 @@ class EngineCore:
         """Requests sent after the core stopped taking them: rejected (aborted) while it shuts
         down, failed (EngineDeadError) once the engine is dead; those sent to a dead engine
         before detection fail at detection."""
-        env, records, i = self.env, self.stats.records, self.nxt
-        while i < len(self.workload) or self.open:
-            if i == len(self.workload):  # an open workload: wait for the next submission
+        env, records, arrivals = self.env, self.stats.records, self.arrivals
+        while arrivals.head is not None or self.open:
+            if arrivals.head is None:  # an open workload: wait for the next submission
                 yield self._sleep(None)
                 continue
-            spec, i = self.workload[i], i + 1
+            spec = arrivals.pop()
+            self.client_arrival.pop(spec.req_id, None)
             if spec.arrival > env.now:
                 yield env.timeout(spec.arrival - env.now)
             records[spec.req_id] = RequestRecord(spec.arrival)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import random
 
@@ -136,7 +136,7 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
         if not scfg.async_scheduling:
             raise ConfigError("serving (CPU costs per step) is modelled with async scheduling only (the batch queue)")
     cfg = RunConfig(scheduler=scfg, **rest)
-    specs = build_workload(cfg)  # validates the workload description
+    specs = iter_workload(cfg)  # validates the workload description (a replay's file is read)
     mm = next((s.req_id for s in specs if s.mm), None) if cfg.kv_offload else None
     if mm is not None:
         raise ConfigError(f"kv_offload models text-only requests; workload request {mm} has multimodal items")
@@ -145,33 +145,50 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
 
 
 def admission_errors(specs, scfg: SchedulerConfig) -> None:
+    """:func:`admission_error` of every request of `specs`."""
+    for s in specs:
+        admission_error(s, scfg)
+
+
+def admitted(specs, scfg: SchedulerConfig, source: str | None = None):
+    """`specs`, each checked (:func:`admission_error`) as it is pulled: a streamed workload's bad
+    request fails the run when the run reaches it (ConfigError, prefixed with `source`)."""
+    for s in specs:
+        try:
+            admission_error(s, scfg)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+        yield s
+
+
+def admission_error(s: wl.RequestSpec, scfg: SchedulerConfig) -> None:
     """What vLLM refuses before a request reaches the scheduler, with vLLM 0.26.0's wording
     (``InputProcessor._validate_model_input``), and a request the whole KV cache cannot hold
     (vLLM refuses to start an engine whose max seq len does not fit the KV cache; the simulator,
     given the pool as data, refuses the request that would stall it)."""
-    for s in specs:
-        if s.prompt_len > scfg.max_model_len:
-            raise ConfigError(f"request {s.req_id}: The decoder prompt (length {s.prompt_len}) is longer than the "
-                              f"maximum model length of {scfg.max_model_len}. Make sure that `max_model_len` is "
-                              "no smaller than the number of text tokens.")
-        if s.prompt_len == scfg.max_model_len:
-            raise ConfigError(f"request {s.req_id}: The decoder prompt (length {s.prompt_len}) plus the number of "
-                              f"requested output tokens (at least 1) is longer than the maximum model length of "
-                              f"{scfg.max_model_len}. Make sure that `max_model_len` is no smaller than the number "
-                              "of text tokens (prompt + requested output tokens).")
-        tokens = min(s.prompt_len + s.output_len - 1, scfg.max_model_len)
-        blocks = -(-tokens // scfg.block_size)
-        if blocks > scfg.num_gpu_blocks:
-            raise ConfigError(f"request {s.req_id} (prompt {s.prompt_len} + output {s.output_len} tokens) needs "
-                              f"{blocks} KV blocks of {scfg.block_size} tokens, larger than the whole KV cache "
-                              f"(num_gpu_blocks {scfg.num_gpu_blocks}): it could never be scheduled")
+    if s.prompt_len > scfg.max_model_len:
+        raise ConfigError(f"request {s.req_id}: The decoder prompt (length {s.prompt_len}) is longer than the "
+                          f"maximum model length of {scfg.max_model_len}. Make sure that `max_model_len` is "
+                          "no smaller than the number of text tokens.")
+    if s.prompt_len == scfg.max_model_len:
+        raise ConfigError(f"request {s.req_id}: The decoder prompt (length {s.prompt_len}) plus the number of "
+                          f"requested output tokens (at least 1) is longer than the maximum model length of "
+                          f"{scfg.max_model_len}. Make sure that `max_model_len` is no smaller than the number "
+                          "of text tokens (prompt + requested output tokens).")
+    tokens = min(s.prompt_len + s.output_len - 1, scfg.max_model_len)
+    blocks = -(-tokens // scfg.block_size)
+    if blocks > scfg.num_gpu_blocks:
+        raise ConfigError(f"request {s.req_id} (prompt {s.prompt_len} + output {s.output_len} tokens) needs "
+                          f"{blocks} KV blocks of {scfg.block_size} tokens, larger than the whole KV cache "
+                          f"(num_gpu_blocks {scfg.num_gpu_blocks}): it could never be scheduled")
 
 
 def plan_applicability_errors(plan: FaultPlan, cfg: RunConfig, specs) -> None:
     """A fault that cannot apply to this run is refused (it would be silently ignored): KV
     transfer faults need ``kv_offload``; EC prefetch faults need multimodal requests (one that
-    names an item, an item of the workload); EPLB faults need ``eplb``."""
-    items = {m.identifier for s in specs for m in s.mm}
+    names an item, an item of the workload); EPLB faults need ``eplb``. `specs` is read in one
+    pass, only for EC faults, and only as far as it takes to find their items."""
+    items = _items_found(specs, {f.params.get("item", "*") for f in plan.of_kind("ec_prefetch_stall", "ec_prefetch_fail")})
     for i, f in enumerate(plan.faults):
         where = f"{plan.source or 'plan'}: faults[{i}] ({f.kind})"
         if f.kind.startswith("kv_transfer_") and cfg.kv_offload is None:
@@ -183,8 +200,9 @@ def plan_applicability_errors(plan: FaultPlan, cfg: RunConfig, specs) -> None:
                 raise ConfigError(f"{where}: the workload is text-only, no encoder inputs to prefetch "
                                   "(add mm to the workload)")
             if item != "*" and item not in items:
+                every = {m.identifier for s in specs for m in s.mm}
                 raise ConfigError(f"{where}: item {item!r} is in no request of the workload "
-                                  f"(items: {', '.join(sorted(items)[:5])}{', ...' if len(items) > 5 else ''})")
+                                  f"(items: {', '.join(sorted(every)[:5])}{', ...' if len(every) > 5 else ''})")
         if f.kind in ("slow_link", "eplb_rank_death") and cfg.eplb is None:
             raise ConfigError(f"{where}: the run has no eplb section (add eplb to the run config)")
 
@@ -222,7 +240,29 @@ class JsonlWorkload(Section):
 WORKLOADS = {"poisson": wl.Poisson, "bursty": wl.Bursty, "jsonl": JsonlWorkload, **trace_formats.WORKLOADS}  # kind -> schema
 
 
+def _items_found(specs, wanted: set[str]) -> set[str]:
+    """Which of the `wanted` items (``"*"``: any item) some request of `specs` carries."""
+    found: set[str] = set()
+    if not wanted:
+        return found
+    for s in specs:
+        for m in s.mm:
+            found.add("*")
+            if m.identifier in wanted:
+                found.add(m.identifier)
+        if found >= wanted | {"*"}:
+            break
+    return found
+
+
 def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
+    """The requests of `cfg`'s workload, all at once (:func:`iter_workload`)."""
+    return tuple(iter_workload(cfg))
+
+
+def iter_workload(cfg: RunConfig) -> Iterable[wl.RequestSpec]:
+    """The requests of `cfg`'s workload in arrival order, checked: a generated workload lazily
+    (wl.Generated: each pass generates it again), a replay as read (its file is read here)."""
     if not isinstance(cfg.workload, dict):
         raise ConfigError(f"workload must be a mapping with a kind ({', '.join(WORKLOAD_KINDS)}), got {cfg.workload!r}")
     # YAML 1.1 reads a bare on/off key as a boolean: the bursty workload written naturally
@@ -238,7 +278,7 @@ def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
             return trace_formats.read(spec, seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len)
         except wl.WorkloadError as exc:
             raise wl.WorkloadError(f"workload ({kind}): {exc}") from None
-    return wl.generate(spec, cfg.seed)
+    return wl.Generated(spec, cfg.seed)
 
 
 @dataclass
@@ -319,8 +359,8 @@ def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str |
     steps the engine one step at a time (the same decisions and trace: models/engine.py)."""
     plan = plan or FaultPlan()
     injector = SimInjector(plan)
-    specs = build_workload(cfg) if specs is None else specs
-    prefetch = prefetch_schedule(specs, plan)
+    specs = iter_workload(cfg) if specs is None else specs
+    prefetch = prefetch_schedule((), plan)  # each request's items are added as the engine pulls it (staged)
     if cfg.kv_offload:
         kv = dict(cfg.kv_offload)
         policy = ko.OffloadPolicy(kv.pop("policy"))
@@ -328,8 +368,15 @@ def simulate(cfg: RunConfig, plan: FaultPlan | None = None, *, trace_path: str |
         injector.arm_transfers(core.transfers)
     else:
         core = Scheduler(cfg.scheduler, ECConnector(prefetch, cfg.ec_policy))
-    return run_engine(core, specs, cfg, plan, side="sim", trace_path=trace_path, keep=keep,
+    return run_engine(core, staged(specs, prefetch), cfg, plan, side="sim", trace_path=trace_path, keep=keep,
                       full_trace=full_trace, prefetch=prefetch, progress=progress, macro_steps=macro_steps)
+
+
+def staged(specs, prefetch: PrefetchSchedule):
+    """`specs`, each added to the EC prefetch schedule as it is pulled (before it arrives)."""
+    for s in specs:
+        prefetch.add(s)
+        yield s
 
 
 def with_scheduler(cfg: RunConfig, **changes) -> RunConfig:
