@@ -251,6 +251,7 @@ class Scheduler:
         pool, running = self.pool, self.running
         free_blocks = pool.free
         caching = self.caching
+        num_cached_block = pool.num_cached_block  # cache_blocks only where a block newly fills
         if self.ec_connector is not None:
             self.ec_connector.now = now
         kv = self.kv_connector
@@ -292,7 +293,9 @@ class Scheduler:
                     break  # the request itself was preempted
                 pool.allocate(rid, need)
             if caching:
-                pool.cache_blocks(rid, req.block_hashes, end if end < req.num_tokens else req.num_tokens, bs)
+                full = end if end < req.num_tokens else req.num_tokens
+                if full // bs > num_cached_block.get(rid, 0):
+                    pool.cache_blocks(rid, req.block_hashes, full, bs)
             sched[rid] = n
             before[rid] = computed
             plen[rid] = req.num_prompt_tokens
@@ -512,9 +515,11 @@ class Scheduler:
                 continue  # a partial prefill chunk samples nothing
             out = req.num_output_tokens = req.num_output_tokens + 1
             req.num_tokens = num_tokens + 1
-            if req.tokens is not None:
-                req.tokens.append(sampled_token(req.req_id, out, req.stop_at))
-                req.update_block_hashes(self.config.block_size)
+            toks = req.tokens
+            if toks is not None:
+                toks.append(sampled_token(req.req_id, out, req.stop_at))
+                if not len(toks) % self.config.block_size:  # a block newly full
+                    req.update_block_hashes(self.config.block_size)
             if out < req.finish_at:
                 continue
             status = "stop" if out == req.stop_at else "length"  # sampled_token() is EOS exactly at stop_at
@@ -535,6 +540,7 @@ class Scheduler:
         its token (vLLM appends it; it is not cached); placeholders resolve; blocks are cached at
         computed - placeholders."""
         sampling, bs = res.sampling, self.config.block_size
+        num_cached_block = self.pool.num_cached_block  # cache_blocks only where a block newly fills
         for rid in rids:
             req = self.requests.get(rid)
             if req is None:
@@ -547,14 +553,17 @@ class Scheduler:
             req.num_tokens += 1
             if req.num_output_placeholders:
                 req.num_output_placeholders -= 1
-            if req.tokens is not None:
-                req.tokens.append(sampled_token(rid, out, req.stop_at))
-                req.update_block_hashes(bs)
+            toks = req.tokens
+            if toks is not None:
+                toks.append(sampled_token(rid, out, req.stop_at))
+                if not len(toks) % bs:  # a block newly full
+                    req.update_block_hashes(bs)
                 if req.status == RUNNING:
                     cached = req.num_computed_tokens
                     if self.cache_less_placeholders:
                         cached -= req.num_output_placeholders
-                    self.pool.cache_blocks(rid, req.block_hashes, cached, bs)
+                    if cached // bs > num_cached_block.get(rid, 0):
+                        self.pool.cache_blocks(rid, req.block_hashes, cached, bs)
             if out < req.finish_at:
                 continue
             status = "stop" if out == req.stop_at else "length"
