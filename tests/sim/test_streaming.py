@@ -91,3 +91,16 @@ def test_a_generated_request_vllm_refuses_fails_the_run_when_reached(tmp_path):
         f"vllm-faultsim: error: {cfg}: request r3: The decoder prompt (length 2466) is longer than the maximum "
         "model length of 2048. Make sure that `max_model_len` is no smaller than the number of text tokens."]
     assert list(tmp_path.iterdir()) == [cfg]  # nothing written, no partial trace left
+
+
+def test_a_jsonl_replay_in_arrival_order_is_read_lazily_another_whole_and_sorted(tmp_path):
+    from vllm_faultsim.harness.workload import JsonlReplay, jsonl_workload, load_jsonl
+    lines = [f'{{"arrival": {0.1 * i:.1f}, "prompt_tokens": {100 + i}, "output_tokens": 8}}' for i in range(30)]
+    ordered, shuffled = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    ordered.write_text("\n".join(lines) + "\n")
+    shuffled.write_text("\n".join(lines[1::2] + lines[::2]) + "\n")
+    lazy = jsonl_workload(ordered)
+    assert isinstance(lazy, JsonlReplay) and tuple(lazy) == tuple(lazy) == load_jsonl(ordered)
+    whole = jsonl_workload(shuffled)
+    assert isinstance(whole, tuple) and whole == load_jsonl(shuffled)
+    assert [s.arrival for s in whole] == sorted(s.arrival for s in whole)

@@ -12,7 +12,7 @@ import math
 import random
 from array import array
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Literal, Sequence
+from typing import Annotated, Any, Iterable, Iterator, Literal, Sequence
 
 from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_validator
 
@@ -273,16 +273,46 @@ REQUEST_LINE = TypeAdapter(RequestLine)
 
 def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
     """Replay a JSONL trace: one request per line (:class:`RequestLine`), each checked by its schema
-    as it is parsed; a problem names ``FILE:LINE``."""
-    out = []
+    as it is parsed; a problem names ``FILE:LINE``. All of it, sorted by arrival (:func:`validate`)."""
+    specs = list(_jsonl_specs(path))
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as exc:
-        raise WorkloadError(f"{path}: cannot read workload ({exc.strerror})") from None
-    except UnicodeDecodeError as exc:
-        raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                         "a workload is a UTF-8 JSONL file, one request per line") from None
-    for n, line in enumerate(lines, 1):
+        return validate(specs)
+    except WorkloadError as exc:
+        raise WorkloadError(f"{path}: {exc}") from None
+
+
+def jsonl_workload(path: str | Path) -> Iterable[RequestSpec]:
+    """A JSONL replay checked in one streamed pass (:func:`load_jsonl`'s checks and messages): a file
+    already in arrival order is a :class:`JsonlReplay`, read again as a run pulls it; another is
+    read whole and sorted (:func:`load_jsonl`)."""
+    ids: set[str] = set()
+    last = -math.inf
+    for s in _jsonl_specs(path):
+        if s.arrival < last:
+            return load_jsonl(path)
+        last = s.arrival
+        try:
+            _check_spec(s, ids)
+        except WorkloadError as exc:
+            raise WorkloadError(f"{path}: {exc}") from None
+    return JsonlReplay(path)
+
+
+class JsonlReplay:
+    """A checked JSONL replay in arrival order as an iterable of its requests: each pass reads the
+    file again, one line at a time."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        return _jsonl_specs(self.path)
+
+
+def _jsonl_specs(path: str | Path) -> Iterator[RequestSpec]:
+    """The requests of a JSONL file in file order, each checked by its schema as it is read."""
+    k = 0
+    for n, line in _jsonl_lines(path):
         if not line.strip():
             continue
         try:
@@ -292,11 +322,28 @@ def load_jsonl(path: str | Path) -> tuple[RequestSpec, ...]:
             if e["type"] == "json_invalid":
                 raise WorkloadError(f"{path}:{n}: not valid JSON ({e['ctx']['error']})") from None
             raise WorkloadError(problem_line(exc, f"{path}:{n}", RequestLine)) from None
-        out.append(_spec(d, f"r{len(out)}"))
+        yield _spec(d, f"r{k}")
+        k += 1
+
+
+def _jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """A UTF-8 file's lines, numbered as ``str.splitlines`` numbers them, read one at a time."""
     try:
-        return validate(out)
-    except WorkloadError as exc:
-        raise WorkloadError(f"{path}: {exc}") from None
+        with open(path, "rb") as fh:
+            n = offset = 0
+            for raw in fh:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                                        f"{offset + exc.start}): a workload is a UTF-8 JSONL file, one request "
+                                        "per line") from None
+                offset += len(raw)
+                for piece in text.splitlines():
+                    n += 1
+                    yield n, piece
+    except OSError as exc:
+        raise WorkloadError(f"{path}: cannot read workload ({exc.strerror})") from None
 
 
 def spec_from_dict(d: Any, default_id: str) -> RequestSpec:
@@ -313,20 +360,25 @@ def _spec(d: RequestLine, default_id: str) -> RequestSpec:
 
 def validate(specs: Sequence[RequestSpec]) -> tuple[RequestSpec, ...]:
     """Check ids are unique and multimodal items fit their prompt; sort by arrival (stable)."""
-    ids = set()
+    ids: set[str] = set()
     for s in specs:
-        if s.req_id in ids:
-            raise WorkloadError(f"duplicate request id {s.req_id!r}")
-        ids.add(s.req_id)
-        end = -1
-        for m in s.mm:
-            if m.offset < end or m.length < 1 or m.offset + m.length > s.prompt_len:
-                raise WorkloadError(f"request {s.req_id}: mm item {m.identifier} must lie inside the prompt, "
-                                    "sorted and non-overlapping")
-            end = m.offset + m.length
-        if s.stop_at is not None and not 1 <= s.stop_at <= s.output_len:
-            raise WorkloadError(f"request {s.req_id}: stop_at must be in [1, output_tokens]")
+        _check_spec(s, ids)
     return tuple(sorted(specs, key=lambda s: s.arrival))
+
+
+def _check_spec(s: RequestSpec, ids: set[str]) -> None:
+    """:func:`validate`'s checks of one request; `ids` holds the ids before it (and gets its own)."""
+    if s.req_id in ids:
+        raise WorkloadError(f"duplicate request id {s.req_id!r}")
+    ids.add(s.req_id)
+    end = -1
+    for m in s.mm:
+        if m.offset < end or m.length < 1 or m.offset + m.length > s.prompt_len:
+            raise WorkloadError(f"request {s.req_id}: mm item {m.identifier} must lie inside the prompt, "
+                                "sorted and non-overlapping")
+        end = m.offset + m.length
+    if s.stop_at is not None and not 1 <= s.stop_at <= s.output_len:
+        raise WorkloadError(f"request {s.req_id}: stop_at must be in [1, output_tokens]")
 
 
 def spec_to_dict(s: RequestSpec) -> dict:

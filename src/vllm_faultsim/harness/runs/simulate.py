@@ -231,7 +231,7 @@ def detection(cfg: RunConfig, injector: SimInjector) -> Callable[[str], float]:
 
 
 class JsonlWorkload(Section):
-    """A JSONL replay (harness/workload.py ``load_jsonl``)."""
+    """A JSONL replay (harness/workload.py ``jsonl_workload``)."""
 
     kind: Literal["jsonl"]
     path: str
@@ -262,7 +262,8 @@ def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
 
 def iter_workload(cfg: RunConfig) -> Iterable[wl.RequestSpec]:
     """The requests of `cfg`'s workload in arrival order, checked: a generated workload lazily
-    (wl.Generated: each pass generates it again), a replay as read (its file is read here)."""
+    (wl.Generated: each pass generates it again), a JSONL replay in arrival order lazily too
+    (wl.JsonlReplay: checked here in one streamed pass), another replay as read."""
     if not isinstance(cfg.workload, dict):
         raise ConfigError(f"workload must be a mapping with a kind ({', '.join(WORKLOAD_KINDS)}), got {cfg.workload!r}")
     # YAML 1.1 reads a bare on/off key as a boolean: the bursty workload written naturally
@@ -272,7 +273,7 @@ def iter_workload(cfg: RunConfig) -> Iterable[wl.RequestSpec]:
         raise ConfigError(f"workload.kind must be one of {', '.join(WORKLOAD_KINDS)}, got {kind!r}")
     spec = checked(WORKLOADS[kind], {"kind": kind, **w}, f"workload ({kind})", wl.WorkloadError)
     if kind == "jsonl":
-        return wl.load_jsonl(spec.path)
+        return wl.jsonl_workload(spec.path)
     if kind in trace_formats.WORKLOADS:
         try:
             return trace_formats.read(spec, seed=cfg.seed, max_model_len=cfg.scheduler.max_model_len)

@@ -18,7 +18,6 @@ from pydantic import Field
 
 from ...faults.plan import validate_plan
 from ...inputs import Section, checked, read_mapping_file
-from ..metrics import overloaded
 from ...models.step_time import describe
 from .simulate import ConfigError, config_from_dict, simulate, step_time_model
 
@@ -79,9 +78,9 @@ def points(spec: dict):
 def study_point(point: dict) -> dict:
     """One study point (a sweep point: run config and fault plan as dicts) -> its table columns."""
     cfg = config_from_dict(point["config"])
-    res = simulate(cfg, validate_plan(point["plan"], "study point"), keep=False, full_trace=False)
+    res = simulate(cfg, validate_plan(point["plan"], "study point"), keep=frozenset(), full_trace=False)
     return {**{c: res.summary[c] for c in COLUMNS},
-            "overloaded": overloaded(e for e in res.events if e["kind"] == "req"),
+            "overloaded": res.overloaded,
             "requests": res.summary["requests"]}
 
 
