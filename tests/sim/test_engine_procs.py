@@ -12,8 +12,8 @@ import pytest
 from vllm_faultsim.faults.plan import validate_plan
 from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, fate_differences,
                                                 compare_code0_naming, compare_latency)
-from vllm_faultsim.harness.runs.procs import (Case, like_the_run, matrix_cases, matrix_scenario, on_a_boundary,
-                                             simulate_procs)
+from vllm_faultsim.harness.runs.procs import (Case, like_the_run, matrix_cases, matrix_scenario, off_schedule,
+                                             on_a_boundary, simulate_procs)
 from vllm_faultsim.harness.trace import dumps
 from vllm_faultsim.harness.mutants import PROCS_MUTANTS
 from vllm_faultsim.models.engine_procs import (POLICIES, LatencyModel, ProcScenario, ScenarioError,
@@ -278,3 +278,17 @@ def test_a_run_is_judged_unless_its_detection_latency_lies_on_a_boundary():
     late = {op: [s + 0.15, e + 0.15] if op.startswith("a1.") and op.endswith(".kv") else [s, e]
             for op, (s, e) in on_time.items()}
     assert why(0.15, late) is None and why(0.3, late)
+
+
+def test_a_late_submission_that_crossed_the_fault_is_no_valid_history():
+    """runs.procs.off_schedule: the model takes the run's operation times, but an operation the
+    loaded host submitted only after the fault reached its rank (which the model's rank no longer
+    takes) is a race of the driver's thread, not vLLM's: the run is left to be re-run."""
+    on_time = {op.op: [op.submit, op.submit + op.dur] for op in SC.ops}
+
+    def run_with(submit):
+        times = {**on_time, "a1.worker.kv": [submit, submit + 0.55]}
+        return [{"kind": "fault", "t": 0.45, "applied": True, "rank": 1, "fault": {"signal": "SIGTERM"}},
+                {"kind": "end", "max_slip": 0.0, "op_times": times, "summary": {"ops": {}}}]
+    assert off_schedule(SC, run_with(0.3)) is None
+    assert "a1.worker.kv was submitted at 0.460 s, after the fault" in off_schedule(SC, run_with(0.46))

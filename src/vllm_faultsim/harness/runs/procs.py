@@ -51,14 +51,23 @@ def as_run(sc: ProcScenario, real: list[dict]) -> ProcScenario:
 
 def off_schedule(sc: ProcScenario, real: list[dict]) -> str | None:
     """Why a real matrix run is no valid history for its case (None: it is): a fault slipped behind
-    its schedule, an operation that never completed outlived its planned duration, an exit was not
-    yet detected when the client stopped, or a client call fell between the last exit and the
-    engine being seen dead."""
+    its schedule, an operation submitted late crossed the fault on its rank, one that never
+    completed outlived its planned duration, an exit was not yet detected when the client stopped,
+    or a client call fell between the last exit and the engine being seen dead."""
     slip = real[-1]["max_slip"]
     if slip > SLIP_LIMIT:
         return f"slipped {slip * 1e3:.0f} ms behind its schedule ({real[-1]['slipped']})"
     planned = {op.op: op.dur for op in sc.ops}
     exit_at = {e["rank"]: e["t"] for e in real if e.get("kind") == "proc" and e["event"] == "exit"}
+    for op in sc.ops:   # a late submission that crossed the fault: the model's rank stopped taking work
+        hit = [e["t"] for e in real if e.get("t") is not None and (
+            e.get("kind") == "fault" and e["applied"] and (e["rank"] == op.rank or e["fault"]["signal"] == "stop")
+            or e.get("kind") == "proc" and (e["event"] == "shutdown"
+                                            or e["event"] in ("core_shutdown", "exit") and e["rank"] == op.rank))]
+        submit = real[-1]["op_times"].get(op.op, [None])[0]
+        if hit and submit is not None and op.submit < min(hit) <= submit:
+            return (f"{op.op} was submitted at {submit:.3f} s, after the fault reached its rank "
+                    f"({min(hit):.3f} s; planned {op.submit:.3f} s)")
     for e in real:
         if e.get("kind") == "proc" and e["event"] == "lost":
             submit, _ = real[-1]["op_times"][e["op"]]
