@@ -122,19 +122,24 @@ class Request:
                              spec.stop_at if spec.stop_at is not None and spec.stop_at >= 1 else spec.output_len)
         self.status = WAITING
         self.mm = spec.mm
-        self.tokens: list[int] | None = None
+        self.tokens: list[int] | None = None  # prefix caching: the prompt, then the outputs to the last full block
         self.block_hashes: list[int] = []
         if block_size is not None:  # prefix caching: hash every full block of tokens
             self.tokens = prompt_token_ids(spec)
             self.update_block_hashes(block_size)
 
     def update_block_hashes(self, block_size: int) -> None:
-        """Chained hashes of the full blocks (tokens + the multimodal items they overlap)."""
-        hashes, toks = self.block_hashes, self.tokens
+        """Chained hashes of the full blocks (tokens + the multimodal items they overlap). The sampled
+        tokens are appended here, lazily: the updates call it only when a sampled token fills a block
+        (``sampled_token`` is a pure function of the request and the output index)."""
+        hashes, toks, mm = self.block_hashes, self.tokens, self.mm
+        rid, stop_at = self.req_id, self.stop_at
+        toks += [sampled_token(rid, out, stop_at)
+                 for out in range(len(toks) - self.num_prompt_tokens + 1, self.num_output_tokens + 1)]
         for i in range(len(hashes), len(toks) // block_size):
             start, end = i * block_size, (i + 1) * block_size
-            extra = tuple((hash_str(m.identifier), m.offset - start) for m in self.mm
-                          if m.offset < end and m.offset + m.length > start)
+            extra = tuple((hash_str(m.identifier), m.offset - start) for m in mm
+                          if m.offset < end and m.offset + m.length > start) if mm else ()
             hashes.append(hash((hashes[-1] if hashes else 0, tuple(toks[start:end]), extra)))
 
 
@@ -515,11 +520,8 @@ class Scheduler:
                 continue  # a partial prefill chunk samples nothing
             out = req.num_output_tokens = req.num_output_tokens + 1
             req.num_tokens = num_tokens + 1
-            toks = req.tokens
-            if toks is not None:
-                toks.append(sampled_token(req.req_id, out, req.stop_at))
-                if not len(toks) % self.config.block_size:  # a block newly full
-                    req.update_block_hashes(self.config.block_size)
+            if req.tokens is not None and not (num_tokens + 1) % self.config.block_size:  # a block newly full
+                req.update_block_hashes(self.config.block_size)
             if out < req.finish_at:
                 continue
             status = "stop" if out == req.stop_at else "length"  # sampled_token() is EOS exactly at stop_at
@@ -553,10 +555,8 @@ class Scheduler:
             req.num_tokens += 1
             if req.num_output_placeholders:
                 req.num_output_placeholders -= 1
-            toks = req.tokens
-            if toks is not None:
-                toks.append(sampled_token(rid, out, req.stop_at))
-                if not len(toks) % bs:  # a block newly full
+            if req.tokens is not None:
+                if not req.num_tokens % bs:  # a block newly full
                     req.update_block_hashes(bs)
                 if req.status == RUNNING:
                     cached = req.num_computed_tokens
