@@ -4,7 +4,9 @@ search point runs) and with the full per-step trace written to disk, each with t
 step time (the default profile) and the ``aic`` one (aiconfigurator-core, Llama-3.1-8B on an
 H200), with macro-steps (the default) and without (``macro_steps=False``, the per-step loop).
 A decode-heavy hour (1 req/s, 512/1024 tokens), where macro-steps have long stretches to take,
-is run beside it. Targets (issue 16): summary-only >= 1000x real time, full trace >= 300x.
+is run beside it, and the 20 req/s hour with vLLM's default prefix caching on (summary-only; the
+decode cohort is off there, prompts are hashed and cached block by block). Targets (issue 16):
+summary-only >= 1000x real time, full trace >= 300x.
 Also the peak memory (ru_maxrss, a fresh process each) of one hour at 100 req/s (overloaded: the
 queue holds what has arrived), summary-only and with the req events kept (``keep=False``, what
 ``vllm-faultsim run`` and the study keep today). Prints and records JSON.
@@ -32,9 +34,11 @@ AIC = {"backend": "aic", "model": "meta-llama/Meta-Llama-3.1-8B", "system": "h20
 BACKENDS = {"linear": None, "aic": AIC}
 
 
-def config(hours: float, rate: float = 20.0, output: int = 128, step_time: dict | None = None) -> RunConfig:
+def config(hours: float, rate: float = 20.0, output: int = 128, step_time: dict | None = None,
+           enable_prefix_caching: bool = False) -> RunConfig:
     cfg = with_scheduler(RunConfig(workload={"kind": "poisson", "rate": rate, "duration": 3600.0 * hours,
-                                             "prompt": 512, "output": output}), max_num_seqs=256)
+                                             "prompt": 512, "output": output}), max_num_seqs=256,
+                         enable_prefix_caching=enable_prefix_caching)
     return cfg if step_time is None else replace(cfg, step_time=check_section(step_time))
 
 
@@ -80,7 +84,8 @@ def main() -> None:
     args = ap.parse_args()
     runs = []
     for backend, section in BACKENDS.items():
-        for workload, kw in (("20 req/s, 512/128", {}), ("decode-heavy: 1 req/s, 512/1024", {"rate": 1.0, "output": 1024})):
+        for workload, kw in (("20 req/s, 512/128", {}), ("decode-heavy: 1 req/s, 512/1024", {"rate": 1.0, "output": 1024}),
+                             ("prefix caching on: 20 req/s, 512/128", {"enable_prefix_caching": True})):
             for full_trace in (False, True):
                 if kw and full_trace:
                     continue
@@ -88,7 +93,7 @@ def main() -> None:
                     r = timed(config(args.hours, step_time=section, **kw), full_trace=full_trace, macro_steps=macro)
                     runs.append({"backend": backend, "workload": workload,
                                  "mode": "full trace" if full_trace else "summary-only", "macro_steps": macro, **r})
-                    print(f"{backend:>6} {workload:<34} {runs[-1]['mode']:<12} macro={macro!s:<5}: "
+                    print(f"{backend:>6} {workload:<36} {runs[-1]['mode']:<12} macro={macro!s:<5}: "
                           f"{r['wall_s']:7.2f} s wall ({r['sim_over_wall']:7.1f}x real time), {r['cpu_s']:7.2f} s CPU "
                           f"({r['sim_over_cpu']:7.1f}x), {r['steps']} steps, {r['us_per_step_cpu']} us/step", flush=True)
     # the same decisions with and without macro-steps: the summaries are equal
