@@ -28,7 +28,8 @@ one() {  # LABEL I PYTEST-ARGS...
   left=$(( DEADLINE - $(date +%s) ))
   if [ $left -lt 60 ]; then echo "$label $i not started: deadline" >> $SUM; exit 0; fi
   t0=$(date +%s)
-  timeout -k 20 $left python -m pytest -q -p no:cacheprovider -rsP --durations=8 "$@" > $OUT/$label-$i.log 2>&1
+  timeout -k 20 $left python -m pytest -q -p no:cacheprovider -rsP --durations=8 --basetemp=$OUT/tmp-$label-$i "$@" \
+    > $OUT/$label-$i.log 2>&1   # basetemp kept: a failure's replay and re-check commands name its traces there
   rc=$?
   echo "$label $i rc=$rc $(( $(date +%s) - t0 )) s load=$(cut -d' ' -f1-3 /proc/loadavg) commit=$COMMIT $(tail -1 $OUT/$label-$i.log)" >> $SUM
 }
