@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model
 
 # A section of a user's file: no unknown keys, strict types (a bool is no number, "1" no int, an
 # int is a float), no inf or nan; a model validator holds its cross-field rules.
@@ -32,6 +32,17 @@ NonNegative = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+def _lo_le_hi(pair: list) -> list:
+    if pair[0] > pair[1]:
+        raise ValueError(f"must be [lo, hi] with lo <= hi (got {pair})")
+    return pair
+
+
+def bounds(item: Any) -> Any:
+    """The type of a ``[lo, hi]`` pair of `item` values with lo <= hi."""
+    return Annotated[list[item], Field(min_length=2, max_length=2), AfterValidator(_lo_le_hi)]
 
 
 def read_mapping_file(path: str | Path, what: str, error: type[Exception]) -> Any:

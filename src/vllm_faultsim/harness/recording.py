@@ -83,17 +83,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from ..inputs import (
-    SECTION,
-    NonNegative,
-    NonNegativeInt,
-    PositiveInt,
-    Section,
-    checked,
-    show,
-)
+from ..inputs import SECTION, NonNegative, NonNegativeInt, PositiveInt, Section, bounds, checked, show
 
 FORMAT = "vllm-faultsim.recording/1"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -120,13 +112,7 @@ class Recording:
 
 # ---- checks: each line's fields by its schema (inputs.py), then the rules across fields and lines ----
 
-def _lo_le_hi(v: list[int]) -> list[int]:
-    if v[0] > v[1]:
-        raise ValueError(f"must be [lo, hi] with lo <= hi (got {v})")
-    return v
-
-
-TokenRange = Annotated[list[NonNegativeInt], Field(min_length=2, max_length=2), AfterValidator(_lo_le_hi)]
+TokenRange = bounds(NonNegativeInt)
 Time = NonNegative  # seconds from the run's start
 
 

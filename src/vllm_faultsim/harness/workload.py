@@ -16,7 +16,7 @@ from typing import Annotated, Any, Iterable, Iterator, Literal, Sequence
 
 from pydantic import AfterValidator, Field, TypeAdapter, ValidationError, model_validator
 
-from ..inputs import Fraction, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, checked, problem_line
+from ..inputs import Fraction, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, bounds, checked, problem_line
 from ..models.request import MMItem, RequestSpec
 
 class WorkloadError(ValueError):
@@ -34,14 +34,12 @@ def _expected(n: float, what: str) -> None:
 
 # ---- length distributions -------------------------------------------------------------------
 
-class Uniform(Section):
-    uniform: Annotated[list[PositiveInt], Field(min_length=2, max_length=2)]
+LengthBounds = bounds(PositiveInt)
+SecondsBounds = bounds(NonNegative)
 
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.uniform[0] > self.uniform[1]:
-            raise ValueError(f"uniform bounds must satisfy lo <= hi, got {self.uniform}")
-        return self
+
+class Uniform(Section):
+    uniform: LengthBounds
 
 
 class LognormalParams(Section):
@@ -91,13 +89,7 @@ def length_sampler(spec: Any):
 # ---- generators -----------------------------------------------------------------------------
 
 class PrefetchUniform(Section):
-    uniform: Annotated[list[NonNegative], Field(min_length=2, max_length=2)]
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.uniform[0] > self.uniform[1]:
-            raise ValueError(f"uniform bounds must satisfy lo <= hi, got {self.uniform}")
-        return self
+    uniform: SecondsBounds
 
 
 def _prefetch(spec: Any) -> float | PrefetchUniform:
