@@ -24,8 +24,10 @@ import psutil
 NAMES = re.compile(r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|pymp-.*|vfs-.*|tmp.*|ray.*)$")
 
 
-def _settled(check, timeout: float = 5.0):
-    """Processes and threads that are ending get a moment to finish."""
+def _settled(check, timeout: float = 30.0):
+    """Processes and threads that are ending get a moment to finish: up to 30 s, as long as a Ray
+    worker's teardown can take with both cores loaded (it returns as soon as nothing is left, and a
+    leak is still one after 30 s)."""
     deadline = time.monotonic() + timeout
     while True:
         left = check()

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from vllm_faultsim.faults.plan import validate_plan
-from vllm_faultsim.harness.checkers.procs import (RACE, binomial_p_value, classify, code0_naming, fate_differences,
+from vllm_faultsim.harness.checkers.procs import (MATRIX_PHASES, RACE, binomial_p_value, classify, code0_naming, fate_differences,
                                                 compare_code0_naming, compare_latency)
 from vllm_faultsim.harness.runs.procs import (Case, like_the_run, matrix_cases, matrix_scenario, off_schedule,
                                              on_a_boundary, simulate_procs)
@@ -151,6 +151,28 @@ def test_ray_actor_policy():
     assert fatal["ops"]["1.worker.ec"]["drain"] == 1
     stop = classify(simulate_procs(SC, kill("stop"), "ray-actor", latency=lat))
     assert stop["detect"] == [] and stop["exits"] == {0: "killed", 1: "killed"}
+
+
+# detection latencies the real matrices measured with both cores loaded by stress-ng (the loaded
+# runs in benchmarks/results/loaded_runs.txt): MP sentinels 10-70 ms, Ray's ray.wait 10-290 ms
+LOADED_DETECTION = {"mp": 0.07, "ray": 0.29}
+
+
+@pytest.mark.parametrize("backend", ["mp", "ray"])
+def test_matrix_classification_holds_over_the_loaded_detection_range(backend):
+    """Each matrix case's model classification is the same for every detection latency a loaded
+    host gives (and GUARD beyond), so on_a_boundary leaves no case unjudged for its latency alone.
+    With Ray's ranks 0.3 s apart (the MP gap) rank 0's SIGTERM / exit0 cases change at 150 ms."""
+    from vllm_faultsim.harness.runs.procs import GUARD, MeasuredLatency
+    model, policy = LatencyModel.load(), POLICIES["ray-actor" if backend == "ray" else "mp-0.26"]
+    sc = matrix_scenario(2, backend)
+    top = LOADED_DETECTION[backend] + GUARD
+    for case in matrix_cases(phases=("mid_step",) if backend == "ray" else MATRIX_PHASES):
+        seen = {}
+        for ms in range(5, round(top * 1e3) + 1, 5):
+            c = classify(simulate_procs(sc, case.plan(), policy, latency=MeasuredLatency(model, [ms / 1e3] * 4)))
+            seen.setdefault(json.dumps(c, sort_keys=True, default=str), ms)
+        assert len(seen) == 1, (case.name, f"classification changes at {sorted(seen.values())[1:]} ms")
 
 
 def test_every_mutant_is_caught_by_the_checker():

@@ -127,24 +127,35 @@ def simulate_procs(sc: ProcScenario, plan: FaultPlan, policy: LivenessPolicy | s
     return trace.events
 
 
-def matrix_scenario(dp_size: int = 2) -> ProcScenario:
+RANK_GAP = {"mp": 0.3, "ray": 0.6}   # s between the ranks' pending operations' ends (matrix_scenario)
+
+
+def matrix_scenario(dp_size: int = 2, backend: str = "mp") -> ProcScenario:
     """The matrix's scenario: every rank steps in [0.2, 0.6) (faults at 0.45: mid-step at 0.45,
     idle at 0.63); each rank has one operation per connector and role pending over the fault
-    (KV ones end 0.15 s before EC ones, ranks 0.3 s apart, so an EC connector whose shutdown is
-    skipped loses them), the probe at 1.75 s, and another set pending over the end-of-run stop at
-    2.0 s (KV ends at 2.05, drained before a shutdown-phase fault at ~2.1; EC at 2.2, lost to it).
-    Every boundary is >= 40 ms from the next event; the probe comes >= 300 ms after the last exit
-    of a case (~1.45 s on a loaded host), which the client's death notice takes 100-150 ms to
-    follow there."""
+    (KV ones end 0.15 s before EC ones, ranks :data:`RANK_GAP` apart, so an EC connector whose
+    shutdown is skipped loses them), the probe at 1.75 s, and another set pending over the
+    end-of-run stop at 2.0 s (KV ends at 2.05, drained before a shutdown-phase fault at ~2.1; EC at
+    2.2, lost to it); for ``ray`` the probe, the stop and the second set come ``RANK_GAP`` - 0.3 s
+    later. Every boundary is >= 40 ms from the next event; the probe comes >= 300 ms after the last
+    exit of a case (~1.45 s on a loaded host), which the client's death notice takes 100-150 ms to
+    follow there. The gap sets where a detection latency changes what the model drains: ranks 0.3
+    s apart put the boundaries 150 ms apart, which suits the MP monitor's sentinels (10-70 ms, loaded
+    too); ``ray.wait`` wakes 10-290 ms after an exit on a loaded host, which those boundaries split,
+    so Ray's ranks are 0.6 s apart (its first boundary 350 ms: ``tests/sim/test_engine_procs.py``
+    holds it there)."""
+    gap = RANK_GAP[backend]
+    later = gap - RANK_GAP["mp"]
     ops = []
     for r in range(dp_size):
         for conn in ("kv", "ec"):
             extra = 0.15 if conn == "ec" else 0.0
             for role in ("worker", "scheduler"):
-                ops.append(ConnectorOp(r, conn, role, f"a{r}.{role}.{conn}", 0.25, 0.55 + 0.3 * r + extra))
-                ops.append(ConnectorOp(r, conn, role, f"b{r}.{role}.{conn}", 1.8, 0.25 + extra))
+                ops.append(ConnectorOp(r, conn, role, f"a{r}.{role}.{conn}", 0.25, 0.55 + gap * r + extra))
+                ops.append(ConnectorOp(r, conn, role, f"b{r}.{role}.{conn}", 1.8 + later, 0.25 + extra))
     return ProcScenario(dp_size=dp_size, step=0.1, busy=((0.2, 0.6),) * dp_size, ops=tuple(ops),
-                        duration=2.0, probe_at=1.75, stop_timeout=5.0, margin=0.03, shutdown_delay=0.1)
+                        duration=2.0 + later, probe_at=1.75 + later, stop_timeout=5.0, margin=0.03,
+                        shutdown_delay=0.1)
 
 
 @dataclass(frozen=True)
@@ -276,7 +287,7 @@ def run_fault_matrix(*, dp_size: int = 2, signals: Iterable[str] = SIGNALS,
                                         out_dir=out_dir, profile=profile, log=log)
     policy = policy or ("ray-actor" if backend == "ray" else "mp-0.26")
     mutants = tuple(PROCS_MUTANTS if backend == "mp" else ()) if mutants is None else tuple(mutants)
-    sc = replace(matrix_scenario(dp_size), client_rss_mb=client_rss_mb())
+    sc = replace(matrix_scenario(dp_size, backend), client_rss_mb=client_rss_mb())
     model = LatencyModel.load(profile)
     if backend == "mp" and model.fork_teardown_s:
         model = model.on_host(fork_teardown_s(), sc.client_rss_mb)
@@ -360,7 +371,7 @@ def main(args) -> int:
             return 0 if report.classified_identically and all(report.mutants.values()) else 1
         case = Case(args.signal, args.phase, args.rank, args.at)
         policy = args.policy or ("ray-actor" if args.backend == "ray" else "mp-0.26")
-        sc = replace(matrix_scenario(args.dp_size), client_rss_mb=client_rss_mb())
+        sc = replace(matrix_scenario(args.dp_size, args.backend), client_rss_mb=client_rss_mb())
         out = Path(args.out) if args.out else None
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
