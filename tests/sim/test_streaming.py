@@ -104,3 +104,83 @@ def test_a_jsonl_replay_in_arrival_order_is_read_lazily_another_whole_and_sorted
     whole = jsonl_workload(shuffled)
     assert isinstance(whole, tuple) and whole == load_jsonl(shuffled)
     assert [s.arrival for s in whole] == sorted(s.arrival for s in whole)
+
+
+def test_the_prefetch_schedule_drops_each_request_once_it_is_done():
+    """After a multimodal run the EC schedule holds no request: each is dropped at its req event
+    (what landed stays loadable: ``landed``), so it holds what is in flight, not the workload."""
+    cfg = RunConfig(workload={"kind": "poisson", "rate": 5, "duration": 120, "prompt": 600, "output": 32,
+                              "mm": {"fraction": 0.6, "tokens": 120, "prefetch": {"uniform": [0.05, 0.4]}, "reuse": 0.3}},
+                    seed=3)
+    prefetch = PrefetchSchedule()
+    seen = []
+
+    def staged(specs):
+        for s in specs:
+            prefetch.add(s)
+            seen.append(len(prefetch.items))
+            yield s
+
+    res = run_engine(Scheduler(cfg.scheduler, ECConnector(prefetch)), staged(iter_workload(cfg)), cfg, FaultPlan(),
+                     side="sim", keep=frozenset(), full_trace=False, prefetch=prefetch)
+    assert res.summary["finished"] == res.summary["requests"] > 500
+    assert prefetch.items == {} and prefetch.latency == {} and prefetch.ready_at == {} and prefetch.landed
+    assert max(seen) < sum(1 for s in iter_workload(cfg) if s.mm) / 20  # in flight, not the workload
+
+
+def test_a_public_trace_file_is_checked_once_then_read_as_pulled(tmp_path):
+    from vllm_faultsim.harness import trace_formats as tf
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(f'{{"timestamp": {1000 * i}, "input_length": {100 + i}, "output_length": 4}}\n'
+                            for i in range(50)))
+    cfg = RunConfig(workload={"kind": "mooncake", "path": str(path), "rate": 5.0})
+    lazy = iter_workload(cfg)
+    assert isinstance(lazy, tf.TimedReplay) and tuple(lazy) == tuple(lazy)
+    specs = tuple(lazy)
+    assert len(specs) == 50 and lazy.last_arrival == specs[-1].arrival == 9.8  # 49 gaps at 5 req/s
+
+
+@pytest.mark.parametrize("workload, expected", [
+    ({"kind": "poisson", "rate": 10, "duration": 30, "start": 2}, 32.0),
+    ({"kind": "poisson", "rate": 10, "num_requests": 50}, 5.0),
+    ({"kind": "bursty", "rate_high": 9, "rate_low": 1, "on": 2, "off": 3, "duration": 17}, 17.0)])
+def test_the_progress_bar_is_sized_from_the_description(workload, expected):
+    from vllm_faultsim.harness.runs.simulate import last_arrival
+    specs = iter_workload(RunConfig(workload=workload))
+    assert last_arrival(specs) == expected
+    assert max(s.arrival for s in specs) <= expected * 1.5
+
+
+def test_diff_traces_streams_and_matches_fates_in_any_order(tmp_path):
+    """The checker reads both traces side by side: request events in another order agree; a changed
+    fate is reported for the earliest request of the left trace; left's reading error comes first."""
+    import json
+    from vllm_faultsim.harness.checkers.divergence import first_divergence
+    from vllm_faultsim.harness.runs.simulate import simulate
+    from vllm_faultsim.harness.trace import TraceFile, TraceError
+    cfg = RunConfig(workload={**POISSON, "num_requests": 120})
+    base = tmp_path / "a.jsonl"
+    simulate(cfg, trace_path=base, keep=frozenset())
+    lines = base.read_text().splitlines()
+    reqs = [i for i, line in enumerate(lines) if json.loads(line)["kind"] == "req"]
+
+    def write(name, ls):
+        (tmp_path / name).write_text("\n".join(ls) + "\n")
+        return TraceFile(tmp_path / name)
+
+    moved = [line for i, line in enumerate(lines) if i not in set(reqs)]
+    moved = write("moved.jsonl", moved[:-1] + [lines[i] for i in reversed(reqs)] + moved[-1:])
+    assert first_divergence(TraceFile(base), moved) is None and moved.last_kind == "end"
+    changed = list(lines)
+    for i in (reqs[70], reqs[3]):
+        e = json.loads(changed[i])
+        e["num_output"] += 1
+        changed[i] = json.dumps(e)
+    div = first_divergence(TraceFile(base), write("changed.jsonl", changed))
+    assert (div.where, div.field) == (f"request {json.loads(lines[reqs[3]])['req']}", "num_output")
+    bad_early, bad_late = list(lines), list(lines)
+    bad_early[5], bad_late[-3] = '{"kind": "step"}', "not json"
+    with pytest.raises(ValueError, match="bad_late.jsonl"):
+        first_divergence(write("bad_late.jsonl", bad_late), write("bad_early.jsonl", bad_early))
+    with pytest.raises(TraceError, match="bad_early.jsonl"):
+        first_divergence(TraceFile(base), TraceFile(tmp_path / "bad_early.jsonl"))

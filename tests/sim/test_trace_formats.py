@@ -60,7 +60,7 @@ def _write(tmp_path: Path, name: str, text: str | bytes) -> str:
 
 
 def _read(kind, path, max_model_len=8192, seed=0, **opts):
-    return tf.read(tf.WORKLOADS[kind](kind=kind, path=path, **opts), seed=seed, max_model_len=max_model_len)
+    return tuple(tf.read(tf.WORKLOADS[kind](kind=kind, path=path, **opts), seed=seed, max_model_len=max_model_len))
 
 
 def _shape(specs):
@@ -275,25 +275,25 @@ BAD = [  # (kind, file name, file text or None: no file, extra workload fields, 
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], {"timestamp": 5, "input_length": 3}]), {},
      "mc.jsonl:2: missing field 'output_length'"),
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], '{"timestamp": NaN, "input_length": 3, "output_length": 1}']), {},
-     "mc.jsonl:2: timestamp must be a finite number >= 0, got nan"),
+     "mc.jsonl:2: timestamp: must be finite (got nan)"),
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], '{"timestamp": Infinity, "input_length": 3, "output_length": 1}']),
-     {}, "mc.jsonl:2: timestamp must be a finite number >= 0, got inf"),
+     {}, "mc.jsonl:2: timestamp: must be finite (got inf)"),
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], {"timestamp": 5, "input_length": -3, "output_length": 1}]), {},
-     "mc.jsonl:2: input_length must be >= 0, got -3"),
+     "mc.jsonl:2: input_length: must be >= 0 (got -3)"),
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], {"timestamp": 5, "input_length": 3.5, "output_length": 1}]), {},
-     "mc.jsonl:2: input_length 3.5 is not an integer"),
+     "mc.jsonl:2: input_length: must be an integer (got 3.5)"),
     ("mooncake", "mc.jsonl", _jsonl([{**MOONCAKE[0], "hash_ids": [0, "a"]}]), {},
-     "mc.jsonl:1: hash_ids must be a list of integers"),
+     "mc.jsonl:1: hash_ids[1]: must be an integer (got 'a')"),
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], {**MOONCAKE[1], "timestamp": -4}]), {},
-     "mc.jsonl:2: timestamp must be a finite number >= 0, got -4"),
+     "mc.jsonl:2: timestamp: must be >= 0 (got -4)"),
     ("mooncake", "mc.jsonl", _jsonl([{"timestamp": 0, "input_length": 100, "output_length": 2, "hash_ids": list(range(7))}]),
      {}, "mc.jsonl:1: 7 hash_ids for input_length 100, more than ceil(input_length / chunk_hash_size) = 1"),
     ("mooncake", "mc.jsonl", _jsonl(MOONCAKE), {"chunk_hash_size": 0}, "workload (mooncake): chunk_hash_size: must be >= 1 (got 0)"),
     ("mooncake", "mc.jsonl", _jsonl(MOONCAKE[2:] + MOONCAKE[:1]), {},
      "mc.jsonl:3: timestamp 0 is earlier than line 2's 9000"),
-    ("mooncake", "mc.jsonl", "\n\n", {}, "mc.jsonl: no requests selected (0 rows read"),
+    ("mooncake", "mc.jsonl", "\n\n", {}, "mc.jsonl: empty file (expected one JSON request per line)"),
     ("mooncake", "mc.jsonl", "", {}, "mc.jsonl: empty file"),
-    ("mooncake", "mc.jsonl", _jsonl(["[1, 2]"]), {}, "mc.jsonl:1: a request must be a JSON object, got list"),
+    ("mooncake", "mc.jsonl", _jsonl(["[1, 2]"]), {}, "mc.jsonl:1: must be a mapping (got list [1, 2])"),
     ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 0}, "workload (sharegpt): rate: must be > 0 (got 0)"),
     ("sharegpt", "sg.json", json.dumps(SHAREGPT), {"rate": 1, "chars_per_token": -1}, "workload (sharegpt): chars_per_token: must be > 0 (got -1)"),
     ("sharegpt", "sg.json", json.dumps(SHAREGPT), {}, "workload (sharegpt): missing field 'rate'"),

@@ -104,13 +104,13 @@ def cmd_run(args) -> int:
     from .runs.simulate import ConfigError
     from .invariants import InvariantViolation
     from .progress import progress_bar
-    from .runs.simulate import admitted, iter_workload, plan_applicability_errors, simulate
+    from .runs.simulate import admitted, iter_workload, last_arrival, plan_applicability_errors, simulate
 
     plan = load_plan(args.plan)
     cfg = _run_config(args)
     specs = iter_workload(cfg)  # streamed: a generated workload is generated as the run reaches it
     plan_applicability_errors(plan, cfg, specs)
-    horizon = round(max((s.arrival for s in specs), default=0.0), 1)  # the bar covers the arrivals
+    horizon = round(last_arrival(specs), 1)  # the bar covers the arrivals (not generated twice)
     final = _output_path(args.trace, "--trace")
     partial = final.with_name(f".{final.name}.partial")  # renamed to the final name once the run ends
     try:
@@ -206,10 +206,14 @@ def cmd_diff(args) -> int:
 
     if args.mutant and args.mutant not in SCHEDULER_MUTANTS:
         raise ConfigError(f"unknown mutant {args.mutant!r} (known: {', '.join(SCHEDULER_MUTANTS)})")
-    if args.traces:
-        left, right = _read_trace(args.traces[0]), _read_trace(args.traces[1])
-        div = first_divergence(left, right, sides=("left", "right"))
-        ended = [ev[-1].get("kind") == "end" for ev in (left, right)]
+    if args.traces:  # streamed: the traces are read side by side, never held whole
+        from .trace import TraceFile
+        left, right = TraceFile(args.traces[0]), TraceFile(args.traces[1])
+        try:
+            div = first_divergence(left, right, sides=("left", "right"))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read trace: {exc}") from None
+        ended = [t.last_kind == "end" for t in (left, right)]
         cut = [path for path, e in zip(args.traces, ended) if not e]
         note = f"{' and '.join(cut)} {'is' if len(cut) == 1 else 'are'} incomplete (no end event: interrupted or failed run)"
         if div is None and ended[0] != ended[1]:

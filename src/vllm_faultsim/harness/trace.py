@@ -310,6 +310,20 @@ def iter_trace(path: str | Path) -> Iterator[dict]:
     yield from checked_trace(itertools.chain((first,), events), str(path))
 
 
+class TraceFile:
+    """A trace file as an iterable of its events: each pass reads it again (:func:`iter_trace`);
+    ``last_kind`` is the kind of the last event a pass reached (``"end"``: a complete run)."""
+
+    def __init__(self, path: str | Path):
+        self.path = path
+        self.last_kind: str | None = None
+
+    def __iter__(self) -> Iterator[dict]:
+        for ev in iter_trace(self.path):
+            self.last_kind = ev["kind"]
+            yield ev
+
+
 def iter_jsonl(path: str | Path) -> Iterator[dict]:
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):

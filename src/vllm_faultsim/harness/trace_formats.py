@@ -1,9 +1,11 @@
 """Readers of public LLM-serving traces into workloads: Azure LLM inference (CSV), Mooncake (JSONL
 with block hash ids), BurstGPT (CSV) and ShareGPT conversations (JSON, Poisson arrivals).
 
-Each reader streams its file (``.gz`` too), one row at a time, names a bad row by file and line,
-and returns the workload tuple of :class:`RequestSpec` sorted by arrival. The timed formats share
-one selection (:func:`_select`): trace time is seconds since the file's first row; rows must not go
+Each reader streams its file (``.gz`` too), one row at a time, and names a bad row by file and
+line; :func:`read` checks the whole selection in one streamed pass, then gives an iterable of the
+:class:`RequestSpec` in arrival order that reads the file again as a run pulls it (the workload is
+never held whole: :class:`TimedReplay`, :class:`ShareGPTReplay`). The timed formats share one
+selection (:func:`_selected`): trace time is seconds since the file's first row; rows must not go
 back in time (refused, not sorted: a window then stops reading at its end); the window
 ``[start, start + duration)`` in trace seconds, then the first ``max_requests`` of it; arrivals are
 ``(t - start) * time_scale``, or scaled so the selection's mean rate is ``rate`` req/s. A row with a
@@ -19,15 +21,14 @@ import gzip
 import json
 import math
 import random
-from array import array
 from datetime import datetime, timezone
 from typing import Any, Iterator, Literal
 
-from pydantic import model_validator
+from pydantic import ConfigDict, TypeAdapter, model_validator
 
-from ..inputs import NonNegative, Positive, PositiveInt, Section
+from ..inputs import SECTION, NonNegative, NonNegativeInt, Positive, PositiveInt, Section
 from ..models.request import RequestSpec
-from .workload import MAX_REQUESTS, WorkloadError, validate
+from .workload import MAX_REQUESTS, WorkloadError, schema_lines
 
 OVER_LENGTH = ("refuse", "clip", "skip")
 
@@ -124,8 +125,13 @@ def _seconds(v: Any, what: str, where: str) -> float:
     return float(v)
 
 
-def _csv_rows(fh, path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
+def _csv_rows(path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
     """(file:line, the named columns' text) for each data row; the header names the columns."""
+    with _open(path) as fh:
+        yield from _reading(path, _csv_fields(fh, path, columns))
+
+
+def _csv_fields(fh, path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
     reader = csv.reader(fh)
     try:
         header = next(reader, None)
@@ -150,9 +156,9 @@ def _csv_rows(fh, path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, li
 
 # ---- rows of each timed format: (where, trace seconds, timestamp text, prompt, output, hash_ids) ---
 
-def _azure_rows(fh, path: str):
+def _azure_rows(path: str):
     t0 = None
-    for where, (ts, ctx, gen) in _csv_rows(fh, path, AZURE_COLUMNS):
+    for where, (ts, ctx, gen) in _csv_rows(path, AZURE_COLUMNS):
         try:
             dt = datetime.fromisoformat(ts)
         except ValueError:
@@ -164,9 +170,9 @@ def _azure_rows(fh, path: str):
                _count(gen, "GeneratedTokens", where), ())
 
 
-def _burstgpt_rows(fh, path: str, model: str | None = None):
+def _burstgpt_rows(path: str, model: str | None = None):
     t0 = None
-    for where, (ts, name, req, resp) in _csv_rows(fh, path, BURSTGPT_COLUMNS):
+    for where, (ts, name, req, resp) in _csv_rows(path, BURSTGPT_COLUMNS):
         t = _seconds(ts, "Timestamp", where)
         t0 = t if t0 is None else t0
         p, o = _count(req, "Request tokens", where), _count(resp, "Response tokens", where)
@@ -174,38 +180,35 @@ def _burstgpt_rows(fh, path: str, model: str | None = None):
             yield where, t - t0, ts, p, o, ()
 
 
-def _mooncake_rows(fh, path: str, chunk_hash_size: int = 512):
+class MooncakeLine(Section):
+    """One request of a Mooncake trace (other keys are ignored: the published traces vary)."""
+
+    model_config = ConfigDict(SECTION, extra="ignore")
+    timestamp: NonNegative  # milliseconds
+    input_length: NonNegativeInt
+    output_length: NonNegativeInt
+    hash_ids: list[int] = []
+
+
+MOONCAKE_LINE = TypeAdapter(MooncakeLine)
+
+
+def _mooncake_rows(path: str, chunk_hash_size: int = 512):
     t0, n = None, 0
-    for n, line in enumerate(fh, 1):
-        if not line.strip():
-            continue
+    for n, d in schema_lines(path, MOONCAKE_LINE, MooncakeLine):
         where = f"{path}:{n}"
-        try:
-            d = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(d, dict):
-            raise WorkloadError(f"{where}: a request must be a JSON object, got {type(d).__name__}")
-        for key in ("timestamp", "input_length", "output_length"):
-            if key not in d:
-                raise WorkloadError(f"{where}: missing field {key!r}")
-        t = _seconds(d["timestamp"], "timestamp", where) / 1000.0  # milliseconds
+        t = d.timestamp / 1000.0  # milliseconds
         t0 = t if t0 is None else t0
-        p, o = _count(d["input_length"], "input_length", where), _count(d["output_length"], "output_length", where)
-        hash_ids = d.get("hash_ids", [])
-        if not isinstance(hash_ids, list) or any(isinstance(h, bool) or not isinstance(h, int) for h in hash_ids):
-            raise WorkloadError(f"{where}: hash_ids must be a list of integers, got {hash_ids!r}")
+        p = d.input_length
         blocks = -(-p // chunk_hash_size)
-        if len(hash_ids) > blocks:
-            raise WorkloadError(f"{where}: {len(hash_ids)} hash_ids for input_length {p}, more than "
+        if len(d.hash_ids) > blocks:
+            raise WorkloadError(f"{where}: {len(d.hash_ids)} hash_ids for input_length {p}, more than "
                                 f"ceil(input_length / chunk_hash_size) = {blocks} (chunk_hash_size {chunk_hash_size}: "
                                 "Mooncake's traces hash 512-token blocks; set the trace's block size)")
-        yield where, t - t0, d["timestamp"], p, o, tuple(hash_ids)
+        raw = int(d.timestamp) if d.timestamp.is_integer() else d.timestamp
+        yield where, t - t0, raw, p, d.output_length, tuple(d.hash_ids)
     if n == 0:
         raise WorkloadError(f"{path}: empty file (expected one JSON request per line)")
-
-
-ROWS = {"azure": _azure_rows, "mooncake": _mooncake_rows, "burstgpt": _burstgpt_rows}
 
 
 # ---- selection, lengths, scaling -------------------------------------------------------------
@@ -224,13 +227,14 @@ def _lengths(where: str, p: int, o: int, over_length: str, max_model_len: int | 
     return p, o
 
 
-def _select(rows, path: str, *, start=0.0, duration=None, time_scale=None, rate=None, max_requests=None,
-            over_length="refuse", max_model_len=None, chunk_hash_size=512) -> tuple[RequestSpec, ...]:
-    arrivals, prompts, outputs, blocks = array("d"), array("q"), array("q"), []  # compact until the specs
-    prev, read, skipped = None, 0, 0
+def _selected(rows, tally: dict, *, start=0.0, duration=None, max_requests=None, over_length="refuse",
+              max_model_len=None, chunk_hash_size=512) -> Iterator[tuple[float, int, int, tuple]]:
+    """(arrival in the window, prompt, output, hash ids) of each selected row, in file order (which
+    never goes back in time); `tally` counts the rows ``read`` and ``skipped``."""
+    prev, n = None, 0
     limit = min(max_requests or MAX_REQUESTS + 1, MAX_REQUESTS + 1)
     for where, t, raw, p, o, hash_ids in rows:
-        read += 1
+        tally["read"] += 1
         if prev is not None and t < prev[0]:
             raise WorkloadError(f"{where}: timestamp {raw!r} is earlier than line {prev[1]}'s {prev[2]!r}: "
                                 "timestamps must not decrease (sort the file by time)")
@@ -238,33 +242,57 @@ def _select(rows, path: str, *, start=0.0, duration=None, time_scale=None, rate=
         if t < start:
             continue
         if duration is not None and t >= start + duration:
-            break
+            return
         lengths = _lengths(where, p, o, over_length, max_model_len)
         if lengths is None:
-            skipped += 1
+            tally["skipped"] += 1
             continue
         p, o = lengths
-        arrivals.append(t - start)
-        prompts.append(p)
-        outputs.append(o)
-        blocks.append(hash_ids[:-(-p // chunk_hash_size)])
-        if len(arrivals) >= limit:
-            break
-    if len(arrivals) > MAX_REQUESTS:
-        raise WorkloadError(f"{path}: more than {MAX_REQUESTS:,} requests selected (set max_requests or a window)")
-    if not arrivals:
-        end = "the end" if duration is None else f"{start + duration:g} s"
-        raise WorkloadError(f"{path}: no requests selected ({read} rows read, {skipped} of the window "
-                            f"[{start:g} s, {end}) skipped: a zero length or over_length)")
-    scale = 1.0 if time_scale is None else time_scale
-    if rate is not None:
-        span = arrivals[-1] - arrivals[0]
-        if span <= 0:
-            raise WorkloadError(f"{path}: cannot scale to rate {rate:g} req/s: the {len(arrivals)} selected "
-                                "requests arrive at the same time")
-        scale = (len(arrivals) - 1) / span / rate
-    return validate([RequestSpec(f"r{i}", round(a * scale, 6), p, o, hash_ids=h, chunk_hash_size=chunk_hash_size)
-                     for i, (a, p, o, h) in enumerate(zip(arrivals, prompts, outputs, blocks))])
+        yield t - start, p, o, hash_ids[:-(-p // chunk_hash_size)]
+        n += 1
+        if n >= limit:
+            return
+
+
+class TimedReplay:
+    """A timed trace's workload (Azure, Mooncake, BurstGPT), checked in one streamed pass when made
+    (every selected row; the count and span that `rate` scales by), then an iterable of its
+    requests: each pass reads the file again, one row at a time (the workload is never held whole)."""
+
+    def __init__(self, w: "Azure | Mooncake | BurstGPT", max_model_len: int | None):
+        opts = w.model_dump(exclude={"kind", "path", "time_scale", "rate", "model"})
+        self.path, self.kind, self.model = w.path, w.kind, getattr(w, "model", None)
+        self.chunk_hash_size = opts.setdefault("chunk_hash_size", 512)
+        self.opts = {**opts, "max_model_len": max_model_len}
+        tally = {"read": 0, "skipped": 0}
+        n, first, last = 0, 0.0, 0.0
+        for a, *_ in _selected(self._rows(), tally, **self.opts):
+            first, last = (a, a) if n == 0 else (first, a)
+            n += 1
+        path, start, duration = w.path, w.start, w.duration
+        if n > MAX_REQUESTS:
+            raise WorkloadError(f"{path}: more than {MAX_REQUESTS:,} requests selected (set max_requests or a window)")
+        if not n:
+            end = "the end" if duration is None else f"{start + duration:g} s"
+            raise WorkloadError(f"{path}: no requests selected ({tally['read']} rows read, {tally['skipped']} of "
+                                f"the window [{start:g} s, {end}) skipped: a zero length or over_length)")
+        self.scale = 1.0 if w.time_scale is None else w.time_scale
+        if w.rate is not None:
+            if last - first <= 0:
+                raise WorkloadError(f"{path}: cannot scale to rate {w.rate:g} req/s: the {n} selected "
+                                    "requests arrive at the same time")
+            self.scale = (n - 1) / (last - first) / w.rate
+        self.last_arrival = round(last * self.scale, 6)  # the last request's
+
+    def _rows(self):
+        if self.kind == "mooncake":
+            return _mooncake_rows(self.path, self.chunk_hash_size)
+        return _azure_rows(self.path) if self.kind == "azure" else _burstgpt_rows(self.path, self.model)
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        scale, size = self.scale, self.chunk_hash_size
+        for i, (a, p, o, h) in enumerate(_selected(self._rows(), {"read": 0, "skipped": 0}, **self.opts)):
+            yield RequestSpec(f"r{i}", round(a * scale, 6), p, o, hash_ids=h, chunk_hash_size=size)
 
 
 # ---- ShareGPT: a JSON array of conversations, streamed --------------------------------------
@@ -332,39 +360,54 @@ def _json_array_items(fh, path: str) -> Iterator[tuple[int, Any]]:
         pos = end
 
 
-def _sharegpt(path: str, *, rate, max_requests=None, chars_per_token=4.0, over_length="refuse",
-              max_model_len=None, seed=0) -> tuple[RequestSpec, ...]:
-    limit = min(max_requests or MAX_REQUESTS + 1, MAX_REQUESTS + 1)
-    rng = random.Random(seed)
-    out, now, read = [], 0.0, 0
-    with _open(path) as fh:
-        for line, entry in _reading(path, _json_array_items(fh, path)):
-            where = f"{path}:{line}"
-            read += 1
-            if not isinstance(entry, dict):
-                raise WorkloadError(f"{where}: a conversation must be a JSON object, got {type(entry).__name__}")
-            turns = entry.get("conversations")
-            if not isinstance(turns, list) or len(turns) < 2:
-                continue  # as vLLM's ShareGPTDataset: entries with at least two turns
-            texts = []
-            for j in (0, 1):
-                text = turns[j].get("value") if isinstance(turns[j], dict) else None
-                if not isinstance(text, str):
-                    raise WorkloadError(f"{where}: conversations[{j}] has no string 'value'")
-                texts.append(math.ceil(len(text) / chars_per_token))
-            lengths = _lengths(where, texts[0], texts[1], over_length, max_model_len)
-            if lengths is None:
-                continue
-            now += rng.expovariate(rate)
-            out.append(RequestSpec(f"r{len(out)}", round(now, 6), *lengths))
-            if len(out) >= limit:
-                break
-    if len(out) > MAX_REQUESTS:
-        raise WorkloadError(f"{path}: more than {MAX_REQUESTS:,} requests selected (set max_requests)")
-    if not out:
-        raise WorkloadError(f"{path}: no requests selected ({read} entries read: none with two non-empty turns "
-                            "that fit)")
-    return validate(out)
+class ShareGPTReplay:
+    """A ShareGPT file's workload (Poisson arrivals from the seed, in file order), checked in one
+    streamed pass when made, then an iterable of its requests: each pass reads the file again and
+    draws the same arrivals."""
+
+    def __init__(self, w: ShareGPT, seed: int, max_model_len: int | None):
+        self.w, self.seed, self.max_model_len = w, seed, max_model_len
+        tally = {"read": 0}
+        n, self.last_arrival = 0, 0.0  # the last request's arrival
+        for spec in self._specs(tally):
+            n, self.last_arrival = n + 1, spec.arrival
+        if n > MAX_REQUESTS:
+            raise WorkloadError(f"{w.path}: more than {MAX_REQUESTS:,} requests selected (set max_requests)")
+        if not n:
+            raise WorkloadError(f"{w.path}: no requests selected ({tally['read']} entries read: none with two "
+                                "non-empty turns that fit)")
+
+    def __iter__(self) -> Iterator[RequestSpec]:
+        return self._specs({"read": 0})
+
+    def _specs(self, tally: dict) -> Iterator[RequestSpec]:
+        w, path = self.w, self.w.path
+        limit = min(w.max_requests or MAX_REQUESTS + 1, MAX_REQUESTS + 1)
+        rng = random.Random(self.seed)
+        n, now = 0, 0.0
+        with _open(path) as fh:
+            for line, entry in _reading(path, _json_array_items(fh, path)):
+                where = f"{path}:{line}"
+                tally["read"] += 1
+                if not isinstance(entry, dict):
+                    raise WorkloadError(f"{where}: a conversation must be a JSON object, got {type(entry).__name__}")
+                turns = entry.get("conversations")
+                if not isinstance(turns, list) or len(turns) < 2:
+                    continue  # as vLLM's ShareGPTDataset: entries with at least two turns
+                texts = []
+                for j in (0, 1):
+                    text = turns[j].get("value") if isinstance(turns[j], dict) else None
+                    if not isinstance(text, str):
+                        raise WorkloadError(f"{where}: conversations[{j}] has no string 'value'")
+                    texts.append(math.ceil(len(text) / w.chars_per_token))
+                lengths = _lengths(where, texts[0], texts[1], w.over_length, self.max_model_len)
+                if lengths is None:
+                    continue
+                now += rng.expovariate(w.rate)
+                yield RequestSpec(f"r{n}", round(now, 6), *lengths)
+                n += 1
+                if n >= limit:
+                    return
 
 
 # ---- the entry point -------------------------------------------------------------------------
@@ -381,14 +424,9 @@ def _reading(path: str, items):
 
 
 def read(w: Azure | Mooncake | BurstGPT | ShareGPT, *, seed: int = 0,
-         max_model_len: int | None = None) -> tuple[RequestSpec, ...]:
-    """The workload a checked trace-file section `w` (a schema of WORKLOADS) gives."""
-    opts = w.model_dump(exclude={"kind", "path"})
+         max_model_len: int | None = None) -> TimedReplay | ShareGPTReplay:
+    """The workload a checked trace-file section `w` (a schema of WORKLOADS) gives: checked now in
+    one streamed pass, an iterable of its requests in arrival order, read again as a run pulls it."""
     if isinstance(w, ShareGPT):
-        return _sharegpt(w.path, **opts, max_model_len=max_model_len, seed=seed)
-    fmt = {k: opts.pop(k) for k in ("chunk_hash_size", "model") if k in opts}
-    if fmt.get("model") is None:
-        fmt.pop("model", None)
-    with _open(w.path) as fh:
-        return _select(_reading(w.path, ROWS[w.kind](fh, w.path, **fmt)), w.path, **opts, max_model_len=max_model_len,
-                       chunk_hash_size=fmt.get("chunk_hash_size", 512))
+        return ShareGPTReplay(w, seed, max_model_len)
+    return TimedReplay(w, max_model_len)

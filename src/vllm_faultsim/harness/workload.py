@@ -7,6 +7,8 @@ function of the spec, see :func:`prompt_token_ids`), multimodal items and output
 
 from __future__ import annotations
 
+import codecs
+import gzip
 import json
 import math
 import random
@@ -287,15 +289,15 @@ def jsonl_workload(path: str | Path) -> Iterable[RequestSpec]:
             _check_spec(s, ids)
         except WorkloadError as exc:
             raise WorkloadError(f"{path}: {exc}") from None
-    return JsonlReplay(path)
+    return JsonlReplay(path, max(last, 0.0))
 
 
 class JsonlReplay:
     """A checked JSONL replay in arrival order as an iterable of its requests: each pass reads the
-    file again, one line at a time."""
+    file again, one line at a time; ``last_arrival`` is its last request's (0 for none)."""
 
-    def __init__(self, path: str | Path):
-        self.path = path
+    def __init__(self, path: str | Path, last_arrival: float):
+        self.path, self.last_arrival = path, last_arrival
 
     def __iter__(self) -> Iterator[RequestSpec]:
         return _jsonl_specs(self.path)
@@ -303,39 +305,44 @@ class JsonlReplay:
 
 def _jsonl_specs(path: str | Path) -> Iterator[RequestSpec]:
     """The requests of a JSONL file in file order, each checked by its schema as it is read."""
-    k = 0
-    for n, line in _jsonl_lines(path):
-        if not line.strip():
-            continue
+    for k, (_, d) in enumerate(schema_lines(path, REQUEST_LINE, RequestLine)):
+        yield _spec(d, f"r{k}")
+
+
+def schema_lines(path: str | Path, adapter: TypeAdapter, schema: Any) -> Iterator[tuple[int, Any]]:
+    """(line number, the line checked by `adapter`, of `schema`) for each non-blank line of a JSONL
+    file (:func:`json_lines`); a bad line raises ``FILE:LINE: field: problem (got VALUE)``."""
+    for n, line in json_lines(path):
         try:
-            d = REQUEST_LINE.validate_json(line)
+            yield n, adapter.validate_json(line)
         except ValidationError as exc:
             e = exc.errors(include_url=False)[0]
             if e["type"] == "json_invalid":
                 raise WorkloadError(f"{path}:{n}: not valid JSON ({e['ctx']['error']})") from None
-            raise WorkloadError(problem_line(exc, f"{path}:{n}", RequestLine)) from None
-        yield _spec(d, f"r{k}")
-        k += 1
+            raise WorkloadError(problem_line(exc, f"{path}:{n}", schema)) from None
 
 
-def _jsonl_lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """A UTF-8 file's lines, numbered as ``str.splitlines`` numbers them, read one at a time."""
+def json_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 JSONL file (a ``.gz`` of one too; a byte-order mark is
+    skipped), numbered as ``str.splitlines`` numbers them, read one at a time."""
     try:
-        with open(path, "rb") as fh:
+        with (gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")) as fh:
             n = offset = 0
             for raw in fh:
+                start = 3 if offset == 0 and raw.startswith(codecs.BOM_UTF8) else 0
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw[start:].decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
-                                        f"{offset + exc.start}): a workload is a UTF-8 JSONL file, one request "
-                                        "per line") from None
+                                        f"{offset + start + exc.start}): a workload is a UTF-8 JSONL file, one "
+                                        "request per line") from None
                 offset += len(raw)
                 for piece in text.splitlines():
                     n += 1
-                    yield n, piece
-    except OSError as exc:
-        raise WorkloadError(f"{path}: cannot read workload ({exc.strerror})") from None
+                    if piece.strip():
+                        yield n, piece
+    except (OSError, EOFError) as exc:
+        raise WorkloadError(f"{path}: cannot read workload ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def spec_from_dict(d: Any, default_id: str) -> RequestSpec:

@@ -15,7 +15,7 @@ request ends exactly once:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Annotated, Callable
+from typing import Annotated, Callable, Iterable
 
 import simpy
 from pydantic import Field
@@ -48,16 +48,16 @@ class Client:
     """Sends each request of `workload` at its arrival through `send`, retrying per `policy`; emits
     one ``client`` event per request; ``done`` succeeds once every request has ended."""
 
-    def __init__(self, env: simpy.Environment, workload: tuple[RequestSpec, ...], send: Send,
+    def __init__(self, env: simpy.Environment, workload: Iterable[RequestSpec], send: Send,
                  policy: RetryPolicy, emit: Emit):
+        """`workload`: the requests in arrival order, pulled one at a time as the clock reaches them."""
         self.env, self.send, self.policy, self.emit = env, send, policy, emit
         self.workload = workload
-        self.pending = len(workload)
+        self.pending = 0   # requests sent, not ended
+        self.sending = True  # requests of the workload still to send
         self.done = env.event()
         self.retries = 0   # tries after the first, over all requests
         self.rejected = 0  # tries refused: no server up
-        if not workload:
-            self.done.succeed()
         env.process(self._arrivals())
 
     def _arrivals(self):
@@ -65,7 +65,11 @@ class Client:
         for spec in self.workload:
             if spec.arrival > env.now:
                 yield env.timeout(spec.arrival - env.now)
+            self.pending += 1
             env.process(self._request(spec))
+        self.sending = False
+        if self.pending == 0:
+            self.done.succeed()
 
     def _request(self, spec: RequestSpec):
         env, policy = self.env, self.policy
@@ -97,5 +101,5 @@ class Client:
                                 None if fate is None else fate.get("server"), fate["first_token"] if ok else None,
                                 fate["finish"] if ok else None, fate["num_output"] if ok else None))
         self.pending -= 1
-        if self.pending == 0:
+        if self.pending == 0 and not self.sending:
             self.done.succeed()

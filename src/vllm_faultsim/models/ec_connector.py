@@ -14,6 +14,7 @@ use of it is compared.
 
 from __future__ import annotations
 
+import heapq
 from typing import Iterable
 
 from .request import RequestSpec
@@ -25,22 +26,35 @@ class PrefetchSchedule:
     Staging is per (request, item): a request's encoder outputs are fetched for that request,
     starting the first time the scheduler asks (``ensure``). ``has_item`` is per identifier: the
     item can be loaded once any staging of it has landed (and it did not fail). A run adds each
-    request as it pulls it from the workload (:meth:`add`), before it arrives.
+    request as it pulls it from the workload (:meth:`add`), before it arrives, and drops it once it
+    is done (:meth:`finished`): the schedule holds the requests in flight, not the workload.
     """
 
     def __init__(self, workload: Iterable[RequestSpec] = ()):
         self.latency: dict[tuple[str, str], float | None] = {}
+        self.items: dict[str, tuple[str, ...]] = {}  # request -> its item identifiers (requests with items)
         for spec in workload:
             self.add(spec)
         self.stalled: dict[str, float] = {}  # identifier ("*": every one) -> extra staging seconds
         self.failed: set[str] = set()        # identifiers ("*": every one) whose staging fails (encode locally)
         self.ready_at: dict[tuple[str, str], float] = {}   # started stagings -> ready time
         self.landed: dict[str, float] = {}                 # identifier -> earliest ready time
+        self._ready: list[float] = []  # heap of the started stagings' ready times, done requests' too
 
     def add(self, spec: RequestSpec) -> None:
         """A request's items (an open workload adds each request as a router sends it)."""
+        if spec.mm:
+            self.items[spec.req_id] = tuple(m.identifier for m in spec.mm)
         for m in spec.mm:
             self.latency[(spec.req_id, m.identifier)] = m.prefetch
+
+    def finished(self, req_id: str) -> None:
+        """Request `req_id` is done: its items and stagings are dropped; a staging still in flight
+        keeps its wake-up (:meth:`next_event`), and what landed stays loadable (``has_item``)."""
+        for ident in self.items.pop(req_id, ()):
+            key = (req_id, ident)
+            self.latency.pop(key, None)
+            self.ready_at.pop(key, None)
 
     # ---- fault hooks (faults/sim_injector.py) ----------------------------------------------
 
@@ -64,6 +78,7 @@ class PrefetchSchedule:
                 return True
             stalled = self.stalled
             at = self.ready_at[key] = now + lat + (stalled.get(ident, 0.0) + stalled.get("*", 0.0) if stalled else 0.0)
+            heapq.heappush(self._ready, at)
             if ident not in self.failed and "*" not in self.failed and at < self.landed.get(ident, float("inf")):
                 self.landed[ident] = at
         return now >= at
@@ -75,8 +90,10 @@ class PrefetchSchedule:
 
     def next_event(self, now: float) -> float | None:
         """The earliest future time a started staging completes (the engine's wake-up)."""
-        future = [at for at in self.ready_at.values() if at > now]
-        return min(future) if future else None
+        ready = self._ready
+        while ready and ready[0] <= now:
+            heapq.heappop(ready)
+        return ready[0] if ready else None
 
 
 # Policies of ensure_cache_available: which features a request waits for.

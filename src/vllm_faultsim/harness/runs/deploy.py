@@ -8,7 +8,9 @@ The Python entry point (the SLO search calls it for one configuration; its signa
                         progress: Callable[[float], None] | None = None) -> dict
 
 It returns the summary (:func:`deployment_summary`); ``summary_only=False`` adds ``per_server``
-(deaths, seconds down, requests finished there) and ``events`` (the trace). ``run_cfg`` gives
+(deaths, seconds down, requests finished there) and ``events`` (the trace; ``keep``: only events of
+these kinds). The workload is streamed: generated (or read) as the client reaches each request, and
+the summary takes each client event as it is emitted, so a run holds what is in flight. ``run_cfg`` gives
 each engine core's scheduler, step time, async scheduling, liveness profile and the workload
 (its seed replaced by `seed`); ``fault_rates`` are expanded into one plan per server
 (faults/rates.py), or ``plans`` gives them (a replay). The trace header holds the deployment, the
@@ -32,6 +34,7 @@ The spec file of ``vllm-faultsim deploy --spec deploy.yaml``::
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -53,8 +56,8 @@ from ...models.scheduler import Scheduler
 from ..invariants import Invariants
 from ..metrics import percentile
 from ..trace import Trace, header
-from .simulate import (ConfigError, RunConfig, admission_errors, build_workload, config_from_dict, detection,
-                       plan_applicability_errors, step_time_model)
+from .simulate import (ConfigError, RunConfig, admitted, config_from_dict, detection, iter_workload,
+                       last_arrival, plan_applicability_errors, step_time_model)
 
 
 @dataclass(frozen=True)
@@ -119,14 +122,18 @@ def simulate_deployment(dep: DeploymentConfig, run_cfg: RunConfig, *, seed: int,
                         fault_rates: FaultRates | None = None, plans: Sequence[FaultPlan] | None = None,
                         trace_path: str | Path | None = None, summary_only: bool = True,
                         progress: Callable[[float], None] | None = None,
-                        server_cls: type[Server] = Server) -> dict:
+                        server_cls: type[Server] = Server, keep: bool | frozenset[str] = True) -> dict:
     """Run one deployment (see the module docstring); ``server_cls`` is for the checks' mutants."""
     cfg = replace(run_cfg, seed=seed)
-    specs = build_workload(cfg)
-    admission_errors(specs, cfg.scheduler)
-    horizon = max((s.arrival for s in specs), default=0.0) + dep.retry.timeout_s
+    specs = iter_workload(cfg)
+    items: set[str] = set()
+    last = 0.0
+    for s in admitted(specs, cfg.scheduler):  # one streamed pass: admission, the horizon, the items
+        last = max(last, s.arrival)
+        if plans is None and fault_rates:
+            items.update(m.identifier for m in s.mm)
+    horizon = last + dep.retry.timeout_s
     if plans is None:
-        items = {m.identifier for s in specs for m in s.mm}
         plans = expand(fault_rates, servers=dep.servers, data_parallel_size=dep.data_parallel_size,
                        horizon=horizon, seed=seed, items=items) if fault_rates else (FaultPlan(),) * dep.servers
     plans = tuple(plans)
@@ -146,63 +153,92 @@ def simulate_deployment(dep: DeploymentConfig, run_cfg: RunConfig, *, seed: int,
     draw = detection(cfg, SimInjector(FaultPlan(tuple(f for p in plans for f in p.faults))))
     cpu = {"cpu_costs": step_time_backends.serving_costs(cfg.serving, cfg.scheduler)} if cfg.serving else {}
     sched = cfg.scheduler
-    with Trace(trace_path, keep=frozenset({"client"}) if summary_only else True) as trace:
+    ends = ClientEnds(dep.slo)
+    with Trace(trace_path, keep=False if summary_only else keep) as trace:
+        emit_trace = trace.emit
+
+        def emit(event: dict) -> None:
+            if event["kind"] == "client":
+                ends.add(event)
+            emit_trace(event)
+
         trace.emit(header("sim", seed, {"deployment": dep.to_dict(), "run": cfg.to_dict(),
                                         "fault_rates": fault_rates.to_dict() if fault_rates else None,
                                         "plans": [p.to_dict() for p in plans]}))
         env = simpy.Environment()
 
         def build_rank(server: int, rank: int, emit, detect, after_step):
-            prefetch = PrefetchSchedule(specs)
+            prefetch = PrefetchSchedule()  # the server adds each request it sends to the rank
             SimInjector(plans[server]).arm_prefetch(prefetch)
             core = Scheduler(sched, ECConnector(prefetch, cfg.ec_policy))
-            engine = EngineCore(env, core, (), step_time, emit, wakeups=(prefetch,), detection=detect,
+
+            def emit_done(event: dict) -> None:
+                if event["kind"] == "req":
+                    prefetch.finished(event["req"])  # the schedule holds what is in flight
+                emit(event)
+
+            engine = EngineCore(env, core, (), step_time, emit_done, wakeups=(prefetch,), detection=detect,
                                 invariants=Invariants(sched.max_num_batched_tokens, sched.max_num_seqs),
                                 full_trace=False, progress=after_step if progress is None else
                                 (lambda now: (after_step(now), progress(now))),
                                 max_concurrent_batches=2 if sched.async_scheduling else 1, open_workload=True, **cpu)
             return engine, prefetch
 
-        servers = [server_cls(env, i, dep.data_parallel_size, build_rank, draw, dep.restart_s, trace.emit,
+        servers = [server_cls(env, i, dep.data_parallel_size, build_rank, draw, dep.restart_s, emit,
                               is_moe=dep.is_moe) for i in range(dep.servers)]
         for server, plan in zip(servers, plans):
             SimInjector(plan).arm_server(server)
         cluster = Cluster(servers, ROUTERS[dep.router]())
-        client = Client(env, specs, cluster.send, dep.retry, trace.emit)
+        client = Client(env, specs, cluster.send, dep.retry, emit)
         env.run(until=client.done)
-        summary = deployment_summary(trace.of_kind("client"), dep, servers, client, env.now)
+        summary = deployment_summary(ends, servers, client, env.now)
         trace.emit(events.end(env.now, summary=summary))
     if not summary_only:
-        ends = trace.of_kind("client")
         summary = {**summary, "per_server": [
             {"server": s.index, "deaths": s.deaths, "down_s": round(s.downtime(env.now), 3),
-             "finished": sum(1 for e in ends if e["status"] == "finished" and e["server"] == s.index)}
-            for s in servers], "events": trace.events}
+             "finished": ends.finished_on.get(s.index, 0)} for s in servers], "events": trace.events}
     return summary
 
 
-def deployment_summary(ends: list[dict], dep: DeploymentConfig, servers: Sequence[Server], client: Client,
-                       end: float) -> dict:
-    """What the client saw (``client`` events), against the SLOs, and how long the servers were up."""
-    ttft, tpot, good = [], [], 0
-    counts = {"finished": 0, "failed": 0, "lost": 0}
-    for e in ends:
-        counts[e["status"]] += 1
+class ClientEnds:
+    """What the summary needs of the ``client`` events, taken one at a time as they are emitted
+    (a few numbers per finished request; no event kept)."""
+
+    def __init__(self, slo: SLO):
+        self.slo = slo
+        self.n = self.good = self.retried = 0
+        self.counts = {"finished": 0, "failed": 0, "lost": 0}
+        self.ttft, self.tpot = array("d"), array("d")
+        self.first_arrival: float | None = None
+        self.finished_on: dict[int, int] = {}  # server -> requests finished there
+
+    def add(self, e: dict) -> None:
+        self.n += 1
+        self.counts[e["status"]] += 1
+        self.retried += e["tries"] > 1
+        a = e["arrival"]
+        self.first_arrival = a if self.first_arrival is None or a < self.first_arrival else self.first_arrival
         if e["status"] != "finished":
-            continue
-        t1 = e["first_token"] - e["arrival"]
-        ttft.append(t1)
+            return
+        self.finished_on[e["server"]] = self.finished_on.get(e["server"], 0) + 1
+        t1 = e["first_token"] - a
+        self.ttft.append(t1)
         t2 = (e["finish"] - e["first_token"]) / (e["num_output"] - 1) if e["num_output"] > 1 else None
         if t2 is not None:
-            tpot.append(t2)
-        good += 1000 * t1 <= dep.slo.ttft_ms and (t2 is None or 1000 * t2 <= dep.slo.tpot_ms)
-    n = len(ends)
-    span = end - min((e["arrival"] for e in ends), default=0.0)
+            self.tpot.append(t2)
+        self.good += 1000 * t1 <= self.slo.ttft_ms and (t2 is None or 1000 * t2 <= self.slo.tpot_ms)
+
+
+def deployment_summary(ends: ClientEnds, servers: Sequence[Server], client: Client, end: float) -> dict:
+    """What the client saw (its ``client`` events, :class:`ClientEnds`), against the SLOs, and how
+    long the servers were up."""
+    n, counts, good, ttft, tpot = ends.n, ends.counts, ends.good, ends.ttft, ends.tpot
+    span = end - (ends.first_arrival if ends.first_arrival is not None else 0.0)
     ms = lambda x: None if x is None else round(1000 * x, 3)  # noqa: E731
     down = sum(s.downtime(end) for s in servers)
     return {
         "requests": n, **counts,
-        "retried": sum(1 for e in ends if e["tries"] > 1), "retries": client.retries, "rejected": client.rejected,
+        "retried": ends.retried, "retries": client.retries, "rejected": client.rejected,
         "availability": round(counts["finished"] / n, 6) if n else None,
         "slo_attainment": round(good / n, 6) if n else None,
         "goodput_rps": round(good / span, 4) if span > 0 else 0.0,
@@ -257,13 +293,13 @@ def deploy_main(args, output_path) -> int:
             raise ConfigError(f"--seed {args.seed}: a replay runs with its trace's seed ({seed})")
     final = output_path(args.trace, "--trace")
     partial = final.with_name(f".{final.name}.partial")
-    horizon = round(max((s.arrival for s in build_workload(replace(run_cfg, seed=seed))), default=0.0), 1)
+    horizon = round(last_arrival(iter_workload(replace(run_cfg, seed=seed))), 1)  # not generated twice
     try:
         with progress_bar(total=horizon, unit="sim-s", desc="deploy", disable=args.no_progress,
                           bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} sim-s [{elapsed}<{remaining}]") as bar:
             summary = simulate_deployment(
                 dep, run_cfg, seed=seed, fault_rates=rates, plans=plans, trace_path=partial, summary_only=False,
-                progress=lambda now: bar.update(min(now, horizon) - bar.n) if now - bar.n >= 0.1 else None)
+                keep=frozenset(), progress=lambda now: bar.update(min(now, horizon) - bar.n) if now - bar.n >= 0.1 else None)
         partial.replace(final)
     except OSError as exc:
         partial.unlink(missing_ok=True)

@@ -343,8 +343,8 @@ def search_point(point: dict) -> dict:
     cfg = config_from_dict(point["config"])
     rates = rates_from_dict(point["faults"]) if point["faults"] else None
     s = simulate_deployment(deployment_from_dict(point["deployment"]), cfg, seed=cfg.seed, fault_rates=rates,
-                            summary_only=False)
-    ends = [e for e in s["events"] if e["kind"] == "client"]
+                            summary_only=False, keep=frozenset({"client"}))
+    ends = s["events"]
     m = slo_metrics(ends, point["slo"], s["sim_time_s"] - min((e["arrival"] for e in ends), default=0.0))
     return {**m, "engine_deaths": s["engine_deaths"], "retried": s["retried"], "meets": meets(m, point["slo"])}
 

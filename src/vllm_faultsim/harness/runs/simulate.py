@@ -262,8 +262,9 @@ def build_workload(cfg: RunConfig) -> tuple[wl.RequestSpec, ...]:
 
 def iter_workload(cfg: RunConfig) -> Iterable[wl.RequestSpec]:
     """The requests of `cfg`'s workload in arrival order, checked: a generated workload lazily
-    (wl.Generated: each pass generates it again), a JSONL replay in arrival order lazily too
-    (wl.JsonlReplay: checked here in one streamed pass), another replay as read."""
+    (wl.Generated: each pass generates it again), a JSONL replay in arrival order and a public
+    trace file lazily too (wl.JsonlReplay, trace_formats.read: checked here in one streamed pass,
+    read again as the run pulls it), a JSONL replay out of order as read and sorted."""
     if not isinstance(cfg.workload, dict):
         raise ConfigError(f"workload must be a mapping with a kind ({', '.join(WORKLOAD_KINDS)}), got {cfg.workload!r}")
     # YAML 1.1 reads a bare on/off key as a boolean: the bursty workload written naturally
@@ -280,6 +281,20 @@ def iter_workload(cfg: RunConfig) -> Iterable[wl.RequestSpec]:
         except wl.WorkloadError as exc:
             raise wl.WorkloadError(f"workload ({kind}): {exc}") from None
     return wl.Generated(spec, cfg.seed)
+
+
+def last_arrival(specs: Iterable[wl.RequestSpec]) -> float:
+    """When the last request of `specs` (:func:`iter_workload`'s) arrives, as its description tells
+    it without a pass over it (what a progress bar covers): a generated workload's end (`start` +
+    `duration`, or `num_requests` at `rate`: about), a replay's last arrival (its check pass's)."""
+    if isinstance(specs, wl.Generated):
+        w = specs.w
+        if isinstance(w, wl.Poisson):
+            return w.start + (w.duration if w.duration is not None else w.num_requests / w.rate)
+        return w.duration
+    if isinstance(specs, tuple):
+        return specs[-1].arrival if specs else 0.0
+    return specs.last_arrival
 
 
 @dataclass
@@ -314,6 +329,8 @@ def run_engine(core, specs, cfg: RunConfig, plan: FaultPlan, *, side: str, trace
         def emit(event: dict) -> None:
             if event["kind"] == "req":
                 requests.add(event)
+                if prefetch is not None:
+                    prefetch.finished(event["req"])  # the schedule holds what is in flight
             emit_trace(event)
 
         trace.emit(header(side, cfg.seed, {**cfg.to_dict(), "plan": plan.to_dict()},
