@@ -1,7 +1,8 @@
 """Macro-steps (models/engine.py ``_decode_steps``, models/scheduler.py ``decode_run``) change no
 decision and no byte of a trace: generated workloads, scheduler configs and fault plans (slow steps,
 engine kills, EC prefetch stalls and failures) run with and without them, async scheduling on and
-off; the macro-step mutants (harness/mutants.py ``MACRO_MUTANTS``) are caught by that comparison."""
+off, prefix caching on and off (the decode cohort caches its members' blocks); the macro-step mutants
+(harness/mutants.py ``MACRO_MUTANTS``) are caught by that comparison."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
 
 FAULTS = ("slow_steps", "kill_engine", "ec_prefetch_stall", "ec_prefetch_fail")
 MAX_OUTPUT = 64  # long enough decodes that decode runs of many steps happen
+CACHING_MUTANTS = {"cohort-uncached"}  # shown only with prefix caching on
 
 
 def counting(cls: type[Scheduler], runs: list[int], lazy: list[int] | None = None) -> type[Scheduler]:
@@ -55,8 +57,9 @@ def trace(specs, scheduler: SchedulerConfig, plan: FaultPlan, *, macro_steps: bo
     return [dumps(e) for e in res.events]
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["no-caching", "prefix-caching"])
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-def test_macro_steps_give_the_per_step_trace(async_scheduling):
+def test_macro_steps_give_the_per_step_trace(async_scheduling, prefix_caching):
     runs: list[int] = []
     lazy: list[int] = []  # the decode cohort's rounds (members scheduled)
     killed = [0]
@@ -64,11 +67,10 @@ def test_macro_steps_give_the_per_step_trace(async_scheduling):
     @settings(max_examples=120, deadline=None, derandomize=True)
     @given(specs=workloads(max_size=10, max_output=MAX_OUTPUT),
            scheduler=scheduler_configs(max_output=MAX_OUTPUT, async_scheduling=async_scheduling),
-           plan=fault_plans(kinds=FAULTS), caching=st.booleans(),
+           plan=fault_plans(kinds=FAULTS),
            serving=st.sampled_from([None, SERVING] if async_scheduling else [None]))
-    def check(specs, scheduler, plan, caching, serving):
-        scheduler = SchedulerConfig(**{**scheduler.__dict__, "enable_prefix_caching": caching and
-                                       scheduler.enable_prefix_caching})
+    def check(specs, scheduler, plan, serving):
+        scheduler = SchedulerConfig(**{**scheduler.__dict__, "enable_prefix_caching": prefix_caching})
         per_step = trace(specs, scheduler, plan, macro_steps=False, serving=serving)
         assert trace(specs, scheduler, plan, macro_steps=True, scheduler_cls=counting(Scheduler, runs, lazy),
                      serving=serving) == per_step
@@ -85,21 +87,24 @@ def test_macro_steps_give_the_per_step_trace(async_scheduling):
 
 
 @pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
-@pytest.mark.parametrize("mm", [False, True], ids=["text", "multimodal"])
-def test_macro_steps_give_the_per_step_trace_of_a_long_run(async_scheduling, mm):
-    """A minute of Poisson traffic (EC prefetch deferral in the multimodal one), with a slow
-    stretch and a SIGTERM: the same bytes with and without macro-steps."""
+@pytest.mark.parametrize("mm, caching", [(False, False), (False, True), (True, False)],
+                         ids=["text", "text-prefix-caching", "multimodal"])
+def test_macro_steps_give_the_per_step_trace_of_a_long_run(async_scheduling, mm, caching):
+    """A minute of Poisson traffic (EC prefetch deferral in the multimodal one; prefix caching on in
+    another, with a pool small enough to evict and preempt), with a slow stretch and a SIGTERM: the
+    same bytes with and without macro-steps."""
     workload = {"kind": "poisson", "rate": 4.0, "duration": 60.0, "prompt": 256, "output": 256}
     if mm:
         workload["mm"] = {"fraction": 0.5, "tokens": 64, "prefetch": 0.3}
     cfg = with_scheduler(RunConfig(workload=workload, seed=3), async_scheduling=async_scheduling,
-                         max_num_seqs=64, num_gpu_blocks=2048)
+                         max_num_seqs=64, num_gpu_blocks=400 if caching else 2048, enable_prefix_caching=caching)
     plan = validate_plan({"version": 1, "faults": [{"kind": "slow_steps", "start": 10, "end": 20, "factor": 3},
                                                    {"kind": "kill_engine", "at": 50.0, "signal": "SIGTERM"}]}, "test")
     per_step = simulate(cfg, plan, macro_steps=False)
     macro = simulate(cfg, plan)
     assert [dumps(e) for e in macro.events] == [dumps(e) for e in per_step.events]
     assert macro.summary["aborted"] > 0
+    assert not caching or macro.summary["preemptions"] > 0, macro.summary
 
 
 def long_decodes(n: int, output: int, stop_at: int | None = None) -> tuple[RequestSpec, ...]:
@@ -111,10 +116,11 @@ def long_decodes(n: int, output: int, stop_at: int | None = None) -> tuple[Reque
     ("macro-past-finish", long_decodes(3, 200, stop_at=90), 1000),   # r0 stops (EOS) mid-run
     ("macro-past-pool", long_decodes(3, 200), 30),                   # the pool runs dry: a preemption
     ("cohort-past-eos", long_decodes(3, 200, stop_at=90), 1000),     # r0 stops (EOS) in the cohort
+    ("cohort-uncached", long_decodes(3, 200), 30),                   # the preempted request's own blocks
 ])
 def test_the_comparison_catches_each_macro_mutant(async_scheduling, mutant, specs, blocks):
     scheduler = SchedulerConfig(num_gpu_blocks=blocks, block_size=16, max_model_len=512,
-                                async_scheduling=async_scheduling)
+                                async_scheduling=async_scheduling, enable_prefix_caching=mutant in CACHING_MUTANTS)
     per_step = trace(specs, scheduler, FaultPlan(), macro_steps=False)
     assert trace(specs, scheduler, FaultPlan(), macro_steps=True) == per_step
     assert trace(specs, scheduler, FaultPlan(), macro_steps=True, scheduler_cls=MACRO_MUTANTS[mutant]) != per_step
@@ -128,7 +134,7 @@ def test_generated_cases_catch_each_macro_mutant(mutant):
     @given(specs=workloads(max_size=10, mm=False, max_output=MAX_OUTPUT),
            scheduler=scheduler_configs(max_output=MAX_OUTPUT, kv_pressure=True), async_scheduling=st.booleans())
     def check(specs, scheduler, async_scheduling):
-        scheduler = SchedulerConfig(**{**scheduler.__dict__, "enable_prefix_caching": False,
+        scheduler = SchedulerConfig(**{**scheduler.__dict__, "enable_prefix_caching": mutant in CACHING_MUTANTS,
                                        "async_scheduling": async_scheduling})
         caught.append(trace(specs, scheduler, FaultPlan(), macro_steps=True, scheduler_cls=MACRO_MUTANTS[mutant])
                       != trace(specs, scheduler, FaultPlan(), macro_steps=False))

@@ -10,7 +10,8 @@ judge that rule must catch it. They live here, beside the checkers, not in any u
 - macro-steps (tests/sim/test_macro_steps.py: the same trace with and without them): a decode run
   (``Scheduler.decode_run``) that runs past a request's finish, or past the block the pool cannot
   give (where the per-step loop preempts); a decode cohort (steady decodes advanced lazily,
-  ``Scheduler._cohort_round``) that finishes a member at max_tokens past its EOS;
+  ``Scheduler._cohort_round``) that finishes a member at max_tokens past its EOS, or that, with prefix
+  caching, never caches its members' full blocks (the per-step loop catches up only when it dissolves);
 - EPLB (runs/eplb.py ``run_check``; tests/sim/test_eplb.py): subclasses of ``EplbState`` whose
   worker publishes without syncing its stream, or all layers at once.
 - DP load balancing (runs/dp_lb.py; tests/diff/test_dp_lb_real.py): a ``DPLoadBalancer`` that weighs a
@@ -83,10 +84,15 @@ class _CohortPastEos(Scheduler):
     cohort_finishes_at_eos = False
 
 
+class _CohortUncached(Scheduler):
+    cohort_caches_blocks = False
+
+
 MACRO_MUTANTS: dict[str, type[Scheduler]] = {
     "macro-past-finish": _DecodeRunPastFinish,  # a macro-step ignores a finish inside it
     "macro-past-pool": _DecodeRunPastPool,      # ... or a block the pool cannot give (a preemption)
     "cohort-past-eos": _CohortPastEos,          # the lazy decode cohort finishes a member at max_tokens, not EOS
+    "cohort-uncached": _CohortUncached,         # ... or caches no member's full block (prefix caching)
 }
 
 

@@ -20,13 +20,16 @@ class BlockPool:
     """Block ids, ref counts, the free queue and (with prefix caching) the hash -> block map."""
 
     __slots__ = ("num_gpu_blocks", "enable_caching", "free", "ref_cnt", "block_hash", "cached", "req_blocks",
-                 "num_cached_block", "deferred_frees")
+                 "num_cached_block", "deferred_frees", "hashless_first")
 
-    def __init__(self, num_gpu_blocks: int, enable_caching: bool = False):
+    def __init__(self, num_gpu_blocks: int, enable_caching: bool = False, hashless_first: bool = True):
         if num_gpu_blocks < 2:
             raise ValueError(f"num_gpu_blocks must be >= 2 (block 0 is the null block), got {num_gpu_blocks}")
         self.num_gpu_blocks = num_gpu_blocks
         self.enable_caching = enable_caching
+        # vLLM 0.26.0's free_blocks puts freed blocks without a hash at the front (evicted first);
+        # 0.23.0's appends every freed block in order (Scheduler.frees_hashless_first, for_release)
+        self.hashless_first = hashless_first
         # the free queue, front first: with prefix caching an OrderedDict (a hit takes a cached block
         # from anywhere in it), else a deque (blocks only leave the front)
         self.free: OrderedDict[int, None] | deque[int] = (OrderedDict.fromkeys(range(1, num_gpu_blocks))
@@ -94,9 +97,12 @@ class BlockPool:
         return new
 
     def allocate_each(self, req_ids) -> None:
-        """One new block for each request of `req_ids`, in order: ``allocate(rid, 1)`` each, for a
-        pool without prefix caching (no hash to evict; the decode cohort's block takers)."""
-        assert not self.enable_caching
+        """One new block for each request of `req_ids`, in order: ``allocate(rid, 1)`` each (the
+        decode cohort's block takers); without prefix caching no hash is evicted."""
+        if self.enable_caching:
+            for rid in req_ids:
+                self.allocate(rid, 1)
+            return
         free, ref, req_blocks = self.free, self.ref_cnt, self.req_blocks
         for rid in req_ids:
             b = free.popleft()
@@ -149,7 +155,7 @@ class BlockPool:
                 ref[b] -= 1
                 continue
             del ref[b]
-            if b in hashed:
+            if b in hashed or not self.hashless_first:
                 free[b] = None
             else:
                 without_hash.append(b)

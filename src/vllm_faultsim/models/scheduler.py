@@ -39,7 +39,8 @@ scheduling:
   past its prompt, unclipped), parked (skipped by the async ``max_tokens`` rule until its last token
   comes back) or new; its members' counters advance lazily with two round counters, and a round
   costs what changes in it (new members, block boundaries, finishes, the rule's edge), not the batch
-  (``_cohort_round``, ``_cohort_update``). Anything else (a prefill chunk, multimodal inputs, a
+  (``_cohort_round``, ``_cohort_update``); with prefix caching its members' full blocks are cached
+  where the loop caches them (``_cohort_cache``). Anything else (a prefill chunk, multimodal inputs, a
   preemption, the token budget) dissolves it: the counters are written back and the loop runs.
   ``decode_run`` / ``advance_decode``: whole rounds in which nothing can change, at once.
 
@@ -128,14 +129,17 @@ class Request:
             self.tokens = prompt_token_ids(spec)
             self.update_block_hashes(block_size)
 
-    def update_block_hashes(self, block_size: int) -> None:
+    def update_block_hashes(self, block_size: int, num_output_tokens: int | None = None) -> None:
         """Chained hashes of the full blocks (tokens + the multimodal items they overlap). The sampled
         tokens are appended here, lazily: the updates call it only when a sampled token fills a block
-        (``sampled_token`` is a pure function of the request and the output index)."""
+        (``sampled_token`` is a pure function of the request and the output index); the decode cohort
+        gives its lazy output count (`num_output_tokens`)."""
         hashes, toks, mm = self.block_hashes, self.tokens, self.mm
         rid, stop_at = self.req_id, self.stop_at
+        if num_output_tokens is None:
+            num_output_tokens = self.num_output_tokens
         toks += [sampled_token(rid, out, stop_at)
-                 for out in range(len(toks) - self.num_prompt_tokens + 1, self.num_output_tokens + 1)]
+                 for out in range(len(toks) - self.num_prompt_tokens + 1, num_output_tokens + 1)]
         for i in range(len(hashes), len(toks) // block_size):
             start, end = i * block_size, (i + 1) * block_size
             extra = tuple((hash_str(m.identifier), m.offset - start) for m in mm
@@ -157,7 +161,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.skipped_waiting: deque[Request] = deque()
         self.running: list[Request] = []
-        self.pool = BlockPool(config.num_gpu_blocks, config.enable_prefix_caching)
+        self.pool = BlockPool(config.num_gpu_blocks, config.enable_prefix_caching, self.frees_hashless_first)
         self.caching = config.enable_prefix_caching
         self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         self.watermark_blocks = int(config.watermark * config.num_gpu_blocks)
@@ -240,6 +244,7 @@ class Scheduler:
     use_output_placeholders = True   # async: a batch that samples gives its requests a placeholder
     ec_sees_external_tokens = True   # ensure_cache_available gets local + KV-connector computed tokens
     defers_freed_blocks = True       # async + a KV-consumer connector: defer_block_free (attach_kv_connector)
+    frees_hashless_first = True      # BlockPool.free_blocks: freed blocks without a hash to the front (0.23.0: in order)
 
     def schedule(self, now: float) -> StepResult:
         cfg = self.config
@@ -559,11 +564,16 @@ class Scheduler:
                 if not req.num_tokens % bs:  # a block newly full
                     req.update_block_hashes(bs)
                 if req.status == RUNNING:
-                    cached = req.num_computed_tokens
+                    cached = req.num_computed_tokens  # in the cohort too: computed - placeholders is the join's
                     if self.cache_less_placeholders:
                         cached -= req.num_output_placeholders
                     if cached // bs > num_cached_block.get(rid, 0):
                         self.pool.cache_blocks(rid, req.block_hashes, cached, bs)
+                    if req.join is not None:  # joined the decode cohort after this batch: a full block waits there
+                        if req.num_tokens // bs > num_cached_block.get(rid, 0):
+                            self.cohort.uncached[rid] = req
+                        else:
+                            self.cohort.uncached.pop(rid, None)
             if out < req.finish_at:
                 continue
             status = "stop" if out == req.stop_at else "length"
@@ -590,19 +600,21 @@ class Scheduler:
         empty, or ``max_num_seqs`` or the token budget stops the WAITING loop before it looks),
         deferred, preempted (every new block of the run fits the free queue), clipped (by
         ``max_model_len``, the budget or the async ``max_tokens`` rule) or finished (its output
-        count stays below ``finish_at``), and no encoder input, KV connector or prefix-cache
-        bookkeeping is involved. ``in_flight``: the batch an async engine has in flight, whose
+        count stays below ``finish_at``), and no encoder input or KV connector is involved (nor,
+        outside the decode cohort, prefix-cache bookkeeping). ``in_flight``: the batch an async engine has in flight, whose
         output is the run's first update (it must be such a round's batch itself); the rounds
         are then schedule(N+1), update(N). Returns (k, the first round's batch), or None when the
         next round is not such a round."""
         cfg, running = self.config, self.running
         n = len(running)
         budget = cfg.max_num_batched_tokens
-        if (not n or n > budget or self.kv_connector is not None or self.caching
+        if (not n or n > budget or self.kv_connector is not None
                 or ((self.waiting or self.skipped_waiting) and n < cfg.max_num_seqs and n < budget)):
             return None
         if self.cohort and self.cohort.active:  # the requests' counters are the cohort's
             return self._cohort_decode_run(self.cohort, in_flight)
+        if self.caching:  # the plain run does no prefix-cache bookkeeping
+            return None
         lag = 0  # the first round's computed tokens are those before the batch in flight, + 1
         if in_flight is not None:
             sched = in_flight.sched
@@ -690,12 +702,13 @@ class Scheduler:
 
     lazy_decodes = False  # set by the engine when macro-steps are on (models/engine.py)
     cohort_finishes_at_eos = True  # a member finishes at finish_at (a mutant: at max_tokens / max_model_len)
+    cohort_caches_blocks = True  # prefix caching: members' full blocks cached as the loop would (a mutant: not)
 
     def _cohort_allowed(self) -> bool:
-        """The cohort takes rounds of the plain twin only: no KV connector, prefix caching or a
-        mutant's RUNNING-loop or decode-run rule."""
-        return (self.kv_connector is None and not self.caching and not self.defer_block_free
-                and self.use_output_placeholders and self.decode_run_stops_at_finish and self.decode_run_fits_the_pool)
+        """The cohort takes rounds of the plain twin only: no KV connector or a mutant's RUNNING-loop
+        or decode-run rule."""
+        return (self.kv_connector is None and not self.defer_block_free and self.use_output_placeholders
+                and self.cache_less_placeholders and self.decode_run_stops_at_finish and self.decode_run_fits_the_pool)
 
     def _cohort_round(self) -> "_CohortStep | None":
         """The RUNNING loop's round, taken by the decode cohort when it decides what the loop would:
@@ -743,6 +756,8 @@ class Scheduler:
             return self._cohort_dissolve(c)
         if bucket:
             self.pool.allocate_each(bucket)
+        if c.uncached:
+            self._cohort_cache(c, None)
         c.S = r + 1
         res = _CohortStep(c, r, self.async_scheduling)
         c.live.append(res)
@@ -791,6 +806,8 @@ class Scheduler:
         if self.async_scheduling:  # the max_tokens rule can skip it once computed + 1 >= prompt + max_tokens
             edge = min(edge, prompt + req.max_tokens - 1)
         _push(c.leave, c.leave_keys, max(r + 1, r + edge - req.num_computed_tokens), req)
+        if req.tokens is not None and req.num_tokens // c.bs > self.pool.num_cached_block.get(rid, 0):
+            c.uncached[rid] = req
 
     def _cohort_park(self, c: "_Cohort", req: Request, r: int) -> None:
         rid = req.req_id
@@ -813,6 +830,7 @@ class Scheduler:
             del c.blocks[-base % c.bs][rid]
         elif c.parked.pop(rid, None) is None and req in c.pending:
             c.pending.remove(req)
+        c.uncached.pop(rid, None)
 
     def _cohort_dissolve(self, c: "_Cohort") -> None:
         """Write the lazy counters back (the batches in flight keep their computed tokens) and end
@@ -832,6 +850,8 @@ class Scheduler:
             if async_:
                 req.num_output_placeholders += rounds - applied
             req.join = req.leave = None
+            if req.tokens is not None and len(req.block_hashes) < req.num_tokens // c.bs:
+                req.update_block_hashes(c.bs)  # the loop's cache_blocks reads them
         c.clear()
         return None
 
@@ -842,6 +862,8 @@ class Scheduler:
         c, r = self.cohort, res.round
         c.live.remove(res)
         c.A = r + 1
+        if self.caching:
+            self._cohort_cache_update(c, r)
         done = c.finish.pop(r, None)
         if done:
             requests, running, members, parked = self.requests, self.running, c.members, c.parked
@@ -887,9 +909,19 @@ class Scheduler:
     def _cohort_advance(self, c: "_Cohort", k: int, now: float) -> "_CohortStep | None":
         """:meth:`advance_decode` of the cohort: the blocks of k rounds, in order; the counters move."""
         r, bs, blocks, allocate_each = c.S, c.bs, c.blocks, self.pool.allocate_each
-        for t in range(r, r + k):
-            if blocks[t % bs]:
-                allocate_each(blocks[t % bs])
+        if self.caching:  # round by round: schedule(t), then update(t - 1) (async) or update(t)
+            lag = 1 if self.async_scheduling else 0
+            for t in range(r, r + k):
+                if blocks[t % bs]:
+                    allocate_each(blocks[t % bs])
+                if c.uncached:
+                    self._cohort_cache(c, None)
+                c.A = t - lag + 1
+                self._cohort_cache_update(c, t - lag)
+        else:
+            for t in range(r, r + k):
+                if blocks[t % bs]:
+                    allocate_each(blocks[t % bs])
         c.S = r + k
         if self.ec_connector is not None:
             self.ec_connector.now = now
@@ -901,6 +933,39 @@ class Scheduler:
         res = _CohortStep(c, r + k - 1, True)
         c.live.append(res)
         return res
+
+    def _cohort_cache(self, c: "_Cohort", u: int | None) -> None:
+        """Prefix caching: ``cache_blocks`` of the cohort's requests whose full block is not cached yet
+        (``uncached``), in running order, where the loop would cache it: at a schedule (u None) for
+        the members it schedules, up to ``num_tokens``; at the update of round u (async) for that
+        batch's requests, up to ``num_computed_tokens - num_output_placeholders`` (num_tokens - 1)."""
+        if not self.cohort_caches_blocks:
+            return
+        unc, bs, A, pool = c.uncached, c.bs, c.A, self.pool
+        for req in sorted(unc.values(), key=_order) if len(unc) > 1 else list(unc.values()):
+            j, lv = req.join, req.leave
+            if (lv is not None) if u is None else (j > u or (lv is not None and lv <= u)):
+                continue  # parked (not scheduled), or not in round u's batch
+            applied = (A if lv is None or A < lv else lv) - j
+            out = req.num_output_tokens + (applied if applied > 0 else 0)
+            req.update_block_hashes(bs, out)
+            pool.cache_blocks(req.req_id, req.block_hashes, req.num_prompt_tokens + out - (u is not None), bs)
+            del unc[req.req_id]
+
+    def _cohort_cache_update(self, c: "_Cohort", u: int) -> None:
+        """Prefix caching at the update of round u (``c.A`` = u + 1): async, the waiting blocks of
+        the batch's requests are cached; then those whose num_tokens the update brings to a block
+        boundary wait (``uncached``): num_tokens = computed at the join + 1 + u + 1 - join."""
+        if self.async_scheduling and c.uncached:
+            self._cohort_cache(c, u)
+        unc, members, bs = c.uncached, c.members, c.bs
+        for rid in c.blocks[(u + 2) % bs]:
+            req = members[rid]
+            if req.join <= u:
+                unc[rid] = req
+        for rid, req in c.parked.items():
+            if req.join <= u < req.leave and not (req.num_computed_tokens - req.join + u + 2) % bs:
+                unc[rid] = req
 
     def _free_encoder_inputs(self, req: Request) -> None:
         ids = self.encoder_cache.request_cached_ids.get(req.req_id)
@@ -974,7 +1039,7 @@ class _Cohort:
     ph + (t - j) - max(0, a - j) placeholders (a parked one stops at its ``leave`` round)."""
 
     __slots__ = ("bs", "S", "A", "epoch", "active", "members", "parked", "pending", "blocks", "sum_base",
-                 "finish", "finish_keys", "leave", "leave_keys", "live", "next_order")
+                 "finish", "finish_keys", "leave", "leave_keys", "live", "next_order", "uncached")
 
     def __init__(self, block_size: int):
         self.bs = block_size
@@ -994,6 +1059,8 @@ class _Cohort:
         self.leave: dict[int, list[Request]] = {}  # round -> members at the async rule's edge
         self.leave_keys: list[int] = []
         self.live: list[_CohortStep] = []  # its batches not applied yet
+        # prefix caching: requests whose num_tokens // block_size exceeds their cached blocks
+        self.uncached: dict[str, Request] = {}
 
 
 class _Before(dict):
@@ -1057,9 +1124,13 @@ def for_release(cls: type[Scheduler], vllm_version: str | None) -> type[Schedule
     primary target, 0.26.0). vLLM 0.23.0's ``_free_encoder_inputs`` frees an encoder input once
     ``offset + length <= num_computed_tokens``, not subtracting the output placeholders: under async
     scheduling its cache slot is free a batch earlier. And 0.23.0 has no ``defer_block_free``: a KV
-    connector's freed blocks go back at once under async scheduling too. Everything else the
-    differential compares is the same in 0.23.0 and 0.26.0. One class per (cls, release): memoised."""
+    connector's freed blocks go back at once under async scheduling too. And 0.23.0's
+    ``BlockPool.free_blocks`` appends every freed block to the free queue in order, where 0.26.0 puts
+    those without a hash at its front: with prefix caching a preempted request's partial block is
+    then not the next one taken, and a cached block of it can be evicted first. Everything else
+    the differential compares is the same in 0.23.0 and 0.26.0. One class per (cls, release):
+    memoised."""
     if vllm_version is None or version_policy(vllm_version) != "0.23":
         return cls
     return type(f"{cls.__name__}_0_23", (cls,), {"free_encoder_past_placeholders": False,
-                                                 "defers_freed_blocks": False})
+                                                 "defers_freed_blocks": False, "frees_hashless_first": False})
