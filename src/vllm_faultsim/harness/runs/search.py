@@ -54,6 +54,7 @@ import copy
 import csv
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -63,7 +64,7 @@ from ...faults.rates import rates_from_dict
 from ...inputs import Positive, PositiveInt, Section, checked, read_mapping_file
 from ..metrics import percentile
 from .deploy import deployment_from_dict, simulate_deployment
-from .simulate import ConfigError, build_workload, config_from_dict
+from .simulate import ConfigError, config_from_dict, iter_workload
 
 # USD per GPU-hour, on-demand: ILLUSTRATIVE defaults, set your own (cost_per_gpu_hour). h100_sxm and
 # h200_sxm: midpoints of the specialty-cloud ranges ($2.50-3.50, $3.50-4.50) in "Cloud GPU pricing",
@@ -170,8 +171,8 @@ def check_search(spec, source: str = "<search spec>") -> dict:
         cfg = config_from_dict({**copy.deepcopy(base), "workload": spec["workload"]})
     except ValueError as exc:
         raise type(exc)(f"{source}: base/workload: {exc}") from None
-    spec["specs"] = build_workload(cfg)
-    if not spec["specs"]:
+    spec["shape"] = WorkloadShape.of(iter_workload(cfg), cfg.scheduler.max_model_len)
+    if not spec["shape"].requests:
         raise ConfigError(f"{source}: workload: no requests")
     return spec
 
@@ -195,13 +196,44 @@ def _num_gpu_blocks(spec: dict, system: str, tp: int, mns: int, mnbt: int, block
         logging.disable(previous)
 
 
-def offered_rate(specs) -> float | None:
+@dataclass(frozen=True)
+class WorkloadShape:
+    """What the search's bounds need of the workload (:func:`offered_rate`, :func:`capacity_bound`,
+    the largest request), from one streamed pass: the workload is never held whole."""
+
+    requests: int
+    first: float  # arrival
+    last: float
+    decode_tokens: int  # sum of output_len - 1
+    min_prompt: int
+    largest: int  # the most KV tokens of a request (prompt + output - 1, at most max_model_len)
+    prefill_tokens: tuple[int, int]  # prompt tokens to compute without, with prefix caching
+    least_uncached: tuple[int, int]  # the fewest of one request (at least 1), without, with
+
+    @classmethod
+    def of(cls, specs, max_model_len: int) -> "WorkloadShape":
+        n, first, last, decode, min_prompt, largest = 0, math.inf, -math.inf, 0, math.inf, 0
+        prefill, least = [0, 0], [math.inf, math.inf]
+        for s in specs:
+            n += 1
+            first, last = min(first, s.arrival), max(last, s.arrival)
+            decode += max(0, s.output_len - 1)
+            min_prompt = min(min_prompt, s.prompt_len)
+            largest = max(largest, min(s.prompt_len + s.output_len - 1, max_model_len))
+            shared = s.prefix[1] if s.prefix else min(s.prompt_len, len(s.hash_ids) * s.chunk_hash_size)
+            for caching, uncached in enumerate((s.prompt_len, max(1, s.prompt_len - shared))):
+                prefill[caching] += uncached
+                least[caching] = min(least[caching], uncached)
+        return cls(n, first, last, decode, min_prompt, largest, tuple(prefill), tuple(least))
+
+
+def offered_rate(shape: WorkloadShape) -> float | None:
     """Requests per second of the workload (None: a single instant)."""
-    t0, t1 = min(s.arrival for s in specs), max(s.arrival for s in specs)
-    return (len(specs) - 1) / (t1 - t0) if t1 > t0 and len(specs) > 1 else None
+    t0, t1 = shape.first, shape.last
+    return (shape.requests - 1) / (t1 - t0) if t1 > t0 and shape.requests > 1 else None
 
 
-def capacity_bound(step_time, specs, max_num_seqs: int, max_num_batched_tokens: int,
+def capacity_bound(step_time, shape: WorkloadShape, max_num_seqs: int, max_num_batched_tokens: int,
                    enable_prefix_caching: bool) -> float:
     """An upper bound on one engine's request rate (req/s) from its step-time backend. The GPU runs
     one forward at a time, so the run takes at least the sum of its forwards; a step holding b decode
@@ -211,20 +243,11 @@ def capacity_bound(step_time, specs, max_num_seqs: int, max_num_batched_tokens: 
     ``min_c t_prefill(c) / c`` (c up to ``max_num_batched_tokens``). With prefix caching only the
     tokens past a request's shared prefix or hash ids count, and at least one. Rate <= requests /
     max(decode tokens x their least cost, prefill tokens x theirs)."""
-    n = len(specs)
-    decode_tokens = sum(max(0, s.output_len - 1) for s in specs)
-    min_prompt = min(s.prompt_len for s in specs)
+    n, decode_tokens, min_prompt = shape.requests, shape.decode_tokens, shape.min_prompt
     sizes = sorted({1 << k for k in range(max_num_seqs.bit_length()) if 1 << k <= max_num_seqs} | {max_num_seqs})
     per_decode = min(step_time.batch_seconds((0, 0, 0, b, b * min_prompt)) / b for b in sizes)
-
-    def uncached(s) -> int:
-        if not enable_prefix_caching:
-            return s.prompt_len
-        shared = s.prefix[1] if s.prefix else min(s.prompt_len, len(s.hash_ids) * s.chunk_hash_size)
-        return max(1, s.prompt_len - shared)
-
-    prefill_tokens = sum(uncached(s) for s in specs)
-    least = max(1, min(uncached(s) for s in specs))
+    prefill_tokens = shape.prefill_tokens[enable_prefix_caching]
+    least = max(1, shape.least_uncached[enable_prefix_caching])
     chunks = sorted({1 << k for k in range(max_num_batched_tokens.bit_length()) if 1 << k <= max_num_batched_tokens}
                     | {max_num_batched_tokens})
     per_prefill = min(step_time.batch_seconds((max(1, c // least), c, 0, 0, 0)) / c for c in chunks)
@@ -241,9 +264,9 @@ def enumerate_points(spec: dict) -> list[dict]:
     sched = base.get("scheduler") or {}
     cfg0 = config_from_dict({**base, "workload": spec["workload"]})
     block_size = cfg0.scheduler.block_size
-    specs = spec["specs"]
-    rate = offered_rate(specs)
-    largest = max(min(s.prompt_len + s.output_len - 1, cfg0.scheduler.max_model_len) for s in specs)
+    shape = spec["shape"]
+    rate = offered_rate(shape)
+    largest = shape.largest
     axes = [space["system"], space.get("tensor_parallel_size", [1]), space.get(topo, [1]),
             space.get("max_num_seqs", [cfg0.scheduler.max_num_seqs]),
             space.get("max_num_batched_tokens", [cfg0.scheduler.max_num_batched_tokens])]
@@ -280,7 +303,7 @@ def enumerate_points(spec: dict) -> list[dict]:
                 raise type(exc)(f"{spec['source']}: point {_label(pt, topo)}: {exc}") from None
             pt["config"] = cfg.to_dict()
             if rate is not None:
-                bound = n * cores_per * capacity_bound(step_time_backends.from_config(cfg.step_time), specs, mns, mnbt,
+                bound = n * cores_per * capacity_bound(step_time_backends.from_config(cfg.step_time), shape, mns, mnbt,
                                            cfg.scheduler.enable_prefix_caching)
                 pt["capacity_bound_rps"] = round(bound, 3)
                 if bound * (1 + CAPACITY_MARGIN) < rate:
