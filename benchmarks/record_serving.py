@@ -87,6 +87,17 @@ MODELS = {
         "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
         "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
         "vocab_size": 151936}, 64),
+    # as shipped in aiconfigurator-core 0.12.0 (model_configs/mistralai--Mixtral-8x7B-v0.1_config.json):
+    # the second MoE shape (8 experts, top 2, every layer MoE; 46.7B parameters, 93 GiB in bf16)
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", {
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+        "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mixtral",
+        "num_attention_heads": 32, "num_experts_per_tok": 2, "num_hidden_layers": 32,
+        "num_key_value_heads": 8, "num_local_experts": 8, "output_router_logits": False,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.36.0.dev0", "use_cache": True, "vocab_size": 32000}, 64),
 }
 
 
@@ -216,6 +227,24 @@ def _smi(query: str) -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+CPU_PROBE_N, CPU_PROBE_REPEATS = 200_000, 7
+
+
+def cpu_probe_ms() -> float:
+    """The host CPU's speed for single-threaded Python, which the engine core's loop is: the median
+    over CPU_PROBE_REPEATS of the time of one fixed pure-Python loop (no allocation, no I/O), ms.
+    Recorded in each run's header (``cpu_probe_ms``, just before the run) so that runs of different
+    machine sessions compare."""
+    times = []
+    for _ in range(CPU_PROBE_REPEATS):
+        t = time.perf_counter()
+        acc = 0
+        for i in range(CPU_PROBE_N):
+            acc += i * i % 7
+        times.append(time.perf_counter() - t)
+    return round(sorted(times)[CPU_PROBE_REPEATS // 2] * 1e3, 3)
 
 
 def host_info() -> dict:
@@ -395,6 +424,7 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
             specs = plan(load, n, rate, seed)
             prompts = prompts_for(specs, seed)
             timeout = specs[-1].arrival * max(1.0, factor) * 2.0 + 30.0
+            cpu_ms = cpu_probe_ms()  # the host's CPU speed just before the run (the engine idle)
             s = await serve(engine, specs, prompts, engine.make_params, timeout)
             await asyncio.sleep(0.5)
             metas, steps = SR.read_steps(steps_file)
@@ -408,7 +438,7 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
                 "format": REC.FORMAT, "model": name, "hf_model": hf_name, "hf_config": hf_config,
                 "gpu": host["gpu"], "tensor_parallel_size": extra["tensor_parallel_size"], "dtype": extra["dtype"],
                 "vllm": host["vllm"], "torch": host["torch"], "driver": host["driver"], "device": host["device"],
-                "entry_point": getattr(engine, "ENTRY", type(engine).__name__),
+                "entry_point": getattr(engine, "ENTRY", type(engine).__name__), "cpu_probe_ms": cpu_ms,
                 "workload": {"load": load, "rate": rate, "rate_factor": factor, "n": len(s.requests),
                              "n_planned": n, "n_aborted": s.aborted, "arrival": "poisson",
                              "prompt_tokens": list(PROMPT_TOKENS), "output_tokens": list(OUTPUT_TOKENS),
