@@ -161,6 +161,7 @@ def problem_line(exc: ValidationError, where: str, schema: Any = None, at: str =
 WORDING = {  # pydantic's error types in the project's words
     "model_type": "must be a mapping", "dict_type": "must be a mapping", "model_attributes_type": "must be a mapping",
     "int_type": "must be an integer", "float_type": "must be a number", "string_type": "must be a string",
+    "int_parsing": "must be an integer", "float_parsing": "must be a number",  # text (a CSV field) that is not one
     "bool_type": "must be true or false", "list_type": "must be a list", "finite_number": "must be finite",
     "greater_than": "must be > {gt}", "greater_than_equal": "must be >= {ge}", "less_than": "must be < {lt}",
     "less_than_equal": "must be <= {le}", "literal_error": "must be one of {expected}",

@@ -42,7 +42,8 @@ BINARY = st.sampled_from([b"\xff\xfe\x00a\x00b", "kind: x".encode("utf-16"), b"\
 def bad_inputs(draw):
     kind = draw(st.sampled_from([
         "binary", "config_field", "workload_field", "workload_number", "mm", "jsonl", "study", "cli_number",
-        "out_path", "admission", "plan_mismatch", "plan_field", "section", "deploy", "search", "trace", "recording"]))
+        "out_path", "admission", "plan_mismatch", "plan_field", "section", "deploy", "search", "trace", "recording",
+        "trace_format"]))
     if kind in SCHEMA_KINDS:
         return SCHEMA_KINDS[kind](draw)
     if kind == "plan_mismatch":
@@ -218,8 +219,39 @@ def _recording(draw):
     return "recording", {"r.jsonl": text}, ["fidelity", "{dir}/r.jsonl", "--json", "{dir}/f.json"]
 
 
+def _trace_format(draw):
+    """A public trace file (Azure or BurstGPT CSV, Mooncake JSONL) with one field of one row made
+    invalid (or, for Mooncake, a required one missing)."""
+    fmt = draw(st.sampled_from(["azure", "burstgpt", "mooncake"]))
+    not_count = ["abc", "-5", "1.5", "", "nan", "1e400", "yesterday"]
+    if fmt == "mooncake":
+        rows = [{"timestamp": 0, "input_length": 600, "output_length": 4, "hash_ids": [0, 1]},
+                {"timestamp": 1500, "input_length": 300, "output_length": 8}]
+        key = draw(st.sampled_from(["timestamp", "input_length", "output_length", "hash_ids"]))
+        bad = draw(st.sampled_from({"timestamp": [-1, "x", None, [1], "NaN", "Infinity"],
+                                    "input_length": [-3, 3.5, "7", True, None], "output_length": [-1, 2.5, "4", False],
+                                    "hash_ids": ["a", [1, "b"], {}, [0.5]]}[key] + ["missing"] * (key != "hash_ids")))
+        row = {k: v for k, v in rows[1].items() if k != key}
+        if bad != "missing":
+            row[key] = bad
+        line = json.dumps(row).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity")
+        text = json.dumps(rows[0]) + "\n" + line + "\n"
+        name = "t.jsonl"
+    else:
+        head, good, row = ((["TIMESTAMP", "ContextTokens", "GeneratedTokens"], ["2023-11-16 18:15:46.6805900", "374", "44"],
+                            ["2023-11-16 18:15:50.9951690", "396", "109"]) if fmt == "azure" else
+                           (["Timestamp", "Model", "Request tokens", "Response tokens", "Log Type"],
+                            ["5", "ChatGPT", "472", "18", "Conversation log"], ["45", "GPT-4", "1087", "230", "API log"]))
+        col = draw(st.sampled_from([0, 1, 2] if fmt == "azure" else [0, 2, 3]))
+        row[col] = draw(st.sampled_from(not_count if col else ["abc", "-5", "", "nan", "inf", "12:00"]))
+        text = "".join(",".join(r) + "\n" for r in (head, good, row))
+        name = "t.csv"
+    files = {name: text, "run.yaml": _yaml({"workload": {"kind": fmt, "path": name}})}
+    return "trace_format", files, ["run", "--config", "{dir}/run.yaml"]
+
+
 SCHEMA_KINDS = {"plan_field": _plan_field, "section": _section, "deploy": _deploy, "search": _search, "trace": _trace,
-                "recording": _recording}
+                "recording": _recording, "trace_format": _trace_format}
 
 
 def _listing(d: Path) -> set[str]:

@@ -149,7 +149,7 @@ def test_a_window_stops_reading_at_its_end(tmp_path):
     path = _write(tmp_path, "b.csv", text)
     assert len(_read("burstgpt", path, duration=150)) == 4  # the row at 190 s ends the window
     assert len(_read("burstgpt", path, max_requests=2)) == 2
-    with pytest.raises(WorkloadError, match=r"b.csv:8: Request tokens 'not-a-number' is not an integer"):
+    with pytest.raises(WorkloadError, match=r"b.csv:8: Request tokens: must be an integer \(got 'not-a-number'\)"):
         _read("burstgpt", path)
 
 
@@ -238,10 +238,10 @@ def test_reading_does_not_hold_the_file(tmp_path, monkeypatch):
 # ---- bad input: one line naming file:line and the value, exit 2, nothing written ---------------
 
 BAD = [  # (kind, file name, file text or None: no file, extra workload fields, expected text in the error)
-    ("azure", "trace.csv", AZURE_2023.replace("879", "abc"), {}, "trace.csv:4: ContextTokens 'abc' is not an integer"),
-    ("azure", "trace.csv", AZURE_2023.replace("109", "-5"), {}, "trace.csv:3: GeneratedTokens must be >= 0, got -5"),
+    ("azure", "trace.csv", AZURE_2023.replace("879", "abc"), {}, "trace.csv:4: ContextTokens: must be an integer (got 'abc')"),
+    ("azure", "trace.csv", AZURE_2023.replace("109", "-5"), {}, "trace.csv:3: GeneratedTokens: must be >= 0 (got '-5')"),
     ("azure", "trace.csv", AZURE_2023.replace("2023-11-16 18:15:50.9951690", "yesterday"), {},
-     "trace.csv:3: TIMESTAMP 'yesterday' is not a date and time"),
+     "trace.csv:3: TIMESTAMP: must be a date and time, e.g. 2023-11-16 18:15:46.6805900 (got 'yesterday')"),
     ("azure", "trace.csv", AZURE_2023.replace("18:15:51", "18:15:40"), {},
      "trace.csv:4: timestamp '2023-11-16 18:15:40.2224670' is earlier than line 3's"),
     ("azure", "trace.csv", "Time,Context,Generated\n1,2,3\n", {}, "trace.csv:1: no column 'TIMESTAMP'"),
@@ -261,15 +261,15 @@ BAD = [  # (kind, file name, file text or None: no file, extra workload fields, 
     ("azure", "trace.csv", AZURE_2023, {"max_model_len": 512}, "trace.csv:4: the prompt (879 tokens) is not shorter "
                                                                 "than max_model_len 512"),
     ("burstgpt", "b.csv", BURSTGPT.replace("45,", "nan,"), {},
-     "b.csv:3: Timestamp must be a finite number >= 0, got nan"),
+     "b.csv:3: Timestamp: must be finite (got 'nan')"),
     ("burstgpt", "b.csv", BURSTGPT.replace("45,", "inf,"), {},
-     "b.csv:3: Timestamp must be a finite number >= 0, got inf"),
+     "b.csv:3: Timestamp: must be finite (got 'inf')"),
     ("burstgpt", "b.csv", BURSTGPT.replace("118,", "30,"), {}, "b.csv:4: timestamp '30' is earlier than line 3's '45'"),
-    ("burstgpt", "b.csv", BURSTGPT.replace("1087", "-1087"), {}, "b.csv:3: Request tokens must be >= 0, got -1087"),
+    ("burstgpt", "b.csv", BURSTGPT.replace("1087", "-1087"), {}, "b.csv:3: Request tokens: must be >= 0 (got '-1087')"),
     ("burstgpt", "b.csv", BURSTGPT, {"model": "GPT-5"}, "b.csv: no requests selected (0 rows read"),
     ("burstgpt", "b.csv", BURSTGPT, {"model": 4}, "workload (burstgpt): model: must be a string (got 4)"),
     ("burstgpt", "b.csv", BURSTGPT.replace("5,ChatGPT", "5\x00,ChatGPT", 1), {},
-     r"b.csv:2: Timestamp '5\x00' is not a number"),
+     r"b.csv:2: Timestamp: must be a number (got '5\x00')"),
     ("mooncake", "mc.jsonl", _jsonl(MOONCAKE[:2] + ['{"timestamp": 1, "input_length": 5'] + MOONCAKE[2:]), {},
      "mc.jsonl:3: not valid JSON"),
     ("mooncake", "mc.jsonl", _jsonl([*MOONCAKE[:1], {"timestamp": 5, "input_length": 3}]), {},

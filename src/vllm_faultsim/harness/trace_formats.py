@@ -1,8 +1,9 @@
 """Readers of public LLM-serving traces into workloads: Azure LLM inference (CSV), Mooncake (JSONL
 with block hash ids), BurstGPT (CSV) and ShareGPT conversations (JSON, Poisson arrivals).
 
-Each reader streams its file (``.gz`` too), one row at a time, and names a bad row by file and
-line; :func:`read` checks the whole selection in one streamed pass, then gives an iterable of the
+Each reader streams its file (``.gz`` too), one row at a time, each row checked by its schema
+(:class:`AzureRow`, :class:`BurstGPTRow`: CSV text parsed; :class:`MooncakeLine`), a bad one named
+``FILE:LINE: field: problem (got VALUE)``; :func:`read` checks the whole selection in one streamed pass, then gives an iterable of the
 :class:`RequestSpec` in arrival order that reads the file again as a run pulls it (the workload is
 never held whole: :class:`TimedReplay`, :class:`ShareGPTReplay`). The timed formats share one
 selection (:func:`_selected`): trace time is seconds since the file's first row; rows must not go
@@ -22,11 +23,12 @@ import json
 import math
 import random
 from datetime import datetime, timezone
-from typing import Any, Iterator, Literal
+from functools import lru_cache
+from typing import Annotated, Any, Iterator, Literal
 
-from pydantic import ConfigDict, TypeAdapter, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from ..inputs import SECTION, NonNegative, NonNegativeInt, Positive, PositiveInt, Section
+from ..inputs import SECTION, NonNegative, NonNegativeInt, Positive, PositiveInt, Section, problem_line
 from ..models.request import RequestSpec
 from .workload import MAX_REQUESTS, WorkloadError, schema_lines
 
@@ -79,9 +81,7 @@ class ShareGPT(TracePath):
 
 
 WORKLOADS = {"azure": Azure, "mooncake": Mooncake, "burstgpt": BurstGPT, "sharegpt": ShareGPT}  # kind -> schema
-AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 CHUNK_CHARS = 1 << 20  # how much of a ShareGPT JSON file is read at a time
-BURSTGPT_COLUMNS = ("Timestamp", "Model", "Request tokens", "Response tokens")
 
 
 # ---- files, fields ---------------------------------------------------------------------------
@@ -97,38 +97,58 @@ def _open(path: str):
         raise WorkloadError(f"{path}: cannot read workload ({exc.strerror or exc})") from None
 
 
-def _count(v: Any, what: str, where: str) -> int:
-    """A token count: an integer >= 0 (CSV text or a JSON number)."""
-    if isinstance(v, str):
-        try:
-            v = int(v)
-        except ValueError:
-            raise WorkloadError(f"{where}: {what} {v!r} is not an integer") from None
-    elif isinstance(v, bool) or not isinstance(v, int):
-        raise WorkloadError(f"{where}: {what} {v!r} is not an integer")
-    if v < 0:
-        raise WorkloadError(f"{where}: {what} must be >= 0, got {v}")
-    return v
+def _utc(text: str) -> datetime:
+    """An Azure TIMESTAMP; a naive one (the 2023 traces) is UTC."""
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
-def _seconds(v: Any, what: str, where: str) -> float:
-    """A finite time >= 0 (CSV text or a JSON number)."""
-    if isinstance(v, str):
-        try:
-            v = float(v)
-        except ValueError:
-            raise WorkloadError(f"{where}: {what} {v!r} is not a number") from None
-    elif isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise WorkloadError(f"{where}: {what} {v!r} is not a number")
-    if not math.isfinite(v) or v < 0:
-        raise WorkloadError(f"{where}: {what} must be a finite number >= 0, got {v!r}")
-    return float(v)
+def _date_time(text: str) -> str:
+    try:
+        _utc(text)
+    except ValueError:
+        raise ValueError(f"must be a date and time, e.g. 2023-11-16 18:15:46.6805900 (got {text!r})") from None
+    return text
 
 
-def _csv_rows(path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
-    """(file:line, the named columns' text) for each data row; the header names the columns."""
+CSV_ROW = ConfigDict(SECTION, strict=False)  # a CSV field is text: numbers are parsed from it
+
+
+class AzureRow(Section):
+    """The fields read of an Azure LLM inference trace row."""
+
+    model_config = CSV_ROW
+    TIMESTAMP: Annotated[str, AfterValidator(_date_time)]
+    ContextTokens: NonNegativeInt
+    GeneratedTokens: NonNegativeInt
+
+
+class BurstGPTRow(Section):
+    """The fields read of a BurstGPT row."""
+
+    model_config = ConfigDict(CSV_ROW, populate_by_name=False)
+    Timestamp: NonNegative  # seconds
+    Model: str
+    request_tokens: NonNegativeInt = Field(alias="Request tokens")
+    response_tokens: NonNegativeInt = Field(alias="Response tokens")
+
+
+def _csv_rows(path: str, schema: type[Section]) -> Iterator[tuple[str, list[str], Section]]:
+    """(file:line, the fields' text, the row checked by `schema`) for each data row; the header
+    names the columns (the aliases of `schema`'s fields)."""
+    adapter = _row_adapter(schema)
+    columns = tuple(f.alias or name for name, f in schema.model_fields.items())
     with _open(path) as fh:
-        yield from _reading(path, _csv_fields(fh, path, columns))
+        for where, fields in _reading(path, _csv_fields(fh, path, columns)):
+            try:
+                yield where, fields, adapter.validate_python(dict(zip(columns, fields)))
+            except ValidationError as exc:
+                raise WorkloadError(problem_line(exc, where, schema)) from None
+
+
+@lru_cache(maxsize=None)
+def _row_adapter(schema: type[Section]) -> TypeAdapter:
+    return TypeAdapter(schema)
 
 
 def _csv_fields(fh, path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, list[str]]]:
@@ -158,26 +178,19 @@ def _csv_fields(fh, path: str, columns: tuple[str, ...]) -> Iterator[tuple[str, 
 
 def _azure_rows(path: str):
     t0 = None
-    for where, (ts, ctx, gen) in _csv_rows(path, AZURE_COLUMNS):
-        try:
-            dt = datetime.fromisoformat(ts)
-        except ValueError:
-            raise WorkloadError(f"{where}: TIMESTAMP {ts!r} is not a date and time "
-                                "(e.g. 2023-11-16 18:15:46.6805900)") from None
-        dt = dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)  # naive (2023 traces): UTC
+    for where, _, r in _csv_rows(path, AzureRow):
+        dt = _utc(r.TIMESTAMP)
         t0 = dt if t0 is None else t0
-        yield (where, (dt - t0).total_seconds(), ts, _count(ctx, "ContextTokens", where),
-               _count(gen, "GeneratedTokens", where), ())
+        yield where, (dt - t0).total_seconds(), r.TIMESTAMP, r.ContextTokens, r.GeneratedTokens, ()
 
 
 def _burstgpt_rows(path: str, model: str | None = None):
     t0 = None
-    for where, (ts, name, req, resp) in _csv_rows(path, BURSTGPT_COLUMNS):
-        t = _seconds(ts, "Timestamp", where)
+    for where, (ts, *_), r in _csv_rows(path, BurstGPTRow):
+        t = r.Timestamp
         t0 = t if t0 is None else t0
-        p, o = _count(req, "Request tokens", where), _count(resp, "Response tokens", where)
-        if model is None or name == model:
-            yield where, t - t0, ts, p, o, ()
+        if model is None or r.Model == model:
+            yield where, t - t0, ts, r.request_tokens, r.response_tokens, ()
 
 
 class MooncakeLine(Section):
@@ -205,8 +218,7 @@ def _mooncake_rows(path: str, chunk_hash_size: int = 512):
             raise WorkloadError(f"{where}: {len(d.hash_ids)} hash_ids for input_length {p}, more than "
                                 f"ceil(input_length / chunk_hash_size) = {blocks} (chunk_hash_size {chunk_hash_size}: "
                                 "Mooncake's traces hash 512-token blocks; set the trace's block size)")
-        raw = int(d.timestamp) if d.timestamp.is_integer() else d.timestamp
-        yield where, t - t0, raw, p, d.output_length, tuple(d.hash_ids)
+        yield where, t - t0, int(d.timestamp) if d.timestamp.is_integer() else d.timestamp, p, d.output_length, tuple(d.hash_ids)
     if n == 0:
         raise WorkloadError(f"{path}: empty file (expected one JSON request per line)")
 

@@ -144,12 +144,6 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def admission_errors(specs, scfg: SchedulerConfig) -> None:
-    """:func:`admission_error` of every request of `specs`."""
-    for s in specs:
-        admission_error(s, scfg)
-
-
 def admitted(specs, scfg: SchedulerConfig, source: str | None = None):
     """`specs`, each checked (:func:`admission_error`) as it is pulled: a streamed workload's bad
     request fails the run when the run reaches it (ConfigError, prefixed with `source`)."""
