@@ -153,16 +153,17 @@ def test_ray_actor_policy():
     assert stop["detect"] == [] and stop["exits"] == {0: "killed", 1: "killed"}
 
 
-# detection latencies the real matrices measured with both cores loaded by stress-ng (the loaded
-# runs in benchmarks/results/loaded_runs.txt): MP sentinels 10-70 ms, Ray's ray.wait 10-290 ms
-LOADED_DETECTION = {"mp": 0.07, "ray": 0.29}
+# detection latencies the real matrices measured with both cores loaded by stress-ng and other jobs
+# (load average 4-10; benchmarks/results/loaded_runs.txt): MP sentinels 10-70 ms, Ray's ray.wait
+# 10-410 ms; Ray's range taken to 600 ms
+LOADED_DETECTION = {"mp": 0.07, "ray": 0.6}
 
 
 @pytest.mark.parametrize("backend", ["mp", "ray"])
 def test_matrix_classification_holds_over_the_loaded_detection_range(backend):
     """Each matrix case's model classification is the same for every detection latency a loaded
     host gives (and GUARD beyond), so on_a_boundary leaves no case unjudged for its latency alone.
-    With Ray's ranks 0.3 s apart (the MP gap) rank 0's SIGTERM / exit0 cases change at 150 ms."""
+    With Ray's operations timed as MP's, rank 0's SIGTERM / exit0 cases change at 150 ms."""
     from vllm_faultsim.harness.runs.procs import GUARD, MeasuredLatency
     model, policy = LatencyModel.load(), POLICIES["ray-actor" if backend == "ray" else "mp-0.26"]
     sc = matrix_scenario(2, backend)

@@ -127,31 +127,35 @@ def simulate_procs(sc: ProcScenario, plan: FaultPlan, policy: LivenessPolicy | s
     return trace.events
 
 
-RANK_GAP = {"mp": 0.3, "ray": 0.6}   # s between the ranks' pending operations' ends (matrix_scenario)
+# where the matrix's pending operations end, per backend: (s between the ranks' ends, s all of them
+# and the probe come later, s the probe and the end-of-run set come later still); see matrix_scenario
+MATRIX_TIMING = {"mp": (0.3, 0.0, 0.0), "ray": (0.8, 0.3, 0.3)}
 
 
 def matrix_scenario(dp_size: int = 2, backend: str = "mp") -> ProcScenario:
     """The matrix's scenario: every rank steps in [0.2, 0.6) (faults at 0.45: mid-step at 0.45,
     idle at 0.63); each rank has one operation per connector and role pending over the fault
-    (KV ones end 0.15 s before EC ones, ranks :data:`RANK_GAP` apart, so an EC connector whose
-    shutdown is skipped loses them), the probe at 1.75 s, and another set pending over the
-    end-of-run stop at 2.0 s (KV ends at 2.05, drained before a shutdown-phase fault at ~2.1; EC at
-    2.2, lost to it); for ``ray`` the probe, the stop and the second set come ``RANK_GAP`` - 0.3 s
-    later. Every boundary is >= 40 ms from the next event; the probe comes >= 300 ms after the last
-    exit of a case (~1.45 s on a loaded host), which the client's death notice takes 100-150 ms to
-    follow there. The gap sets where a detection latency changes what the model drains: ranks 0.3
-    s apart put the boundaries 150 ms apart, which suits the MP monitor's sentinels (10-70 ms, loaded
-    too); ``ray.wait`` wakes 10-290 ms after an exit on a loaded host, which those boundaries split,
-    so Ray's ranks are 0.6 s apart (its first boundary 350 ms: ``tests/sim/test_engine_procs.py``
-    holds it there)."""
-    gap = RANK_GAP[backend]
-    later = gap - RANK_GAP["mp"]
+    (KV ones end 0.15 s before EC ones, ranks 0.3 s apart, so an EC connector whose shutdown is
+    skipped loses them), the probe at 1.75 s, and another set pending over the end-of-run stop at
+    2.0 s (KV ends at 2.05, drained before a shutdown-phase fault at ~2.1; EC at 2.2, lost to it).
+    Every boundary is >= 40 ms from the next event; the probe comes >= 300 ms after the last exit
+    of a case (~1.45 s on a loaded host), which the client's death notice takes 100-150 ms to
+    follow there.
+
+    The operations' ends set the detection latencies at which the model's classification changes
+    (what is drained, lost or done): for MP at 150 ms and more, clear of its sentinels (10-70 ms,
+    loaded too). ``ray.wait`` wakes 10-410 ms after an exit on a loaded host, so for ``ray``
+    (:data:`MATRIX_TIMING`) the ranks' operations end 0.8 s apart and 0.3 s later, and the probe,
+    the stop and the second set 1.1 s later: its first boundary is at 650 ms
+    (``tests/sim/test_engine_procs.py`` holds both clear of the loaded range)."""
+    gap, ops_later, probe_later = MATRIX_TIMING[backend]
+    later = gap - MATRIX_TIMING["mp"][0] + ops_later + probe_later
     ops = []
     for r in range(dp_size):
         for conn in ("kv", "ec"):
             extra = 0.15 if conn == "ec" else 0.0
             for role in ("worker", "scheduler"):
-                ops.append(ConnectorOp(r, conn, role, f"a{r}.{role}.{conn}", 0.25, 0.55 + gap * r + extra))
+                ops.append(ConnectorOp(r, conn, role, f"a{r}.{role}.{conn}", 0.25, 0.55 + ops_later + gap * r + extra))
                 ops.append(ConnectorOp(r, conn, role, f"b{r}.{role}.{conn}", 1.8 + later, 0.25 + extra))
     return ProcScenario(dp_size=dp_size, step=0.1, busy=((0.2, 0.6),) * dp_size, ops=tuple(ops),
                         duration=2.0 + later, probe_at=1.75 + later, stop_timeout=5.0, margin=0.03,
