@@ -12,10 +12,12 @@ from hypothesis import given, settings, strategies as st
 from vllm_faultsim.faults.plan import FaultPlan, validate_plan
 from vllm_faultsim.harness.invariants import InvariantViolation
 from vllm_faultsim.harness.mutants import MACRO_MUTANTS
-from vllm_faultsim.harness.runs.simulate import RunConfig, prefetch_schedule, run_engine, simulate, with_scheduler
+from vllm_faultsim.harness.runs.simulate import (RunConfig, build_workload, prefetch_schedule, run_engine, simulate,
+                                                 with_scheduler)
 from vllm_faultsim.harness.strategies import fault_plans, scheduler_configs, workloads
 from vllm_faultsim.harness.trace import dumps
 from vllm_faultsim.models.ec_connector import ECConnector
+from vllm_faultsim.models.kv_cache import BlockPool
 from vllm_faultsim.models.request import RequestSpec
 from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
 
@@ -142,3 +144,48 @@ def test_generated_cases_catch_each_macro_mutant(mutant):
     check()
     print(f"{mutant}: caught in {sum(caught)} of {len(caught)} generated cases")
     assert sum(caught) >= 3, f"{mutant}: caught in {sum(caught)} of {len(caught)} generated cases"
+
+
+def pool_calls(cfg: RunConfig, *, macro_steps: bool, scheduler_cls: type[Scheduler] = Scheduler) -> dict[str, list]:
+    """Every allocate (request, blocks) and effective cache_blocks (request, first, last, hashes) of
+    a run, in order (the two kinds apart: within a round the loop interleaves them, which commutes)."""
+    calls: dict[str, list] = {"allocate": [], "cache_blocks": []}
+
+    class LoggedPool(BlockPool):
+        __slots__ = ()
+
+        def allocate(self, rid, n):
+            new = super().allocate(rid, n)
+            calls["allocate"].append((rid, tuple(new)))
+            return new
+
+        def cache_blocks(self, rid, hashes, num_tokens, block_size):
+            start, end = self.num_cached_block.get(rid, 0), num_tokens // block_size
+            if start < end:
+                calls["cache_blocks"].append((rid, start, end, tuple(hashes[start:end])))
+            super().cache_blocks(rid, hashes, num_tokens, block_size)
+
+    class Logged(scheduler_cls):
+        def __init__(self, config, *args):
+            super().__init__(config, *args)
+            self.pool = LoggedPool(config.num_gpu_blocks, config.enable_prefix_caching)
+
+    specs = build_workload(cfg)
+    core = Logged(cfg.scheduler, ECConnector(prefetch_schedule(specs, FaultPlan()), cfg.ec_policy))
+    run_engine(core, specs, cfg, FaultPlan(), side="sim", keep=frozenset(), full_trace=False, macro_steps=macro_steps)
+    return calls
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False], ids=["async", "sync"])
+def test_the_cohort_caches_blocks_as_the_loop_does(async_scheduling):
+    """With prefix caching the decode cohort allocates (with eviction) and caches every block the
+    per-step loop does, with the same hashes, in the same order (two workloads: one roomy, one
+    whose pool evicts and preempts); the cohort-uncached mutant does not."""
+    for rate, blocks in ((20.0, 16384), (60.0, 1200)):
+        cfg = with_scheduler(RunConfig(workload={"kind": "poisson", "rate": rate, "duration": 15.0, "prompt": 200,
+                                                 "output": 100}, seed=2),
+                             async_scheduling=async_scheduling, enable_prefix_caching=True, num_gpu_blocks=blocks)
+        per_step = pool_calls(cfg, macro_steps=False)
+        assert len(per_step["cache_blocks"]) > 1000
+        assert pool_calls(cfg, macro_steps=True) == per_step
+        assert pool_calls(cfg, macro_steps=True, scheduler_cls=MACRO_MUTANTS["cohort-uncached"]) != per_step
