@@ -3,9 +3,13 @@ placeholder clock: overloaded, the queue holds what has arrived; 360k requests),
 fresh process: ``ru_maxrss`` of a plain run, and the ``tracemalloc`` peak (Python allocations)
 of a second run under tracemalloc. Cases: ``simulate`` summary-only (``keep=frozenset(),
 full_trace=False``: what a study or search point runs); ``vllm-faultsim run --config C --trace T``
-(the full per-step trace written); ``vllm-faultsim plot T`` on that trace. Prints and records JSON.
+(the full per-step trace written); ``vllm-faultsim plot T`` on that trace; ``vllm-faultsim diff
+--traces T T`` (the checker on two 1-hour traces); ``mooncake`` (simulate summary-only on the same
+arrivals written as a Mooncake JSONL file of 360k rows, one hash id per 512-token block);
+``deploy`` (``vllm-faultsim deploy --spec S --trace T``: 4 servers, round robin, the same workload).
+Prints and records JSON.
 
-    python benchmarks/peak_memory.py [--hours 1] [--label after] [--out benchmarks/results/peak_memory.json]
+    python benchmarks/peak_memory.py [--hours 1] [--label after] [--cases CASE,...] [--out benchmarks/results/peak_memory.json]
 
 ``--label`` names the entry the run adds to (or replaces in) the result file; to measure another
 commit, run this script with ``PYTHONPATH`` at that commit's ``src``.
@@ -19,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 CHILD = r"""
@@ -28,15 +31,21 @@ case, traced, cfg_path, trace = sys.argv[1], sys.argv[2] == "1", sys.argv[3], sy
 if traced:
     tracemalloc.start()
 t0 = time.perf_counter()
-if case == "summary-only":
+if case in ("summary-only", "mooncake"):
     import yaml
     from vllm_faultsim.harness.runs.simulate import config_from_dict, simulate
-    res = simulate(config_from_dict(yaml.safe_load(open(cfg_path))), keep=frozenset(), full_trace=False)
+    cfg = yaml.safe_load(open(cfg_path))
+    if case == "mooncake":
+        cfg["workload"] = {"kind": "mooncake", "path": trace + ".mooncake.jsonl"}
+    res = simulate(config_from_dict(cfg), keep=frozenset(), full_trace=False)
     rc, extra = 0, {"requests": res.summary["requests"], "steps": res.summary["steps"]}
 else:
     from vllm_faultsim.harness.cli import main
-    argv = (["run", "--config", cfg_path, "--trace", trace, "--no-progress", "--json"] if case == "run --trace"
-            else ["plot", trace, "--out", trace + ".png"])
+    argv = {"run --trace": ["run", "--config", cfg_path, "--trace", trace, "--no-progress", "--json"],
+            "plot": ["plot", trace, "--out", trace + ".png"],
+            "diff --traces": ["diff", "--traces", trace, trace],
+            "deploy": ["deploy", "--spec", cfg_path + ".deploy.json", "--trace", trace + ".deploy.jsonl", "--no-progress",
+                       "--json"]}[case]
     import contextlib, io
     with contextlib.redirect_stdout(io.StringIO()):
         rc = main(argv)
@@ -49,12 +58,28 @@ else:
 print(json.dumps(out))
 """
 
-CASES = ("summary-only", "run --trace", "plot")
+CASES = ("summary-only", "run --trace", "plot", "diff --traces", "mooncake", "deploy")
+DEPLOYMENT = {"servers": 4, "router": "round_robin"}
 
 
 def config(hours: float) -> dict:
     return {"scheduler": {"max_num_seqs": 256},
             "workload": {"kind": "poisson", "rate": 100.0, "duration": 3600.0 * hours, "prompt": 512, "output": 128}}
+
+
+def write_mooncake(path: Path, hours: float) -> int:
+    """The config's Poisson arrivals (100 req/s, 512/128) as a Mooncake trace: ms timestamps, one
+    hash id per 512-token block (all distinct). Returns its rows."""
+    import random
+    rng, t, n = random.Random(0), 0.0, 0
+    with open(path, "w") as fh:
+        while True:
+            t += rng.expovariate(100.0)
+            if t >= 3600.0 * hours:
+                return n
+            fh.write(f'{{"timestamp": {round(t * 1000, 3)}, "input_length": 512, "output_length": 128, '
+                     f'"hash_ids": [{n}]}}\n')
+            n += 1
 
 
 def measure(case: str, traced: bool, cfg_path: Path, trace: Path) -> dict:
@@ -70,16 +95,30 @@ def main() -> None:
     ap.add_argument("--hours", type=float, default=1.0)
     ap.add_argument("--label", default="after")
     ap.add_argument("--no-tracemalloc", action="store_true", help="ru_maxrss only (tracemalloc runs are 2-3x slower)")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)} (plot and "
+                    "diff --traces read the trace run --trace writes: it is written first, unmeasured, if not among them)")
+    ap.add_argument("--keep-dir", help="write the config, trace and Mooncake file here (kept) instead of a temporary folder")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "peak_memory.json"))
     args = ap.parse_args()
     entry: dict = {"commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                             text=True).stdout.strip(),
                    "pythonpath": os.environ.get("PYTHONPATH"), "hours": args.hours, "config": config(args.hours),
                    "loadavg_before": os.getloadavg(), "cases": {}}
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case {unknown[0]!r} (cases: {', '.join(CASES)})")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg_path, trace = Path(tmp) / "run.json", Path(tmp) / "trace.jsonl"
+        folder = Path(args.keep_dir or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        cfg_path, trace = folder / "run.json", folder / "trace.jsonl"
         cfg_path.write_text(json.dumps(config(args.hours)))
-        for case in CASES:
+        Path(f"{cfg_path}.deploy.json").write_text(json.dumps({"deployment": DEPLOYMENT, "run": config(args.hours)}))
+        if "mooncake" in cases and not Path(f"{trace}.mooncake.jsonl").exists():
+            entry["mooncake_rows"] = write_mooncake(Path(f"{trace}.mooncake.jsonl"), args.hours)
+        if {"plot", "diff --traces"} & set(cases) and "run --trace" not in cases and not trace.exists():
+            measure("run --trace", False, cfg_path, trace)
+        for case in cases:
             r = measure(case, False, cfg_path, trace)
             if case == "run --trace":
                 r["trace_mib"] = round(trace.stat().st_size / 2**20, 1)
@@ -90,7 +129,8 @@ def main() -> None:
     entry["loadavg_after"] = os.getloadavg()
     out = Path(args.out)
     data = json.loads(out.read_text()) if out.exists() else {"benchmark": "peak_memory", "runs": {}}
-    data["runs"][args.label] = entry
+    data["runs"].setdefault(args.label, entry)["cases"].update(entry["cases"])  # a run of some cases adds to its label
+    data["runs"][args.label].update({k: v for k, v in entry.items() if k != "cases"})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2) + "\n")
 
