@@ -60,13 +60,9 @@ def test_upstream_ec_deferral_scenario_on_both_sides(mode):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("profile", PROFILES)
 def test_zero_divergences_over_generated_cases(profile, mode):
-    """Against the installed release. Under vLLM 0.23.0 with async scheduling the prefix cache is
-    off in these cases: 0.23.0's AsyncScheduler gives a recomputed (preempted) request fewer prefix
-    hits than 0.26.0's (a 3-token prompt with 3 outputs: 0.23.0 schedules 6 tokens, the 0.26.0 twin
-    2 after a 4-token hit; CI's 0.23.0 leg, seed 199, 2026-12-02), which the twin does not model."""
-    prefix = {"prefix_caching": False} if RELEASE_0_23 and MODES[mode] else {}
-    n, case, div = search(EXAMPLES, seed=seed_of(profile), async_scheduling=MODES[mode], **PROFILES[profile],
-                          **prefix)
+    """Against the installed release (0.23.0's free queue: a recomputed request's prefix hits
+    follow it, models/scheduler.py for_release)."""
+    n, case, div = search(EXAMPLES, seed=seed_of(profile), async_scheduling=MODES[mode], **PROFILES[profile])
     assert div is None, f"{div.explain()}\nreplay: save with vllm_faultsim.harness.runs.diff.save_case\n{case.to_json()}"
     assert n == EXAMPLES
 
@@ -86,8 +82,12 @@ def test_async_decodes_overlap_and_outputs_come_back_a_step_late():
 # The installed release's encoder-freeing rule (models/scheduler.py for_release) and the other one:
 # 0.26.0 frees an encoder input at num_computed_tokens - num_output_placeholders (scheduler.py:2050),
 # 0.23.0 at num_computed_tokens (the twin's rule before 7b2ed65 too), a batch earlier under async.
+# OTHER_RELEASE is the installed release's twin with that rule alone flipped (0.23.0 differs in others
+# too: for_release).
 RELEASE_0_23 = version_policy(installed_vllm_version() or "0.26.0") == "0.23"
-OTHER_RELEASE = Scheduler if RELEASE_0_23 else for_release(Scheduler, "0.23.0")
+_INSTALLED = for_release(Scheduler, installed_vllm_version())
+OTHER_RELEASE = type("OtherEncoderFreeing", (_INSTALLED,),
+                     {"free_encoder_past_placeholders": not _INSTALLED.free_encoder_past_placeholders})
 
 
 def test_encoder_input_is_freed_after_the_outputs_in_flight():
@@ -199,17 +199,41 @@ def _case_cache_with_placeholders():
                             enable_prefix_caching=True))
 
 
+def _case_free_in_order():
+    # max_num_seqs 1, bs 4: r3 caches the 32-token prefix; r0 and r1 (101 and 173 tokens) run
+    # next, freeing their blocks; vLLM 0.26.0 puts the hashless ones first in the free queue, so r1
+    # takes them and the prefix stays cached for r2 (a 32-token hit: 1 token scheduled); freed in
+    # order (0.23.0's rule), the prefix blocks are evicted first and r2 computes 5
+    specs = (RequestSpec("r3", 0.0, 32, 1, prefix=(1, 32)), RequestSpec("r4", 0.0, 1, 1),
+             RequestSpec("r0", 0.5, 101, 17), RequestSpec("r1", 0.5, 173, 1),
+             RequestSpec("r2", 0.5, 33, 1, prefix=(1, 32)))
+    return DiffCase(specs, replace(SMALL, max_num_seqs=1, max_num_batched_tokens=32, block_size=4, num_gpu_blocks=83,
+                                   max_model_len=332, enable_prefix_caching=True))
+
+
 MUTANT_CASES = {"ec-stop-at-deferred": _case_stop_at_deferred, "ec-check-all-features": _case_check_all_features,
                 "ec-requeue-back": _case_requeue_back, "no-full-admission": _case_full_admission,
                 "no-placeholders": _case_one_request, "batch-queue-1": _case_one_request,
-                "outputs-in-same-step": _case_one_request, "cache-with-placeholders": _case_cache_with_placeholders}
+                "outputs-in-same-step": _case_one_request, "cache-with-placeholders": _case_cache_with_placeholders,
+                "free-in-order": _case_free_in_order}
 # (ec-local-tokens-only needs a KV connector offering external tokens: tests/diff/test_ec_kv_order.py)
 MUTANT_MODES = [(m, mode) for m in sorted(set(SCHEDULER_MUTANTS) - set(KV_CONNECTOR))
                 for mode in (("async",) if m in ASYNC else tuple(MODES))]
 
 
+def _rule_of_the_installed_release(mutant: str) -> dict:
+    """The rules a mutant sets that the installed release's twin already follows (0.23.0 frees in
+    order: free-in-order is its own rule there)."""
+    cls = SCHEDULER_MUTANTS[mutant].scheduler_cls
+    own = ({k: v for k, v in vars(cls).items() if not k.startswith("_") and not callable(v)}
+           if cls not in (None, Scheduler) else {})
+    return own if own and all(getattr(_INSTALLED, k, None) == v for k, v in own.items()) else {}
+
+
 @pytest.mark.parametrize(("mutant", "mode"), MUTANT_MODES)
 def test_mutant_is_caught(mutant, mode):
+    if same := _rule_of_the_installed_release(mutant):
+        pytest.skip(f"vLLM {installed_vllm_version()} follows the mutant's rule itself ({same}): nothing to catch")
     case = in_mode(MUTANT_CASES[mutant](), mode)
     assert check_case(case) is None, "the faithful simulator must agree on the mutant's case"
     div = check_case(case, mutant)

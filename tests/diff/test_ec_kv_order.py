@@ -65,11 +65,6 @@ def _check(specs, sched, seed, scheduler_cls=Scheduler):
     return first_divergence(side(specs, sched, external, "sim", scheduler_cls), side(specs, sched, external, "real"))
 
 
-@pytest.mark.skipif(for_release(Scheduler, installed_vllm_version()) is not Scheduler,
-                    reason="the simulated Scheduler mirrors vLLM 0.26.0's with a KV connector; 0.23.0's differs "
-                           "(a sync case with prefix caching and external tokens: 6 tokens scheduled against the "
-                           "twin's 2, found by CI's 0.23.0 leg, not diagnosed), as with KV offloading "
-                           "(tests/diff/test_offload_real.py)")
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_zero_divergences_with_external_tokens(async_scheduling):
     @hseed(42)

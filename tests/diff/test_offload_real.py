@@ -224,19 +224,12 @@ def test_async_only_mutant_is_caught_in_async_and_silent_in_sync():
     assert caught[False] == [], f"offload-placeholders diverges in sync cases {caught[False][:5]}"
 
 
-needs_026_scheduler = pytest.mark.skipif(
-    POLICY != "0.24+", reason="the simulated Scheduler mirrors vLLM 0.26.0's; under 0.23.0 the Scheduler "
-                              "itself differs (admission, prefix hits), so only the connector model is compared")
-
-
-@needs_026_scheduler
 @pytest.mark.parametrize("name", oc.SCENARIOS)
 def test_pure_simulator_reproduces_scenarios(scenario_runs, name):
     case, real, _ = scenario_runs[name]
     assert oc.offload_differences(real, oc.run_case(case, "puresim")) == []
 
 
-@needs_026_scheduler
 @pytest.mark.parametrize("mutant,name", [("no-preempt-flush", "preemption"), ("no-fence-flush", "fence"),
                                          ("no-flush-all", "last_step"), ("offload-placeholders", None)])
 def test_pure_simulator_mutants_are_caught(scenario_runs, mutant, name):
@@ -250,7 +243,6 @@ def test_pure_simulator_mutants_are_caught(scenario_runs, mutant, name):
     assert oc.check_case(case, policy=policy, mutant=mutant, side="puresim", real=real)
 
 
-@needs_026_scheduler
 @MODES
 def test_pure_simulator_generated_cases_have_no_divergence(mode):
     """The whole simulator (simulated Scheduler + prefix cache + offloading hooks + model) against

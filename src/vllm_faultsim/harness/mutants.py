@@ -72,6 +72,10 @@ class _FreeAtOnce(Scheduler):
     defers_freed_blocks = False
 
 
+class _FreeInOrder(Scheduler):
+    frees_hashless_first = False
+
+
 class _DecodeRunPastFinish(Scheduler):
     decode_run_stops_at_finish = False
 
@@ -120,6 +124,7 @@ SCHEDULER_MUTANTS: dict[str, Mutant] = {
     "no-full-admission": Mutant(_NoFullAdmission),               # admit when the first chunk fits
     "ec-local-tokens-only": Mutant(_EcLocalTokensOnly),          # EC lookup without the KV connector's tokens
     "free-at-once": Mutant(_FreeAtOnce),                         # async + KV connector: no defer_block_free
+    "free-in-order": Mutant(_FreeInOrder),                       # freed blocks without a hash not first (0.23.0)
     "no-placeholders": Mutant(_NoPlaceholders),                  # async: decode without placeholders
     "cache-with-placeholders": Mutant(_CacheWithPlaceholders),   # async: cache_blocks(num_computed_tokens)
     "batch-queue-1": Mutant(engine_cls=_QueueOfOne),             # async scheduler, no batch queue

@@ -171,14 +171,17 @@ SCENARIOS = ("preemption", "fence", "last_step")
 # ---- differential runs -----------------------------------------------------------------------
 
 def sim_core(case: Case, *, policy: str | None = None, mutant: str | None = None):
-    """The pure simulator: the simulated Scheduler (prefix caching) with the offloading hooks."""
+    """The pure simulator: the simulated Scheduler (prefix caching) with the offloading hooks, under
+    the scheduling rules of the installed vLLM release (``for_release``; `policy` picks only the
+    offloading rules)."""
     from ...models.offload_scheduler import OffloadScheduler
-    from ...models.scheduler import SchedulerConfig
+    from ...models.scheduler import SchedulerConfig, for_release
     s = case.sched
     cfg = SchedulerConfig(max_num_seqs=s.max_num_seqs, max_num_batched_tokens=s.max_num_batched_tokens,
                           block_size=s.block_size, num_gpu_blocks=s.num_gpu_blocks, max_model_len=s.max_model_len,
                           enable_prefix_caching=True, async_scheduling=s.async_scheduling)
-    core = OffloadScheduler(cfg, case.offload, offload_policy(ko.policy_for(policy).version, mutant))
+    core = for_release(OffloadScheduler, ko.installed_vllm_version())(
+        cfg, case.offload, offload_policy(ko.policy_for(policy).version, mutant))
     SimInjector(case.plan).arm_transfers(core.transfers)
     return core
 
