@@ -19,7 +19,7 @@ completion rate while the queue is non-empty is the max sustainable rate), then 
 picks some), prompts uniform 64-1024 and outputs uniform 16-256 tokens (seeded from ``--seed``).
 Run lengths shrink to fit ``--deadline-s``. Each run is written to ``OUT/<model>-<load>.jsonl.gz``
 (``-mns<N>`` added when ``--max-num-seqs`` is not the table's 64; ``--max-num-seqs default``
-leaves it to vLLM: 1024 on a >= 70 GiB GPU). Each request line carries vLLM's own per-request
+leaves it to vLLM: 1024 on a >= 70 GiB GPU; ``-eager`` with ``--enforce-eager``). Each request line carries vLLM's own per-request
 times (``RequestOutput.metrics``, a ``RequestStateStats``) as ``stats``, each step line the
 requests it scheduled first, gave a first token and finished (recording.py says what each means).
 
@@ -374,6 +374,8 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
     engine = open_engine(write_model_dir(work / "models", name), asked, steps_file)
     max_num_seqs = engine.config.scheduler_config.max_num_seqs
     suffix = "" if max_num_seqs == table_seqs else f"-mns{max_num_seqs}"
+    if engine.config.model_config.enforce_eager:
+        suffix += "-eager"
     startup = time.perf_counter() - t_start
     log(f"[{name}] engine up in {startup:.1f} s (max_num_seqs {max_num_seqs})")
     results = []
@@ -505,13 +507,17 @@ async def main_async(args) -> int:
     if args.max_num_seqs not in (None, "default") and not args.max_num_seqs.isdigit():
         print(f"record_serving: --max-num-seqs {args.max_num_seqs!r}: an integer or 'default'", file=sys.stderr)
         return 2
-    open_engine = VllmEngine
+    eager = {"enforce_eager": True} if args.enforce_eager else {}
+
+    def open_engine(model_dir, max_num_seqs, steps_file):
+        return VllmEngine(model_dir, max_num_seqs, steps_file, **eager)
     if args.dry_run:
         from vllm_faultsim.harness.drivers.dry_run import EXECUTOR, use_cpu_platform
         use_cpu_platform()
 
         def open_engine(model_dir, max_num_seqs, steps_file):
-            return VllmEngine(model_dir, max_num_seqs, steps_file, distributed_executor_backend=EXECUTOR)
+            return VllmEngine(model_dir, max_num_seqs, steps_file, distributed_executor_backend=EXECUTOR,
+                              **eager)
     host = host_info()
     print("host:", json.dumps(host), flush=True)
     deadline = time.perf_counter() + args.deadline_s
@@ -555,6 +561,8 @@ def main(argv=None) -> int:
     ap.add_argument("--loads", default=",".join(x for x, _ in LOADS), help="comma-separated, of: "
                     + ", ".join(f"{x} ({f}x capacity)" for x, f in LOADS))
     ap.add_argument("--probe-n", type=int, default=None, help="requests of the capacity probe (3 x max_num_seqs)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="vLLM's enforce_eager (no CUDA graphs, no torch.compile); '-eager' added to the file names")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the script on a CPU-only host (a stand-in for the GPU worker; timings mean nothing)")
     args = ap.parse_args(argv)

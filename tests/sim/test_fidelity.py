@@ -338,6 +338,41 @@ def test_the_request_path_delays_first_tokens_and_finishes():
     assert path["finish"] - plain["finish"] == pytest.approx(0.004 + 0.0025, abs=1e-9)
 
 
+def test_the_output_handler_delivers_a_step_by_chunks_of_128():
+    """AsyncLLM's output_handler processes a step's outputs 128 at a time (VLLM_V1_OUTPUT_PROC_CHUNK_SIZE)
+    and yields to the clients between chunks: a request waits for its chunk and those before it."""
+    from vllm_faultsim.models.request import RequestSpec as Spec
+    from vllm_faultsim.models.step_time import output_requests_before
+    assert [output_requests_before(k, 300) for k in (0, 127, 128, 255, 256, 299)] == [128, 128, 256, 256, 300, 300]
+    assert output_requests_before(99, 100) == 100
+    base = {"workload": {"kind": "poisson", "rate": 1, "duration": 1, "prompt": 8, "output": 2}, "profile": "default",
+            "scheduler": {"max_num_seqs": 256, "max_num_batched_tokens": 8192}}
+    specs = tuple(Spec(f"r{k:03d}", 0.0, 8, 3) for k in range(200))  # one step admits all 200, in arrival order
+    cfg = config_from_dict({**base, "serving": {"num_hidden_layers": 1, "output_per_req_s": 0.0001}})
+    reqs = {e["req"]: e for e in simulate(cfg, specs=specs).events if e["kind"] == "req"}
+    first = [reqs[s.req_id]["first_token"] for s in specs]
+    assert len(set(first[:128])) == len(set(first[128:])) == 1  # the step's two chunks
+    assert first[128] - first[0] == pytest.approx(0.0001 * (200 - 128), abs=1e-9)
+
+
+def test_the_fit_reads_each_output_by_its_chunk():
+    """output_samples: a request's position in a step's outputs is its admission rank among the
+    running requests; the requests processed before its client has it, its chunk's end."""
+    def step(i, n, new, first, fin):
+        t = 0.01 * i
+        return {"i": i, "num_prefill_requests": len(new), "sum_prefill_tokens": 10 * len(new), "sum_prefill_kv_tokens": 0,
+                "num_decode_requests": n - len(new), "sum_decode_kv_tokens": 0, "total_tokens": n,
+                "schedule_start": t, "schedule_end": t, "output_start": t + 0.004, "output_end": t + 0.005,
+                "new_reqs": new, "first_token_reqs": first, "finished_reqs": fin}
+    n = 130
+    reqs = [{"id": f"r{j}", "arrival": 0.0, "prompt_tokens": 10, "output_tokens": 2, "first_token": 0.007,
+             "finish": 0.017} for j in range(n)]
+    rec = R.Recording(header(n), reqs, [step(0, n, list(range(n)), list(range(n)), []),
+                                        step(1, n, [], [], list(range(n)))])
+    out = F.output_samples(rec)
+    assert [m for m, _ in out[:4]] == [128, 128, 128, 128] and [m for m, _ in out[-4:]] == [130] * 4
+
+
 def test_a_launch_delays_the_outputs_it_precedes():
     """In the simulator: a forward ends no earlier than its launch (ServingCosts.execute)."""
     base = {"workload": {"kind": "poisson", "rate": 20, "duration": 3, "prompt": 256, "output": 32}, "seed": 3,

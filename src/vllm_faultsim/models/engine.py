@@ -63,7 +63,7 @@ from .events import Emit
 from .kv_offload import TransferFailed
 from .request import RequestSpec
 from .step import DecodeBatch, StepResult
-from .step_time import step_seconds_of
+from .step_time import OUTPUT_PROC_CHUNK_SIZE, step_seconds_of
 
 # Detection latency when no liveness profile is given: the real 0.26.0 engine on an H200
 # (recipes/gpu_engine_kill.py) took 124-128 ms from a SIGKILL to EngineDeadError.
@@ -488,12 +488,15 @@ class EngineCore:
         stats, records, end = self.stats, self.stats.records, self.env.now
         if self.invariants is not None and self.max_concurrent_batches == 1:  # a batch queue checks at schedule()
             self.invariants.scheduled(stats.steps, start, end, res, records)
-        prefilling, sched = self.prefilling, res.sched
-        # the client has the step's tokens after AsyncLLM's output path (ServingCosts.output)
-        delivered = end + self.cpu_costs.output(res) if self.cpu_costs is not None and sched else end
+        prefilling, sched, costs = self.prefilling, res.sched, self.cpu_costs
+        # the client has a request's tokens after AsyncLLM's output path (ServingCosts.output): the
+        # last chunk's time for all where the step's outputs fit one chunk, else by its position
+        delivered = end + costs.output(res, len(sched) - 1) if costs is not None and sched else end
+        chunked = costs is not None and len(sched) > OUTPUT_PROC_CHUNK_SIZE
+        order = {rid: k for k, rid in enumerate(sched)} if chunked else None
         for rid in prefilling.keys() & sched.keys():  # in C, over the smaller of the two
             if res.computed_before[rid] + sched[rid] >= res.prompt_len[rid]:
-                prefilling.pop(rid).first_token = delivered
+                prefilling.pop(rid).first_token = delivered if order is None else end + costs.output(res, order[rid])
         for rid in res.preempted:
             if rid in records:  # (a request preempted in a later batch may have finished already)
                 records[rid].preemptions += 1
@@ -503,7 +506,8 @@ class EngineCore:
         for f in finished:
             rec = records.pop(f.req_id)
             stats.finished += 1
-            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, delivered, f.num_output,
+            done = delivered if order is None or f.req_id not in order else end + costs.output(res, order[f.req_id])
+            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, done, f.num_output,
                                  rec.preemptions))
         if self.invariants is not None:
             self.invariants.after_step(stats.steps - 1, start, self.core, stats)

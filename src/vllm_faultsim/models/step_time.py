@@ -317,6 +317,18 @@ def max_cudagraph_capture_size(max_num_seqs: int, max_num_batched_tokens: int) -
     return min(max_num_seqs * 2, MAX_CUDAGRAPH_CAPTURE_SIZE, max_num_batched_tokens)
 
 
+OUTPUT_PROC_CHUNK_SIZE = 128  # vLLM's envs.VLLM_V1_OUTPUT_PROC_CHUNK_SIZE default
+
+
+def output_requests_before(position: int, num_outputs: int) -> int:
+    """The requests AsyncLLM's ``output_handler`` (vllm/v1/engine/async_llm.py) has processed when
+    the request at `position` of a step's `num_outputs` outputs reaches its client: it runs
+    ``OutputProcessor.process_outputs`` on chunks of ``VLLM_V1_OUTPUT_PROC_CHUNK_SIZE`` outputs and
+    yields to the event loop (``await asyncio.sleep(0)``: the clients' ``generate()`` tasks of that
+    chunk run) between chunks, so a request waits for its own chunk and every one before it."""
+    return min(num_outputs, OUTPUT_PROC_CHUNK_SIZE * (position // OUTPUT_PROC_CHUNK_SIZE + 1))
+
+
 @dataclass(frozen=True)
 class ServingCosts:
     """The engine core's CPU time per step around the forward, which async scheduling overlaps
@@ -336,9 +348,10 @@ class ServingCosts:
       instead of a dense MLP). The GPU runs the kernels as they are launched, so a batch's forward
       ends no earlier than its launch; the core blocks on the oldest batch only after launching
       the new one;
-    - ``update_from_output()``: ``update_base_s + update_per_req_s * scheduled requests``; the step's
-      outputs reach the client after it, ``output_base_s + output_per_req_s * scheduled requests``
-      later (:meth:`output`);
+    - ``update_from_output()``: ``update_base_s + update_per_req_s * scheduled requests``; a
+      request's output reaches the client after it, ``output_base_s + output_per_req_s * requests``
+      later, the requests being those of its own chunk of ``OUTPUT_PROC_CHUNK_SIZE`` and every
+      chunk before it in the step's outputs (:meth:`output`);
     - before any of it, a request reaches the engine core ``input_s`` after the client sent it.
 
     Around the core (the request's path through ``AsyncLLM``, vllm/v1/engine/async_llm.py and
@@ -379,9 +392,11 @@ class ServingCosts:
     def update(self, res) -> float:
         return self.update_base_s + self.update_per_req_s * len(res.sched)
 
-    def output(self, res) -> float:
-        """From the end of `res`'s update_from_output() to its tokens reaching the client."""
-        return self.output_base_s + self.output_per_req_s * len(res.sched)
+    def output(self, res, position: int) -> float:
+        """From the end of `res`'s update_from_output() to the client's having the tokens of the
+        request at `position` in the step's outputs (the scheduled order: running requests, then
+        new ones): ``output_base_s + output_per_req_s * output_requests_before(position, n)``."""
+        return self.output_base_s + self.output_per_req_s * output_requests_before(position, len(res.sched))
 
     def runtime_mode(self, num_reqs: int, num_tokens: int) -> str:
         """``CudagraphDispatcher.dispatch``'s CUDAGraphMode for a batch: FULL, PIECEWISE or NONE."""

@@ -36,7 +36,7 @@ from typing import Any
 
 from ...inputs import show
 from ...models.request import RequestSpec
-from ...models.step_time import DECODE_BIN, serving_costs
+from ...models.step_time import DECODE_BIN, OUTPUT_PROC_CHUNK_SIZE, output_requests_before, serving_costs
 from .. import recording as recording_format
 from ..metrics import percentile
 from ..named_setup import merge  # the header's config, with --config merged over it
@@ -498,10 +498,13 @@ def input_seconds(bounds: list[tuple[float, float]]) -> float:
 
 
 def output_samples(rec: recording_format.Recording) -> list[tuple[int, float]]:
-    """(requests in the step, seconds from its update_from_output()'s end to the client) for each
-    request's first and last token: the step is the one whose ``first_token_reqs`` /
+    """(requests the output handler processed before the client had the token (ServingCosts'
+    ``output_requests_before``), seconds from the step's update_from_output()'s end to the client)
+    for each request's first and last token: the step is the one whose ``first_token_reqs`` /
     ``finished_reqs`` name the request where recorded, else the last step whose output ended
-    before the client had the token."""
+    before the client had the token. A request's position in the step's outputs is its rank by
+    admission among the requests running then (vLLM schedules running requests, then new ones;
+    admission by :func:`first_scheduled`, ties in arrival order); unknown: the whole step."""
     steps = rec.steps
     ends = [s["output_end"] for s in steps]
     listed: dict[tuple[str, int], int] = {}
@@ -509,13 +512,33 @@ def output_samples(rec: recording_format.Recording) -> list[tuple[int, float]]:
         for key in ("first_token_reqs", "finished_reqs"):
             for j in s.get(key, ()):
                 listed[key, j] = k
-    out = []
+    found = []  # (step, request, seconds, is its finish)
     for j, r in enumerate(rec.requests):
         for key, t in (("first_token_reqs", r["first_token"]), ("finished_reqs", r["finish"])):
             k = listed.get((key, j), bisect.bisect_right(ends, t) - 1)
             if k >= 0 and ends[k] <= t:
-                s = steps[k]
-                out.append((s["num_prefill_requests"] + s["num_decode_requests"], t - ends[k]))
+                found.append((k, j, t - ends[k], key == "finished_reqs"))
+    size = lambda k: steps[k]["num_prefill_requests"] + steps[k]["num_decode_requests"]  # noqa: E731
+    if not any(size(k) > OUTPUT_PROC_CHUNK_SIZE for k, *_ in found):
+        return [(size(k), x) for k, _, x, _ in found]
+    first = first_scheduled(rec)
+    last = {j: k for k, j, _, done in found if done}
+    admitted: dict[int, list[int]] = {}
+    for j, k in enumerate(first):
+        if k is not None:
+            admitted.setdefault(k, []).append(j)
+    queries: dict[int, list[int]] = {}
+    for n, (k, j, _, _) in enumerate(found):
+        queries.setdefault(k, []).append(n)
+    out, running = [0] * len(found), []  # running: the running requests' ids, in admission order
+    for k in range(len(steps)):
+        running += admitted.get(k, ())  # by id within a step: FCFS
+        for n in queries.get(k, ()):
+            _, j, x, _ = found[n]
+            m = size(k) if first[j] is None or j not in running else output_requests_before(running.index(j), size(k))
+            out[n] = (m, x)
+        if any(last.get(j) == k for j in running):
+            running = [j for j in running if last.get(j, k + 1) > k]
     return out
 
 
