@@ -226,7 +226,7 @@ def test_bad_fault_rates_name_the_field(bad, match):
     ("deployment: {slo: {ttft: 1}}", "deployment.slo: unknown field 'ttft' (fields: ttft_ms, tpot_ms)"),
     ("fault_rates: {kill_signal: 9}", "fault_rates.kill_signal: must be one of SIGKILL, SIGTERM, exit1, exit0, stop (got 9)"),
     ("fault_rates: {engine_mtbf_s: -1}", "fault_rates.engine_mtbf_s: must be > 0 (got -1)"),
-    ("run: {scheduler: {max_num_seqs: 0}}", "run: scheduler:"),
+    ("run: {scheduler: {max_num_seqs: 0}}", "run: scheduler.max_num_seqs: must be >= 1 (got 0)"),
     ("deploy: {}", "unknown field 'deploy'"),
 ])
 def test_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, spec, words):

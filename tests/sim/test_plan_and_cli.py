@@ -60,7 +60,7 @@ def test_same_seed_same_trace_bytes(tmp_path):
 
 def test_bad_config_exit_2(tmp_path, capsys):
     assert main(["run", "--max-num-seqs", "0", "--trace", str(tmp_path / "t.jsonl")]) == 2
-    assert "max_num_seqs must be >= 1" in capsys.readouterr().err
+    assert "scheduler.max_num_seqs: must be >= 1 (got 0)" in capsys.readouterr().err
     assert main(["run", "--profile", "nope", "--trace", str(tmp_path / "t.jsonl")]) == 2
     assert "unknown step-time profile" in capsys.readouterr().err
 

@@ -58,6 +58,11 @@ from heapq import heappop, heappush
 from itertools import chain, islice
 from operator import attrgetter
 
+from typing import Annotated
+
+from pydantic import Field
+
+from ..inputs import NonNegativeInt, PositiveInt, checked
 from .request import RequestSpec, prompt_token_ids
 from .ec_connector import ECConnector
 from .kv_cache import BlockPool, EncoderCacheManager
@@ -69,31 +74,25 @@ WAITING_FOR_REMOTE_KVS = "waiting_for_remote_kvs"  # a KV load from the connecto
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    block_size: int = 16
-    num_gpu_blocks: int = 16384
-    max_model_len: int = 8192
+    """vLLM's scheduler arguments by their names; the annotations are the ranges a run config's
+    ``scheduler:`` section and :meth:`validate` check (``inputs.checked``)."""
+    max_num_seqs: PositiveInt = 256
+    max_num_batched_tokens: PositiveInt = 8192
+    block_size: PositiveInt = 16
+    num_gpu_blocks: Annotated[int, Field(ge=2)] = 16384  # block 0 is the null block
+    max_model_len: PositiveInt = 8192
     enable_chunked_prefill: bool = True
-    long_prefill_token_threshold: int = 0
-    watermark: float = 0.0
-    encoder_compute_budget: int = 8192  # max_num_encoder_input_tokens
-    encoder_cache_size: int = 8192
+    long_prefill_token_threshold: NonNegativeInt = 0
+    watermark: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    encoder_compute_budget: NonNegativeInt = 8192  # max_num_encoder_input_tokens
+    encoder_cache_size: NonNegativeInt = 8192
     enable_prefix_caching: bool = False
     async_scheduling: bool = True  # vLLM 0.26.0's default (vllm/config/vllm.py)
 
     def validate(self) -> "SchedulerConfig":
-        for f in fields(self):
-            v, want = getattr(self, f.name), {"int": int, "bool": bool, "float": (int, float)}.get(f.type)
-            if want and (not isinstance(v, want) or (want is int and isinstance(v, bool))):
-                raise ValueError(f"{f.name} must be {'a' if f.type != 'int' else 'an'} {f.type}, got {v!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_gpu_blocks < 2:
-            raise ValueError(f"num_gpu_blocks must be >= 2, got {self.num_gpu_blocks}")
-        if not 0.0 <= self.watermark < 1.0:
-            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
+        """Its fields' types and ranges (one line naming the field and the value), and vLLM's
+        cross-field rule; raises ValueError."""
+        checked(SchedulerConfig, {f.name: getattr(self, f.name) for f in fields(self)}, "", ValueError)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) is smaller than max_model_len "
                              f"({self.max_model_len}) with chunked prefill off (vLLM rejects this too)")
