@@ -28,7 +28,9 @@ class BlockPool:
         self.num_gpu_blocks = num_gpu_blocks
         self.enable_caching = enable_caching
         # vLLM 0.26.0's free_blocks puts freed blocks without a hash at the front (evicted first);
-        # 0.23.0's appends every freed block in order (Scheduler.frees_hashless_first, for_release)
+        # 0.23.0's appends every freed block in order (Scheduler.frees_hashless_first, for_release).
+        # free_request without prefix caching keeps 0.26.0's order for both: no block has a hash
+        # there, so the ids it hands out decide nothing
         self.hashless_first = hashless_first
         # the free queue, front first: with prefix caching an OrderedDict (a hit takes a cached block
         # from anywhere in it), else a deque (blocks only leave the front)
@@ -155,10 +157,12 @@ class BlockPool:
                 ref[b] -= 1
                 continue
             del ref[b]
-            if b in hashed or not self.hashless_first:
-                free[b] = None
-            else:
+            if self.hashless_first and b not in hashed:
                 without_hash.append(b)
+            elif self.enable_caching:
+                free[b] = None
+            else:  # a deque (no prefix caching): to the back
+                free.append(b)
         if not self.enable_caching:
             free.extendleft(reversed(without_hash))
             return
