@@ -493,10 +493,14 @@ class EngineCore:
         # last chunk's time for all where the step's outputs fit one chunk, else by its position
         delivered = end + costs.output(res, len(sched) - 1) if costs is not None and sched else end
         chunked = costs is not None and len(sched) > OUTPUT_PROC_CHUNK_SIZE
-        order = {rid: k for k, rid in enumerate(sched)} if chunked else None
+        order = {rid: k for k, rid in enumerate(sched)} if chunked else {}
+
+        def delivered_at(rid: str) -> float:  # a request of a later chunk waits for the chunks before it
+            return end + costs.output(res, order[rid]) if rid in order else delivered
+
         for rid in prefilling.keys() & sched.keys():  # in C, over the smaller of the two
             if res.computed_before[rid] + sched[rid] >= res.prompt_len[rid]:
-                prefilling.pop(rid).first_token = delivered if order is None else end + costs.output(res, order[rid])
+                prefilling.pop(rid).first_token = delivered_at(rid)
         for rid in res.preempted:
             if rid in records:  # (a request preempted in a later batch may have finished already)
                 records[rid].preemptions += 1
@@ -506,9 +510,8 @@ class EngineCore:
         for f in finished:
             rec = records.pop(f.req_id)
             stats.finished += 1
-            done = delivered if order is None or f.req_id not in order else end + costs.output(res, order[f.req_id])
-            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, done, f.num_output,
-                                 rec.preemptions))
+            self.emit(events.req(f.req_id, f.status, rec.arrival, rec.first_token, delivered_at(f.req_id),
+                                 f.num_output, rec.preemptions))
         if self.invariants is not None:
             self.invariants.after_step(stats.steps - 1, start, self.core, stats)
         if self.progress is not None:
