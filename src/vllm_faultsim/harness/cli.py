@@ -4,7 +4,12 @@
     vllm-faultsim study   a what-if grid (embedded default without arguments) -> table, CSV, PNG
     vllm-faultsim search  SLO search: the cheapest configuration meeting the SLOs -> table, CSV, Pareto plot
     vllm-faultsim deploy  a deployment (DP ranks, or servers behind a router) under faults from rates
-    vllm-faultsim diff    simulator vs the real vLLM Scheduler (CPU), on generated or replayed cases
+    vllm-faultsim diff    simulator vs the real vLLM Scheduler (CPU), on generated or replayed cases;
+                          --traces A B compares two traces (no vllm needed)
+    vllm-faultsim procs   engine-process fault matrix: the real vLLM managers vs the model (CPU)
+    vllm-faultsim fidelity RECORDING   a recorded real run replayed: MAPE, bias, quantiles, a picture
+    vllm-faultsim calibrate   a step-time profile fitted on the real engine (a CUDA GPU)
+    vllm-faultsim plot TRACE  a trace's timeline as a PNG
     vllm-faultsim check-plan PLAN   validate a fault plan
 
 Bad input (fault plan, config, workload, profile) exits with code 2 and one line on stderr;
