@@ -52,6 +52,13 @@ class Invariants:
         if total > self.max_tokens:
             raise InvariantViolation(step, start, f"{total} tokens scheduled > max_num_batched_tokens {self.max_tokens}")
 
+    def scheduled_again(self, step: int, start: float, end: float) -> None:
+        """A decode run's later steps (models/engine.py ``_decode_steps``): the batch is the one
+        :meth:`scheduled` checked at the run's first step, and the run adds no arrival and applies
+        no output until it ends, so causality and limits hold as they held then: only the clock is
+        new."""
+        self._clock(step, start, end)
+
     def after_step(self, step: int, t: float, core, stats) -> None:
         """After the output is applied: conservation and the core's own invariants."""
         self._conservation(step, t, core, stats)

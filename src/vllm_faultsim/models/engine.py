@@ -388,8 +388,9 @@ class EngineCore:
         ``sched`` every step), then the core's state advanced once (advance_decode). The run
         stops early where the per-step loop would see something new at a step's start: an
         arrival (or a submission) or a requested shutdown; a kill interrupts it as it interrupts
-        a step. Invariants: clock, causality and limits every step, conservation and the core's
-        own check once, after it."""
+        a step. Invariants: clock, causality and limits at the first step (the batch and the records
+        do not change in the run: the clock alone at the others), conservation and the core's own
+        check once, after it."""
         env, stats, inv, arrivals = self.env, self.stats, self.invariants, self.arrivals
         n, done, now = len(batch.sched), 0, env.now
         while True:
@@ -398,7 +399,10 @@ class EngineCore:
             yield env.timeout(dur)
             self.stepping = False
             if inv is not None:
-                inv.scheduled(stats.steps, now, env.now, batch, stats.records)
+                if done:
+                    inv.scheduled_again(stats.steps, now, env.now)
+                else:
+                    inv.scheduled(stats.steps, now, env.now, batch, stats.records)
             self._record_decode_step(now, dur, batch.sched, n)
             done += 1
             if self.progress is not None:
@@ -422,7 +426,10 @@ class EngineCore:
         while True:
             now = scheduled_at = env.now
             if inv is not None:
-                inv.scheduled(stats.steps, now, now, batch, stats.records)
+                if done:
+                    inv.scheduled_again(stats.steps, now, now)
+                else:
+                    inv.scheduled(stats.steps, now, now, batch, stats.records)
             if costs is not None:  # the core is busy in schedule()
                 self.stepping = True
                 yield env.timeout(costs.schedule(batch))
