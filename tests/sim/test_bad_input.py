@@ -337,6 +337,31 @@ def test_full_disk_leaves_nothing(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_run_stopped_by_sigterm_leaves_nothing_and_says_so(tmp_path):
+    """SIGTERM (what a job runner or ``timeout`` sends) unwinds ``run`` as Ctrl-C does: the partial
+    trace is removed, one line on stderr, exit 143. The signal is sent once the partial trace exists
+    (the run is under way), never after a fixed time."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "vllm_faultsim.harness.cli", "run", "--duration", "36000", "--rate", "50",
+           "--no-progress", "--trace", "t.jsonl"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / ".t.jsonl.partial").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never started its trace"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1].strip().splitlines()
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and err == ["vllm-faultsim: terminated (SIGTERM)"], err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_interrupted_study_keeps_its_points_and_resumes(tmp_path, monkeypatch):
     """A study stopped after two points keeps them (study.csv and the progress file); run again, it
     runs only the rest, and the table equals an uninterrupted run's."""

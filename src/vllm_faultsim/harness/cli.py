@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -432,14 +434,34 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command not in DELEGATED:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.argv, args.rest = argv, rest
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    _SIGTERM.clear()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_main_thread else None
     try:
         return args.func(args)
     except _usage_errors() as exc:
         print(f"vllm-faultsim: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if _SIGTERM.is_set():
+            print("vllm-faultsim: terminated (SIGTERM)", file=sys.stderr)
+            return 128 + signal.SIGTERM
         print("vllm-faultsim: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_SIGTERM = threading.Event()
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM unwinds the command as Ctrl-C does (a library on the way, Ray, may re-raise it as a
+    plain KeyboardInterrupt: the event says which): no partial trace left (``run``), every
+    finished study point kept, workers stopped."""
+    _SIGTERM.set()
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

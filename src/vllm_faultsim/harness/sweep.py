@@ -32,7 +32,9 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -135,12 +137,17 @@ class Sweep:
             if ray.is_initialized():  # the caller's cluster: used, not shut down
                 return ray
             kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            on_sigterm = signal.getsignal(signal.SIGTERM)
             if self.ray_address:
                 ray.init(address=self.ray_address, **kw)
             else:
                 from .drivers.scratch import socket_dir  # a short temp dir, removed with the cluster
                 self._scratch = socket_dir("vfs-ray-", room=66)
                 ray.init(num_cpus=self.workers or os.cpu_count() or 1, _temp_dir=self._scratch.__enter__(), **kw)
+            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
+                # ray.init sets its own (sys.exit, a stack dump): the caller's unwinds through __exit__,
+                # which shuts the cluster down and keeps the finished points
+                signal.signal(signal.SIGTERM, on_sigterm)
             self._ray = ray
         return self._ray
 
