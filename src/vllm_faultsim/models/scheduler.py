@@ -1095,15 +1095,21 @@ class _CohortStep(StepResult):
         self.prompt_len = plen = _PromptLen()
         before.members = plen.members = members
         before.round = r
-        self.sampling = set(members) if async_ else None
+        # async: the WAITING loop's requests that sample; the members all sample, and while the
+        # cohort lives _cohort_update applies them without asking: they are added if it dissolves (freeze)
+        self.sampling = set() if async_ else None
         self.deferred, self.preempted, self.enc, self.ec_loaded, self.kv = [], [], {}, [], None
         self.round, self.epoch, self.m, self.decode_kv = r, c.epoch, len(members), c.sum_base + len(members) * r
 
     def freeze(self) -> None:
-        """The members' computed tokens written out (before the cohort's counters are written back)."""
+        """The members' computed tokens written out (before the cohort's counters are written back),
+        and, async, the members added to the requests that sample: the batch is then applied request
+        by request."""
         before, r = self.computed_before, self.round
         for rid, req in before.members.items():
             before[rid] = req.num_computed_tokens + r - req.join
+        if self.sampling is not None:
+            self.sampling.update(before.members)
 
     def batch_shape(self) -> tuple[int, int, int, int, int]:
         m, sched, decode_kv = self.m, self.sched, self.decode_kv
