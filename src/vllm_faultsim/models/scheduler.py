@@ -1089,8 +1089,11 @@ class _CohortStep(StepResult):
     sums."""
 
     def __init__(self, c: _Cohort, r: int, async_: bool):  # StepResult's fields, set once
-        members = c.members.copy()
-        self.sched = c.decodes.copy()  # (a dict's copy is a memcpy; dict.fromkeys hashes every key)
+        # the batch keeps the cohort's dicts, the cohort goes on with copies: copying a dict is a block
+        # copy unless a third of its slots are deleted entries (members that left), and then the copy
+        # re-inserts every key and has none, so the cohort's dicts stay cheap to copy round after round
+        members, c.members = c.members, c.members.copy()
+        self.sched, c.decodes = c.decodes, c.decodes.copy()
         self.computed_before = before = _Before()
         self.prompt_len = plen = _PromptLen()
         before.members = plen.members = members
