@@ -1052,7 +1052,7 @@ class _Cohort:
         self.active = False
         self.epoch += 1  # batches of the old cohort are applied request by request
         self.members: dict[str, Request] = {}  # running order
-        self.decodes: dict[str, int] = {}  # the members' batch entries (one token each, same order): copied per round
+        self.decodes: dict[str, int] = {}  # the members' batch entries (one token each, same order): each round's sched
         self.parked: dict[str, Request] = {}
         self.pending: list[Request] = []  # admitted in the last round
         self.blocks: list[dict[str, None]] = [{} for _ in range(self.bs)]  # by round mod block_size
