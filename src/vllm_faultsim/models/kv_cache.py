@@ -78,7 +78,8 @@ class BlockPool:
         if not self.enable_caching:  # the free queue's front
             popleft = free.popleft
             new = [popleft() for _ in range(n if n < len(free) else len(free))]
-            ref.update(dict.fromkeys(new, 1))
+            for b in new:  # (ref.update(dict.fromkeys(new, 1)) is slower: update resizes the large ref_cnt often)
+                ref[b] = 1
         else:
             new = list(islice(free, n))
             for b in new:

@@ -792,6 +792,7 @@ class Scheduler:
         req.join, req.leave, req.order = r, None, c.next_order
         c.next_order += 1
         c.members[rid] = req
+        c.decodes[rid] = 1
         base = req.num_computed_tokens - r  # computed tokens at round t: base + t
         c.sum_base += base
         c.blocks[-base % c.bs][rid] = None
@@ -811,6 +812,7 @@ class Scheduler:
     def _cohort_park(self, c: "_Cohort", req: Request, r: int) -> None:
         rid = req.req_id
         if c.members.pop(rid, None) is not None:
+            del c.decodes[rid]
             base = req.num_computed_tokens - req.join
             c.sum_base -= base
             del c.blocks[-base % c.bs][rid]
@@ -824,6 +826,7 @@ class Scheduler:
         """A finished request leaves the cohort (its join stays: batches in flight still name it)."""
         rid = req.req_id
         if c.members.pop(rid, None) is not None:
+            del c.decodes[rid]
             base = req.num_computed_tokens - req.join
             c.sum_base -= base
             del c.blocks[-base % c.bs][rid]
@@ -903,7 +906,7 @@ class Scheduler:
             k = self._fitting_run([len(c.blocks[(r + f) % bs]) for f in range(bs)], k)
             if not k:
                 return None
-        return k, DecodeBatch(in_flight.sched if lag else dict.fromkeys(members, 1), c.sum_base + n * r)
+        return k, DecodeBatch(in_flight.sched if lag else c.decodes.copy(), c.sum_base + n * r)
 
     def _cohort_advance(self, c: "_Cohort", k: int, now: float) -> "_CohortStep | None":
         """:meth:`advance_decode` of the cohort: the blocks of k rounds, in order; the counters move."""
@@ -1037,7 +1040,7 @@ class _Cohort:
     scheduled and round a applied, c + t - j computed tokens, o + max(0, a - j) outputs and
     ph + (t - j) - max(0, a - j) placeholders (a parked one stops at its ``leave`` round)."""
 
-    __slots__ = ("bs", "S", "A", "epoch", "active", "members", "parked", "pending", "blocks", "sum_base",
+    __slots__ = ("bs", "S", "A", "epoch", "active", "members", "decodes", "parked", "pending", "blocks", "sum_base",
                  "finish", "finish_keys", "leave", "leave_keys", "live", "next_order", "uncached")
 
     def __init__(self, block_size: int):
@@ -1049,6 +1052,7 @@ class _Cohort:
         self.active = False
         self.epoch += 1  # batches of the old cohort are applied request by request
         self.members: dict[str, Request] = {}  # running order
+        self.decodes: dict[str, int] = {}  # the members' batch entries (one token each, same order): each round's sched
         self.parked: dict[str, Request] = {}
         self.pending: list[Request] = []  # admitted in the last round
         self.blocks: list[dict[str, None]] = [{} for _ in range(self.bs)]  # by round mod block_size
@@ -1085,21 +1089,30 @@ class _CohortStep(StepResult):
     sums."""
 
     def __init__(self, c: _Cohort, r: int, async_: bool):  # StepResult's fields, set once
-        members = dict(c.members)
-        self.sched = dict.fromkeys(members, 1)
+        # the batch keeps the cohort's dicts, the cohort goes on with copies: copying a dict is a block
+        # copy unless a third of its slots are deleted entries (members that left), and then the copy
+        # re-inserts every key and has none, so the cohort's dicts stay cheap to copy round after round
+        members, c.members = c.members, c.members.copy()
+        self.sched, c.decodes = c.decodes, c.decodes.copy()
         self.computed_before = before = _Before()
         self.prompt_len = plen = _PromptLen()
         before.members = plen.members = members
         before.round = r
-        self.sampling = set(members) if async_ else None
+        # async: the WAITING loop's requests that sample; the members all sample, and while the
+        # cohort lives _cohort_update applies them without asking: they are added if it dissolves (freeze)
+        self.sampling = set() if async_ else None
         self.deferred, self.preempted, self.enc, self.ec_loaded, self.kv = [], [], {}, [], None
         self.round, self.epoch, self.m, self.decode_kv = r, c.epoch, len(members), c.sum_base + len(members) * r
 
     def freeze(self) -> None:
-        """The members' computed tokens written out (before the cohort's counters are written back)."""
+        """The members' computed tokens written out (before the cohort's counters are written back),
+        and, async, the members added to the requests that sample: the batch is then applied request
+        by request."""
         before, r = self.computed_before, self.round
         for rid, req in before.members.items():
             before[rid] = req.num_computed_tokens + r - req.join
+        if self.sampling is not None:
+            self.sampling.update(before.members)
 
     def batch_shape(self) -> tuple[int, int, int, int, int]:
         m, sched, decode_kv = self.m, self.sched, self.decode_kv
