@@ -198,6 +198,93 @@ def test_ray_shut_down_on_ctrl_c(tmp_path):
     assert len((tmp_path / sweep.CACHE).read_text().splitlines()) == 1
 
 
+_SWEEP_CHILD = """
+import os, signal, sys, time
+from pathlib import Path
+from vllm_faultsim.harness import sweep
+from vllm_faultsim.harness.runs import study
+from vllm_faultsim.harness.runs.simulate import config_from_dict
+
+out, mode = Path(sys.argv[1]), sys.argv[2]
+def point(duration):
+    w = {"kind": "poisson", "rate": 20.0, "duration": duration, "prompt": 32, "output": 4}
+    return {"config": config_from_dict({"workload": w}).to_dict(), "plan": []}
+fired = []
+if mode == "after":  # a caller's own handler, as the command line installs
+    signal.signal(signal.SIGTERM, lambda s, f: fired.append(s))
+    with sweep.Sweep(out, workers=2, progress=False) as sw:
+        sw.map(study.study_point, [point(1.0), point(2.0)])
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1.0)
+    print("handled" if fired else "unhandled")
+else:  # the default handler: SIGTERM once the first point is back, the rest still running
+    with sweep.Sweep(out, workers=2, progress=False) as sw:
+        sw.map(study.study_point, [point(0.5)] + [point(36000.0)] * 3,
+               on_result=lambda i, r: (out / "first").write_text("x"))
+"""
+
+
+def _sweep_child(tmp_path, mode):
+    """The sweep of ``_SWEEP_CHILD`` in a process of its own, its TMPDIR a short folder (so the
+    sweep's Ray scratch folder goes inside it), which is returned with the process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    short = tempfile.mkdtemp(prefix="vt", dir="/tmp")
+    env = {**os.environ, "TMPDIR": short}
+    proc = subprocess.Popen([sys.executable, "-c", _SWEEP_CHILD, str(tmp_path), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, short
+
+
+@needs_ray
+def test_sigterm_after_a_ray_sweep_still_reaches_the_callers_handler(tmp_path):
+    """``ray.shutdown`` puts the OS-level SIGTERM handler back to what it found at ``ray.init``
+    (the default) while Python still names the caller's: the sweep re-installs the caller's
+    handler after the shutdown, so a SIGTERM after the sweep (``study`` writing its table) reaches
+    it instead of ending the process silently."""
+    import shutil
+
+    proc, short = _sweep_child(tmp_path, "after")
+    try:
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        shutil.rmtree(short, ignore_errors=True)
+    assert proc.returncode == 0 and out.strip() == "handled", (proc.returncode, out, err[-2000:])
+
+
+@needs_ray
+def test_sigterm_in_a_ray_sweep_with_the_default_handler_removes_the_scratch_folder(tmp_path):
+    """An API caller that never set a SIGTERM handler: Ray's own (``sys.exit``) stays, so SIGTERM
+    mid-sweep unwinds through the sweep's ``__exit__``: the cluster is shut down, the finished
+    point stays cached and the Ray scratch folder is removed (putting the caller's default back
+    would end the process on the spot and leave them)."""
+    import os
+    import shutil
+    import signal
+    import time
+
+    proc, short = _sweep_child(tmp_path, "default")
+    try:
+        deadline = time.monotonic() + 240
+        while not (tmp_path / "first").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.1)
+        assert any(n.startswith("vfs-ray-") for n in os.listdir(short))
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+        left = os.listdir(short)
+    finally:
+        proc.kill()
+        shutil.rmtree(short, ignore_errors=True)
+    assert proc.returncode not in (0, -signal.SIGTERM), (proc.returncode, err[-2000:])
+    assert not [n for n in left if n.startswith("vfs-ray-")], left
+    assert len((tmp_path / sweep.CACHE).read_text().splitlines()) == 1
+
+
 @pytest.fixture
 def ray_cluster():
     """A local Ray cluster of 2 CPUs without a dashboard, shut down after the test."""

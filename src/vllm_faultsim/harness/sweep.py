@@ -108,6 +108,7 @@ class Sweep:
         self._ray = None
         self._scratch = None
         self._said_serial = False
+        self._sigterm = None  # the caller's SIGTERM handler, held against Ray's (_ray_up, __exit__)
 
     # -- where points run ----------------------------------------------------------------------
 
@@ -144,9 +145,12 @@ class Sweep:
                 from .drivers.scratch import socket_dir  # a short temp dir, removed with the cluster
                 self._scratch = socket_dir("vfs-ray-", room=66)
                 ray.init(num_cpus=self.workers or os.cpu_count() or 1, _temp_dir=self._scratch.__enter__(), **kw)
-            if on_sigterm is not None and threading.current_thread() is threading.main_thread():
-                # ray.init sets its own (sys.exit, a stack dump): the caller's unwinds through __exit__,
-                # which shuts the cluster down and keeps the finished points
+            if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+                # ray.init sets its own (sys.exit): a caller's own handler (the command line's, which
+                # raises KeyboardInterrupt) is put back; both unwind through __exit__, which shuts the
+                # cluster down and keeps the finished points. The default (SIG_DFL) is not: it would
+                # end the process with no unwinding at all
+                self._sigterm = on_sigterm
                 signal.signal(signal.SIGTERM, on_sigterm)
             self._ray = ray
         return self._ray
@@ -159,6 +163,9 @@ class Sweep:
             if self._ray is not None:
                 self._ray.shutdown()
                 self._ray = None
+                if self._sigterm is not None:  # ray.shutdown leaves the OS-level handler at the default it
+                    signal.signal(signal.SIGTERM, self._sigterm)  # found at init (Python's still names ours)
+                    self._sigterm = None
         finally:
             if self._scratch is not None:
                 self._scratch.__exit__(None, None, None)
