@@ -358,6 +358,21 @@ def _steps_rate(steps: list[list], t0: float, t1: float) -> float:
     return n / max(t1 - t0, 1e-9)
 
 
+def _profile_rows(trace_dir: Path, dest: Path, log) -> str | None:
+    """The newest trace in ``trace_dir`` parsed into per-step rows at ``dest`` (step_profile.py);
+    its name, or None (logged) where there is none."""
+    import step_profile
+
+    traces = sorted(trace_dir.glob("*.pt.trace.json*"), key=lambda p: p.stat().st_mtime)
+    if not traces:
+        log(f"no profiler trace in {trace_dir}")
+        return None
+    rows = step_profile.parse(step_profile.load_events(traces[-1]))
+    dest.write_text(json.dumps({"trace": traces[-1].name, "rows": rows}))
+    log(f"profile: {len(rows)} steps from {traces[-1].name} ({traces[-1].stat().st_size >> 20} MiB) -> {dest.name}")
+    return dest.name
+
+
 async def record_model(name: str, out: Path, work: Path, share_end: float, open_engine,
                        max_duration: float, host: dict, log=print, warm_bursts: int = 1,
                        base_seed: int = BASE_SEED, max_num_seqs: int | str | None = None,
@@ -376,6 +391,8 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
     suffix = "" if max_num_seqs == table_seqs else f"-mns{max_num_seqs}"
     if engine.config.model_config.enforce_eager:
         suffix += "-eager"
+    prof = engine.config.profiler_config
+    profiling = prof is not None and prof.profiler == "torch"
     startup = time.perf_counter() - t_start
     log(f"[{name}] engine up in {startup:.1f} s (max_num_seqs {max_num_seqs})")
     results = []
@@ -427,8 +444,14 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
             prompts = prompts_for(specs, seed)
             timeout = specs[-1].arrival * max(1.0, factor) * 2.0 + 30.0
             cpu_ms = cpu_probe_ms()  # the host's CPU speed just before the run (the engine idle)
+            profiled = profiling and li == 0
+            if profiled:  # it starts after cfg.delay_iterations steps and writes its trace after max_iterations
+                await engine.client.start_profile()
+                timeout += 120.0  # the trace is written inside a step: the engine stops meanwhile
             s = await serve(engine, specs, prompts, engine.make_params, timeout)
             await asyncio.sleep(0.5)
+            if profiled:
+                await engine.client.stop_profile()  # nothing left to do if it stopped itself
             metas, steps = SR.read_steps(steps_file)
             meta = metas[-1] if metas else {}
             engine_hdr, extra = engine.describe(meta)
@@ -467,8 +490,15 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
                               "time.time() in this process, the rest time.monotonic() in the engine core, "
                               "both as seconds from t0",
             }
-            path = _write(out / f"{name}-{load}{suffix}.jsonl.gz", REC.Recording(header, s.requests, rec_steps),
-                          log)
+            run = f"{name}-{load}{suffix}"
+            if profiled:
+                run += "-profiled"
+                header["profiled"] = {
+                    "steps": prof.max_iterations, "after_steps": prof.delay_iterations,
+                    "note": "vLLM's torch worker profiler ran over these steps (slower launches) and wrote "
+                            "its trace inside a step (the engine stopped meanwhile): not a fidelity recording",
+                    "rows": _profile_rows(Path(prof.torch_profiler_dir), out / f"{run}.profile.json", log)}
+            path = _write(out / f"{run}.jsonl.gz", REC.Recording(header, s.requests, rec_steps), log)
             if path is None:
                 continue
             size = path.stat().st_size
@@ -508,6 +538,13 @@ async def main_async(args) -> int:
         print(f"record_serving: --max-num-seqs {args.max_num_seqs!r}: an integer or 'default'", file=sys.stderr)
         return 2
     eager = {"enforce_eager": True} if args.enforce_eager else {}
+    if args.profile_steps:
+        from vllm.config import ProfilerConfig
+        eager["profiler_config"] = ProfilerConfig(
+            profiler="torch", torch_profiler_dir=str(Path(args.work).resolve() / "profile"),
+            torch_profiler_with_stack=False, torch_profiler_dump_cuda_time_total=False,
+            detailed_trace_annotation=True, ignore_frontend=True,
+            delay_iterations=args.profile_delay, max_iterations=args.profile_steps)
 
     def open_engine(model_dir, max_num_seqs, steps_file):
         return VllmEngine(model_dir, max_num_seqs, steps_file, **eager)
@@ -563,9 +600,16 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-n", type=int, default=None, help="requests of the capacity probe (3 x max_num_seqs)")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="vLLM's enforce_eager (no CUDA graphs, no torch.compile); '-eager' added to the file names")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="run vLLM's worker profiler over this many steps of the first load's run (after "
+                         "--profile-delay of them); its per-step GPU rows go to OUT as <run>.profile.json "
+                         "(step_profile.py) and the run, slowed by the profiler, is written as <run>-profiled")
+    ap.add_argument("--profile-delay", type=int, default=150, help="steps of the profiled run before the profiler starts")
     ap.add_argument("--dry-run", action="store_true",
                     help="check the script on a CPU-only host (a stand-in for the GPU worker; timings mean nothing)")
     args = ap.parse_args(argv)
+    if args.dry_run and args.profile_steps:
+        ap.error("--profile-steps needs the GPU worker (its profiler): not with --dry-run")
     if args.dry_run:
         os.environ["VLLM_FAULTSIM_DRYRUN"] = "1"  # the engine-core process picks the CPU platform too
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
