@@ -1,7 +1,7 @@
 """What each engine step costs on the GPU, from a torch-profiler trace of real vLLM as served.
 
     python benchmarks/step_profile.py parse TRACE.pt.trace.json.gz --out ROWS.json     # on the GPU host
-    python benchmarks/step_profile.py compare ROWS.json [--json OUT.json]              # here: against aiconfigurator
+    python benchmarks/step_profile.py compare RUN-profiled.jsonl.gz [--json OUT.json]  # here: against aiconfigurator
 
 A recording's step lines time a step from the engine core (its launch and its output), never the
 GPU itself, so where a step's time is both the launch and the forward (the large mixed batches at
@@ -113,7 +113,8 @@ def _mode(row: dict, max_num_seqs: int, capture: int) -> str:
 
 def compare(rows: list[dict], aic, max_num_seqs: int, capture: int, first: int = 0) -> list[dict]:
     """Per (mode, 64-request bin): steps, median measured forward busy time, median aiconfigurator
-    estimate, median ratio measured / aiconfigurator, median GPU span beyond the launch's end."""
+    estimate, median ratio measured / aiconfigurator (the forward alone, and with what the step launched
+    after it: sampling, copies), median GPU span beyond the launch's end."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows[first:]:
         if not r["fwd_kernels"]:
@@ -124,12 +125,14 @@ def compare(rows: list[dict], aic, max_num_seqs: int, capture: int, first: int =
         reqs = r["num_prefill_requests"] + r["num_decode_requests"]
         key = (_mode(r, max_num_seqs, capture), min(reqs // 64, 4))
         groups.setdefault(key, []).append({**r, "aic_us": est, "ratio": r["fwd_busy_us"] / est,
+                                           "seg_ratio": r["seg_busy_us"] / est,
                                            "tail_us": r["fwd_gpu_end_us"] - r["cpu_end_us"]})
     out = []
     for (mode, b), g in sorted(groups.items()):
         med = lambda k: statistics.median(x[k] for x in g)  # noqa: E731
         out.append({"mode": mode, "requests": f"{64 * b}-{64 * b + 63}" if b < 4 else "256+", "steps": len(g),
                     "busy_ms": med("fwd_busy_us") / 1e3, "aic_ms": med("aic_us") / 1e3, "ratio": med("ratio"),
+                    "with_sampling_ratio": med("seg_ratio"),
                     "prefill_tokens": med("sum_prefill_tokens"), "gpu_after_launch_ms": med("tail_us") / 1e3})
     return out
 
@@ -140,12 +143,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("parse", help="a kineto trace -> per-step rows (JSON)")
     p.add_argument("trace", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    c = sub.add_parser("compare", help="per-step rows -> measured forward against aiconfigurator, by mode and size")
-    c.add_argument("rows", type=Path)
-    c.add_argument("--model", default="meta-llama/Llama-3.1-8B")
-    c.add_argument("--system", default="h200_sxm")
-    c.add_argument("--max-num-seqs", type=int, default=1024)
-    c.add_argument("--capture", type=int, default=512, help="max_cudagraph_capture_size of the run")
+    c = sub.add_parser("compare", help="a profiled recording's rows -> measured forward against aiconfigurator, "
+                                       "by runtime mode and size")
+    c.add_argument("recordings", type=Path, nargs="+",
+                   help="the <run>-profiled.jsonl.gz files record_serving wrote beside their rows")
     c.add_argument("--skip", type=int, default=2, help="first steps left out (the profiler's start)")
     c.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -154,19 +155,25 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps({"trace": args.trace.name, "rows": rows}))
         print(f"{len(rows)} steps -> {args.out}")
         return 0 if rows else 1
+    from vllm_faultsim.harness.runs import fidelity
     from vllm_faultsim.models.step_time import AicStepTime
 
-    data = json.loads(args.rows.read_text())
-    aic = AicStepTime({"model": args.model, "system": args.system, "tp": 1, "dtype": "bfloat16",
-                       "version": "0.24.0", "kv_bucket": False})
-    table = compare(data["rows"], aic, args.max_num_seqs, args.capture, args.skip)
-    print(f"{'mode':10s} {'requests':>9s} {'steps':>5s} {'busy ms':>8s} {'aic ms':>7s} {'ratio':>6s} "
-          f"{'prefill tok':>11s} {'GPU after launch ms':>19s}")
-    for t in table:
-        print(f"{t['mode']:10s} {t['requests']:>9s} {t['steps']:5d} {t['busy_ms']:8.2f} {t['aic_ms']:7.2f} "
-              f"{t['ratio']:6.3f} {t['prefill_tokens']:11.0f} {t['gpu_after_launch_ms']:19.2f}")
+    report = {}
+    for path in args.recordings:
+        rec = fidelity.load(path)
+        data = json.loads((path.parent / rec.header["profiled"]["rows"]).read_text())
+        aic = AicStepTime({**fidelity.header_config(rec)["step_time"], "kv_bucket": False, "version": "0.24.0"})
+        e = rec.header["engine"]
+        table = report[path.name] = compare(data["rows"], aic, e["max_num_seqs"], e["max_cudagraph_capture_size"],
+                                            args.skip)
+        print(f"{path.name}: {rec.header['model']} on {rec.header['gpu']}, max_num_seqs {e['max_num_seqs']}")
+        print(f"  {'mode':10s} {'requests':>9s} {'steps':>5s} {'busy ms':>8s} {'aic ms':>7s} {'ratio':>6s} "
+              f"{'+sampling':>9s} {'prefill tok':>11s} {'GPU after launch ms':>19s}")
+        for t in table:
+            print(f"  {t['mode']:10s} {t['requests']:>9s} {t['steps']:5d} {t['busy_ms']:8.2f} {t['aic_ms']:7.2f} "
+                  f"{t['ratio']:6.3f} {t['with_sampling_ratio']:9.3f} {t['prefill_tokens']:11.0f} {t['gpu_after_launch_ms']:19.2f}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": args.rows.name, "table": table}, indent=1) + "\n")
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 

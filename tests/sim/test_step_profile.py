@@ -53,7 +53,7 @@ def test_compare_sorts_steps_by_runtime_mode():
         def batch_seconds(self, shape):
             return 1e-5 * (shape[1] + shape[3])
 
-    row = {"fwd_kernels": 1, "fwd_gpu_end_us": 60.0, "cpu_end_us": 50.0, "sum_prefill_kv_tokens": 0,
+    row = {"fwd_kernels": 1, "fwd_gpu_end_us": 60.0, "cpu_end_us": 50.0, "sum_prefill_kv_tokens": 0, "seg_busy_us": 800.0,
            "sum_decode_kv_tokens": 0}
     rows = [{**row, "num_prefill_requests": 0, "sum_prefill_tokens": 0, "num_decode_requests": 8,
              "total_tokens": 8, "fwd_busy_us": 160.0},
