@@ -247,6 +247,58 @@ def cpu_probe_ms() -> float:
     return round(sorted(times)[CPU_PROBE_REPEATS // 2] * 1e3, 3)
 
 
+def _engine_core_pid() -> int | None:
+    """The engine-core process: this process's child whose command line is vLLM's EngineCore."""
+    me = os.getpid()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == me \
+                    and b"EngineCore" in (d / "cmdline").read_bytes() + (d / "comm").read_bytes():
+                return int(d.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
+def cpu_counters(pid: int | None) -> dict:
+    """What the host's CPUs and the engine core's busy-loop thread (its main thread) did so far:
+    /proc/stat's jiffies (user, system, idle, steal, ...) and the thread's schedstat (ns on a CPU,
+    ns runnable but waiting for one, timeslices) and involuntary context switches."""
+    out: dict = {"t": time.perf_counter()}
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        out["stat"] = dict(zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"),
+                               (int(x) for x in fields)))
+        if pid is not None:
+            run, wait, slices = (int(x) for x in Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split())
+            out["loop"] = {"run_ns": run, "wait_ns": wait, "timeslices": slices}
+            for line in Path(f"/proc/{pid}/task/{pid}/status").read_text().splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches"):
+                    out["loop"]["nonvoluntary"] = int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+def cpu_during(before: dict, after: dict) -> dict:
+    """The run's share of each /proc/stat state, and its engine-core loop thread's time on a CPU
+    and waiting for one as fractions of the run's wall time (a loop thread kept off its CPU by
+    other work launches slower)."""
+    wall = after["t"] - before["t"]
+    res: dict = {"wall_s": round(wall, 3)}
+    if "stat" in before and "stat" in after:
+        d = {k: after["stat"][k] - before["stat"][k] for k in before["stat"]}
+        total = sum(d.values()) or 1
+        res["host"] = {k: round(v / total, 4) for k, v in d.items()}
+    if "loop" in before and "loop" in after:
+        b, a = before["loop"], after["loop"]
+        res["engine_loop"] = {"on_cpu": round((a["run_ns"] - b["run_ns"]) / 1e9 / wall, 4),
+                              "runnable_waiting": round((a["wait_ns"] - b["wait_ns"]) / 1e9 / wall, 4),
+                              "timeslices": a["timeslices"] - b["timeslices"],
+                              "nonvoluntary_switches": a.get("nonvoluntary", 0) - b.get("nonvoluntary", 0)}
+    return res
+
+
 def host_info() -> dict:
     rows = [r.split(", ") for r in _smi("name,driver_version,memory.total")]
     name, driver, mem = rows[0] if rows else ("unknown", "unknown", "?")
@@ -448,7 +500,10 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
             if profiled:  # it starts after cfg.delay_iterations steps and writes its trace after max_iterations
                 await engine.client.start_profile()
                 timeout += 120.0  # the trace is written inside a step: the engine stops meanwhile
+            core_pid = _engine_core_pid()
+            before = cpu_counters(core_pid)
             s = await serve(engine, specs, prompts, engine.make_params, timeout)
+            during = cpu_during(before, cpu_counters(core_pid))
             await asyncio.sleep(0.5)
             if profiled:
                 await engine.client.stop_profile()  # nothing left to do if it stopped itself
@@ -464,6 +519,7 @@ async def record_model(name: str, out: Path, work: Path, share_end: float, open_
                 "gpu": host["gpu"], "tensor_parallel_size": extra["tensor_parallel_size"], "dtype": extra["dtype"],
                 "vllm": host["vllm"], "torch": host["torch"], "driver": host["driver"], "device": host["device"],
                 "entry_point": getattr(engine, "ENTRY", type(engine).__name__), "cpu_probe_ms": cpu_ms,
+                "cpu_during_run": during,
                 "workload": {"load": load, "rate": rate, "rate_factor": factor, "n": len(s.requests),
                              "n_planned": n, "n_aborted": s.aborted, "arrival": "poisson",
                              "prompt_tokens": list(PROMPT_TOKENS), "output_tokens": list(OUTPUT_TOKENS),
