@@ -18,13 +18,16 @@ again), per recording, in these modes:
 
 So an r2 recording is calibrated on the originals with r3 as extra fit data, an r3 recording on the
 originals and r2: a held-out set is never fitted on for its own rows (Mixtral's calibrated rows
-excepted, as said).
+excepted, as said). The set r4/ (the 8B at 64 at three loads, recorded on a fifth machine session
+with a fresh seed, each header with ``cpu_during_run``) is held out from everything: its rows are
+fitted on the originals, r2 and r3, and no other row is fitted on it.
 
 The fit is ``vllm-faultsim fidelity --fit`` (harness/runs/fidelity.py ``fit``); aiconfigurator-core
 gives the forward time in every mode, corrected (``decode_scale``) only from the fit recordings of
 the replayed recording's model (none in zero-shot).
 
-    python benchmarks/fidelity_table.py [--sets original,r2,r3] [--out benchmarks/results/fidelity.json]
+    python benchmarks/fidelity_table.py [--sets original,r2,r3,r4] [--out benchmarks/results/fidelity.json]
+    python benchmarks/fidelity_table.py --sets r4 --out benchmarks/results/fidelity_r4.json   # the held-out r4 alone
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from pathlib import Path
 from vllm_faultsim.harness.runs import fidelity as F
 
 RECORDINGS = Path(__file__).parent / "results" / "recordings"
-SETS = {"original": RECORDINGS, "r2": RECORDINGS / "r2", "r3": RECORDINGS / "r3"}
+SETS = {"original": RECORDINGS, "r2": RECORDINGS / "r2", "r3": RECORDINGS / "r3", "r4": RECORDINGS / "r4"}
+HELD_OUT = ("r4",)  # fitted on every other set, never fitted on for another set's rows
 MODELS = ("llama-3.2-1b", "llama-3.1-8b", "qwen3-30b-a3b", "mixtral-8x7b")
 METRICS = ("ttft", "tpot", "e2e", "step")
 
@@ -51,6 +55,7 @@ def fit_sets(recording: tuple[str, str, Path], every: list[tuple[str, str, Path]
     """The recordings each mode fits on for `recording`: never one of its own set (but for the
     originals' leave-one-out rows and a model recorded in one set only), never itself."""
     kind, model, path = recording
+    every = [r for r in every if r[0] == kind or r[0] not in HELD_OUT]
     if kind == "original":
         others = [(s, m, p) for s, m, p in every if s == kind and p != path]
     else:
