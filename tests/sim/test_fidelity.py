@@ -438,3 +438,25 @@ def test_serving_costs_scale_to_the_replayed_runs_cpu_speed(tmp_path):
     scaled = F.at_cpu_speed({"serving": serving, "step_time": {"decode_scale": 1.0}}, [fit_on], held)
     assert scaled["serving"] == {k: pytest.approx(1.5 * v, rel=1e-3) for k, v in serving.items()}
     assert scaled["step_time"] == {"decode_scale": 1.0}
+
+
+def test_cli_cpu_speed_scales_the_fit_to_the_replayed_run(tmp_path, capsys):
+    """``fidelity --fit REC --cpu-speed``: the fitted costs times the replayed run's schedule() speed
+    over the fit's, said in one line; without --fit, or on a recording without step lines, a
+    one-line error, exit 2."""
+    path = sim_made_recording(tmp_path)
+    cfg = tmp_path / "over.yaml"
+    cfg.write_text("profile: default\n")
+    assert main(["fidelity", str(path), "--fit", str(path), "--cpu-speed", "--config", str(cfg),
+                 "--out", str(tmp_path)]) == 0
+    assert "  simmade: serving costs x1.000 (its schedule() times against the fit recordings')" in \
+        capsys.readouterr().out
+    assert main(["fidelity", str(path), "--cpu-speed", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cpu-speed scales costs fitted on other recordings: it needs --fit" in err[0]
+    rec = R.read(path)
+    bare = R.write(tmp_path / "bare.jsonl", R.Recording(rec.header, rec.requests, []))
+    assert main(["fidelity", str(bare), "--fit", str(path), "--cpu-speed", "--config", str(cfg),
+                 "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bare.jsonl: --cpu-speed: no step lines" in err[0]

@@ -410,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", default="vllm-faultsim-fidelity", help="folder for the pictures (default: %(default)s)")
     f.add_argument("--fit", nargs="+", metavar="REC", help="calibrate (serving CPU costs, step-time scale) on these "
                    "recordings first, then report on RECORDING (held out when not among them)")
+    f.add_argument("--cpu-speed", action="store_true", help="with --fit: scale the fitted serving costs to each "
+                   "replayed run's CPU speed, read from its recorded schedule() times against the fit recordings' "
+                   "(none of its latencies; needs step lines): the engine core's CPU speed moves from host to host")
     f.set_defaults(func=cmd_fidelity)
 
     dp = sub.add_parser("deploy", help="a deployment: DP ranks or servers behind a router, retries, faults from rates")

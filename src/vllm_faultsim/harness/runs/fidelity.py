@@ -566,7 +566,8 @@ def cpu_speed(rec: recording_format.Recording, serving: dict) -> float:
     8B at 64 requests a step."""
     line = lambda s: (serving["schedule_base_s"] + serving["schedule_per_req_s"]  # noqa: E731
                       * (s["num_prefill_requests"] + s["num_decode_requests"]))
-    return percentile([(s["schedule_end"] - s["schedule_start"]) / line(s) for s in rec.steps], 50)
+    ratios = [(s["schedule_end"] - s["schedule_start"]) / line(s) for s in rec.steps if line(s) > 0]
+    return percentile(ratios, 50) if ratios else 0.0  # 0: nothing to read it from (no steps, no fitted line)
 
 
 def at_cpu_speed(fitted: dict, fit_paths: list[str | Path], path: str | Path) -> dict:
@@ -575,12 +576,17 @@ def at_cpu_speed(fitted: dict, fit_paths: list[str | Path], path: str | Path) ->
     core's and the client's CPU work (schedule, launch, update, the request's path) all run on
     the recording host's CPU. It reads the replayed recording's schedule() times (none of its
     latencies)."""
+    k = cpu_speed_factor(fitted, fit_paths, path)
+    return {**fitted, "serving": {key: round(v * k, 9) for key, v in fitted["serving"].items()}}
+
+
+def cpu_speed_factor(fitted: dict, fit_paths: list[str | Path], path: str | Path) -> float:
+    """The factor :func:`at_cpu_speed` scales by: the run at `path`'s :func:`cpu_speed` over the
+    median of `fit_paths`'; 1.0 where either side recorded no schedule() time."""
     serving = fitted["serving"]
     ref = percentile([cpu_speed(load(p), serving) for p in fit_paths], 50)
-    if not ref > 0:  # no schedule() time recorded: nothing to scale by
-        return fitted
-    k = cpu_speed(load(path), serving) / ref
-    return {**fitted, "serving": {key: round(v * k, 9) for key, v in serving.items()}}
+    own = cpu_speed(load(path), serving)
+    return own / ref if ref > 0 and own > 0 else 1.0
 
 
 DECODE_BIN_MIN = 20  # GPU-bound decode steps a bin of decode_scale needs
@@ -698,6 +704,8 @@ def fidelity_main(args) -> int:
         overrides = read_config_file(args.config)
     if args.trace and len(args.recording) > 1:
         raise ConfigError("--trace takes one recording")
+    if args.cpu_speed and not args.fit:
+        raise ConfigError("--cpu-speed scales costs fitted on other recordings: it needs --fit REC ...")
     fitted: dict[str, dict] = {}  # by the replayed recording's model (the step-time correction is per model)
     if args.fit:
         held = sorted(set(map(str, args.fit)) & set(map(str, args.recording)))
@@ -712,7 +720,14 @@ def fidelity_main(args) -> int:
                 fitted[model] = fit(args.fit, overrides, model)
                 print(f"calibrated on {len(args.fit)} recording(s) ({', '.join(stem(p) for p in args.fit)}; "
                       f"step time: those of {model}): {json.dumps(fitted[model])}")
-            over = merge(overrides or {}, fitted[model])
+            own = fitted[model]
+            if args.cpu_speed:
+                if not load(path).steps:
+                    raise ConfigError(f"{path}: --cpu-speed: no step lines to read the run's CPU speed from")
+                k = cpu_speed_factor(own, args.fit, path)
+                own = at_cpu_speed(own, args.fit, path)
+                print(f"  {stem(path)}: serving costs x{k:.3f} (its schedule() times against the fit recordings')")
+            over = merge(overrides or {}, own)
         f = fidelity(path, over, trace_path=args.trace)
         results.append(f)
         print(format_report(f))
