@@ -105,8 +105,9 @@ class EngineCore:
     (:meth:`slow_steps`, :meth:`kill`), which the fault injector calls (faults/sim_injector.py).
 
     ``emit`` receives every trace event (models/events.py); ``invariants``, when given, is called
-    before and after every step (``scheduled``, ``after_step``) and when the loop would sleep
-    (``idle``), and raises to stop the run (harness/invariants.py)."""
+    before and after every step (``scheduled``, ``after_step``), when the loop would sleep
+    (``idle``) and as a request is added to the core (``added``), and raises to stop the run
+    (harness/invariants.py)."""
 
     def __init__(self, env: simpy.Environment, core, workload: Iterable[RequestSpec],
                  step_time: Callable[[int, int, int], float], emit: Emit, *,
@@ -203,13 +204,15 @@ class EngineCore:
     def _add_arrivals(self, now: float) -> float | None:
         """``_process_input_queue``: every request that has arrived by `now` is added; returns the
         next arrival's time (None: none)."""
-        arrivals, core, stats = self.arrivals, self.core, self.stats
+        arrivals, core, stats, inv = self.arrivals, self.core, self.stats, self.invariants
         records = stats.records
         while arrivals.next_at <= now:
             spec = arrivals.pop()
             core.add_request(spec, now)
-            records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(
-                self.client_arrival.pop(spec.req_id, spec.arrival))
+            rid = spec.req_id
+            records[rid] = self.prefilling[rid] = rec = RequestRecord(self.client_arrival.pop(rid, spec.arrival))
+            if inv is not None:
+                inv.added(stats.steps, self.env.now, rid, rec.arrival)  # on the clock, not the `now` given
             stats.arrived += 1
         return arrivals.next_arrival()
 

@@ -252,6 +252,10 @@ class Scheduler:
         lazy = res is not None
         if not lazy:
             res = StepResult()
+        elif not (self.waiting or self.skipped_waiting):  # the round is the cohort's (no KV connector)
+            if self.ec_connector is not None:
+                self.ec_connector.now = now
+            return res
         sched, before, plen = res.sched, res.computed_before, res.prompt_len
         token_budget = cfg.max_num_batched_tokens - len(sched)
         encoder_budget = cfg.encoder_compute_budget
