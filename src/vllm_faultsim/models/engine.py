@@ -287,8 +287,9 @@ class EngineCore:
         """The engine loop with a batch queue (async scheduling): ``run_busy_loop`` around vLLM's
         ``EngineCore.step_with_batch_queue`` (see the module docstring). ``batch_queue`` holds
         (forward start, forward end, decisions), newest first, as vLLM's deque."""
-        env, core, stats = self.env, self.core, self.stats
-        size = self.max_concurrent_batches
+        env, core, stats, inv, costs = self.env, self.core, self.stats, self.invariants, self.cpu_costs
+        size, kv_connector = self.max_concurrent_batches, self.kv_connector
+        macro = self.macro_steps and size == 2
         batch_queue = self.batch_queue
         gpu_free = 0.0
         done: set[int] = set()  # (a mutant's) batches whose output was applied when scheduled
@@ -300,11 +301,11 @@ class EngineCore:
                 self._add_arrivals(now)
                 executed = False  # whether this call scheduled a batch that runs the model
                 if core.has_unfinished_requests():
-                    run = self.macro_steps and len(batch_queue) == 1 and size == 2 and core.decode_run(batch_queue[0][2])
+                    run = macro and len(batch_queue) == 1 and core.decode_run(batch_queue[0][2])
                     if run:
                         gpu_free = yield from self._decode_steps_queued(*run, batch_queue, gpu_free)
                         continue
-                    if self.kv_connector:  # a store submitted now waits for the forward in flight
+                    if kv_connector:  # a store submitted now waits for the forward in flight
                         core.transfers.compute_done_at = gpu_free
                     try:
                         res = core.schedule(now)
@@ -312,11 +313,11 @@ class EngineCore:
                         yield from self._transfer_failed(now, 0.0, exc.batch, exc)
                         return
                     self.scheduling = (now, res)  # until it is queued (a death records it: _record_unapplied)
-                    if self.invariants is not None:
-                        self.invariants.scheduled(stats.steps, now, now, res, stats.records)
-                    if self.cpu_costs is not None and res.sched:  # the core is busy in schedule()
+                    if inv is not None:
+                        inv.scheduled(stats.steps, now, now, res, stats.records)
+                    if costs is not None and res.sched:  # the core is busy in schedule()
                         self.stepping = True  # a SIGTERM waits for this call to end
-                        yield env.timeout(self.cpu_costs.schedule(res))
+                        yield env.timeout(costs.schedule(res))
                         self.stepping = False
                         now = env.now
                     if res.kv and res.kv.get("wait"):  # execute_model: the worker blocks on flushed jobs
@@ -326,10 +327,10 @@ class EngineCore:
                         now = env.now
                     start = gpu_free if gpu_free > now else now
                     gpu_free = end = start + self._forward_time(start, res)
-                    if self.cpu_costs is not None and res.sched:  # execute_model(): the core launches the batch
+                    if costs is not None and res.sched:  # execute_model(): the core launches the batch
                         gpu_free = end = self._launch_end(end, now, res)
                         self.stepping = True
-                        yield env.timeout(self.cpu_costs.execute(res))
+                        yield env.timeout(costs.execute(res))
                         self.stepping = False
                         now = env.now
                     if not self.apply_outputs_late:  # (a mutant) the output is applied as it is scheduled
@@ -338,7 +339,7 @@ class EngineCore:
                     batch_queue.appendleft((start, end, res))
                     self.scheduling = None
                     executed = bool(res.sched)
-                    if self.kv_connector and not executed:  # vLLM's calls, spinning as it does
+                    if kv_connector and not executed:  # vLLM's calls, spinning as it does
                         if len(batch_queue) < size and core.has_unfinished_requests():
                             yield env.timeout(self._kv_idle_step(now, res))  # _process_engine_step's sleep
                             continue
@@ -353,8 +354,8 @@ class EngineCore:
                             if id(res) not in done:
                                 self._account(res, core.update_from_output(res, now), start, end - start)
                         wake = self._next_wakeup(now, self.arrivals.next_arrival())
-                        if self.invariants is not None:
-                            self.invariants.idle(stats.steps, now, wake, core)
+                        if inv is not None:
+                            inv.idle(stats.steps, now, wake, core)
                         yield self._sleep(wake)
                         continue
                     elif len(batch_queue) < size:
@@ -369,13 +370,13 @@ class EngineCore:
                 self.stepping = True  # a SIGTERM is handled after this call, its output applied (_handle_shutdown)
                 if end > now:
                     yield env.timeout(end - now)
-                if self.cpu_costs is not None and res.sched:  # update_from_output(); outputs leave after it
-                    yield env.timeout(self.cpu_costs.update(res))
+                if costs is not None and res.sched:  # update_from_output(); outputs leave after it
+                    yield env.timeout(costs.update(res))
                 self.stepping = False
                 if id(res) not in done:
                     self._account(res, core.update_from_output(res, env.now), start, end - start)
                 self.in_step = None
-                if self.kv_connector and not executed and core.has_unfinished_requests():
+                if kv_connector and not executed and core.has_unfinished_requests():
                     yield env.timeout(IDLE_STEP)  # no forward in this call: _process_engine_step's sleep
         except simpy.Interrupt as stop:
             if stop.cause == "shutdown":  # SIGTERM while idle: abort now

@@ -211,9 +211,13 @@ class Scheduler:
         if c and c.active:  # counters are those of the join; members: the last round's block takers
             members, rounds = c.members, c.S
             if not deep:
-                checked = list(map(members.__getitem__, c.blocks[(rounds - 1) % bs]))
-                if c.parked or c.pending:
-                    checked += [*c.parked.values(), *(req for req in c.pending if req.status == RUNNING)]
+                for rid in c.blocks[(rounds - 1) % bs]:  # members: computed tokens = at the join + rounds since
+                    req = members[rid]
+                    computed = req.num_computed_tokens + rounds - req.join
+                    if len(req_blocks.get(rid, ())) != -(-(computed if computed < max_len else max_len) // bs):
+                        return _held_error(req, computed, req_blocks, bs)
+                checked = ([*c.parked.values(), *(req for req in c.pending if req.status == RUNNING)]
+                           if c.parked or c.pending else ())
                 if len(members) + len(c.parked) + len(c.pending) < len(self.running):
                     return f"{len(self.running)} running requests, not all in the decode cohort or new"
         for req in checked:
@@ -221,8 +225,7 @@ class Scheduler:
             if req.join is not None:
                 computed += (rounds if req.leave is None else req.leave) - req.join
             if len(req_blocks.get(req.req_id, ())) != -(-(computed if computed < max_len else max_len) // bs):
-                return (f"request {req.req_id} holds {len(req_blocks.get(req.req_id, ()))} KV blocks for "
-                        f"{computed} computed tokens (block_size {bs})")
+                return _held_error(req, computed, req_blocks, bs)
         if len(req_blocks) > len(self.running):
             return f"{len(req_blocks) - len(self.running)} requests outside running hold KV blocks"
         err = self.pool.conservation_error(deep)
@@ -1020,6 +1023,11 @@ class Scheduler:
 
 
 _order = attrgetter("order")
+
+
+def _held_error(req: Request, computed: int, req_blocks: dict[str, list[int]], bs: int) -> str:
+    return (f"request {req.req_id} holds {len(req_blocks.get(req.req_id, ()))} KV blocks for {computed} computed "
+            f"tokens (block_size {bs})")
 
 
 def _push(d: dict[int, list], keys: list[int], key: int, req: Request) -> None:
