@@ -890,7 +890,7 @@ class Scheduler:
                 finished.append(Finished(rid, "stop" if out == req.stop_at else "length", out))
                 running.remove(req)
                 self._free_request(req)
-        return islice(res.sched, res.m, None) if len(res.sched) > res.m else ()
+        return res.admitted()
 
     def _cohort_decode_run(self, c: "_Cohort", in_flight: StepResult | None):
         """:meth:`decode_run` from the cohort's own bounds: every running request a member, the
@@ -1126,13 +1126,18 @@ class _CohortStep(StepResult):
         if self.sampling is not None:
             self.sampling.update(before.members)
 
+    def admitted(self) -> list[str]:
+        """The WAITING loop's requests, in order (taken from the end: a dict has no cheap offset)."""
+        a = len(self.sched) - self.m
+        return list(islice(reversed(self.sched), a))[::-1] if a else []
+
     def batch_shape(self) -> tuple[int, int, int, int, int]:
         m, sched, decode_kv = self.m, self.sched, self.decode_kv
         if len(sched) == m:
             return 0, 0, 0, m, decode_kv
         decode, tokens, context = m, m, decode_kv
         before, plen = self.computed_before, self.prompt_len
-        for rid, n in islice(sched.items(), m, None):
+        for rid, n in islice(reversed(sched.items()), len(sched) - m):  # the admitted, from the end (any order)
             b = before[rid]
             context += b
             tokens += n
