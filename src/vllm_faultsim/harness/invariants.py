@@ -46,7 +46,7 @@ class Invariants:
         self._clock(step, start, end)
         sched = res.sched
         # the checks over the batch in C; _culprit names the request
-        if not (sched.keys() <= records.keys() and min(sched.values(), default=1) > 0):
+        if not (sched.keys() <= records.keys() and (not sched or min(sched.values()) > 0)):
             _culprit(step, start, sched, records)
         total = sum(sched.values())
         if total > self.max_tokens:
@@ -61,9 +61,6 @@ class Invariants:
 
     def after_step(self, step: int, t: float, core, stats) -> None:
         """After the output is applied: conservation and the core's own invariants."""
-        self._conservation(step, t, core, stats)
-
-    def _conservation(self, step: int, t: float, core, stats) -> None:
         running, waiting = core.counts()
         if running > self.max_seqs:
             raise InvariantViolation(step, t, f"{running} running > max_num_seqs {self.max_seqs}")

@@ -514,7 +514,8 @@ class Scheduler:
         if type(res) is _CohortStep and res.epoch == self.cohort.epoch:  # the cohort's part, lazily
             rids = self._cohort_update(res, finished)
         if res.sampling is not None:
-            self._update_async(res, rids, finished)
+            if rids:  # (a cohort round that admitted none has none)
+                self._update_async(res, rids, finished)
             if self.kv_connector is not None:  # the batch's worker output (got when it was scheduled)
                 self.kv_connector.update_connector_output(res)
             return finished
