@@ -93,8 +93,6 @@ class EngineStats:
     finished: int = 0
     failed: int = 0
     aborted: int = 0
-    preemptions: int = 0
-    tokens: int = 0
     dead_at: float | None = None
     kv: dict[str, float] = field(default_factory=dict)  # KV offload counts: store, load, flush, wait, lost
     records: dict[str, RequestRecord] = field(default_factory=dict)
@@ -407,7 +405,7 @@ class EngineCore:
                     inv.scheduled_again(stats.steps, now, env.now)
                 else:
                     inv.scheduled(stats.steps, now, env.now, batch, stats.records)
-            self._record_decode_step(now, dur, batch.sched, n)
+            self._record_decode_step(now, dur, batch.sched)
             done += 1
             if self.progress is not None:
                 self.progress(env.now)
@@ -451,7 +449,7 @@ class EngineCore:
             if costs is not None:  # update_from_output()
                 yield env.timeout(costs.update(batch))
             self.stepping = False
-            self._record_decode_step(prev_start, prev_end - prev_start, batch.sched, n)
+            self._record_decode_step(prev_start, prev_end - prev_start, batch.sched)
             done += 1
             if self.progress is not None:
                 self.progress(env.now)
@@ -464,10 +462,9 @@ class EngineCore:
             inv.after_step(stats.steps - 1, prev_start, self.core, stats)
         return gpu_free
 
-    def _record_decode_step(self, start: float, dur: float, sched: dict[str, int], n: int) -> None:
-        """What :meth:`_account` records of a decode run's step: tokens, the step, its event."""
+    def _record_decode_step(self, start: float, dur: float, sched: dict[str, int]) -> None:
+        """What :meth:`_account` records of a decode run's step: the step, its event."""
         stats = self.stats
-        stats.tokens += n
         stats.steps += 1
         if self.full_trace:
             self.emit(events.step(stats.steps - 1, start, dur, sched))
@@ -515,8 +512,6 @@ class EngineCore:
         for rid in res.preempted:
             if rid in records:  # (a request preempted in a later batch may have finished already)
                 records[rid].preemptions += 1
-        stats.preemptions += len(res.preempted)
-        stats.tokens += sum(res.sched.values())
         self._record_step(start, dur, res, finished)
         for f in finished:
             rec = records.pop(f.req_id)
