@@ -7,6 +7,7 @@ from vllm_faultsim.harness.mutants import SCHEDULER_MUTANTS
 from vllm_faultsim.harness.runs.simulate import prefetch_schedule
 from vllm_faultsim.harness.workload import MMItem, RequestSpec
 from vllm_faultsim.models.ec_connector import ECConnector, PrefetchSchedule
+from vllm_faultsim.models.kv_cache import BlockPool
 from vllm_faultsim.models.scheduler import Scheduler, SchedulerConfig
 
 
@@ -142,6 +143,24 @@ def test_prefix_cache_hit_skips_computed_blocks_and_caps_at_num_tokens_minus_one
     assert res.computed_before["b"] == 48 and res.sched["b"] == 16   # 4 full blocks, capped at 63 tokens
     shared = set(sch.pool.req_blocks["a"][:3]) & set(sch.pool.req_blocks["b"])
     assert len(shared) == 3 and all(sch.pool.ref_cnt[x] == 2 for x in shared)
+
+
+def test_the_free_queue_without_prefix_caching_hands_out_blocks_as_vllm():
+    """Without prefix caching (the free queue a list, front last): allocation takes the front, one
+    block each in order for the decode cohort's takers; a freed request's blocks rejoin the front,
+    its last block first; 0.23.0's free_blocks appends them to the back instead."""
+    pool = BlockPool(10)
+    assert pool.allocate("a", 3) == [1, 2, 3] and pool.allocate("b", 2) == [4, 5]
+    pool.allocate_each(["b", "a"])
+    assert pool.req_blocks == {"a": [1, 2, 3, 7], "b": [4, 5, 6]}
+    pool.free_request("a")
+    assert pool.allocate("c", 6) == [7, 3, 2, 1, 8, 9] and pool.allocate("d", 1) == []
+    assert pool.conservation_error(deep=True) is None
+    for hashless_first, order in ((True, [2, 1, 4, 5]), (False, [4, 5, 2, 1])):
+        pool = BlockPool(6, hashless_first=hashless_first)
+        pool.allocate("a", 3)
+        pool.free_blocks([2, 1])
+        assert pool.allocate("b", 4) == order
 
 
 def test_freed_cached_blocks_are_evicted_last_and_reused():

@@ -1,7 +1,8 @@
 """Invariants checked after every engine step; a violation stops the run naming the step.
 
 - the clock never goes back; a step ends after it starts
-- causality: only requests that have arrived and not finished are scheduled
+- causality: only requests that have arrived and not finished are scheduled (a request's arrival
+  is checked once, as the engine adds it to the core)
 - limits: scheduled tokens <= max_num_batched_tokens, running <= max_num_seqs
 - requests are conserved: arrived = finished + failed + running + waiting
 - the core's own invariants (``core.check()``: KV blocks conserved, queues consistent)
@@ -25,26 +26,28 @@ class Invariants:
         self.max_tokens = max_num_batched_tokens
         self.max_seqs = max_num_seqs
         self.last_t = 0.0
-        self.last_sched: dict = {}  # the last batch checked: its requests had arrived by its start
 
     def _clock(self, step: int, start: float, end: float) -> None:
         if start < self.last_t or end < start:
             raise InvariantViolation(step, start, f"clock went back ({self.last_t} -> {start} -> {end})")
         self.last_t = end
 
+    def added(self, step: int, now: float, req_id: str, arrival: float) -> None:
+        """A request handed to the core at `now` (its record made): it has arrived. A batch's
+        requests are in the records (:meth:`scheduled`), so each had arrived by the start of any
+        batch that holds it (the clock does not go back): its arrival is checked once, here."""
+        if arrival > now:
+            raise InvariantViolation(step, now, f"request {req_id} added to the core at {now} before it arrived "
+                                                f"({arrival})")
+
     def scheduled(self, step: int, start: float, end: float, res, records) -> None:
-        """Before the step's output is applied: clock, causality, limits."""
+        """Before the step's output is applied: clock, causality (only requests added and not left are
+        scheduled; their arrival: :meth:`added`), limits."""
         self._clock(step, start, end)
-        sched, last = res.sched, self.last_sched
+        sched = res.sched
         # the checks over the batch in C; _culprit names the request
-        if not (sched.keys() <= records.keys() and min(sched.values(), default=1) > 0):
+        if not (sched.keys() <= records.keys() and (not sched or min(sched.values()) > 0)):
             _culprit(step, start, sched, records)
-        # arrivals: of the requests not in the last batch (the others arrived by its start, which the
-        # clock check holds to be no later than this one); a few, often none: a plain loop is cheapest
-        for rid in sched.keys() - last.keys() if last else sched:
-            if records[rid].arrival > start:
-                _culprit(step, start, sched, records)
-        self.last_sched = sched
         total = sum(sched.values())
         if total > self.max_tokens:
             raise InvariantViolation(step, start, f"{total} tokens scheduled > max_num_batched_tokens {self.max_tokens}")
@@ -58,9 +61,6 @@ class Invariants:
 
     def after_step(self, step: int, t: float, core, stats) -> None:
         """After the output is applied: conservation and the core's own invariants."""
-        self._conservation(step, t, core, stats)
-
-    def _conservation(self, step: int, t: float, core, stats) -> None:
         running, waiting = core.counts()
         if running > self.max_seqs:
             raise InvariantViolation(step, t, f"{running} running > max_num_seqs {self.max_seqs}")
@@ -83,10 +83,9 @@ class Invariants:
 
 
 def _culprit(step: int, start: float, sched: dict, records) -> None:
-    """The first scheduled request that had not arrived, had left, or got no tokens."""
+    """The first scheduled request that was not added, had left, or got no tokens."""
     for rid, n in sched.items():
-        rec = records.get(rid)
-        if rec is None or rec.arrival > start:
+        if rid not in records:
             raise InvariantViolation(step, start, f"request {rid} scheduled before it arrived or after it left")
         if n <= 0:
             raise InvariantViolation(step, start, f"request {rid} scheduled {n} tokens")

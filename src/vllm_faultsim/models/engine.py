@@ -93,8 +93,6 @@ class EngineStats:
     finished: int = 0
     failed: int = 0
     aborted: int = 0
-    preemptions: int = 0
-    tokens: int = 0
     dead_at: float | None = None
     kv: dict[str, float] = field(default_factory=dict)  # KV offload counts: store, load, flush, wait, lost
     records: dict[str, RequestRecord] = field(default_factory=dict)
@@ -105,8 +103,9 @@ class EngineCore:
     (:meth:`slow_steps`, :meth:`kill`), which the fault injector calls (faults/sim_injector.py).
 
     ``emit`` receives every trace event (models/events.py); ``invariants``, when given, is called
-    before and after every step (``scheduled``, ``after_step``) and when the loop would sleep
-    (``idle``), and raises to stop the run (harness/invariants.py)."""
+    before and after every step (``scheduled``, ``after_step``), when the loop would sleep
+    (``idle``) and as a request is added to the core (``added``), and raises to stop the run
+    (harness/invariants.py)."""
 
     def __init__(self, env: simpy.Environment, core, workload: Iterable[RequestSpec],
                  step_time: Callable[[int, int, int], float], emit: Emit, *,
@@ -203,13 +202,15 @@ class EngineCore:
     def _add_arrivals(self, now: float) -> float | None:
         """``_process_input_queue``: every request that has arrived by `now` is added; returns the
         next arrival's time (None: none)."""
-        arrivals, core, stats = self.arrivals, self.core, self.stats
+        arrivals, core, stats, inv = self.arrivals, self.core, self.stats, self.invariants
         records = stats.records
         while arrivals.next_at <= now:
             spec = arrivals.pop()
             core.add_request(spec, now)
-            records[spec.req_id] = self.prefilling[spec.req_id] = RequestRecord(
-                self.client_arrival.pop(spec.req_id, spec.arrival))
+            rid = spec.req_id
+            records[rid] = self.prefilling[rid] = rec = RequestRecord(self.client_arrival.pop(rid, spec.arrival))
+            if inv is not None:
+                inv.added(stats.steps, self.env.now, rid, rec.arrival)  # on the clock, not the `now` given
             stats.arrived += 1
         return arrivals.next_arrival()
 
@@ -284,8 +285,9 @@ class EngineCore:
         """The engine loop with a batch queue (async scheduling): ``run_busy_loop`` around vLLM's
         ``EngineCore.step_with_batch_queue`` (see the module docstring). ``batch_queue`` holds
         (forward start, forward end, decisions), newest first, as vLLM's deque."""
-        env, core, stats = self.env, self.core, self.stats
-        size = self.max_concurrent_batches
+        env, core, stats, inv, costs = self.env, self.core, self.stats, self.invariants, self.cpu_costs
+        size, kv_connector = self.max_concurrent_batches, self.kv_connector
+        macro = self.macro_steps and size == 2
         batch_queue = self.batch_queue
         gpu_free = 0.0
         done: set[int] = set()  # (a mutant's) batches whose output was applied when scheduled
@@ -297,11 +299,11 @@ class EngineCore:
                 self._add_arrivals(now)
                 executed = False  # whether this call scheduled a batch that runs the model
                 if core.has_unfinished_requests():
-                    run = self.macro_steps and len(batch_queue) == 1 and size == 2 and core.decode_run(batch_queue[0][2])
+                    run = macro and len(batch_queue) == 1 and core.decode_run(batch_queue[0][2])
                     if run:
                         gpu_free = yield from self._decode_steps_queued(*run, batch_queue, gpu_free)
                         continue
-                    if self.kv_connector:  # a store submitted now waits for the forward in flight
+                    if kv_connector:  # a store submitted now waits for the forward in flight
                         core.transfers.compute_done_at = gpu_free
                     try:
                         res = core.schedule(now)
@@ -309,11 +311,11 @@ class EngineCore:
                         yield from self._transfer_failed(now, 0.0, exc.batch, exc)
                         return
                     self.scheduling = (now, res)  # until it is queued (a death records it: _record_unapplied)
-                    if self.invariants is not None:
-                        self.invariants.scheduled(stats.steps, now, now, res, stats.records)
-                    if self.cpu_costs is not None and res.sched:  # the core is busy in schedule()
+                    if inv is not None:
+                        inv.scheduled(stats.steps, now, now, res, stats.records)
+                    if costs is not None and res.sched:  # the core is busy in schedule()
                         self.stepping = True  # a SIGTERM waits for this call to end
-                        yield env.timeout(self.cpu_costs.schedule(res))
+                        yield env.timeout(costs.schedule(res))
                         self.stepping = False
                         now = env.now
                     if res.kv and res.kv.get("wait"):  # execute_model: the worker blocks on flushed jobs
@@ -323,10 +325,10 @@ class EngineCore:
                         now = env.now
                     start = gpu_free if gpu_free > now else now
                     gpu_free = end = start + self._forward_time(start, res)
-                    if self.cpu_costs is not None and res.sched:  # execute_model(): the core launches the batch
+                    if costs is not None and res.sched:  # execute_model(): the core launches the batch
                         gpu_free = end = self._launch_end(end, now, res)
                         self.stepping = True
-                        yield env.timeout(self.cpu_costs.execute(res))
+                        yield env.timeout(costs.execute(res))
                         self.stepping = False
                         now = env.now
                     if not self.apply_outputs_late:  # (a mutant) the output is applied as it is scheduled
@@ -335,7 +337,7 @@ class EngineCore:
                     batch_queue.appendleft((start, end, res))
                     self.scheduling = None
                     executed = bool(res.sched)
-                    if self.kv_connector and not executed:  # vLLM's calls, spinning as it does
+                    if kv_connector and not executed:  # vLLM's calls, spinning as it does
                         if len(batch_queue) < size and core.has_unfinished_requests():
                             yield env.timeout(self._kv_idle_step(now, res))  # _process_engine_step's sleep
                             continue
@@ -350,8 +352,8 @@ class EngineCore:
                             if id(res) not in done:
                                 self._account(res, core.update_from_output(res, now), start, end - start)
                         wake = self._next_wakeup(now, self.arrivals.next_arrival())
-                        if self.invariants is not None:
-                            self.invariants.idle(stats.steps, now, wake, core)
+                        if inv is not None:
+                            inv.idle(stats.steps, now, wake, core)
                         yield self._sleep(wake)
                         continue
                     elif len(batch_queue) < size:
@@ -366,13 +368,13 @@ class EngineCore:
                 self.stepping = True  # a SIGTERM is handled after this call, its output applied (_handle_shutdown)
                 if end > now:
                     yield env.timeout(end - now)
-                if self.cpu_costs is not None and res.sched:  # update_from_output(); outputs leave after it
-                    yield env.timeout(self.cpu_costs.update(res))
+                if costs is not None and res.sched:  # update_from_output(); outputs leave after it
+                    yield env.timeout(costs.update(res))
                 self.stepping = False
                 if id(res) not in done:
                     self._account(res, core.update_from_output(res, env.now), start, end - start)
                 self.in_step = None
-                if self.kv_connector and not executed and core.has_unfinished_requests():
+                if kv_connector and not executed and core.has_unfinished_requests():
                     yield env.timeout(IDLE_STEP)  # no forward in this call: _process_engine_step's sleep
         except simpy.Interrupt as stop:
             if stop.cause == "shutdown":  # SIGTERM while idle: abort now
@@ -403,7 +405,7 @@ class EngineCore:
                     inv.scheduled_again(stats.steps, now, env.now)
                 else:
                     inv.scheduled(stats.steps, now, env.now, batch, stats.records)
-            self._record_decode_step(now, dur, batch.sched, n)
+            self._record_decode_step(now, dur, batch.sched)
             done += 1
             if self.progress is not None:
                 self.progress(env.now)
@@ -447,7 +449,7 @@ class EngineCore:
             if costs is not None:  # update_from_output()
                 yield env.timeout(costs.update(batch))
             self.stepping = False
-            self._record_decode_step(prev_start, prev_end - prev_start, batch.sched, n)
+            self._record_decode_step(prev_start, prev_end - prev_start, batch.sched)
             done += 1
             if self.progress is not None:
                 self.progress(env.now)
@@ -460,10 +462,9 @@ class EngineCore:
             inv.after_step(stats.steps - 1, prev_start, self.core, stats)
         return gpu_free
 
-    def _record_decode_step(self, start: float, dur: float, sched: dict[str, int], n: int) -> None:
-        """What :meth:`_account` records of a decode run's step: tokens, the step, its event."""
+    def _record_decode_step(self, start: float, dur: float, sched: dict[str, int]) -> None:
+        """What :meth:`_account` records of a decode run's step: the step, its event."""
         stats = self.stats
-        stats.tokens += n
         stats.steps += 1
         if self.full_trace:
             self.emit(events.step(stats.steps - 1, start, dur, sched))
@@ -511,8 +512,6 @@ class EngineCore:
         for rid in res.preempted:
             if rid in records:  # (a request preempted in a later batch may have finished already)
                 records[rid].preemptions += 1
-        stats.preemptions += len(res.preempted)
-        stats.tokens += sum(res.sched.values())
         self._record_step(start, dur, res, finished)
         for f in finished:
             rec = records.pop(f.req_id)

@@ -32,10 +32,11 @@ class BlockPool:
         # free_request without prefix caching keeps 0.26.0's order for both: no block has a hash
         # there, so the ids it hands out decide nothing
         self.hashless_first = hashless_first
-        # the free queue, front first: with prefix caching an OrderedDict (a hit takes a cached block
-        # from anywhere in it), else a deque (blocks only leave the front)
-        self.free: OrderedDict[int, None] | deque[int] = (OrderedDict.fromkeys(range(1, num_gpu_blocks))
-                                                          if enable_caching else deque(range(1, num_gpu_blocks)))
+        # the free queue: with prefix caching an OrderedDict, front first (a hit takes a cached block
+        # from anywhere in it); else a list, front *last* (blocks leave the front, and freed ones rejoin
+        # it: a stack, taken and given back a request's blocks at a time by slices)
+        self.free: OrderedDict[int, None] | list[int] = (OrderedDict.fromkeys(range(1, num_gpu_blocks))
+                                                         if enable_caching else list(range(num_gpu_blocks - 1, 0, -1)))
         self.ref_cnt: dict[int, int] = {}
         self.block_hash: dict[int, object] = {}
         self.cached: dict[object, dict[int, None]] = {}   # hash -> blocks holding it, first = served
@@ -75,9 +76,11 @@ class BlockPool:
 
     def allocate(self, req_id: str, n: int) -> list[int]:
         free, ref = self.free, self.ref_cnt
-        if not self.enable_caching:  # the free queue's front
-            popleft = free.popleft
-            new = [popleft() for _ in range(n if n < len(free) else len(free))]
+        if not self.enable_caching:  # the free queue's front: the list's end
+            cut = len(free) - n if n < len(free) else 0
+            new = free[cut:]
+            del free[cut:]
+            new.reverse()
             for b in new:  # (ref.update(dict.fromkeys(new, 1)) is slower: update resizes the large ref_cnt often)
                 ref[b] = 1
         else:
@@ -108,7 +111,7 @@ class BlockPool:
             return
         free, ref, req_blocks = self.free, self.ref_cnt, self.req_blocks
         for rid in req_ids:
-            b = free.popleft()
+            b = free.pop()
             ref[b] = 1
             blocks = req_blocks.get(rid)
             if blocks is None:
@@ -136,7 +139,7 @@ class BlockPool:
         if not self.enable_caching:  # every block has one reference and no hash: each to the front
             for b in blocks:
                 del ref[b]
-            free.extendleft(blocks)
+            free.extend(blocks)
             return blocks
         self.num_cached_block.pop(req_id, None)
         self.free_blocks(reversed(blocks))
@@ -162,10 +165,10 @@ class BlockPool:
                 without_hash.append(b)
             elif self.enable_caching:
                 free[b] = None
-            else:  # a deque (no prefix caching): to the back
-                free.append(b)
+            else:  # a list, front last (no prefix caching): to the back
+                free.insert(0, b)
         if not self.enable_caching:
-            free.extendleft(reversed(without_hash))
+            free.extend(reversed(without_hash))
             return
         for b in reversed(without_hash):
             free[b] = None

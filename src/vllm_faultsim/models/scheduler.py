@@ -211,9 +211,13 @@ class Scheduler:
         if c and c.active:  # counters are those of the join; members: the last round's block takers
             members, rounds = c.members, c.S
             if not deep:
-                checked = list(map(members.__getitem__, c.blocks[(rounds - 1) % bs]))
-                if c.parked or c.pending:
-                    checked += [*c.parked.values(), *(req for req in c.pending if req.status == RUNNING)]
+                for rid in c.blocks[(rounds - 1) % bs]:  # members: computed tokens = at the join + rounds since
+                    req = members[rid]
+                    computed = req.num_computed_tokens + rounds - req.join
+                    if len(req_blocks.get(rid, ())) != -(-(computed if computed < max_len else max_len) // bs):
+                        return _held_error(req, computed, req_blocks, bs)
+                checked = ([*c.parked.values(), *(req for req in c.pending if req.status == RUNNING)]
+                           if c.parked or c.pending else ())
                 if len(members) + len(c.parked) + len(c.pending) < len(self.running):
                     return f"{len(self.running)} running requests, not all in the decode cohort or new"
         for req in checked:
@@ -221,8 +225,7 @@ class Scheduler:
             if req.join is not None:
                 computed += (rounds if req.leave is None else req.leave) - req.join
             if len(req_blocks.get(req.req_id, ())) != -(-(computed if computed < max_len else max_len) // bs):
-                return (f"request {req.req_id} holds {len(req_blocks.get(req.req_id, ()))} KV blocks for "
-                        f"{computed} computed tokens (block_size {bs})")
+                return _held_error(req, computed, req_blocks, bs)
         if len(req_blocks) > len(self.running):
             return f"{len(req_blocks) - len(self.running)} requests outside running hold KV blocks"
         err = self.pool.conservation_error(deep)
@@ -252,6 +255,10 @@ class Scheduler:
         lazy = res is not None
         if not lazy:
             res = StepResult()
+        elif not (self.waiting or self.skipped_waiting):  # the round is the cohort's (no KV connector)
+            if self.ec_connector is not None:
+                self.ec_connector.now = now
+            return res
         sched, before, plen = res.sched, res.computed_before, res.prompt_len
         token_budget = cfg.max_num_batched_tokens - len(sched)
         encoder_budget = cfg.encoder_compute_budget
@@ -507,7 +514,8 @@ class Scheduler:
         if type(res) is _CohortStep and res.epoch == self.cohort.epoch:  # the cohort's part, lazily
             rids = self._cohort_update(res, finished)
         if res.sampling is not None:
-            self._update_async(res, rids, finished)
+            if rids:  # (a cohort round that admitted none has none)
+                self._update_async(res, rids, finished)
             if self.kv_connector is not None:  # the batch's worker output (got when it was scheduled)
                 self.kv_connector.update_connector_output(res)
             return finished
@@ -883,7 +891,7 @@ class Scheduler:
                 finished.append(Finished(rid, "stop" if out == req.stop_at else "length", out))
                 running.remove(req)
                 self._free_request(req)
-        return islice(res.sched, res.m, None) if len(res.sched) > res.m else ()
+        return res.admitted()
 
     def _cohort_decode_run(self, c: "_Cohort", in_flight: StepResult | None):
         """:meth:`decode_run` from the cohort's own bounds: every running request a member, the
@@ -1018,6 +1026,11 @@ class Scheduler:
 _order = attrgetter("order")
 
 
+def _held_error(req: Request, computed: int, req_blocks: dict[str, list[int]], bs: int) -> str:
+    return (f"request {req.req_id} holds {len(req_blocks.get(req.req_id, ()))} KV blocks for {computed} computed "
+            f"tokens (block_size {bs})")
+
+
 def _push(d: dict[int, list], keys: list[int], key: int, req: Request) -> None:
     lst = d.get(key)
     if lst is None:
@@ -1114,13 +1127,18 @@ class _CohortStep(StepResult):
         if self.sampling is not None:
             self.sampling.update(before.members)
 
+    def admitted(self) -> list[str]:
+        """The WAITING loop's requests, in order (taken from the end: a dict has no cheap offset)."""
+        a = len(self.sched) - self.m
+        return list(islice(reversed(self.sched), a))[::-1] if a else []
+
     def batch_shape(self) -> tuple[int, int, int, int, int]:
         m, sched, decode_kv = self.m, self.sched, self.decode_kv
         if len(sched) == m:
             return 0, 0, 0, m, decode_kv
         decode, tokens, context = m, m, decode_kv
         before, plen = self.computed_before, self.prompt_len
-        for rid, n in islice(sched.items(), m, None):
+        for rid, n in islice(reversed(sched.items()), len(sched) - m):  # the admitted, from the end (any order)
             b = before[rid]
             context += b
             tokens += n
