@@ -593,24 +593,24 @@ async def main_async(args) -> int:
     if args.max_num_seqs not in (None, "default") and not args.max_num_seqs.isdigit():
         print(f"record_serving: --max-num-seqs {args.max_num_seqs!r}: an integer or 'default'", file=sys.stderr)
         return 2
-    eager = {"enforce_eager": True} if args.enforce_eager else {}
+    engine_args = {"enforce_eager": True} if args.enforce_eager else {}
     if args.profile_steps:
         from vllm.config import ProfilerConfig
-        eager["profiler_config"] = ProfilerConfig(
+        engine_args["profiler_config"] = ProfilerConfig(
             profiler="torch", torch_profiler_dir=str(Path(args.work).resolve() / "profile"),
             torch_profiler_with_stack=False, torch_profiler_dump_cuda_time_total=False,
             detailed_trace_annotation=True, ignore_frontend=True,
             delay_iterations=args.profile_delay, max_iterations=args.profile_steps)
 
     def open_engine(model_dir, max_num_seqs, steps_file):
-        return VllmEngine(model_dir, max_num_seqs, steps_file, **eager)
+        return VllmEngine(model_dir, max_num_seqs, steps_file, **engine_args)
     if args.dry_run:
         from vllm_faultsim.harness.drivers.dry_run import EXECUTOR, use_cpu_platform
         use_cpu_platform()
 
         def open_engine(model_dir, max_num_seqs, steps_file):
             return VllmEngine(model_dir, max_num_seqs, steps_file, distributed_executor_backend=EXECUTOR,
-                              **eager)
+                              **engine_args)
     host = host_info()
     print("host:", json.dumps(host), flush=True)
     deadline = time.perf_counter() + args.deadline_s

@@ -104,26 +104,21 @@ def load_events(path: Path) -> list[dict]:
         return json.load(fh)["traceEvents"]
 
 
-def _mode(row: dict, max_num_seqs: int, capture: int) -> str:
-    from vllm_faultsim.models.step_time import ServingCosts
-
-    costs = ServingCosts(max_num_seqs=max_num_seqs, max_cudagraph_capture_size=capture)
-    return costs.runtime_mode(row["num_prefill_requests"] + row["num_decode_requests"], row["total_tokens"])
-
-
 def compare(rows: list[dict], aic, max_num_seqs: int, capture: int, first: int = 0) -> list[dict]:
     """Per (mode, 64-request bin): steps, median measured forward busy time, median aiconfigurator
     estimate, median ratio measured / aiconfigurator (the forward alone, and with what the step launched
     after it: sampling, copies), median GPU span beyond the launch's end."""
+    from vllm_faultsim.harness.runs.fidelity import shape_of
+    from vllm_faultsim.models.step_time import ServingCosts
+
+    costs = ServingCosts(max_num_seqs=max_num_seqs, max_cudagraph_capture_size=capture)  # its runtime_mode
     groups: dict[tuple, list[dict]] = {}
     for r in rows[first:]:
         if not r["fwd_kernels"]:
             continue
-        shape = tuple(r[k] for k in ("num_prefill_requests", "sum_prefill_tokens", "sum_prefill_kv_tokens",
-                                     "num_decode_requests", "sum_decode_kv_tokens"))
-        est = aic.batch_seconds(shape) * 1e6
+        est = aic.batch_seconds(shape_of(r)) * 1e6
         reqs = r["num_prefill_requests"] + r["num_decode_requests"]
-        key = (_mode(r, max_num_seqs, capture), min(reqs // 64, 4))
+        key = (costs.runtime_mode(reqs, r["total_tokens"]), min(reqs // 64, 4))
         groups.setdefault(key, []).append({**r, "aic_us": est, "ratio": r["fwd_busy_us"] / est,
                                            "seg_ratio": r["seg_busy_us"] / est,
                                            "tail_us": r["fwd_gpu_end_us"] - r["cpu_end_us"]})

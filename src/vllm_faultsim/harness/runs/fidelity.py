@@ -576,7 +576,11 @@ def at_cpu_speed(fitted: dict, fit_paths: list[str | Path], path: str | Path) ->
     core's and the client's CPU work (schedule, launch, update, the request's path) all run on
     the recording host's CPU. It reads the replayed recording's schedule() times (none of its
     latencies)."""
-    k = cpu_speed_factor(fitted, fit_paths, path)
+    return scale_serving(fitted, cpu_speed_factor(fitted, fit_paths, path))
+
+
+def scale_serving(fitted: dict, k: float) -> dict:
+    """`fitted` with every serving cost times `k`."""
     return {**fitted, "serving": {key: round(v * k, 9) for key, v in fitted["serving"].items()}}
 
 
@@ -724,8 +728,8 @@ def fidelity_main(args) -> int:
             if args.cpu_speed:
                 if not load(path).steps:
                     raise ConfigError(f"{path}: --cpu-speed: no step lines to read the run's CPU speed from")
-                k = cpu_speed_factor(own, args.fit, path)
-                own = at_cpu_speed(own, args.fit, path)
+                k = cpu_speed_factor(own, args.fit, path)  # at_cpu_speed's factor, read once
+                own = scale_serving(own, k)
                 print(f"  {stem(path)}: serving costs x{k:.3f} (its schedule() times against the fit recordings')")
             over = merge(overrides or {}, own)
         f = fidelity(path, over, trace_path=args.trace)
